@@ -1,1 +1,33 @@
-"""placeholder"""
+"""sciscope.core — the domain-agnostic toolkit.
+
+capture -> ActivationStore -> probe / steer / sae / features / patch / lens.
+"""
+
+from .adapter import DomainAdapter, Examples, available_domains, get_domain, register_domain
+from .capture import capture, collect, model_identity, pool
+from .errors import (
+    AdapterError,
+    ConfigError,
+    ContrastError,
+    NonFiniteError,
+    ProbeError,
+    SciscopeError,
+    ShapeError,
+    SiteError,
+)
+from .hooks import HookSet, count_hooks
+from .lens import embedding_matrix, ffn_value_vectors, lens, unembedding_matrix, value_vector_lens
+from .patch import PatchResult, activation_patching
+from .sites import Site, list_sites, resolve_site
+from .steer import SteeringSweep, SteeringVector, alpha_sweep, clamp, contrast_vector, steer
+from .store import ActivationStore, StoreWriter
+
+__all__ = [
+    "ActivationStore", "AdapterError", "ConfigError", "ContrastError", "DomainAdapter", "Examples",
+    "HookSet", "NonFiniteError", "PatchResult", "ProbeError", "SciscopeError", "ShapeError", "Site",
+    "SiteError", "SteeringSweep", "SteeringVector", "StoreWriter", "activation_patching",
+    "alpha_sweep", "available_domains", "capture", "clamp", "collect", "contrast_vector",
+    "count_hooks", "embedding_matrix", "ffn_value_vectors", "get_domain", "lens", "list_sites",
+    "model_identity", "pool", "register_domain", "resolve_site", "steer", "unembedding_matrix",
+    "value_vector_lens",
+]

@@ -1,0 +1,233 @@
+"""Domain adapters: the base class every domain implements, and their registry.
+
+An adapter supplies what is domain-specific — examples and their concepts, a model, default
+sites, contrasts for steering, domain metrics — and the core does the rest. Built-in adapters and
+third-party ones are found the same way, through the entry-point group ``sciscope.domains``::
+
+    [project.entry-points."sciscope.domains"]
+    mydomain = "mypackage.adapter:MyAdapter"
+
+Discovery is cached; a plugin that fails to import warns and is skipped, it never breaks import.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pandas as pd
+from torch import nn
+
+from .errors import AdapterError, ConfigError, close_matches
+
+ENTRY_POINT_GROUP = "sciscope.domains"
+
+
+@dataclass
+class Examples:
+    """A split of a domain's examples: model inputs plus one obs row per example.
+
+    Attributes
+    ----------
+    obs : DataFrame
+        One row per example: metadata and concept columns (and ``split``/group columns).
+    inputs : Any
+        Whatever the adapter's :meth:`DomainAdapter.batches` turns into model inputs (strings,
+        token lists, SMILES, cells, trajectories ...), row-aligned with ``obs``.
+    concepts : list[str]
+        The obs columns that are domain concepts (probe targets, feature associations).
+    """
+
+    obs: pd.DataFrame
+    inputs: Any
+    concepts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if hasattr(self.inputs, "__len__") and len(self.inputs) != len(self.obs):
+            raise AdapterError(f"examples: {len(self.inputs)} inputs but {len(self.obs)} obs rows")
+        missing = [c for c in self.concepts if c not in self.obs.columns]
+        if missing:
+            raise AdapterError(f"examples: concept columns {missing} are not in obs {list(self.obs.columns)}")
+
+    def __len__(self) -> int:
+        return len(self.obs)
+
+
+class DomainAdapter(ABC):
+    """Base class of a domain adapter.
+
+    Subclasses set the class attributes and implement :meth:`examples`, :meth:`model` and
+    :meth:`batches`; the rest have working defaults.
+
+    Class attributes
+    ----------------
+    name : str
+        Registry name (``sciscope run NAME``).
+    description : str
+        One line for ``sciscope domains``.
+    default_config : dict
+        Every configuration key with its default; the config schema is derived from it (an
+        unknown key or a value of the wrong type is a :class:`ConfigError` naming the key).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    default_config: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        self.config = self.validate_config(config or {})
+
+    # -- configuration ----------------------------------------------------------------------------
+    @classmethod
+    def validate_config(cls, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge ``overrides`` into the defaults; reject unknown keys and ill-typed values."""
+        config = dict(cls.default_config)
+        for key, value in overrides.items():
+            if key not in config:
+                hint = close_matches(key, config)
+                raise ConfigError(
+                    f"{cls.name or cls.__name__}: unknown config key {key!r}"
+                    + (f"; did you mean {hint}?" if hint else f"; known keys: {sorted(config)}")
+                )
+            config[key] = _coerce(cls.name, key, value, cls.default_config[key])
+        return config
+
+    # -- what every adapter supplies --------------------------------------------------------------
+    @abstractmethod
+    def examples(self, split: str = "train") -> Examples:
+        """The examples of one split (``"train"``, ``"test"`` or ``"all"``)."""
+
+    @abstractmethod
+    def model(self, spec: str | None = None) -> nn.Module:
+        """The default model (trained locally if needed) or a user checkpoint named by ``spec``."""
+
+    @abstractmethod
+    def batches(self, examples: Examples, model: nn.Module, *, batch_size: int = 32) -> Iterator[Any]:
+        """Model inputs for ``examples``, in obs order (dicts of keyword arguments, tuples or tensors)."""
+
+    @property
+    def sites(self) -> list[str]:
+        """Default sites to capture (e.g. every layer's output)."""
+        return []
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Readable site names for this domain's models."""
+        return {}
+
+    @property
+    def pooling(self) -> str:
+        """Default pooling over positions."""
+        return "mean"
+
+    @property
+    def concepts(self) -> list[str]:
+        """Obs columns that are domain concepts."""
+        return []
+
+    @property
+    def contrasts(self) -> dict[str, tuple[Any, Any]]:
+        """Named pairs of example groups for steering: ``{name: (group_a, group_b)}`` as obs queries."""
+        return {}
+
+    @property
+    def metrics(self) -> dict[str, Callable[..., Any]]:
+        """Domain scores, e.g. validity of generated molecules or Moran's I."""
+        return {}
+
+    @property
+    def feature_statistics(self) -> dict[str, Callable[..., pd.DataFrame]]:
+        """Extra per-feature statistics for :func:`sciscope.core.features.analyze_features`."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}: {self.description}>"
+
+
+def _coerce(domain: str, key: str, value: Any, default: Any) -> Any:
+    """Coerce CLI strings (``--set key=value``) to the default's type; reject what does not fit."""
+    if default is None or value is None:
+        return value
+    target = type(default)
+    if isinstance(value, target) and not (target is int and isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
+        try:
+            if target is bool:
+                low = value.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if target in (list, tuple):
+                return target(v.strip() for v in value.split(",") if v.strip())
+            return target(value)
+        except ValueError:
+            pass
+    elif target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(
+        f"{domain or 'config'}: key {key!r} expects {target.__name__} (default {default!r}), got {value!r}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+_RUNTIME_REGISTRY: dict[str, type[DomainAdapter]] = {}
+
+
+@functools.cache
+def _entry_point_domains() -> dict[str, type[DomainAdapter]]:
+    found: dict[str, type[DomainAdapter]] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception as e:  # a broken plugin must not break sciscope
+            warnings.warn(f"sciscope: domain plugin {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, DomainAdapter)):
+            warnings.warn(f"sciscope: domain plugin {ep.name!r} is not a DomainAdapter subclass; skipped", stacklevel=2)
+            continue
+        found[ep.name] = cls
+    return found
+
+
+def register_domain(cls: type[DomainAdapter], name: str | None = None) -> type[DomainAdapter]:
+    """Register an adapter class at run time (notebooks, tests); usable as a decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, DomainAdapter)):
+        raise AdapterError(f"{cls!r} is not a DomainAdapter subclass")
+    key = name or cls.name
+    if not key:
+        raise AdapterError(f"{cls.__name__} has no name")
+    _RUNTIME_REGISTRY[key] = cls
+    return cls
+
+
+def unregister_domain(name: str) -> None:
+    """Remove a run-time registration (entry-point adapters stay)."""
+    _RUNTIME_REGISTRY.pop(name, None)
+
+
+def available_domains() -> dict[str, type[DomainAdapter]]:
+    """Every registered adapter class by name: entry points first, then run-time registrations."""
+    return {**_entry_point_domains(), **_RUNTIME_REGISTRY}
+
+
+def get_domain(name: str, config: Mapping[str, Any] | None = None) -> DomainAdapter:
+    """Instantiate the adapter registered as ``name`` with a validated ``config``."""
+    domains = available_domains()
+    if name not in domains:
+        hint = close_matches(name, domains)
+        raise AdapterError(
+            f"unknown domain {name!r}"
+            + (f"; did you mean {hint}?" if hint else f"; registered: {sorted(domains) or 'none'}")
+        )
+    return domains[name](config)

@@ -1,0 +1,442 @@
+"""Steering: delta vectors from contrasts, injected back into the model; neuron clamping.
+
+* :func:`contrast_vector` builds a :class:`SteeringVector` from two groups of a store's ``obs``
+  (difference of means; PCA and probe direction as options).
+* :func:`steer` adds ``alpha * v`` (absolute) or ``alpha * v * |h| / |v|`` (relative to the
+  activation norm, per position or per example as in Physics Steering) at chosen positions.
+* :func:`clamp` sets chosen units to a value (the VLA paper's intervention on FFN neurons).
+* :func:`alpha_sweep` scores a sweep of alphas with a caller's metric, beside a random direction
+  of equal norm and alpha = 0.
+
+Both interventions are context managers: nothing stays registered after the block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .errors import ContrastError, NonFiniteError, ShapeError
+from .hooks import HookSet
+from .io import atomic_path
+from .sites import Aliases, Site, resolve_site, to_canonical
+from .store import ActivationStore
+
+GroupSpec = "str | np.ndarray | pd.Series | Mapping[str, Any]"
+Positions = "None | int | slice | Sequence[int] | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]"
+
+
+@dataclass
+class SteeringVector:
+    """A direction in a site's activation space, with where it came from.
+
+    Attributes
+    ----------
+    vector : Tensor
+        ``(d,)`` float32.
+    site : str
+        The site it was read from (and is meant to be injected at).
+    method : str
+        ``"mean_diff"``, ``"pca"``, ``"probe"``, ``"random"`` or ``"custom"``.
+    meta : dict
+        Group definitions and sizes, seed, source store.
+    """
+
+    vector: torch.Tensor
+    site: str
+    method: str = "custom"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.vector = torch.as_tensor(self.vector, dtype=torch.float32).detach().reshape(-1)
+        if not torch.isfinite(self.vector).all():
+            raise NonFiniteError(f"steering vector for site {self.site!r} holds NaN or inf")
+
+    @property
+    def norm(self) -> float:
+        return float(self.vector.norm())
+
+    @property
+    def dim(self) -> int:
+        return int(self.vector.numel())
+
+    def cosine(self, other: "SteeringVector | torch.Tensor") -> float:
+        """Cosine similarity with another vector."""
+        o = other.vector if isinstance(other, SteeringVector) else torch.as_tensor(other).reshape(-1)
+        return float(torch.nn.functional.cosine_similarity(self.vector, o.float(), dim=0))
+
+    def random_like(self, seed: int = 0) -> "SteeringVector":
+        """A random direction of the same norm (the control for every steering claim)."""
+        g = torch.Generator().manual_seed(seed)
+        r = torch.randn(self.dim, generator=g)
+        return SteeringVector(r * (self.norm / float(r.norm())), self.site, "random", {"seed": seed, "like": self.method})
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write as safetensors; site, method and meta go into the file's metadata."""
+        from safetensors.torch import save_file
+
+        meta = {"site": self.site, "method": self.method, "meta": json.dumps(self.meta, default=str)}
+        with atomic_path(path) as tmp:
+            save_file({"vector": self.vector.contiguous()}, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "SteeringVector":
+        """Read a vector written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            vec = f.get_tensor("vector")
+        return cls(vec, meta.get("site", ""), meta.get("method", "custom"), json.loads(meta.get("meta", "{}")))
+
+
+def _group_mask(store: ActivationStore, spec: Any, label: str) -> np.ndarray:
+    """Boolean row mask from a query string, a mask, or ``{column: value(s)}``."""
+    obs = store.obs
+    if isinstance(spec, str):
+        try:
+            mask = obs.eval(spec)
+        except Exception as e:  # pandas raises many kinds here
+            raise ContrastError(f"group {label} query {spec!r} failed on obs columns {list(obs.columns)}: {e}") from None
+        mask = np.asarray(mask, dtype=bool)
+    elif isinstance(spec, Mapping):
+        mask = np.ones(len(obs), dtype=bool)
+        for col, val in spec.items():
+            if col not in obs.columns:
+                raise ContrastError(f"group {label}: no obs column {col!r}; columns are {list(obs.columns)}")
+            vals = val if isinstance(val, (list, tuple, set)) else [val]
+            mask &= obs[col].isin(list(vals)).to_numpy()
+    else:
+        mask = np.asarray(spec, dtype=bool)
+        if mask.shape != (len(obs),):
+            raise ShapeError(f"group {label}: mask has shape {mask.shape}, store has {len(obs)} rows")
+    if not mask.any():
+        raise ContrastError(f"group {label} ({spec!r}) selects no rows of the store ({len(obs)} rows)")
+    return mask
+
+
+def contrast_vector(
+    store: ActivationStore,
+    site: str,
+    *,
+    a: Any,
+    b: Any,
+    method: Literal["mean_diff", "pca", "probe"] = "mean_diff",
+    seed: int = 0,
+) -> SteeringVector:
+    """A steering vector pointing from group ``b`` to group ``a`` at ``site``.
+
+    Parameters
+    ----------
+    store
+        Activations with obs.
+    site
+        Which site's activations.
+    a, b
+        The two groups: a pandas query on obs (``"lat > 50"``), a boolean mask, or
+        ``{column: value or list of values}``.
+    method
+        ``"mean_diff"``: mean(a) - mean(b) (exactly; no normalisation).
+        ``"pca"``: the first principal component of the pooled two groups, signed toward ``a`` and
+        scaled to the mean difference's projection on it.
+        ``"probe"``: the weight vector of a logistic probe separating a from b (in raw activation
+        coordinates), signed and scaled the same way.
+    seed
+        For the probe's solver.
+    """
+    mask_a = _group_mask(store, a, "a")
+    mask_b = _group_mask(store, b, "b")
+    overlap = int((mask_a & mask_b).sum())
+    if overlap:
+        raise ContrastError(f"groups a ({a!r}) and b ({b!r}) share {overlap} rows; a contrast needs disjoint groups")
+    X = store.array(site)
+    xa = np.asarray(X[np.flatnonzero(mask_a)], dtype=np.float64)
+    xb = np.asarray(X[np.flatnonzero(mask_b)], dtype=np.float64)
+    if not (np.isfinite(xa).all() and np.isfinite(xb).all()):
+        raise NonFiniteError(f"site {site!r}: NaN or inf activations in the contrast groups")
+    diff = xa.mean(0) - xb.mean(0)
+    meta = {"a": str(a), "b": str(b), "n_a": int(mask_a.sum()), "n_b": int(mask_b.sum()), "store": str(store.path)}
+    if method == "mean_diff":
+        return SteeringVector(torch.from_numpy(diff), site, method, meta)
+    if method == "pca":
+        pooled = np.concatenate([xa, xb])
+        pooled -= pooled.mean(0)
+        _, _, vt = np.linalg.svd(pooled, full_matrices=False)
+        direction = vt[0]
+    elif method == "probe":
+        from sklearn.linear_model import LogisticRegression
+
+        Xab = np.concatenate([xa, xb])
+        y = np.r_[np.ones(len(xa)), np.zeros(len(xb))]
+        mu, sd = Xab.mean(0), Xab.std(0) + 1e-8
+        clf = LogisticRegression(max_iter=2000, random_state=seed).fit((Xab - mu) / sd, y)
+        direction = clf.coef_[0] / sd  # back to raw coordinates
+        meta["probe_train_accuracy"] = float(clf.score((Xab - mu) / sd, y))
+    else:
+        raise ValueError(f"unknown method {method!r}; choose mean_diff, pca or probe")
+    direction = direction / np.linalg.norm(direction)
+    proj = float(diff @ direction)
+    if proj < 0:
+        direction, proj = -direction, -proj
+    meta["cosine_with_mean_diff"] = float(proj / (np.linalg.norm(diff) + 1e-12))
+    return SteeringVector(torch.from_numpy(direction * proj), site, method, meta)
+
+
+def _position_mask(positions: Any, h: torch.Tensor) -> torch.Tensor | None:
+    """``(B, P, 1)`` float mask from a positions spec, for canonical ``h`` of shape ``(B, P, D)``."""
+    if positions is None:
+        return None
+    b, p, _ = h.shape
+    if callable(positions) and not isinstance(positions, torch.Tensor):
+        m = positions(h)
+    elif isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
+        m = positions
+    else:
+        m = torch.zeros(p, dtype=torch.bool)
+        idx = positions if isinstance(positions, slice) else torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+        m[idx] = True
+    m = m.to(h.device)
+    if m.ndim == 1:
+        m = m.unsqueeze(0).expand(b, p)
+    if tuple(m.shape) != (b, p):
+        raise ShapeError(f"positions mask has shape {tuple(m.shape)}, activations have (batch, positions) = {(b, p)}")
+    return m.unsqueeze(-1).to(h.dtype)
+
+
+@contextlib.contextmanager
+def steer(
+    model: nn.Module,
+    vector: "SteeringVector | torch.Tensor",
+    alpha: float,
+    *,
+    site: "str | Site | None" = None,
+    scale: Literal["absolute", "relative"] = "absolute",
+    relative_to: Literal["position", "example"] = "position",
+    positions: Any = None,
+    aliases: Aliases | None = None,
+) -> Iterator[None]:
+    """Add a steering vector at a site for every forward pass inside the block.
+
+    ``h' = h + alpha * v`` (``scale="absolute"``) or ``h' = h + alpha * v * |h| / |v|``
+    (``scale="relative"``): with ``relative_to="position"`` the norm is each position's; with
+    ``"example"`` it is the root-mean-square position norm of the example, i.e. the Physics
+    Steering recipe of a mean vector broadcast over space and scaled by the whole field's norm.
+
+    Parameters
+    ----------
+    model
+        The model to steer.
+    vector
+        A :class:`SteeringVector` (its ``site`` is used unless ``site`` is given) or a ``(d,)``
+        tensor.
+    alpha
+        Strength; negative values steer the other way; 0 leaves outputs bit-identical.
+    site
+        Where to inject.
+    positions
+        Which positions to change: None (all), an index, a slice or list of indices, a boolean
+        ``(P,)`` or ``(B, P)`` tensor, or ``callable(h_bpd) -> bool (B, P)``.
+    """
+    if isinstance(vector, SteeringVector):
+        site = site if site is not None else vector.site
+        v = vector.vector
+    else:
+        v = torch.as_tensor(vector, dtype=torch.float32).reshape(-1)
+    if site is None:
+        raise ShapeError("steer() needs a site (give one, or a SteeringVector that names one)")
+    parsed, module = resolve_site(model, site, aliases)
+    v_norm = float(v.norm())
+    if scale == "relative" and v_norm == 0:
+        raise ShapeError("relative steering with a zero vector is undefined")
+
+    def add(t: torch.Tensor) -> torch.Tensor:
+        h, back = to_canonical(t, parsed)  # (B, P, D)
+        if h.shape[-1] != v.numel():
+            raise ShapeError(f"site {str(parsed)!r} has width {h.shape[-1]}, steering vector has {v.numel()}")
+        vv = v.to(device=h.device, dtype=h.dtype)
+        if scale == "absolute":
+            delta = alpha * vv.expand_as(h)
+        else:
+            norms = h.norm(dim=-1, keepdim=True)  # (B, P, 1)
+            if relative_to == "example":
+                norms = norms.pow(2).mean(1, keepdim=True).sqrt().expand_as(norms)
+            delta = alpha * (vv / v_norm) * norms
+        mask = _position_mask(positions, h)
+        if mask is not None:
+            delta = delta * mask
+        return back(h + delta)
+
+    with HookSet() as hooks:
+        hooks.edit(module, parsed, add)
+        yield
+
+
+@contextlib.contextmanager
+def clamp(
+    model: nn.Module,
+    site: "str | Site",
+    units: Sequence[int] | torch.Tensor,
+    value: float | torch.Tensor,
+    *,
+    positions: Any = None,
+    aliases: Aliases | None = None,
+) -> Iterator[None]:
+    """Set chosen units (feature channels) of a site to ``value`` inside the block.
+
+    For FFN neurons use the input side of the down-projection
+    (``"model.layers.3.mlp.down_proj:input"``): the projection then runs on the clamped neurons.
+
+    Parameters
+    ----------
+    units
+        Indices along the feature axis.
+    value
+        A scalar or one value per unit.
+    positions
+        As in :func:`steer` (None = every position).
+    """
+    parsed, module = resolve_site(model, site, aliases)
+    idx = torch.as_tensor(units, dtype=torch.long).reshape(-1)
+
+    def set_units(t: torch.Tensor) -> torch.Tensor:
+        h, back = to_canonical(t, parsed)
+        if idx.numel() and (int(idx.max()) >= h.shape[-1] or int(idx.min()) < -h.shape[-1]):
+            raise ShapeError(f"site {str(parsed)!r} has {h.shape[-1]} units; unit index {int(idx.max())} is out of range")
+        h = h.clone()
+        val = torch.as_tensor(value, dtype=h.dtype, device=h.device)
+        mask = _position_mask(positions, h)
+        if mask is None:
+            h[..., idx] = val.expand(h.shape[0], h.shape[1], idx.numel()) if val.ndim else val
+        else:
+            sel = mask.bool().squeeze(-1)  # (B, P)
+            current = h[..., idx]
+            h[..., idx] = torch.where(sel.unsqueeze(-1), val.expand_as(current), current)
+        return back(h)
+
+    with HookSet() as hooks:
+        hooks.edit(module, parsed, set_units)
+        yield
+
+
+@dataclass
+class SteeringSweep:
+    """An alpha sweep: the metric per alpha for the steering vector and its controls.
+
+    Attributes
+    ----------
+    table : DataFrame
+        Tidy: ``alpha``, ``condition`` (``"steer"`` or ``"random-<seed>"``), ``metric``, ``value``.
+    params : dict
+        Site, scale, alphas, seeds, vector provenance.
+    """
+
+    table: pd.DataFrame
+    params: dict[str, Any]
+
+    def effect(self, metric: str | None = None) -> pd.DataFrame:
+        """Metric per alpha minus its value at alpha = 0, steering vs mean of random controls."""
+        t = self.table if metric is None else self.table[self.table.metric == metric]
+        t = t.assign(kind=np.where(t.condition == "steer", "steer", "random"))
+        wide = t.groupby(["metric", "alpha", "kind"]).value.mean().unstack("kind")
+        base = wide.xs(0.0, level="alpha") if 0.0 in wide.index.get_level_values("alpha") else None
+        if base is not None:
+            wide = wide.sub(base, level="metric")
+        return wide.reset_index()
+
+    def slope(self, metric: str, condition: str = "steer") -> float:
+        """Least-squares slope of the metric against alpha for one condition."""
+        t = self.table[(self.table.metric == metric) & (self.table.condition.str.startswith(condition))]
+        t = t[np.isfinite(t.value)]
+        return float(np.polyfit(t.alpha, t.value, 1)[0]) if len(t) > 1 else float("nan")
+
+    def plot(self, metric: str | None = None, *, ax: Any = None) -> Any:
+        """Metric vs alpha, the steering vector solid, random directions dashed grey."""
+        import matplotlib.pyplot as plt
+
+        metric = metric or self.table.metric.iloc[0]
+        ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+        t = self.table[self.table.metric == metric]
+        for cond, g in t.groupby("condition"):
+            g = g.sort_values("alpha")
+            if cond == "steer":
+                ax.plot(g.alpha, g.value, "o-", color="C0", label="steering vector", zorder=3)
+            else:
+                ax.plot(g.alpha, g.value, "--", color="0.6", label="random direction (same norm)" if cond.endswith("-0") else None)
+        ax.axvline(0, color="0.85", lw=1, zorder=0)
+        ax.set_xlabel("alpha" + (" (relative to |h|)" if self.params.get("scale") == "relative" else ""))
+        ax.set_ylabel(metric)
+        ax.set_title(f"steering at {self.params.get('site')}")
+        ax.legend(frameon=False, fontsize=8)
+        return ax
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write ``sweep.csv`` and ``params.json`` (atomically)."""
+        from .io import write_json, write_table
+
+        directory = Path(directory)
+        write_table(directory / "sweep.csv", self.table)
+        write_json(directory / "params.json", self.params)
+
+
+def alpha_sweep(
+    model: nn.Module,
+    vector: SteeringVector,
+    alphas: Sequence[float],
+    evaluate: Callable[[nn.Module], "float | Mapping[str, float]"],
+    *,
+    site: str | None = None,
+    scale: Literal["absolute", "relative"] = "absolute",
+    relative_to: Literal["position", "example"] = "position",
+    positions: Any = None,
+    n_random: int = 1,
+    seed: int = 0,
+    aliases: Aliases | None = None,
+    progress: bool = True,
+) -> SteeringSweep:
+    """Score ``evaluate(model)`` under steering for every alpha, with random-direction controls.
+
+    Alpha = 0 is always included (the unsteered baseline). ``evaluate`` returns a number or a
+    dict of named numbers (e.g. validity, group frequency, probe-predicted latitude); a NaN from
+    a diverged rollout is kept as NaN and the sweep goes on.
+
+    Parameters
+    ----------
+    n_random
+        How many random directions of equal norm to run as controls (seeds ``seed``,
+        ``seed + 1``, ...).
+    """
+    from tqdm.auto import tqdm
+
+    alphas = sorted(set(float(a) for a in alphas) | {0.0})
+    vectors = [("steer", vector)] + [(f"random-{i}", vector.random_like(seed + i)) for i in range(n_random)]
+    rows = []
+    jobs = [(c, v, a) for c, v in vectors for a in alphas]
+    for cond, vec, alpha in tqdm(jobs, desc="alpha sweep", disable=not progress):
+        with steer(model, vec, alpha, site=site, scale=scale, relative_to=relative_to, positions=positions, aliases=aliases):
+            result = evaluate(model)
+        if not isinstance(result, Mapping):
+            result = {"metric": result}
+        for metric, value in result.items():
+            rows.append({"alpha": alpha, "condition": cond, "metric": metric, "value": float(value)})
+    params = {
+        "site": site or vector.site,
+        "scale": scale,
+        "relative_to": relative_to,
+        "alphas": alphas,
+        "n_random": n_random,
+        "seed": seed,
+        "vector_method": vector.method,
+        "vector_norm": vector.norm,
+        "vector_meta": vector.meta,
+    }
+    return SteeringSweep(pd.DataFrame(rows), params)

@@ -1,0 +1,86 @@
+"""The conformance suite every domain adapter runs (built-in and third-party alike).
+
+Use it in an adapter's own tests::
+
+    from sciscope.core.testing import check_adapter
+    def test_my_adapter(tmp_path):
+        check_adapter(MyAdapter({"n_examples": 16}), tmp_path)
+
+Each check raises :class:`AssertionError` with a message that names what the adapter got wrong.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from .adapter import DomainAdapter, Examples
+from .capture import POOLINGS, collect
+from .errors import ConfigError
+from .sites import resolve_site
+
+
+def check_adapter(adapter: DomainAdapter, tmp_path: str | Path, *, max_examples: int = 8, spec: str | None = None) -> dict:
+    """Run the adapter contract end to end on a few examples; return what was checked.
+
+    Checks: class metadata; config validation rejects an unknown key; ``examples("train")``
+    returns :class:`Examples` with concepts present in obs; the model is an ``nn.Module``; every
+    default site and alias resolves; capture over the first ``max_examples`` examples gives one
+    finite row per example; every contrast selects rows on both sides.
+    """
+    cls = type(adapter)
+    assert isinstance(cls.name, str) and cls.name, f"{cls.__name__}.name must be a non-empty string"
+    assert cls.description, f"{cls.__name__}.description must say what the domain is"
+    assert isinstance(cls.default_config, dict), f"{cls.__name__}.default_config must be a dict"
+    try:
+        cls.validate_config({"__no_such_key__": 1})
+    except ConfigError as e:
+        assert "__no_such_key__" in str(e), f"{cls.__name__}: config error does not name the key: {e}"
+    else:
+        raise AssertionError(f"{cls.__name__}: an unknown config key was accepted")
+
+    examples = adapter.examples("train")
+    assert isinstance(examples, Examples), f"{cls.__name__}.examples() must return Examples, got {type(examples).__name__}"
+    assert len(examples) > 0, f"{cls.__name__}.examples('train') is empty"
+    assert isinstance(examples.obs, pd.DataFrame)
+    for concept in adapter.concepts:
+        assert concept in examples.obs.columns, f"{cls.__name__}: concept {concept!r} is not an obs column"
+
+    model = adapter.model(spec)
+    assert isinstance(model, nn.Module), f"{cls.__name__}.model() must return an nn.Module"
+    sites = adapter.sites
+    assert sites, f"{cls.__name__}.sites is empty"
+    for site in sites:
+        resolve_site(model, site, adapter.aliases)
+    assert adapter.pooling in POOLINGS, f"{cls.__name__}.pooling {adapter.pooling!r} not in {POOLINGS}"
+
+    n = min(max_examples, len(examples))
+    subset = Examples(examples.obs.iloc[:n].reset_index(drop=True), _head(examples.inputs, n), examples.concepts)
+    batches = list(itertools.islice(adapter.batches(subset, model, batch_size=4), 10_000))
+    store = collect(
+        model, batches, sites, out=Path(tmp_path) / f"{cls.name}-conformance", obs=subset.obs,
+        pooling=adapter.pooling, aliases=adapter.aliases, progress=False,
+    )
+    if adapter.pooling != "none":
+        assert store.n_obs == n, f"{cls.__name__}: capture gave {store.n_obs} rows for {n} examples"
+    for site in sites:
+        assert np.isfinite(store.array(site)).all(), f"{cls.__name__}: non-finite activations at {site!r}"
+
+    full = pd.concat([examples.obs], ignore_index=True)
+    for name, (a, b) in adapter.contrasts.items():
+        for label, q in (("a", a), ("b", b)):
+            rows = int(np.asarray(full.eval(q), dtype=bool).sum()) if isinstance(q, str) else None
+            assert rows is None or rows > 0, f"{cls.__name__}: contrast {name!r} group {label} ({q!r}) selects no example"
+    return {"n_examples": len(examples), "sites": sites, "store_rows": store.n_obs}
+
+
+def _head(inputs: object, n: int) -> object:
+    if isinstance(inputs, (list, tuple, np.ndarray, pd.Series)):
+        return inputs[:n]
+    if hasattr(inputs, "__getitem__"):
+        return inputs[:n]  # type: ignore[index]
+    return list(itertools.islice(inputs, n))  # type: ignore[arg-type]
