@@ -1,0 +1,191 @@
+"""Probe sweep: sciscope.probe_sweep vs the scikit-learn loop users write, on the same folds.
+
+One run builds synthetic activations for ``--layers`` sites (``--n`` rows x ``--d`` features; a
+low-dimensional latent state mixed in with a strength that grows with depth, plus noise) and
+three targets: two numeric (linear and non-linear in the latent state) and one categorical
+(4 classes). Both sides do the same work -- per site x target x fold, a probe on the real labels
+and one on shuffled labels (the control), standardised features:
+
+* ``sciscope``: :func:`sciscope.core.probe_sweep` (ridge: one SVD per fold shared by all numeric
+  targets and their controls, alpha by efficient LOO; logistic: folds + control in one batched
+  L-BFGS), with ``fit_direction=False`` because the loop below fits no all-rows probe;
+* ``sklearn``: ``make_pipeline(StandardScaler(), RidgeCV(alphas, gcv_mode="svd"))`` and
+  ``make_pipeline(StandardScaler(), LogisticRegression(C=1, max_iter=1000))`` per fold, for the
+  real and the shuffled labels, on the folds and permutation sciscope used.
+
+Usage::
+
+    python benchmarks/bench_probe_sweep.py [--n 5000] [--d 384] [--layers 7] [--threads N]
+
+Prints both times, the ratio and the largest per-fold score difference (R^2 / accuracy), and
+writes ``benchmarks/results/probe_sweep.json`` (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def make_store(n: int, d: int, layers: int, seed: int = 0):
+    from sciscope.core.store import ActivationStore
+
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 8))  # the latent state the targets depend on
+    obs = pd.DataFrame(
+        {
+            "linear": z @ rng.normal(size=8) + 0.5 * rng.normal(size=n),
+            "nonlinear": np.tanh(2 * z[:, 0]) + 0.5 * z[:, 1] ** 2 + 0.3 * rng.normal(size=n),
+            "category": np.array(["a", "b", "c", "d"])[np.argmax(z[:, :4] + 0.7 * rng.gumbel(size=(n, 4)), axis=1)],
+        }
+    )
+    arrays = {}
+    for layer in range(layers):
+        strength = (layer + 1) / layers
+        mix = rng.normal(size=(8, d)) / np.sqrt(8)
+        h = strength * np.tanh(z @ mix * 1.5) + rng.normal(size=(n, d))
+        arrays[f"layers.{layer}"] = h.astype(np.float32)
+    return ActivationStore.from_arrays(obs, arrays)
+
+
+def sklearn_loop(store, sweep, targets):
+    """The loop a scikit-learn user writes, on sciscope's folds and control permutation."""
+    from sklearn.linear_model import LogisticRegression, RidgeCV
+    from sklearn.metrics import accuracy_score, r2_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from sciscope.core.probe import DEFAULT_ALPHAS, _control_permutation
+
+    scores = {}
+    seconds = {"ridge": 0.0, "logistic": 0.0}
+    seed = sweep.params["seed"]
+    for site in sweep.sites:
+        X = np.asarray(store.array(site))
+        for target in targets:
+            res = sweep[(site, target)]
+            y = store.obs[target].to_numpy()
+            y_ctrl = y[_control_permutation(len(y), seed)]
+            t0 = time.perf_counter()
+            for condition, labels in (("probe", y), ("control", y_ctrl)):
+                for f, (tr, te) in enumerate(res.folds):
+                    if res.kind == "ridge":
+                        model = make_pipeline(StandardScaler(), RidgeCV(alphas=DEFAULT_ALPHAS, gcv_mode="svd"))
+                        model.fit(X[tr], labels[tr])
+                        s = r2_score(labels[te], model.predict(X[te]))
+                    else:
+                        model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            model.fit(X[tr], labels[tr])
+                        s = accuracy_score(labels[te], model.predict(X[te]))
+                    scores[(site, target, condition, f)] = s
+            seconds[res.kind] += time.perf_counter() - t0
+    return scores, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--d", type=int, default=384)
+    ap.add_argument("--layers", type=int, default=7)
+    ap.add_argument("--cv", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="cap BLAS/OpenMP/torch threads for both sides")
+    args = ap.parse_args()
+
+    import sklearn.linear_model  # noqa: F401  (load every BLAS/OpenMP library before capping threads)
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from sciscope.core.io import write_json
+    from sciscope.core.probe import ProbeSweepResult, probe_sweep
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
+
+    store = make_store(args.n, args.d, args.layers)
+    targets = ["linear", "nonlinear", "category"]
+    probe_sweep(store.select(np.arange(300)), targets, sites=store.sites[:1], cv=args.cv, progress=False)  # warm-up
+
+    load_before = os.getloadavg()
+    # Numeric and categorical targets are timed as two sweeps so each probe kind gets its ratio.
+    numeric, categorical = targets[:2], targets[2:]
+    t0 = time.perf_counter()
+    sweep_num = probe_sweep(store, numeric, cv=args.cv, control=True, fit_direction=False, progress=False)
+    t_ridge = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sweep_cat = probe_sweep(store, categorical, cv=args.cv, control=True, fit_direction=False, progress=False)
+    t_logistic = time.perf_counter() - t0
+    t_sciscope = t_ridge + t_logistic
+    sweep = ProbeSweepResult(
+        {**sweep_num.results, **sweep_cat.results}, sweep_num.sites, targets, dict(sweep_num.params, targets=targets)
+    )
+    t0 = time.perf_counter()
+    ref, sk_seconds = sklearn_loop(store, sweep, targets)
+    t_sklearn = time.perf_counter() - t0
+    load_after = os.getloadavg()
+
+    diffs = {"ridge": 0.0, "logistic": 0.0}
+    for (site, target, condition, f), s in ref.items():
+        res = sweep[(site, target)]
+        ours = (res.scores if condition == "probe" else res.control_scores)[res.metric][f]
+        diffs[res.kind] = max(diffs[res.kind], abs(float(ours) - s))
+
+    summary = sweep.summary()
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "blas": [{k: i.get(k) for k in ("internal_api", "num_threads", "version")} for i in threadpool_info()],
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+        },
+        "n_obs": args.n,
+        "d": args.d,
+        "layers": args.layers,
+        "cv": args.cv,
+        "targets": {t: sweep[(store.sites[0], t)].kind for t in targets},
+        "fits_per_side": len(ref),
+        "sciscope_s": t_sciscope,
+        "sklearn_s": t_sklearn,
+        "speedup": t_sklearn / t_sciscope,
+        "by_kind": {
+            "ridge": {"sciscope_s": t_ridge, "sklearn_s": sk_seconds["ridge"], "speedup": sk_seconds["ridge"] / t_ridge},
+            "logistic": {"sciscope_s": t_logistic, "sklearn_s": sk_seconds["logistic"], "speedup": sk_seconds["logistic"] / t_logistic},
+        },
+        "max_abs_score_diff": diffs,
+        "best_layer": {t: sweep.best(t).site for t in targets},
+        "summary": summary[["site", "target", "metric", "score_mean", "control_mean"]].to_dict(orient="records"),
+    }
+    out = Path(__file__).parent / "results" / "probe_sweep.json"
+    write_json(out, result)
+    print(f"command: {result['command']}")
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+          f"BLAS {[(b['internal_api'], b['num_threads']) for b in result['machine']['blas']]}, "
+          f"load {load_before[0]:.2f} -> {load_after[0]:.2f}")
+    print(f"{args.layers} sites x {len(targets)} targets x {args.cv} folds x (probe + control), n={args.n}, d={args.d}")
+    print(f"sciscope probe_sweep: {t_sciscope:8.2f} s")
+    print(f"scikit-learn loop:    {t_sklearn:8.2f} s   ({result['speedup']:.1f}x slower)")
+    for kind, b in result["by_kind"].items():
+        print(f"  {kind:8s}: sciscope {b['sciscope_s']:7.2f} s, scikit-learn {b['sklearn_s']:7.2f} s ({b['speedup']:.1f}x)")
+    print(f"max |score difference| per fold: ridge R^2 {diffs['ridge']:.2e}, logistic accuracy {diffs['logistic']:.4f}")
+    print(summary.pivot(index="site", columns="target", values="score_mean").round(3).to_string())
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
