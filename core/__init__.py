@@ -15,15 +15,18 @@ from .errors import (
     ShapeError,
     SiteError,
 )
+from .features import FeatureAnalysis, analyze_features, concept_associations, feature_density, top_examples
 from .hooks import HookSet, count_hooks
 from .lens import embedding_matrix, ffn_value_vectors, lens, unembedding_matrix, value_vector_lens
 from .patch import PatchResult, activation_patching
+from .probe import ProbeResult, ProbeSweepResult, fit_probe, probe_sweep
 from .sites import Site, list_sites, resolve_site
 from .steer import SteeringSweep, SteeringVector, alpha_sweep, clamp, contrast_vector, steer
 from .store import ActivationStore, StoreWriter
 
 __all__ = [
-    "ActivationStore", "AdapterError", "ConfigError", "ContrastError", "DomainAdapter", "Examples",
+    "ActivationStore", "AdapterError", "FeatureAnalysis", "ProbeResult", "ProbeSweepResult",
+    "analyze_features", "concept_associations", "feature_density", "fit_probe", "probe_sweep", "top_examples", "ConfigError", "ContrastError", "DomainAdapter", "Examples",
     "HookSet", "NonFiniteError", "PatchResult", "ProbeError", "SciscopeError", "ShapeError", "Site",
     "SiteError", "SteeringSweep", "SteeringVector", "StoreWriter", "activation_patching",
     "alpha_sweep", "available_domains", "capture", "clamp", "collect", "contrast_vector",

@@ -29,5 +29,7 @@ def label_sites(ax: Any, sites: Sequence[str], *, max_labels: int = 40) -> None:
     step = max(1, -(-n // max_labels))  # ceil(n / max_labels)
     ticks = list(range(0, n, step))
     ax.set_xticks(ticks)
-    ax.set_xticklabels([sites[i] for i in ticks], rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+    # Site paths are long ("transformer.h.1"): slant them unless they are short and few.
+    slant = n > 4 or max((len(s) for s in sites), default=0) * n > 30
+    ax.set_xticklabels([sites[i] for i in ticks], rotation=30 if slant else 0, ha="right" if slant else "center")
     ax.set_xlim(-0.5, n - 0.5)

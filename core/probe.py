@@ -855,7 +855,7 @@ class ProbeSweepResult:
         ax.set_xlabel("site")
         ax.set_ylabel(" / ".join(dict.fromkeys(metrics_used)))
         ax.set_title("probe score by site" if len(targets) != 1 else f"probe: {targets[0]}")
-        ax.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.legend(fontsize="small", frameon=False, loc="best")
         return ax
 
     def save(self, path: str | os.PathLike[str]) -> Path:

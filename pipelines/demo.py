@@ -149,9 +149,9 @@ def run_demo(out: Path, *, seed: int = 0, train_steps: int = 600, progress: bool
 
     # -- 1. capture ---------------------------------------------------------------------------------
     sites = ["transformer.wte", "transformer.h.0", "transformer.h.1"]
-    store = collect(model, batches_of(seqs), sites, out=out / "activations" / "last", obs=obs,
-                    pooling="last", seed=seed, progress=progress)
-    say(f"captured {store.n_obs} examples x {len(sites)} sites (last-token pooling) -> {store.path}")
+    store = collect(model, batches_of(seqs), sites, out=out / "activations" / "mean", obs=obs,
+                    pooling="mean", seed=seed, progress=progress)
+    say(f"captured {store.n_obs} examples x {len(sites)} sites (mean over tokens) -> {store.path}")
 
     # -- 2. probes ------------------------------------------------------------------------------------
     probes = probe_sweep(store, ["high", "step", "start"], cv=5, control=True, seed=seed, progress=progress)
