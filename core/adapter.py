@@ -142,8 +142,47 @@ class DomainAdapter(ABC):
 
     @property
     def feature_statistics(self) -> dict[str, Callable[..., pd.DataFrame]]:
-        """Extra per-feature statistics for :func:`sciscope.core.features.analyze_features`."""
+        """Extra per-feature statistics for :func:`sciscope.core.features.analyze_features`.
+
+        ``{name: fn}`` with ``fn(acts_chunk (n_obs, f) ndarray, obs) -> one row per feature``
+        (e.g. Moran's I of each feature over the places' coordinates).
+        """
         return {}
+
+    # -- hooks the pipeline stages call (all optional) ----------------------------------------------
+    @property
+    def probe_targets(self) -> list[str]:
+        """Obs columns the probe stage fits (default: every concept)."""
+        return list(self.concepts)
+
+    @property
+    def probe_groups(self) -> str | None:
+        """Obs column for group-aware cross-validation (scaffold, donor, spatial block ...)."""
+        return None
+
+    def baseline_features(self, examples: Examples) -> dict[str, Any]:
+        """Simple non-model features per example, probed beside the model (fingerprints, bag of tokens)."""
+        return {}
+
+    @property
+    def sae_site(self) -> str:
+        """The site the SAE stage trains on (default: the middle default site)."""
+        return self.sites[len(self.sites) // 2]
+
+    def steering_evaluator(
+        self, model: nn.Module, examples: Examples, contrast: str, site: str
+    ) -> Callable[[nn.Module], Mapping[str, float]] | None:
+        """A metric for steering sweeps: ``fn(model) -> {metric: value}`` run under each alpha.
+
+        Called once per contrast (it may fit what it needs, e.g. a read-out probe on a later
+        layer); the steering stage runs it with the vector, random directions and alpha = 0.
+        None skips steering for that contrast.
+        """
+        return None
+
+    def feature_plots(self, analysis: Any, acts: Any, obs: pd.DataFrame, out_dir: Any) -> list[Any]:
+        """Domain figures for the features stage (e.g. maps coloured by activation); returns paths."""
+        return []
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}: {self.description}>"
