@@ -1,0 +1,62 @@
+"""Where a run keeps its outputs: the contract between pipeline stages and the report.
+
+::
+
+    runs/<domain>/<run>/
+      run.json                 # domain, run name, resolved config, model identity, data description
+      logs/<stage>.log
+      <stage>/                 # examples, model, activations, probes, sae, features, steering, report
+        headline.json          # the stage's headline numbers, each beside its control
+        *.csv | *.parquet      # tables (the report links every one)
+        *.png                  # figures (the report embeds every one)
+        done.json              # written last: the stage finished (Snakemake's output marker)
+
+A headline row is ``{"stage", "name", "value", "control", "control_label", "unit", "note",
+"source"}``: ``source`` names the table (relative to the run) the value was read from, so a test
+can check that the report's numbers agree with the run's tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from sciscope.core.io import write_json
+
+STAGES: tuple[str, ...] = ("examples", "model", "activations", "probes", "sae", "features", "steering", "report")
+RUN_FILE = "run.json"
+HEADLINE_FILE = "headline.json"
+DONE_FILE = "done.json"
+
+
+def stage_dir(run_dir: str | os.PathLike[str], stage: str) -> Path:
+    """The folder of one stage inside a run."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+    return Path(run_dir) / stage
+
+
+def write_headline(directory: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write a stage's headline numbers (atomically)."""
+    keys = ("stage", "name", "value", "control", "control_label", "unit", "note", "source")
+    clean = [{k: r.get(k) for k in keys} for r in rows]
+    write_json(Path(directory) / HEADLINE_FILE, clean)
+
+
+def read_headlines(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every stage's headline rows, in stage order."""
+    rows: list[dict[str, Any]] = []
+    for stage in STAGES:
+        f = Path(run_dir) / stage / HEADLINE_FILE
+        if f.is_file():
+            rows.extend(json.loads(f.read_text()))
+    return rows
+
+
+def read_run_info(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run's ``run.json`` (empty dict when missing)."""
+    f = Path(run_dir) / RUN_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
