@@ -169,6 +169,20 @@ class DomainAdapter(ABC):
         """The site the SAE stage trains on (default: the middle default site)."""
         return self.sites[len(self.sites) // 2]
 
+    @property
+    def steer_site(self) -> str:
+        """The site the steering stage builds and injects its delta vectors at."""
+        return self.sae_site
+
+    def headline_rows(self, stage: str, context: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Extra headline numbers for a stage's summary (each beside its control where it has one).
+
+        ``context`` holds the stage's results (e.g. ``{"sweep": ProbeSweepResult, "store": ...}``
+        for ``"probes"``, ``{"analysis": FeatureAnalysis}`` for ``"features"``). Rows follow
+        :func:`sciscope.pipelines.layout.write_headline`.
+        """
+        return []
+
     def steering_evaluator(
         self, model: nn.Module, examples: Examples, contrast: str, site: str
     ) -> Callable[[nn.Module], Mapping[str, float]] | None:

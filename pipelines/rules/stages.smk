@@ -1,0 +1,105 @@
+# One rule per stage. Outputs are each stage's done.json, written last, after the stage's files.
+
+
+rule examples:
+    output:
+        "examples/done.json",
+    params:
+        cfg=stage_params("examples"),
+    log:
+        "logs/examples.log",
+    shell:
+        stage_shell("examples")
+
+
+rule model:
+    input:
+        "examples/done.json",
+    output:
+        "model/done.json",
+    params:
+        cfg=stage_params("model"),
+    log:
+        "logs/model.log",
+    shell:
+        stage_shell("model")
+
+
+rule activations:
+    input:
+        "model/done.json",
+    output:
+        "activations/done.json",
+    params:
+        cfg=stage_params("activations"),
+    log:
+        "logs/activations.log",
+    shell:
+        stage_shell("activations")
+
+
+rule probes:
+    input:
+        "activations/done.json",
+    output:
+        "probes/done.json",
+    params:
+        cfg=stage_params("probes"),
+    log:
+        "logs/probes.log",
+    shell:
+        stage_shell("probes")
+
+
+rule sae:
+    input:
+        "activations/done.json",
+    output:
+        "sae/done.json",
+    params:
+        cfg=stage_params("sae"),
+    log:
+        "logs/sae.log",
+    shell:
+        stage_shell("sae")
+
+
+rule features:
+    input:
+        "sae/done.json",
+    output:
+        "features/done.json",
+    params:
+        cfg=stage_params("features"),
+    log:
+        "logs/features.log",
+    shell:
+        stage_shell("features")
+
+
+rule steering:
+    input:
+        "activations/done.json",
+    output:
+        "steering/done.json",
+    params:
+        cfg=stage_params("steering"),
+    log:
+        "logs/steering.log",
+    shell:
+        stage_shell("steering")
+
+
+rule report:
+    input:
+        "probes/done.json",
+        "features/done.json",
+        "steering/done.json",
+    output:
+        "report/done.json",
+    params:
+        cfg=stage_params("report"),
+    log:
+        "logs/report.log",
+    shell:
+        stage_shell("report")

@@ -1,0 +1,171 @@
+"""``sciscope new-domain NAME``: write a working adapter skeleton, its test and its packaging.
+
+The skeleton runs end to end at once (``sciscope run NAME`` from the same folder): its examples
+are Gaussian points with a planted class direction and its model a small MLP trained in a second.
+Replace the data and model with your science; keep the contract (see
+:class:`sciscope.core.DomainAdapter`) and the conformance test passing.
+"""
+
+from __future__ import annotations
+
+import json
+import keyword
+import os
+import re
+from pathlib import Path
+
+from sciscope.core.errors import ConfigError
+from sciscope.core.io import write_json, write_text
+
+LOCAL_REGISTRY = "sciscope-domains.json"
+
+ADAPTER_TEMPLATE = '''"""The {name} domain adapter (written by `sciscope new-domain {name}`; make it yours)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from sciscope.core import DomainAdapter, Examples
+
+
+class {cls}(DomainAdapter):
+    name = "{name}"
+    description = "{name}: replace with one line on your science (skeleton: planted 2-class points + MLP)"
+    default_config = {{"n_examples": 400, "noise": 1.0, "train_steps": 200, "model": "", "seed": 0}}
+    profiles = {{"quick": {{}}, "full": {{"n_examples": 4000}}}}
+    test_config = {{"n_examples": 40}}
+
+    # -- data ----------------------------------------------------------------------------------------
+    def examples(self, split: str = "train") -> Examples:
+        rng = np.random.default_rng(self.config["seed"])
+        n = self.config["n_examples"]
+        label = rng.integers(0, 2, n).astype(bool)
+        x = rng.normal(scale=self.config["noise"], size=(n, 16)) + 1.5 * label[:, None] * np.linspace(1, 0, 16)
+        obs = pd.DataFrame({{"label": label, "score": x[:, :4].sum(1),
+                            "split": np.where(rng.random(n) < 0.75, "train", "test")}})
+        keep = np.ones(n, dtype=bool) if split == "all" else (obs.split == split).to_numpy()
+        return Examples(obs=obs[keep].reset_index(drop=True), inputs=x[keep].astype(np.float32), concepts=self.concepts)
+
+    # -- model ---------------------------------------------------------------------------------------
+    def model(self, spec: str | None = None) -> nn.Module:
+        torch.manual_seed(self.config["seed"])
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+        train = self.examples("train")
+        x, y = torch.from_numpy(train.inputs), torch.from_numpy(train.obs.label.to_numpy()).long()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(self.config["train_steps"]):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model.eval()
+
+    def batches(self, examples: Examples, model: nn.Module, *, batch_size: int = 32) -> Iterator[torch.Tensor]:
+        x = torch.from_numpy(np.asarray(examples.inputs))
+        for i in range(0, len(x), batch_size):
+            yield x[i : i + batch_size]
+
+    # -- what to look at -----------------------------------------------------------------------------
+    @property
+    def sites(self) -> list[str]:
+        return ["layer.0", "layer.1"]
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        # readable names for the MLP's module paths (the ReLU outputs of the hidden layers)
+        return {{"layer.0": "1", "layer.1": "3"}}
+
+    @property
+    def concepts(self) -> list[str]:
+        return ["label", "score"]
+
+    @property
+    def contrasts(self) -> dict[str, tuple[str, str]]:
+        return {{"label": ("label", "~label")}}
+
+    def steering_evaluator(self, model: nn.Module, examples: Examples, contrast: str, site: str) -> Callable[[nn.Module], Mapping[str, float]]:
+        test = examples.obs.split.to_numpy() == "test"
+        x = torch.from_numpy(np.asarray(examples.inputs)[test])
+
+        def evaluate(m: nn.Module) -> dict[str, float]:
+            with torch.no_grad():
+                return {{"p(label)": float(torch.softmax(m(x), -1)[:, 1].mean())}}
+
+        return evaluate
+'''
+
+TEST_TEMPLATE = '''"""Conformance test of the {name} adapter (written by `sciscope new-domain {name}`)."""
+
+from sciscope.core.testing import check_adapter
+
+from {package}.adapter import {cls}
+
+
+def test_{name}_adapter_conforms(tmp_path):
+    check_adapter({cls}({cls}.test_config), tmp_path)
+'''
+
+PYPROJECT_TEMPLATE = '''[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "{package}"
+version = "0.1.0"
+description = "sciscope domain adapter: {name}"
+requires-python = ">=3.11"
+dependencies = ["sciscope"]
+
+[project.entry-points."sciscope.domains"]
+{name} = "{package}.adapter:{cls}"
+
+[tool.setuptools]
+packages = ["{package}"]
+'''
+
+
+def write_skeleton(name: str, directory: str | os.PathLike[str] = ".") -> list[Path]:
+    """Write ``<directory>/sciscope-<name>/`` (package, test, pyproject) and register it locally.
+
+    The local registry ``sciscope-domains.json`` in the current folder lets ``sciscope run NAME``
+    find the adapter at once; ``pip install -e <directory>/sciscope-<name>`` registers it for good
+    through the ``sciscope.domains`` entry point.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
+        raise ConfigError(f"domain name {name!r} must be a lowercase Python identifier (letters, digits, _)")
+    package = f"sciscope_{name}"
+    cls = "".join(part.capitalize() for part in name.split("_")) + "Adapter"
+    root = Path(directory) / f"sciscope-{name}"
+    if root.exists():
+        raise ConfigError(f"{root} exists already; choose another name or --dir")
+    fields = {"name": name, "package": package, "cls": cls}
+    files = {
+        root / package / "__init__.py": f'"""sciscope domain adapter: {name}."""\n',
+        root / package / "adapter.py": ADAPTER_TEMPLATE.format(**fields),
+        root / "tests" / f"test_{name}.py": TEST_TEMPLATE.format(**fields),
+        root / "pyproject.toml": PYPROJECT_TEMPLATE.format(**fields),
+    }
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, text)
+    registry = Path(LOCAL_REGISTRY)
+    entries = json.loads(registry.read_text()) if registry.is_file() else {}
+    entries[name] = f"{(root / package / 'adapter.py').resolve()}:{cls}"
+    write_json(registry, entries)
+    return [*files, registry]
+
+
+def local_domains(folder: str | os.PathLike[str] = ".") -> dict[str, str]:
+    """Adapters registered by ``new-domain`` in ``folder``'s ``sciscope-domains.json``: name -> path:Class."""
+    registry = Path(folder) / LOCAL_REGISTRY
+    return json.loads(registry.read_text()) if registry.is_file() else {}

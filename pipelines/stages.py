@@ -1,0 +1,382 @@
+"""The pipeline's stages as plain Python functions (Snakemake rules only call these).
+
+``python -m sciscope.pipelines.stages STAGE RUN_DIR`` runs one stage of a run whose ``run.json``
+names the domain and config. Each stage reads what earlier stages wrote, writes its outputs
+atomically, its headline numbers (each beside its control) and finally ``done.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sciscope.core.io import atomic_path, write_json, write_table
+from sciscope.pipelines.config import adapter_config, load_adapter_class
+from sciscope.pipelines.layout import DONE_FILE, STAGES, read_run_info, stage_dir, write_headline
+
+log = logging.getLogger("sciscope.pipelines")
+
+
+class Run:
+    """A run folder plus its adapter, built lazily (stages share this, not state)."""
+
+    def __init__(self, run_dir: str | Path, *, progress: bool = True) -> None:
+        self.dir = Path(run_dir)
+        self.info = read_run_info(self.dir)
+        if not self.info:
+            from sciscope.core.errors import SciscopeError
+
+            raise SciscopeError(f"{self.dir} has no run.json: start runs with `sciscope run DOMAIN`")
+        self.config: dict[str, Any] = self.info["config"]
+        self.cls = load_adapter_class(self.info["adapter"])
+        self.adapter = self.cls(adapter_config(self.cls, self.config))
+        self.adapter.run_dir = self.dir  # adapters that train a model keep it under <run>/model
+        self.progress = progress
+        self._model = None
+        self._examples = None
+
+    def path(self, stage: str) -> Path:
+        p = stage_dir(self.dir, stage)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    def examples(self):
+        if self._examples is None:
+            self._examples = self.adapter.examples("all")
+        return self._examples
+
+    def model(self):
+        if self._model is None:
+            spec = self.config.get("model") or None
+            self._model = self.adapter.model(spec)
+        return self._model
+
+    def store(self):
+        from sciscope.core import ActivationStore
+
+        return ActivationStore.open(self.dir / "activations" / "store")
+
+
+def _figure(path: Path, fig: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# stages
+# ------------------------------------------------------------------------------------------------
+
+
+def stage_examples(run: Run) -> dict[str, Any]:
+    """Build the examples; save their obs table."""
+    out = run.path("examples")
+    ex = run.examples()
+    write_table(out / "obs.parquet", ex.obs)
+    counts = {"n_examples": len(ex.obs), "concepts": list(run.adapter.concepts)}
+    if "split" in ex.obs.columns:
+        counts["splits"] = ex.obs["split"].value_counts().to_dict()
+    write_json(out / "summary.json", counts)
+    write_headline(out, [{"stage": "examples", "name": "examples", "value": len(ex.obs), "unit": "rows",
+                          "note": f"concepts: {', '.join(run.adapter.concepts)}", "source": "examples/obs.parquet"}])
+    return counts
+
+
+def stage_model(run: Run) -> dict[str, Any]:
+    """Build (or train) the model and record its identity."""
+    from sciscope.core import model_identity
+    from sciscope.core.sites import resolve_site
+
+    out = run.path("model")
+    model = run.model()
+    for site in run.adapter.sites:
+        resolve_site(model, site, run.adapter.aliases)
+    info = {"identity": model_identity(model), "sites": run.adapter.sites, "aliases": run.adapter.aliases,
+            "spec": run.config.get("model") or "default"}
+    write_json(out / "model.json", info)
+    ident = info["identity"]
+    write_headline(out, [{"stage": "model", "name": "parameters", "value": ident["n_params"],
+                          "note": f"{ident['name']} ({ident['class']}), sha256 {ident['hash'][:12]}", "source": "model/model.json"}])
+    return info
+
+
+def stage_activations(run: Run) -> dict[str, Any]:
+    """Capture every default site, pooled as the adapter says, into the run's store."""
+    from sciscope.core import collect
+
+    out = run.path("activations")
+    ex, model = run.examples(), run.model()
+    batches = run.adapter.batches(ex, model, batch_size=int(run.config["batch_size"]))
+    n_batches = -(-len(ex) // int(run.config["batch_size"]))
+    store = collect(model, batches, run.adapter.sites, out=out / "store", obs=ex.obs, pooling=run.adapter.pooling,
+                    aliases=run.adapter.aliases, seed=run.seed, progress=run.progress, total=n_batches,
+                    extra_manifest={"domain": run.cls.name})
+    write_headline(out, [{"stage": "activations", "name": "captured rows x sites", "value": store.n_obs,
+                          "note": f"{len(store.sites)} sites, pooling {run.adapter.pooling}", "source": "activations/store/manifest.json"}])
+    return {"n_obs": store.n_obs, "sites": store.sites}
+
+
+def stage_probes(run: Run) -> dict[str, Any]:
+    """Per-site probes for every target, with shuffled control and the adapter's baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sciscope.core import probe_sweep
+
+    out = run.path("probes")
+    store = run.store()
+    targets = run.adapter.probe_targets
+    baseline = run.adapter.baseline_features(run.examples()) or None
+    res = probe_sweep(store, targets, cv=int(run.config["probe_cv"]), groups=run.adapter.probe_groups,
+                      baseline=baseline, control=True, seed=run.seed, progress=run.progress)
+    res.save(out / "sweep")
+    summary = res.summary()
+    write_table(out / "summary.csv", summary)
+    n = len(targets)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        res.plot(target, ax=ax)
+    _figure(out / "score_vs_layer.png", fig)
+    rows = []
+    for target in targets:
+        t = summary[(summary.target == target) & (summary.site.astype(str) != "")]
+        best = t.loc[t.score_mean.idxmax()]
+        base = summary[(summary.target == target) & (summary.baseline.astype(str) != "")] if "baseline" in summary else None
+        note = f"best site {best.site}; metric {best.metric}"
+        if base is not None and len(base) and "baseline_mean" in base:
+            note += "; baseline " + ", ".join(f"{b.baseline} {b.baseline_mean:.3f}" for b in base.itertuples() if pd.notna(b.baseline_mean))
+        rows.append({"stage": "probes", "name": f"{target} ({best.metric})", "value": float(best.score_mean),
+                     "control": float(best.control_mean), "control_label": "shuffled labels", "note": note,
+                     "source": "probes/summary.csv"})
+    rows += run.adapter.headline_rows("probes", {"sweep": res, "store": store, "examples": run.examples()})
+    write_headline(out, rows)
+    return {"targets": targets, "sites": store.sites}
+
+
+def stage_sae(run: Run) -> dict[str, Any]:
+    """Train an SAE on the adapter's chosen site; evaluate; encode every row into a latent store."""
+    import torch
+
+    from sciscope.core import ActivationStore, StoreWriter
+    from sciscope.core.sae import evaluate_sae, sae_config, train_sae
+
+    out = run.path("sae")
+    store = run.store()
+    site = run.adapter.sae_site
+    d_in = store.dim(site)
+    cfg_fields: dict[str, Any] = {"d_in": d_in, "d_sae": d_in * int(run.config["sae_expansion"])}
+    arch = run.config["sae_architecture"]
+    if arch in ("topk", "batchtopk"):
+        cfg_fields["k"] = min(int(run.config["sae_k"]), cfg_fields["d_sae"])
+    cfg = sae_config(arch, **cfg_fields)
+    bs = min(int(run.config["sae_batch_size"]), store.n_obs)
+    epoch = iter(range(10**9))
+    data = lambda: store.iter_batches(site, bs, shuffle=True, seed=run.seed + next(epoch), drop_last=True)  # noqa: E731
+    trained = train_sae(cfg, data, max_steps=int(run.config["sae_steps"]), lr=float(run.config["sae_lr"]),
+                        seed=run.seed, progress=run.progress)
+    trained.save(out / "model")
+    metrics = evaluate_sae(trained.sae, store.iter_batches(site, 4096))
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics["site"] = site
+    write_json(out / "metrics.json", metrics)
+    # latents of every row, as a store the features stage reads (memory-mapped)
+    with StoreWriter(out / "latents", ["latents"], manifest={"sae_site": site, "architecture": arch}) as w:
+        start = 0
+        with torch.no_grad():
+            for batch in store.iter_batches(site, 4096):
+                acts = trained.sae.encode(batch).numpy()
+                w.append({"latents": acts}, store.obs.iloc[start:start + len(acts)])
+                start += len(acts)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
+    h = trained.history
+    axes[0].plot(h.step, h.mse, lw=1)
+    axes[0].set_xlabel("step"), axes[0].set_ylabel("mse (normalised space)"), axes[0].set_yscale("log")
+    axes[1].plot(h.step, h.dead_fraction, lw=1, color="C3")
+    axes[1].set_xlabel("step"), axes[1].set_ylabel("dead fraction")
+    fig.suptitle(f"{arch} SAE on {site}: {d_in} -> {cfg_fields['d_sae']}")
+    _figure(out / "training.png", fig)
+    write_headline(out, [
+        {"stage": "sae", "name": "explained variance", "value": metrics["explained_variance"], "control": 0.0,
+         "control_label": "mean-only reconstruction", "note": f"{arch} {d_in}->{cfg_fields['d_sae']} at {site}", "source": "sae/metrics.json"},
+        {"stage": "sae", "name": "L0 (active latents per row)", "value": metrics["l0"], "source": "sae/metrics.json"},
+        {"stage": "sae", "name": "live latent fraction", "value": 1.0 - metrics["dead_fraction"], "source": "sae/metrics.json",
+         "note": "fraction of latents that fire on at least one row"},
+    ])
+    return metrics
+
+
+def stage_features(run: Run) -> dict[str, Any]:
+    """Tie SAE latents to concepts (with a shuffled control) plus the adapter's own statistics."""
+    from sciscope.core import ActivationStore, analyze_features
+
+    out = run.path("features")
+    latents = ActivationStore.open(run.dir / "sae" / "latents")
+    acts = latents.array("latents")
+    obs = latents.obs
+    analysis = analyze_features(acts, obs, concepts=list(run.adapter.concepts), statistics=run.adapter.feature_statistics,
+                                k=int(run.config["feature_top_k"]), control=True, seed=run.seed)
+    analysis.save(out / "analysis")
+    write_table(out / "features.csv", analysis.features)
+    figures = run.adapter.feature_plots(analysis, acts, obs, out)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.3))
+    analysis.plot_density(ax=ax)
+    _figure(out / "density.png", fig)
+    n_sig = int(analysis.associations.significant.sum())
+    n_ctrl = int(analysis.control_associations.significant.sum()) if analysis.control_associations is not None else None
+    feats_sig = int(analysis.associations[analysis.associations.significant].feature.nunique())
+    rows = [{"stage": "features", "name": "features tied to a concept (FDR 0.05)", "value": feats_sig,
+             "control": None if n_ctrl is None else int(analysis.control_associations[analysis.control_associations.significant].feature.nunique()),
+             "control_label": "shuffled concepts", "note": f"{n_sig} significant feature-concept pairs ({n_ctrl} on shuffled)",
+             "source": "features/analysis/associations.csv"}]
+    rows += run.adapter.headline_rows("features", {"analysis": analysis})
+    write_headline(out, rows)
+    return {"n_significant": n_sig, "figures": [str(f) for f in figures]}
+
+
+def stage_steering(run: Run) -> dict[str, Any]:
+    """For each contrast: delta vector, alpha sweep scored by the adapter, random directions as control."""
+    from sciscope.core import alpha_sweep, contrast_vector
+
+    out = run.path("steering")
+    store = run.store()
+    model = run.model()
+    site = run.adapter.steer_site
+    alphas = [float(a) for a in run.config["steer_alphas"]]
+    rows, done = [], {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name, (a, b) in run.adapter.contrasts.items():
+        evaluate = run.adapter.steering_evaluator(model, run.examples(), name, site)
+        if evaluate is None:
+            continue
+        vec = contrast_vector(store, site, a=a, b=b)
+        sweep = alpha_sweep(model, vec, alphas, evaluate, site=site, scale=run.config["steer_scale"],
+                            aliases=run.adapter.aliases, n_random=int(run.config["steer_n_random"]), seed=run.seed,
+                            progress=run.progress)
+        cdir = out / name
+        sweep.save(cdir)
+        vec.save(cdir / "vector.safetensors")
+        metrics = list(dict.fromkeys(sweep.table.metric))
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.4), squeeze=False)
+        for ax, m in zip(axes[0], metrics):
+            sweep.plot(m, ax=ax)
+        _figure(cdir / "alpha_sweep.png", fig)
+        for m in metrics:
+            steer_slope = sweep.slope(m, "steer")
+            rand = [sweep.slope(m, c) for c in sorted(set(sweep.table.condition)) if c.startswith("random")]
+            t = sweep.table[(sweep.table.metric == m) & (sweep.table.condition == "steer")].sort_values("alpha")
+            monotonic = bool(np.all(np.diff(t.value.to_numpy()) >= 0) or np.all(np.diff(t.value.to_numpy()) <= 0))
+            rows.append({"stage": "steering", "name": f"{name}: slope of {m} per unit alpha", "value": steer_slope,
+                         "control": float(np.mean(np.abs(rand))) if rand else None,
+                         "control_label": "mean |slope| of random directions (same norm)",
+                         "note": f"at {site}; {'monotonic' if monotonic else 'not monotonic'} in alpha", "source": f"steering/{name}/sweep.csv"})
+        done[name] = {"site": site, "vector_norm": vec.norm}
+    write_headline(out, rows)
+    return done
+
+
+def stage_report(run: Run) -> dict[str, Any]:
+    """One self-contained HTML file for the run."""
+    from sciscope.pipelines.layout import RUN_FILE
+    from sciscope.pipelines.report import build_report
+
+    # fold what earlier stages learnt (model identity, data size, stage timings) into run.json
+    info = dict(run.info)
+    model_file = run.dir / "model" / "model.json"
+    if model_file.is_file():
+        info["model"] = json.loads(model_file.read_text())["identity"]
+    summary_file = run.dir / "examples" / "summary.json"
+    if summary_file.is_file():
+        s = json.loads(summary_file.read_text())
+        info["data"] = f"{s['n_examples']} examples from the {run.cls.name} adapter ({run.cls.description}); concepts: {', '.join(s.get('concepts', []))}"
+    info["stages"] = {
+        st: json.loads((run.dir / st / DONE_FILE).read_text()).get("seconds")
+        for st in STAGES if (run.dir / st / DONE_FILE).is_file()
+    }
+    write_json(run.dir / RUN_FILE, info)
+    path = build_report(run.dir)
+    return {"report": str(path)}
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
+    "examples": stage_examples,
+    "model": stage_model,
+    "activations": stage_activations,
+    "probes": stage_probes,
+    "sae": stage_sae,
+    "features": stage_features,
+    "steering": stage_steering,
+    "report": stage_report,
+}
+
+
+def run_stage(stage: str, run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Run one stage; write ``done.json`` (with timing) only when it succeeds."""
+    if stage not in STAGE_FUNCTIONS:
+        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+    t0 = time.time()
+    run = Run(run_dir, progress=progress)
+    result = STAGE_FUNCTIONS[stage](run)
+    seconds = round(time.time() - t0, 2)
+    write_json(stage_dir(run.dir, stage) / DONE_FILE, {"stage": stage, "seconds": seconds, "result": result})
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sciscope.core.errors import SciscopeError
+
+    ap = argparse.ArgumentParser(prog="python -m sciscope.pipelines.stages")
+    ap.add_argument("stage", choices=list(STAGES))
+    ap.add_argument("run_dir")
+    ap.add_argument("--log", default=None, help="also write the stage's log here")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if args.log:
+        Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(args.log, mode="w"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", handlers=handlers, force=True)
+    log.info("stage %s of %s", args.stage, args.run_dir)
+    try:
+        result = run_stage(args.stage, args.run_dir, progress=not args.no_progress)
+    except SciscopeError as e:
+        log.error("stage %s failed: %s", args.stage, e)
+        print(f"sciscope: error in stage {args.stage}: {e}", file=sys.stderr)
+        return 1
+    log.info("stage %s done: %s", args.stage, json.dumps(result, default=str)[:500])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
