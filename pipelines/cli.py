@@ -86,6 +86,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
            f"progress={not args.quiet}", "--quiet", "rules"]
     if args.dry_run:
         cmd.append("--dry-run")
+    cmd += args.snakemake_arg or []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     print(f"sciscope: {cls.name} run -> {run_dir}", flush=True)
     t0 = time.time()
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="run name (default: the profile)")
     p.add_argument("--dry-run", action="store_true", help="show what would run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--snakemake-arg", action="append", metavar="ARG",
+                   help="pass an argument to Snakemake, e.g. --snakemake-arg=--executor=slurm (repeatable)")
     p.set_defaults(fn=_cmd_run)
     p = sub.add_parser("report", help="(re)build a run's HTML report")
     p.add_argument("run_dir")
