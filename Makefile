@@ -5,12 +5,12 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= dev
+EXTRAS ?= dev,geospatial
 # This machine keeps the CPU torch wheel on disk; pip finds it here when the directory exists.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP  := $(VENV)/.sciscope-installed-$(EXTRAS)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo walkthrough test bench clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: setup
-	$(BIN)/python -m sciscope.pipelines.demo --out runs/demo
+	$(BIN)/sciscope run geospatial --profile quick
+
+walkthrough: setup
+	$(BIN)/python -m sciscope.pipelines.demo --out runs/walkthrough
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider

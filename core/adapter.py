@@ -177,8 +177,9 @@ class DomainAdapter(ABC):
     def headline_rows(self, stage: str, context: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Extra headline numbers for a stage's summary (each beside its control where it has one).
 
-        ``context`` holds the stage's results (e.g. ``{"sweep": ProbeSweepResult, "store": ...}``
-        for ``"probes"``, ``{"analysis": FeatureAnalysis}`` for ``"features"``). Rows follow
+        ``context`` holds the stage's results and its output folder ``out`` (where the adapter
+        writes the table each row reports from): ``{"sweep", "store", "examples", "out"}`` for
+        ``"probes"``; ``{"analysis", "store", "site", "latents", "out"}`` for ``"features"``. Rows follow
         :func:`sciscope.pipelines.layout.write_headline`.
         """
         return []

@@ -159,14 +159,16 @@ def stage_probes(run: Run) -> dict[str, Any]:
     for target in targets:
         t = summary[(summary.target == target) & (summary.site.astype(str) != "")]
         best = t.loc[t.score_mean.idxmax()]
-        base = summary[(summary.target == target) & (summary.baseline.astype(str) != "")] if "baseline" in summary else None
         note = f"best site {best.site}; metric {best.metric}"
-        if base is not None and len(base) and "baseline_mean" in base:
-            note += "; baseline " + ", ".join(f"{b.baseline} {b.baseline_mean:.3f}" for b in base.itertuples() if pd.notna(b.baseline_mean))
+        if "baseline" in summary:
+            base = summary[(summary.target == target) & summary.baseline.notna() & (summary.baseline.astype(str) != "")]
+            base = base.drop_duplicates("baseline")
+            if len(base):
+                note += "; baseline " + ", ".join(f"{b.baseline} {b.baseline_mean:.3f}" for b in base.itertuples())
         rows.append({"stage": "probes", "name": f"{target} ({best.metric})", "value": float(best.score_mean),
                      "control": float(best.control_mean), "control_label": "shuffled labels", "note": note,
                      "source": "probes/summary.csv"})
-    rows += run.adapter.headline_rows("probes", {"sweep": res, "store": store, "examples": run.examples()})
+    rows += run.adapter.headline_rows("probes", {"sweep": res, "store": store, "examples": run.examples(), "out": out})
     write_headline(out, rows)
     return {"targets": targets, "sites": store.sites}
 
@@ -187,14 +189,24 @@ def stage_sae(run: Run) -> dict[str, Any]:
     if arch in ("topk", "batchtopk"):
         cfg_fields["k"] = min(int(run.config["sae_k"]), cfg_fields["d_sae"])
     cfg = sae_config(arch, **cfg_fields)
-    bs = min(int(run.config["sae_batch_size"]), store.n_obs)
+    # Train on the train split and measure on held-out rows: an SAE wider than the data can
+    # memorise it, so in-sample explained variance would flatter it.
+    if "split" in store.obs.columns and (store.obs.split == "test").any() and (store.obs.split != "test").sum() >= 2:
+        train_rows, test_rows = store.query("split != 'test'"), store.query("split == 'test'")
+    else:
+        train_rows = test_rows = store
+    bs = min(int(run.config["sae_batch_size"]), train_rows.n_obs)
     epoch = iter(range(10**9))
-    data = lambda: store.iter_batches(site, bs, shuffle=True, seed=run.seed + next(epoch), drop_last=True)  # noqa: E731
+    data = lambda: train_rows.iter_batches(site, bs, shuffle=True, seed=run.seed + next(epoch), drop_last=True)  # noqa: E731
     trained = train_sae(cfg, data, max_steps=int(run.config["sae_steps"]), lr=float(run.config["sae_lr"]),
                         seed=run.seed, progress=run.progress)
     trained.save(out / "model")
-    metrics = evaluate_sae(trained.sae, store.iter_batches(site, 4096))
-    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics = {k: float(v) for k, v in evaluate_sae(trained.sae, test_rows.iter_batches(site, 4096)).items()}
+    in_sample = evaluate_sae(trained.sae, train_rows.iter_batches(site, 4096))
+    metrics["explained_variance_train"] = float(in_sample["explained_variance"])
+    metrics["dead_fraction_all_rows"] = float(evaluate_sae(trained.sae, store.iter_batches(site, 4096))["dead_fraction"])
+    metrics["evaluated_on"] = "held-out rows (split == 'test')" if test_rows is not store else "all rows (no split column)"
+    metrics["pca_explained_variance"] = _pca_explained_variance(train_rows.array(site), test_rows.array(site), round(metrics["l0"]))
     metrics["site"] = site
     write_json(out / "metrics.json", metrics)
     # latents of every row, as a store the features stage reads (memory-mapped)
@@ -219,13 +231,31 @@ def stage_sae(run: Run) -> dict[str, Any]:
     fig.suptitle(f"{arch} SAE on {site}: {d_in} -> {cfg_fields['d_sae']}")
     _figure(out / "training.png", fig)
     write_headline(out, [
-        {"stage": "sae", "name": "explained variance", "value": metrics["explained_variance"], "control": 0.0,
-         "control_label": "mean-only reconstruction", "note": f"{arch} {d_in}->{cfg_fields['d_sae']} at {site}", "source": "sae/metrics.json"},
+        {"stage": "sae", "name": "explained variance", "value": metrics["explained_variance"],
+         "control": metrics["pca_explained_variance"], "control_label": "PCA with as many components as the SAE's L0",
+         "note": f"{arch} {d_in}->{cfg_fields['d_sae']} at {site}; on {metrics['evaluated_on']} (train rows: {metrics['explained_variance_train']:.3f})",
+         "source": "sae/metrics.json"},
         {"stage": "sae", "name": "L0 (active latents per row)", "value": metrics["l0"], "source": "sae/metrics.json"},
-        {"stage": "sae", "name": "live latent fraction", "value": 1.0 - metrics["dead_fraction"], "source": "sae/metrics.json",
-         "note": "fraction of latents that fire on at least one row"},
+        {"stage": "sae", "name": "live latent fraction", "value": 1.0 - metrics["dead_fraction_all_rows"], "source": "sae/metrics.json",
+         "note": "fraction of latents that fire on at least one row (all rows)"},
     ])
     return metrics
+
+
+def _pca_explained_variance(train: np.ndarray, test: np.ndarray, k: int) -> float:
+    """Explained variance on ``test`` of the top-``k`` principal components of ``train``.
+
+    The dense baseline an SAE's reconstruction should be read against: the same number of active
+    dimensions per row, chosen by PCA instead of by sparse coding.
+    """
+    train = np.asarray(train, dtype=np.float64)
+    test = np.asarray(test, dtype=np.float64)
+    mean = train.mean(0)
+    _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
+    basis = vt[: max(1, min(k, vt.shape[0]))]  # (k, d)
+    centred = test - mean
+    recon = centred @ basis.T @ basis
+    return float(1.0 - ((centred - recon) ** 2).sum() / ((test - test.mean(0)) ** 2).sum())
 
 
 def stage_features(run: Run) -> dict[str, Any]:
@@ -256,7 +286,8 @@ def stage_features(run: Run) -> dict[str, Any]:
              "control": None if n_ctrl is None else int(analysis.control_associations[analysis.control_associations.significant].feature.nunique()),
              "control_label": "shuffled concepts", "note": f"{n_sig} significant feature-concept pairs ({n_ctrl} on shuffled)",
              "source": "features/analysis/associations.csv"}]
-    rows += run.adapter.headline_rows("features", {"analysis": analysis})
+    rows += run.adapter.headline_rows("features", {"analysis": analysis, "store": run.store(), "site": run.adapter.sae_site,
+                                                   "latents": latents, "out": out})
     write_headline(out, rows)
     return {"n_significant": n_sig, "figures": [str(f) for f in figures]}
 

