@@ -1,0 +1,74 @@
+"""The geospatial pipeline on a tiny configuration: report numbers vs tables, and the notebook."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = ["n_places=600", "min_population=150000", "n_blocks=60", "sae_steps=150", "permutations=19",
+        "steer_max_eval=60", "steer_n_random=2", "sae_expansion=4"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("geo")
+    args = [sys.executable, "-m", "sciscope.pipelines.cli", "run", "geospatial", "--quiet", "--run", "tiny"]
+    for s in TINY:
+        args += ["--set", s]
+    proc = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root / "runs" / "geospatial" / "tiny"
+
+
+def test_report_headlines_agree_with_tables(run_dir):
+    from sciscope.pipelines.report import headline_values
+
+    rows = {r["name"]: r for r in headline_values(run_dir / "report" / "report.html")}
+    summary = pd.read_csv(run_dir / "probes" / "summary.csv")
+    lat = summary[(summary.target == "lat") & summary.site.notna()]
+    assert float(rows["lat (r2)"]["value"]) == pytest.approx(lat.score_mean.max(), rel=1e-6)
+    assert float(rows["lat (r2)"]["control"]) == pytest.approx(lat.loc[lat.score_mean.idxmax(), "control_mean"], rel=1e-6)
+    err = pd.read_csv(run_dir / "probes" / "median_error_km.csv").set_index("condition")
+    assert float(rows["median error of lat/lon probes"]["value"]) == pytest.approx(err.loc["probe", "median_error_km"])
+    assert float(rows["median error of lat/lon probes"]["control"]) == pytest.approx(err.loc["shuffled coordinates", "median_error_km"])
+    moran = pd.read_csv(run_dir / "features" / "morans_i_summary.csv")
+    assert float(rows["max Moran's I, SAE latents"]["value"]) == pytest.approx(moran.max_I.iloc[0])
+    metrics = json.loads((run_dir / "sae" / "metrics.json").read_text())
+    assert float(rows["explained variance"]["value"]) == pytest.approx(metrics["explained_variance"])
+    sweep = pd.read_csv(run_dir / "steering" / "north_south" / "sweep.csv")
+    s = sweep[(sweep.metric == "predicted_lat") & (sweep.condition == "steer")]
+    slope = np.polyfit(s.alpha, s.value, 1)[0]
+    assert float(rows["north_south: slope of predicted_lat per unit alpha"]["value"]) == pytest.approx(slope, rel=1e-6)
+
+
+def test_controls_behave(run_dir):
+    """Probes beat their shuffled control; Moran's I of the shuffled-coordinate control is near 0."""
+    summary = pd.read_csv(run_dir / "probes" / "summary.csv")
+    lat = summary[(summary.target == "lat") & summary.site.notna()]
+    assert lat.score_mean.max() > lat.control_mean.max() + 0.2
+    moran = pd.read_csv(run_dir / "features" / "morans_i_summary.csv")
+    assert moran.max_I_shuffled_coordinates.iloc[0] < moran.max_I.iloc[0]
+
+
+def test_notebook_executes_on_the_run(run_dir):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(Path(__file__).parents[2] / "notebooks" / "geospatial.ipynb", as_version=4)
+    os.environ["SCISCOPE_RUN_DIR"] = str(run_dir)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(run_dir)}}).execute()
+    finally:
+        os.environ.pop("SCISCOPE_RUN_DIR", None)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
