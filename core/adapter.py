@@ -86,15 +86,7 @@ class DomainAdapter(ABC):
     @classmethod
     def validate_config(cls, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """Merge ``overrides`` into the defaults; reject unknown keys and ill-typed values."""
-        config = dict(cls.default_config)
-        for key, value in overrides.items():
-            if key not in config:
-                hint = close_matches(key, config)
-                raise ConfigError(
-                    f"{cls.name or cls.__name__}: unknown config key {key!r}"
-                    + (f"; did you mean {hint}?" if hint else f"; known keys: {sorted(config)}")
-                )
-            config[key] = _coerce(cls.name, key, value, cls.default_config[key])
+        return merge_config(cls.name or cls.__name__, dict(cls.default_config), overrides)
         return config
 
     # -- what every adapter supplies --------------------------------------------------------------
@@ -203,9 +195,38 @@ class DomainAdapter(ABC):
         return f"<{type(self).__name__} {self.name!r}: {self.description}>"
 
 
+def merge_config(source: str, defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated by ``overrides``, each value coerced to its default's type.
+
+    An unknown key is a :class:`ConfigError` naming it and the close known keys (``source`` says
+    where it came from: a domain, a profile, ``--set``).
+    """
+    config = dict(defaults)
+    for key, value in overrides.items():
+        if key not in defaults:
+            hint = close_matches(key, defaults)
+            raise ConfigError(
+                f"{source}: unknown config key {key!r}"
+                + (f"; did you mean {hint}?" if hint else f"; known keys: {sorted(defaults)}")
+            )
+        config[key] = _coerce(source, key, value, defaults[key])
+    return config
+
+
 def _coerce(domain: str, key: str, value: Any, default: Any) -> Any:
     """Coerce CLI strings (``--set key=value``) to the default's type; reject what does not fit."""
-    if default is None or value is None:
+    if value is None:
+        return value
+    if default is None:
+        # An optional key: read CLI strings as None, an int or a float where they look like one.
+        if isinstance(value, str):
+            if value.lower() in ("", "none", "null"):
+                return None
+            for parse in (int, float):
+                try:
+                    return parse(value)
+                except ValueError:
+                    pass
         return value
     target = type(default)
     if isinstance(value, target) and not (target is int and isinstance(value, bool)):

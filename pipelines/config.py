@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sciscope.core.adapter import DomainAdapter, _coerce, available_domains
+from sciscope.core.adapter import DomainAdapter, available_domains, merge_config
 from sciscope.core.errors import AdapterError, ConfigError, close_matches
 
 #: key -> (default, first stage it affects)
@@ -104,15 +104,8 @@ def resolve_config(
     pipeline_defaults = {k: v for k, (v, _) in PIPELINE_KEYS.items()}
     profiles = getattr(cls, "profiles", {}) or {}
     merged = {**pipeline_defaults, **cls.default_config}
-    for source, values in ((f"profile {profile!r} of {cls.name}", profiles.get(profile, {})), ("--set", overrides or {})):
-        for key, value in values.items():
-            if key not in merged:
-                hint = close_matches(key, merged)
-                raise ConfigError(
-                    f"{source}: unknown config key {key!r}"
-                    + (f"; did you mean {hint}?" if hint else f"; known keys: {sorted(merged)}")
-                )
-            merged[key] = _coerce(cls.name, key, value, pipeline_defaults.get(key, cls.default_config.get(key)))
+    merged = merge_config(f"profile {profile!r} of {cls.name}", merged, profiles.get(profile, {}))
+    merged = merge_config("--set", merged, overrides or {})
     # the adapter validates its own keys (types, allowed values) once more
     cls.validate_config({k: merged[k] for k in cls.default_config})
     _check_pipeline_values(merged)

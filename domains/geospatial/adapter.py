@@ -176,6 +176,16 @@ class GeospatialAdapter(DomainAdapter):
         "full": {"n_places": 8000, "min_population": 15_000, "n_blocks": 400, "permutations": 999,
                  "permute_min_i": 0.1, "lisa_permutations": 999, "steer_max_eval": 800},
     }
+    #: The first pipeline stage each key affects (unlisted keys: "examples"), so that e.g. a new
+    #: permutation count reruns only the features stage and the report.
+    config_stages: dict[str, str] = {
+        "model": "model", "model_dtype": "model", "device": "model", "layers": "model",
+        "sae_layer": "sae",
+        "knn_k": "features", "knn_coords": "features", "permutations": "features", "permute_min_i": "features",
+        "lisa_permutations": "features", "lisa_alpha": "features", "moran_threshold": "features",
+        "n_map_features": "features",
+        "steer_layer": "steering", "readout_layer": "steering", "steer_max_eval": "steering",
+    }
     #: Tiny config for the conformance test.
     test_config: dict[str, Any] = {
         "n_places": 40, "min_population": 1_000_000, "n_blocks": 5, "permutations": 19,

@@ -54,3 +54,12 @@ def test_broken_plugin_warns_instead_of_breaking(monkeypatch):
         assert "broken" not in found
     finally:
         adapter_mod._entry_point_domains.cache_clear()
+
+
+def test_optional_keys_parse_cli_strings():
+    from sciscope.core.adapter import merge_config
+
+    cfg = merge_config("test", {"layer": None, "frac": None, "name": None}, {"layer": "3", "frac": "0.5", "name": "none"})
+    assert cfg == {"layer": 3, "frac": 0.5, "name": None}
+    with pytest.raises(ConfigError, match="test: unknown config key 'lyer'"):
+        merge_config("test", {"layer": None}, {"lyer": 1})
