@@ -170,8 +170,11 @@ class DomainAdapter(ABC):
         """Extra headline numbers for a stage's summary (each beside its control where it has one).
 
         ``context`` holds the stage's results and its output folder ``out`` (where the adapter
-        writes the table each row reports from): ``{"sweep", "store", "examples", "out"}`` for
-        ``"probes"``; ``{"analysis", "store", "site", "latents", "out"}`` for ``"features"``. Rows follow
+        writes the table each row reports from): ``{"examples", "out"}`` for ``"examples"`` (e.g.
+        invalid inputs skipped, with their line numbers); ``{"model", "out"}`` for ``"model"``;
+        ``{"sweep", "store", "examples", "out"}`` for ``"probes"``; ``{"analysis", "store",
+        "site", "latents", "out"}`` for ``"features"``; ``{"out", "site", "sweeps"}`` for
+        ``"steering"``. Rows follow
         :func:`sciscope.pipelines.layout.write_headline`.
         """
         return []

@@ -93,8 +93,10 @@ def stage_examples(run: Run) -> dict[str, Any]:
     if "split" in ex.obs.columns:
         counts["splits"] = ex.obs["split"].value_counts().to_dict()
     write_json(out / "summary.json", counts)
-    write_headline(out, [{"stage": "examples", "name": "examples", "value": len(ex.obs), "unit": "rows",
-                          "note": f"concepts: {', '.join(run.adapter.concepts)}", "source": "examples/obs.parquet"}])
+    rows = [{"stage": "examples", "name": "examples", "value": len(ex.obs), "unit": "rows",
+             "note": f"concepts: {', '.join(run.adapter.concepts)}", "source": "examples/obs.parquet"}]
+    rows += run.adapter.headline_rows("examples", {"examples": ex, "out": out})
+    write_headline(out, rows)
     return counts
 
 
@@ -111,8 +113,10 @@ def stage_model(run: Run) -> dict[str, Any]:
             "spec": run.config.get("model") or "default"}
     write_json(out / "model.json", info)
     ident = info["identity"]
-    write_headline(out, [{"stage": "model", "name": "parameters", "value": ident["n_params"],
-                          "note": f"{ident['name']} ({ident['class']}), sha256 {ident['hash'][:12]}", "source": "model/model.json"}])
+    rows = [{"stage": "model", "name": "parameters", "value": ident["n_params"],
+             "note": f"{ident['name']} ({ident['class']}), sha256 {ident['hash'][:12]}", "source": "model/model.json"}]
+    rows += run.adapter.headline_rows("model", {"model": model, "out": out})
+    write_headline(out, rows)
     return info
 
 
@@ -333,6 +337,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
                          "control_label": "mean |slope| of random directions (same norm)",
                          "note": f"at {site}; {'monotonic' if monotonic else 'not monotonic'} in alpha", "source": f"steering/{name}/sweep.csv"})
         done[name] = {"site": site, "vector_norm": vec.norm}
+    rows += run.adapter.headline_rows("steering", {"out": out, "site": site, "sweeps": done})
     write_headline(out, rows)
     return done
 
