@@ -57,6 +57,19 @@ class Examples:
     def __len__(self) -> int:
         return len(self.obs)
 
+    @classmethod
+    def of_split(cls, obs: pd.DataFrame, split: str, *, inputs: str, concepts: list[str], domain: str = "") -> "Examples":
+        """The rows of one split of ``obs`` (``"all"`` keeps every row), inputs read from a column.
+
+        ``obs`` needs a ``split`` column; an unknown split is a :class:`ConfigError` naming it.
+        """
+        splits = ["all", *sorted(obs["split"].astype(str).unique())]
+        if split not in splits:
+            raise ConfigError(f"{domain or 'examples'}: unknown split {split!r}; choose one of {splits}")
+        rows = obs if split == "all" else obs[obs["split"] == split]
+        rows = rows.reset_index(drop=True)
+        return cls(obs=rows, inputs=rows[inputs].tolist(), concepts=concepts)
+
 
 class DomainAdapter(ABC):
     """Base class of a domain adapter.
@@ -87,7 +100,6 @@ class DomainAdapter(ABC):
     def validate_config(cls, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """Merge ``overrides`` into the defaults; reject unknown keys and ill-typed values."""
         return merge_config(cls.name or cls.__name__, dict(cls.default_config), overrides)
-        return config
 
     # -- what every adapter supplies --------------------------------------------------------------
     @abstractmethod

@@ -19,7 +19,6 @@ the output folder together with ``summary.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any

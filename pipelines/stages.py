@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from sciscope.core.io import atomic_path, write_json, write_table
 from sciscope.pipelines.config import adapter_config, load_adapter_class
@@ -181,7 +180,7 @@ def stage_sae(run: Run) -> dict[str, Any]:
     """Train an SAE on the adapter's chosen site; evaluate; encode every row into a latent store."""
     import torch
 
-    from sciscope.core import ActivationStore, StoreWriter
+    from sciscope.core import StoreWriter
     from sciscope.core.sae import evaluate_sae, sae_config, train_sae
 
     out = run.path("sae")

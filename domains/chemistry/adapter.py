@@ -33,6 +33,7 @@ from torch import nn
 
 from sciscope.core.adapter import DomainAdapter, Examples
 from sciscope.core.errors import AdapterError, ConfigError
+from sciscope.core.io import write_text
 
 from . import data as _data
 from .model import ARCHITECTURES, ModelSpec, generate, load_trained, save_trained, train_model
@@ -40,7 +41,6 @@ from .tokenize import ENCODINGS, TOKENIZER_FILE, MoleculeTokenizer
 
 __all__ = ["ChemistryAdapter", "find_layer_stack", "morgan_fingerprints", "score_molecules"]
 
-_SPLITS = ("train", "test", "all")
 _STACK_NAMES = ("layer", "layers", "h", "block", "blocks")
 #: Default probe targets (continuous RDKit properties + the Lipinski counts).
 DEFAULT_PROBE_TARGETS = ("logp", "tpsa", "mol_wt", "qed", "hbd", "hba", "n_rings")
@@ -337,19 +337,11 @@ class ChemistryAdapter(DomainAdapter):
         if len(inv):
             shown = ", ".join(f"line {r.line}: `{r.smiles}`" for r in inv.head(10).itertuples())
             lines.append(f"- first invalid inputs: {shown}" + (" ..." if len(inv) > 10 else ""))
-        tmp = out / ".notes.md.tmp"
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(out / "notes.md")
+        write_text(out / "notes.md", "\n".join(lines) + "\n")
 
     def examples(self, split: str = "train") -> Examples:
         """Molecules of one split (``train``/``test`` are whole scaffolds; ``all`` is both); inputs are SMILES."""
-        if split not in _SPLITS:
-            raise ConfigError(f"chemistry: unknown split {split!r}; choose one of {list(_SPLITS)}")
-        obs = self.molecules
-        if split != "all":
-            obs = obs[obs["split"] == split]
-        obs = obs.reset_index(drop=True)
-        return Examples(obs=obs, inputs=obs["smiles"].tolist(), concepts=self.concepts)
+        return Examples.of_split(self.molecules, split, inputs="smiles", concepts=self.concepts, domain=self.name)
 
     # -- model --------------------------------------------------------------------------------------
     def model_spec(self) -> ModelSpec:

@@ -37,7 +37,6 @@ from .spatial import lisa_clusters, median_error_km, morans_i_table
 
 __all__ = ["GeospatialAdapter", "default_model_dir", "find_layer_stack"]
 
-_SPLITS = ("train", "test", "all")
 _STACK_NAMES = ("layer", "layers", "h", "block", "blocks")
 
 
@@ -261,13 +260,7 @@ class GeospatialAdapter(DomainAdapter):
 
     def examples(self, split: str = "train") -> Examples:
         """Places of one split (``train``/``test`` are whole spatial blocks; ``all`` is both)."""
-        if split not in _SPLITS:
-            raise ConfigError(f"geospatial: unknown split {split!r}; choose one of {list(_SPLITS)}")
-        obs = self.places
-        if split != "all":
-            obs = obs[obs["split"] == split]
-        obs = obs.reset_index(drop=True)
-        return Examples(obs=obs, inputs=obs["prompt"].tolist(), concepts=self.concepts)
+        return Examples.of_split(self.places, split, inputs="prompt", concepts=self.concepts, domain=self.name)
 
     # -- model --------------------------------------------------------------------------------------
     def model(self, spec: str | None = None) -> nn.Module:

@@ -63,3 +63,16 @@ def test_optional_keys_parse_cli_strings():
     assert cfg == {"layer": 3, "frac": 0.5, "name": None}
     with pytest.raises(ConfigError, match="test: unknown config key 'lyer'"):
         merge_config("test", {"layer": None}, {"lyer": 1})
+
+
+def test_examples_of_split():
+    import pandas as pd
+
+    from sciscope.core import Examples
+
+    obs = pd.DataFrame({"text": list("abcd"), "split": ["train", "test", "train", "test"], "y": [1, 2, 3, 4]})
+    test = Examples.of_split(obs, "test", inputs="text", concepts=["y"])
+    assert test.inputs == ["b", "d"] and test.obs.y.tolist() == [2, 4] and list(test.obs.index) == [0, 1]
+    assert len(Examples.of_split(obs, "all", inputs="text", concepts=["y"])) == 4
+    with pytest.raises(ConfigError, match="dom: unknown split 'val'"):
+        Examples.of_split(obs, "val", inputs="text", concepts=["y"], domain="dom")
