@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= dev,geospatial,chemistry
+EXTRAS ?= dev,geospatial,chemistry,immunology,physics,robotics
 # This machine keeps the CPU torch wheel on disk; pip finds it here when the directory exists.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP  := $(VENV)/.sciscope-installed-$(EXTRAS)

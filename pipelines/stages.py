@@ -336,7 +336,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
                          "control_label": "mean |slope| of random directions (same norm)",
                          "note": f"at {site}; {'monotonic' if monotonic else 'not monotonic'} in alpha", "source": f"steering/{name}/sweep.csv"})
         done[name] = {"site": site, "vector_norm": vec.norm}
-    rows += run.adapter.headline_rows("steering", {"out": out, "site": site, "sweeps": done})
+    rows += run.adapter.headline_rows("steering", {"out": out, "site": site, "sweeps": done, "model": model})
     write_headline(out, rows)
     return done
 

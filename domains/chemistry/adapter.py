@@ -148,6 +148,9 @@ class ChemistryAdapter(DomainAdapter):
         "train_steps": 1500,
         "train_batch_size": 64,
         "lr": 1e-3,
+        # a companion model of the same recipe on the other encoding: SMILES vs SELFIES side by side
+        # (probes and generation validity); default models only
+        "compare_encodings": True,
         # analyses
         "probe_targets": [],  # [] = logp, tpsa, mol_wt, qed, hbd, hba, n_rings (+ the source's measured column)
         "steer_groups": ["halogen", "carboxylic_acid"],  # contrasts: molecules with vs without the group
@@ -159,7 +162,8 @@ class ChemistryAdapter(DomainAdapter):
     #: Overrides for ``sciscope run chemistry --profile NAME``.
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
         # within 15 minutes on 2 CPU cores (see the report for measured stage times)
-        "quick": {"n_molecules": 3000, "train_steps": 1500, "sae_steps": 1000, "n_generate": 200,
+        # two models (SELFIES and SMILES, compare_encodings) of 1200 steps each
+        "quick": {"n_molecules": 3000, "train_steps": 1200, "sae_steps": 1000, "n_generate": 200,
                   "steer_n_random": 2, "steer_alphas": [-2.0, -1.0, 1.0, 2.0, 4.0]},
         "full": {"n_molecules": 20000, "max_heavy_atoms": 50, "train_steps": 6000, "n_generate": 1000,
                  "n_layers": 6, "hidden": 256, "n_heads": 8, "steer_alphas": [-4.0, -2.0, -1.0, 1.0, 2.0, 4.0, 8.0]},
@@ -168,6 +172,7 @@ class ChemistryAdapter(DomainAdapter):
     config_stages: ClassVar[dict[str, str]] = {
         "encoding": "model", "architecture": "model", "model": "model", "n_layers": "model", "hidden": "model",
         "n_heads": "model", "max_length": "model", "train_steps": "model", "train_batch_size": "model", "lr": "model",
+        "compare_encodings": "model",
         "probe_targets": "probes",
         "n_draw_groups": "features", "n_draw_molecules": "features",
         "steer_groups": "steering", "n_generate": "steering", "temperature": "steering",
@@ -176,12 +181,14 @@ class ChemistryAdapter(DomainAdapter):
     test_config: ClassVar[dict[str, Any]] = {
         "source": "solubility", "n_molecules": 120, "max_heavy_atoms": 25, "train_steps": 30, "train_batch_size": 16,
         "n_layers": 2, "hidden": 32, "n_heads": 2, "max_length": 64, "n_generate": 16, "min_group_count": 2,
+        "compare_encodings": False,
     }
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         super().__init__(config)
         self._check_config()
         self.run_dir: Path | None = None  # set by the pipeline: the default model is kept under <run>/model
+        self.checkpoint_name = "checkpoint"  # <run>/model/<name> (the encoding companion uses its own)
         self.tokenizer: Any = None  # MoleculeTokenizer, or a Hugging Face tokenizer for user checkpoints
         self.training_info: dict[str, Any] = {}
         self._stack: tuple[str, int] | None = None
@@ -376,7 +383,7 @@ class ChemistryAdapter(DomainAdapter):
     def _default_model(self) -> nn.Module:
         train = self.examples("train").obs["smiles"].tolist()
         key = self._model_key(train)
-        folder = Path(self.run_dir) / "model" / "checkpoint" if self.run_dir is not None else None
+        folder = Path(self.run_dir) / "model" / self.checkpoint_name if self.run_dir is not None else None
         if folder is not None and (folder / "training.json").is_file():
             model, tok, info = load_trained(folder)
             if info.get("key") == key:
@@ -395,14 +402,14 @@ class ChemistryAdapter(DomainAdapter):
         info = {"key": key, "spec": asdict(spec), **asdict(result)}
         if folder is not None:
             save_trained(folder, model, tok, spec, result, key)
-            self._write_training_plot(folder.parent, result.history)
+            self._write_training_plot(folder.parent, result.history, c["encoding"])
         else:
             _MEMORY_CACHE[key] = (model, tok, info)
         self.tokenizer, self.training_info = tok, info
         return model
 
     @staticmethod
-    def _write_training_plot(out: Path, history: list[dict[str, float]]) -> None:
+    def _write_training_plot(out: Path, history: list[dict[str, float]], encoding: str) -> None:
         if not history:
             return
         import matplotlib
@@ -413,28 +420,23 @@ class ChemistryAdapter(DomainAdapter):
         h = pd.DataFrame(history)
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot(h["step"], h["loss"], lw=1)
-        ax.set_xlabel("step"), ax.set_ylabel("training loss"), ax.set_title("language-model training")
-        fig.tight_layout()
-        fig.savefig(out / "training_loss.png", dpi=110)
-        plt.close(fig)
-        from sciscope.core.io import write_table
+        ax.set_xlabel("step"), ax.set_ylabel("training loss"), ax.set_title(f"language-model training ({encoding})")
+        from sciscope.core.io import atomic_path, write_table
 
-        write_table(out / "training_loss.csv", h)
+        fig.tight_layout()
+        with atomic_path(out / f"training_loss_{encoding}.png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+        write_table(out / f"training_loss_{encoding}.csv", h)
 
     def _load_checkpoint(self, path: Path) -> nn.Module:
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+        from transformers import AutoConfig
 
         try:
             cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         except Exception as e:
             raise ConfigError(f"chemistry: cannot read the model config in {path}: {e}") from e
-        archs = list(getattr(cfg, "architectures", None) or [])
-        if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
-            cls = AutoModelForCausalLM
-        elif any(a.endswith("ForMaskedLM") for a in archs):
-            cls = AutoModelForMaskedLM
-        else:
-            cls = AutoModel
+        cls = _auto_class(cfg)
         try:
             model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         except Exception as e:
@@ -468,18 +470,13 @@ class ChemistryAdapter(DomainAdapter):
                 stack = "transformer.h" if self.config["architecture"] == "gpt" else "roberta.encoder.layer"
                 self._stack = (stack, self.config["n_layers"])
             else:
-                from transformers import AutoConfig, AutoModel
+                from transformers import AutoConfig
 
                 path = _model_dir(self.config["model"])
                 cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+                # the class the checkpoint loads as (LM heads nest the encoder under a prefix), on meta
                 with torch.device("meta"):
-                    self._stack = find_layer_stack(AutoModel.from_config(cfg))
-                # AutoModel is the bare encoder; the LM head classes nest it under a prefix
-                archs = list(getattr(cfg, "architectures", None) or [])
-                if archs and not archs[0].endswith("Model"):
-                    prefix = getattr(cfg, "model_type", "")
-                    base = {"gpt2": "transformer", "roberta": "roberta", "bert": "bert"}.get(prefix, prefix)
-                    self._stack = (f"{base}.{self._stack[0]}", self._stack[1])
+                    self._stack = find_layer_stack(_auto_class(cfg).from_config(cfg))
         return self._stack
 
     @property
@@ -576,10 +573,33 @@ class ChemistryAdapter(DomainAdapter):
         return pd.DataFrame(rows).sort_values("auroc", ascending=False, kind="stable").reset_index(drop=True)
 
     def headline_rows(self, stage: str, context: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Features: best feature AUROC per functional group beside the shuffled-label best."""
+        """Per stage: invalid inputs; training of both encodings; probes and generation of the
+        encoding companion (:mod:`.encodings`); best feature AUROC per functional group beside the
+        shuffled-label best."""
         from sciscope.core.io import write_table
 
+        from . import encodings
+
         out = Path(context["out"])
+        if stage == "model":
+            rows = []
+            other = encodings.companion(self)
+            for ad in (self, other):
+                if ad is None:
+                    continue
+                if ad is other:
+                    ad.model()  # trains the companion here, so later stages only reload it
+                info = ad.training_info
+                if info.get("final_loss") is not None:
+                    rows.append({"stage": "model", "name": f"final training loss ({ad.config['encoding']})",
+                                 "value": info["final_loss"], "unit": "nats/token",
+                                 "note": f"{info['steps']} steps in {info['seconds']:.0f} s on {info['n_train']} molecules",
+                                 "source": f"model/{ad.checkpoint_name}/training.json"})
+            return rows
+        if stage == "probes":
+            return encodings.compare_probes(self, context["sweep"], out)[1]
+        if stage == "steering" and context.get("model") is not None:
+            return encodings.compare_generation(self, context["model"], out)[1]
         if stage == "features":
             table = self.group_auroc_table(context["analysis"])
             write_table(out / "functional_groups.csv", table)
@@ -676,6 +696,18 @@ def _is_causal(model: nn.Module) -> bool:
     name = type(model).__name__
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel") or any(
         a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+
+
+def _auto_class(cfg: Any) -> Any:
+    """The transformers auto class a checkpoint's ``architectures`` ask for (causal LM, masked LM or bare)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    archs = list(getattr(cfg, "architectures", None) or [])
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return AutoModelForCausalLM
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return AutoModelForMaskedLM
+    return AutoModel
 
 
 def _model_dir(spec: str | Path) -> Path:

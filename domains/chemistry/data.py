@@ -203,8 +203,10 @@ def scaffold_split(scaffolds: Sequence[str], test_fraction: float, seed: int) ->
 
 
 def default_groups_path() -> Path:
-    """``data/functional_groups.csv`` of the repository (the readable SMARTS table)."""
-    return Path(__file__).resolve().parents[2] / "data" / "functional_groups.csv"
+    """``data/functional_groups.csv`` (the readable SMARTS table; ships as ``sciscope.data``)."""
+    from sciscope.data import table_path
+
+    return table_path("functional_groups.csv")
 
 
 @functools.lru_cache(maxsize=8)

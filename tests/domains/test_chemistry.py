@@ -286,7 +286,7 @@ def test_default_model_is_reused_from_the_run_folder(tmp_path: Path) -> None:
     ad.run_dir = tmp_path
     m1 = ad.model()
     assert (tmp_path / "model" / "checkpoint" / "config.json").is_file()
-    assert (tmp_path / "model" / "training_loss.png").is_file()
+    assert (tmp_path / "model" / "training_loss_selfies.png").is_file()
     ad2 = ChemistryAdapter(cfg)
     ad2.run_dir = tmp_path
     m2 = ad2.model()  # loaded, not retrained
@@ -337,3 +337,99 @@ def test_steering_evaluator_runs_under_steering(tiny_gpt, tmp_path: Path) -> Non
         pushed = evaluate(model)
     assert set(pushed) == set(base) and 0.0 <= pushed["group_frequency"] <= 1.0
     assert 0.0 < evaluate.train_frequency < 1.0
+
+
+# ------------------------------------------------------------------------------ user checkpoints
+
+
+def _hf_tokenizer_dir(path: Path, encoding: str, molecules: list[str]) -> int:
+    """A word-level Hugging Face tokenizer over SELFIES or atom-level SMILES tokens, saved in ``path``
+    (the shape of SELFormer's / ChemBERTa's own tokenizer directories: tokenizer.json + config)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sciscope.domains.chemistry import selfies_tokens
+    from sciscope.domains.chemistry.tokenize import SMILES_REGEX
+
+    split = selfies_tokens if encoding == "selfies" else smiles_tokens
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])}
+    for s in molecules:
+        for t in split(s):
+            vocab.setdefault(t, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    # SELFIES tokens are bracketed ([C][=O]); SMILES arrive space-free, so split them like the atom regex
+    pattern = r"\[[^\]]*\]" if encoding == "selfies" else SMILES_REGEX.pattern
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", mask_token="<mask>")
+    fast.save_pretrained(path)
+    return len(vocab)
+
+
+@pytest.mark.parametrize("encoding,arch", [("selfies", "roberta"), ("smiles", "gpt2")])
+def test_user_hf_checkpoint_with_its_own_tokenizer(encoding: str, arch: str, tmp_path: Path) -> None:
+    """A SELFormer-style (RoBERTa MLM over SELFIES) or ChemGPT-style (GPT-2 over SMILES) directory
+    with its own Hugging Face tokenizer: loads offline, sites resolve, captures are per molecule."""
+    from transformers import GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForMaskedLM
+
+    mols = load_molecules("solubility").table["smiles"].head(200).tolist()
+    n_vocab = _hf_tokenizer_dir(tmp_path, encoding, mols)
+    if arch == "roberta":
+        cfg = RobertaConfig(vocab_size=n_vocab, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=160, pad_token_id=1)
+        model = RobertaForMaskedLM(cfg)
+    else:
+        cfg = GPT2Config(vocab_size=n_vocab, n_embd=32, n_layer=3, n_head=2, n_positions=160, pad_token_id=1)
+        model = GPT2LMHeadModel(cfg)
+    model.save_pretrained(tmp_path)
+    ad = ChemistryAdapter({**TINY, "encoding": encoding, "model": str(tmp_path), "source": "solubility"})
+    assert ad.n_layers == 3 and ad.aliases["layer.{i}"].startswith("roberta.encoder.layer" if arch == "roberta" else "transformer.h")
+    loaded = ad.model()
+    assert type(loaded).__name__ == type(model).__name__
+    assert not isinstance(ad.tokenizer, MoleculeTokenizer)  # the checkpoint's own tokenizer
+    ex = ad.examples("all")
+    batch = next(iter(ad.batches(ex, loaded, batch_size=8)))
+    assert (batch["input_ids"] != ad.tokenizer.unk_token_id).float().mean() > 0.95  # tokens known, not <unk>
+    store = collect(loaded, ad.batches(ex, loaded, batch_size=16), ad.sites, out=tmp_path / "store", obs=ex.obs,
+                    aliases=ad.aliases, pooling="mean", progress=False)
+    assert store.n_obs == len(ex) and store.array("layer.2").shape == (len(ex), 32)
+    for state_a, state_b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(state_a, state_b)
+    # no sciscope tokenizer: steered generation is declined with a reason, never run half-way
+    if arch == "gpt2":
+        with pytest.warns(UserWarning, match="tokenizer"):
+            assert ad.steering_evaluator(loaded, ex, "halogen", "layer.1") is None
+    else:
+        assert ad.steering_evaluator(loaded, ex, "halogen", "layer.1") is None
+
+
+def test_encoding_companion_compares_probes_and_validity(tmp_path: Path) -> None:
+    """compare_encodings trains the other encoding's model beside the main one; SELFIES samples
+    are all valid, SMILES samples of an undertrained model are mostly not."""
+    from sciscope.core import probe_sweep
+    from sciscope.domains.chemistry.encodings import companion, compare_generation, compare_probes
+
+    ad = ChemistryAdapter({**TINY, "compare_encodings": True, "train_steps": 20, "n_generate": 24})
+    ad.run_dir = tmp_path
+    model = ad.model()
+    other = companion(ad)
+    assert other is not None and other.config["encoding"] == "smiles" and other.checkpoint_name == "checkpoint_smiles"
+    assert other.molecules is ad.molecules  # same molecules, splits and scaffolds
+    user = ChemistryAdapter({**TINY, "compare_encodings": True, "model": str(tmp_path / "model" / "checkpoint")})
+    assert companion(user) is None  # a user checkpoint has no companion recipe
+    ex = ad.examples("all")
+    store = collect(model, ad.batches(ex, model, batch_size=32), ad.sites, out=tmp_path / "store", obs=ex.obs,
+                    aliases=ad.aliases, pooling="mean", progress=False)
+    sweep = probe_sweep(store, ["logp", "mol_wt"], cv=3, groups="scaffold", progress=False)
+    out = tmp_path / "probes"
+    out.mkdir()
+    table, rows = compare_probes(ad, sweep, out)
+    assert set(table["encoding"]) == {"selfies", "smiles"} and len(table) == 4 and len(rows) == 2
+    assert (out / "encoding_comparison.png").is_file() and (tmp_path / "model" / "checkpoint_smiles" / "config.json").is_file()
+    main_best = sweep.summary().query("target == 'logp'").score_mean.max()
+    assert table.query("target == 'logp' and encoding == 'selfies'").best_score.iloc[0] == pytest.approx(main_best)
+    gen, grows = compare_generation(ad, model, out)
+    v = gen.set_index("encoding")["validity"]
+    assert v["selfies"] == 1.0 and v["smiles"] < 1.0
+    assert {r["name"] for r in grows} == {"generation validity, selfies model (alpha = 0)",
+                                          "generation validity, smiles model (alpha = 0)"}
