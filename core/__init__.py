@@ -22,13 +22,13 @@ from .patch import PatchResult, activation_patching
 from .probe import ProbeResult, ProbeSweepResult, fit_probe, probe_sweep
 from .sites import Site, list_sites, resolve_site
 from .steer import SteeringSweep, SteeringVector, alpha_sweep, clamp, contrast_vector, steer
-from .store import ActivationStore, StoreWriter
+from .store import ActivationStore, StoreWriter, merge_shards
 
 __all__ = [
     "ActivationStore", "AdapterError", "FeatureAnalysis", "ProbeResult", "ProbeSweepResult",
     "analyze_features", "concept_associations", "feature_density", "fit_probe", "probe_sweep", "top_examples", "ConfigError", "ContrastError", "DomainAdapter", "Examples",
     "HookSet", "NonFiniteError", "PatchResult", "ProbeError", "SciscopeError", "ShapeError", "Site",
-    "SiteError", "SteeringSweep", "SteeringVector", "StoreWriter", "activation_patching",
+    "SiteError", "SteeringSweep", "SteeringVector", "StoreWriter", "activation_patching", "merge_shards",
     "alpha_sweep", "available_domains", "capture", "clamp", "collect", "contrast_vector",
     "count_hooks", "embedding_matrix", "ffn_value_vectors", "get_domain", "lens", "list_sites",
     "model_identity", "pool", "register_domain", "resolve_site", "steer", "unembedding_matrix",

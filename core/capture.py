@@ -243,6 +243,7 @@ def collect(
     progress: bool = True,
     total: int | None = None,
     extra_manifest: Mapping[str, Any] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> ActivationStore:
     """Run ``model`` over ``batches`` and stream pooled activations into a store at ``out``.
 
@@ -272,6 +273,11 @@ def collect(
         sites are early layers; only for models that call each site's module once per forward).
     progress
         Show a progress bar.
+    shard
+        ``(index, count)``: this worker runs only the batches ``b`` with ``b % count == index``
+        (the others are counted, not run), so ``count`` workers -- processes, cluster jobs --
+        capture one dataset together; :func:`sciscope.core.merge_shards` joins their stores in
+        the original row order. ``obs`` is the whole dataset's table in every worker.
 
     Returns
     -------
@@ -282,6 +288,10 @@ def collect(
 
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+    if shard is not None:
+        shard_index, shard_count = (int(v) for v in shard)
+        if shard_count < 1 or not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
     resolved = resolve_sites(model, list(sites) if not isinstance(sites, (str, Site)) else sites, aliases)
     names = [n for n, _, _ in resolved]
     device = next(model.parameters(), torch.empty(0)).device
@@ -301,11 +311,17 @@ def collect(
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)  # type: ignore[arg-type]
     writer = StoreWriter(out, names, dtype=dtype, manifest=manifest)
+    shard_batches: list[list[int]] = []  # [batch index, rows written] per batch this shard ran
+    b = -1
     try:
         site_list = list(sites) if not isinstance(sites, (str, Site)) else [sites]
         with capture(model, site_list, aliases=aliases, to_cpu=True) as cap, torch.inference_mode():
             cap._stop_early = stop_early
-            for batch in tqdm(batches, total=total, desc="capture", disable=not progress, unit="batch"):
+            desc = "capture" if shard is None else f"capture shard {shard[0]}/{shard[1]}"
+            for b, batch in enumerate(tqdm(batches, total=total, desc=desc, disable=not progress, unit="batch")):
+                if shard is not None and b % shard_count != shard_index:
+                    n_examples += _batch_size(batch)  # another worker's batch: keep the obs offset
+                    continue
                 position_mask = None
                 if isinstance(batch, Mapping) and POSITION_MASK_KEY in batch:
                     batch = dict(batch)
@@ -343,9 +359,13 @@ def collect(
                     chunk[name] = pooled.numpy()
                 obs_chunk = _obs_chunk(obs, n_examples, bsz, kept_index)
                 writer.append(chunk, obs_chunk)
+                shard_batches.append([b, len(obs_chunk)])
                 n_examples += bsz
         if obs is not None and n_examples != len(obs):
             raise ShapeError(f"obs has {len(obs)} rows but the batches held {n_examples} examples")
+        if shard is not None:
+            writer.manifest["shard"] = {"index": shard_index, "count": shard_count, "n_batches": b + 1,
+                                        "batches": shard_batches}
         return writer.close()
     except BaseException:
         writer.abort()

@@ -472,3 +472,84 @@ def _as_numpy(a: Any) -> np.ndarray:
     if a.ndim == 1:
         a = a[:, None]
     return a
+
+
+def merge_shards(
+    shards: Sequence[str | os.PathLike[str] | ActivationStore],
+    out: str | os.PathLike[str],
+    *,
+    remove: bool = False,
+) -> ActivationStore:
+    """Join the stores written by ``collect(..., shard=(i, n))`` workers into one, in batch order.
+
+    Parameters
+    ----------
+    shards
+        The ``n`` shard stores (folders or opened stores), in any order.
+    out
+        Folder of the merged store; it appears atomically when complete.
+    remove
+        Delete the shard folders once the merged store is in place.
+
+    Returns
+    -------
+    ActivationStore
+        The merged store: rows and obs exactly as one ``collect`` over all batches would give.
+
+    Raises
+    ------
+    SciscopeError
+        A shard is missing or duplicated, or the shards disagree on sites, widths, dtype, pooling
+        or model (the message names the shard).
+    """
+    stores = [s if isinstance(s, ActivationStore) else ActivationStore.open(s) for s in shards]
+    if not stores:
+        raise SciscopeError("merge_shards: no shard stores given")
+    infos = []
+    for st in stores:
+        info = st.manifest.get("shard")
+        if info is None:
+            raise SciscopeError(f"{st.path or 'an in-memory store'} is not a capture shard (no 'shard' in its manifest)")
+        infos.append(info)
+    count = int(infos[0]["count"])
+    seen = sorted(int(i["index"]) for i in infos)
+    if seen != list(range(count)) or any(int(i["count"]) != count for i in infos):
+        missing = sorted(set(range(count)) - set(seen))
+        dup = sorted({i for i in seen if seen.count(i) > 1})
+        raise SciscopeError(f"merge_shards: expected shards 0..{count - 1} once each; missing {missing}, duplicated {dup}")
+    first = stores[0]
+    for st in stores[1:]:
+        for key in ("pooling",):
+            if st.manifest.get(key) != first.manifest.get(key):
+                raise SciscopeError(f"shard {st.path}: {key} {st.manifest.get(key)!r} differs from {first.manifest.get(key)!r}")
+        h_a = (st.manifest.get("model") or {}).get("hash")
+        h_b = (first.manifest.get("model") or {}).get("hash")
+        if h_a != h_b:
+            raise SciscopeError(f"shard {st.path} was captured from another model (hash {str(h_a)[:12]} vs {str(h_b)[:12]})")
+        if st.sites != first.sites or any(st.dim(s) != first.dim(s) for s in first.sites) or st.dtype != first.dtype:
+            raise SciscopeError(f"shard {st.path}: sites/widths/dtype differ from shard {first.path}")
+    # (batch index, store, first row, n rows): the original batch order across workers
+    pieces: list[tuple[int, ActivationStore, int, int]] = []
+    for st, info in zip(stores, infos):
+        start = 0
+        for b, rows in info["batches"]:
+            pieces.append((int(b), st, start, int(rows)))
+            start += int(rows)
+        if start != st.n_obs:
+            raise SciscopeError(f"shard {st.path}: its manifest lists {start} rows but it holds {st.n_obs}")
+    pieces.sort(key=lambda p: p[0])
+    n_batches = int(infos[0]["n_batches"])
+    if [p[0] for p in pieces] != list(range(n_batches)):
+        raise SciscopeError(f"merge_shards: the shards do not cover batches 0..{n_batches - 1} exactly once")
+    manifest = {k: v for k, v in first.manifest.items() if k not in ("shard", "n_obs", "sites", "dtype")}
+    manifest["merged_from_shards"] = count
+    with StoreWriter(out, first.sites, dtype=first.dtype, manifest=manifest, check_finite=False) as w:
+        for _, st, start, rows in pieces:
+            sl = slice(start, start + rows)
+            w.append({s: st.array(s, sl) for s in first.sites}, st.obs.iloc[sl])
+    merged = ActivationStore.open(out)
+    if remove:
+        for st in stores:
+            if st.path is not None and Path(st.path).resolve() != Path(out).resolve():
+                shutil.rmtree(st.path, ignore_errors=True)
+    return merged

@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from sciscope.core.errors import ConfigError, SciscopeError
+from sciscope.pipelines.layout import STAGES
 
 
 def _cmd_domains(args: argparse.Namespace) -> int:
@@ -81,7 +82,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         write_json(run_dir / RUN_FILE, {"domain": cls.name, "adapter": adapter_spec, "run": run_dir.name,
                                         "config": config, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     snakefile = Path(__file__).with_name("Snakefile")
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(run_dir.resolve()),
+    # a Snakemake target first (before the options that take several values): stop after a stage
+    target = [f"{args.until}/done.json"] if args.until else []
+    cmd = [sys.executable, "-m", "snakemake", *target, "--snakefile", str(snakefile), "--directory", str(run_dir.resolve()),
            "--cores", str(args.cores), "--rerun-incomplete", "--nolock", "--config", f"run_dir={run_dir.resolve()}",
            f"progress={not args.quiet}", "--quiet", "rules"]
     if args.dry_run:
@@ -96,6 +99,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         where = f"; see {logs[-1]}" if logs else ""
         print(f"sciscope: error: the {cls.name} pipeline failed{where}", file=sys.stderr)
         return 1
+    if args.until and args.until != "report":
+        print(f"sciscope: stages up to {args.until} done in {time.time() - t0:.1f} s -> {run_dir}", flush=True)
+        return 0
     report = run_dir / "report" / "report.html"
     print(f"sciscope: done in {time.time() - t0:.1f} s; report: {report}", flush=True)
     return 0
@@ -128,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="run name (default: the profile)")
     p.add_argument("--dry-run", action="store_true", help="show what would run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--until", choices=list(STAGES), metavar="STAGE",
+                   help=f"stop after this stage and the ones it needs ({', '.join(STAGES)})")
     p.add_argument("--snakemake-arg", action="append", metavar="ARG",
                    help="pass an argument to Snakemake, e.g. --snakemake-arg=--executor=slurm (repeatable)")
     p.set_defaults(fn=_cmd_run)

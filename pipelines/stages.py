@@ -120,19 +120,46 @@ def stage_model(run: Run) -> dict[str, Any]:
 
 
 def stage_activations(run: Run) -> dict[str, Any]:
-    """Capture every default site, pooled as the adapter says, into the run's store."""
-    from sciscope.core import collect
+    """Capture every default site, pooled as the adapter says, into the run's store.
+
+    With ``capture_shards`` > 1 the shard jobs (:func:`capture_shard`) have captured the store in
+    parts; this stage merges them in batch order and removes the parts.
+    """
+    from sciscope.core import merge_shards
 
     out = run.path("activations")
+    n_shards = int(run.config.get("capture_shards", 1))
+    if n_shards > 1:
+        parts = [out / "shards" / str(i) / "store" for i in range(n_shards)]
+        store = merge_shards(parts, out / "store", remove=True)
+    else:
+        store = _capture(run, out / "store")
+    note = f"{len(store.sites)} sites, pooling {run.adapter.pooling}" + (f", {n_shards} shards merged" if n_shards > 1 else "")
+    write_headline(out, [{"stage": "activations", "name": "captured rows x sites", "value": store.n_obs,
+                          "note": note, "source": "activations/store/manifest.json"}])
+    return {"n_obs": store.n_obs, "sites": store.sites, "shards": n_shards}
+
+
+def capture_shard(run: Run, index: int) -> dict[str, Any]:
+    """One shard job of the activations stage: every ``capture_shards``-th batch from ``index``."""
+    n_shards = int(run.config.get("capture_shards", 1))
+    if not 0 <= index < n_shards:
+        from sciscope.core.errors import ConfigError
+
+        raise ConfigError(f"shard {index} does not exist: capture_shards is {n_shards}")
+    store = _capture(run, run.path("activations") / "shards" / str(index) / "store", shard=(index, n_shards))
+    return {"shard": index, "of": n_shards, "n_obs": store.n_obs}
+
+
+def _capture(run: Run, path: Path, shard: tuple[int, int] | None = None) -> Any:
+    from sciscope.core import collect
+
     ex, model = run.examples(), run.model()
     batches = run.adapter.batches(ex, model, batch_size=int(run.config["batch_size"]))
     n_batches = -(-len(ex) // int(run.config["batch_size"]))
-    store = collect(model, batches, run.adapter.sites, out=out / "store", obs=ex.obs, pooling=run.adapter.pooling,
-                    aliases=run.adapter.aliases, seed=run.seed, progress=run.progress, total=n_batches,
-                    extra_manifest={"domain": run.cls.name})
-    write_headline(out, [{"stage": "activations", "name": "captured rows x sites", "value": store.n_obs,
-                          "note": f"{len(store.sites)} sites, pooling {run.adapter.pooling}", "source": "activations/store/manifest.json"}])
-    return {"n_obs": store.n_obs, "sites": store.sites}
+    return collect(model, batches, run.adapter.sites, out=path, obs=ex.obs, pooling=run.adapter.pooling,
+                   aliases=run.adapter.aliases, seed=run.seed, progress=run.progress, total=n_batches,
+                   extra_manifest={"domain": run.cls.name}, shard=shard)
 
 
 def stage_probes(run: Run) -> dict[str, Any]:
@@ -376,15 +403,23 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
 }
 
 
-def run_stage(stage: str, run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Run one stage; write ``done.json`` (with timing) only when it succeeds."""
+def run_stage(stage: str, run_dir: str | Path, *, progress: bool = True, shard: int | None = None) -> dict[str, Any]:
+    """Run one stage (or one capture shard of the activations stage); write ``done.json`` (with
+    timing) only when it succeeds."""
     if stage not in STAGE_FUNCTIONS:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+    if shard is not None and stage != "activations":
+        raise ValueError("--shard applies to the activations stage only")
     t0 = time.time()
     run = Run(run_dir, progress=progress)
-    result = STAGE_FUNCTIONS[stage](run)
+    if shard is None:
+        result = STAGE_FUNCTIONS[stage](run)
+        done = stage_dir(run.dir, stage) / DONE_FILE
+    else:
+        result = capture_shard(run, shard)
+        done = stage_dir(run.dir, stage) / "shards" / str(shard) / DONE_FILE
     seconds = round(time.time() - t0, 2)
-    write_json(stage_dir(run.dir, stage) / DONE_FILE, {"stage": stage, "seconds": seconds, "result": result})
+    write_json(done, {"stage": stage, "shard": shard, "seconds": seconds, "result": result})
     return result
 
 
@@ -396,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir")
     ap.add_argument("--log", default=None, help="also write the stage's log here")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--shard", type=int, default=None, help="activations only: capture this shard (see capture_shards)")
     args = ap.parse_args(argv)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if args.log:
@@ -404,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", handlers=handlers, force=True)
     log.info("stage %s of %s", args.stage, args.run_dir)
     try:
-        result = run_stage(args.stage, args.run_dir, progress=not args.no_progress)
+        result = run_stage(args.stage, args.run_dir, progress=not args.no_progress, shard=args.shard)
     except SciscopeError as e:
         log.error("stage %s failed: %s", args.stage, e)
         print(f"sciscope: error in stage {args.stage}: {e}", file=sys.stderr)

@@ -25,9 +25,23 @@ rule model:
         stage_shell("model")
 
 
+rule activation_shard:
+    input:
+        "model/done.json",
+    output:
+        temp("activations/shards/{shard}/done.json"),
+    params:
+        cfg=stage_params("activations"),
+    log:
+        "logs/activations.shard{shard}.log",
+    shell:
+        stage_shell("activations", " --shard {wildcards.shard}")
+
+
 rule activations:
     input:
         "model/done.json",
+        [f"activations/shards/{i}/done.json" for i in range(SHARDS)] if SHARDS > 1 else [],
     output:
         "activations/done.json",
     params:

@@ -157,3 +157,45 @@ def test_collect_stop_early_same_values(bert, token_batches, tmp_path):
     a = collect(bert, token_batches, ["encoder.layer.0"], out=tmp_path / "a", progress=False)
     b = collect(bert, token_batches, ["encoder.layer.0"], out=tmp_path / "b", progress=False, stop_early=True)
     np.testing.assert_array_equal(a["encoder.layer.0"], b["encoder.layer.0"])
+
+
+@pytest.mark.parametrize("pooling,n_shards", [("mean", 2), ("none", 3)])
+def test_sharded_collect_merges_to_the_unsharded_store(gpt2, pooling, n_shards, tmp_path):
+    """Workers each run every n-th batch; merging their stores gives exactly one collect's store."""
+    from sciscope.core import merge_shards
+
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for rows in (3, 4, 2, 4, 1):  # ragged batch sizes, padding in some rows
+        ids = torch.randint(1, 50, (rows, 5), generator=g)
+        mask = torch.ones(rows, 5, dtype=torch.long)
+        mask[0, 3:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    obs = pd.DataFrame({"label": [f"x{i}" for i in range(14)]})
+    sites = ["transformer.h.0", "transformer.h.1"]
+    whole = collect(gpt2, batches, sites, out=tmp_path / "whole", obs=obs, pooling=pooling, progress=False)
+    parts = [collect(gpt2, batches, sites, out=tmp_path / f"shard{i}", obs=obs, pooling=pooling, progress=False,
+                     shard=(i, n_shards)) for i in range(n_shards)]
+    assert sum(p.n_obs for p in parts) == whole.n_obs and all(p.n_obs < whole.n_obs for p in parts)
+    merged = merge_shards(list(reversed(parts)), tmp_path / "merged", remove=True)
+    assert merged.equals(whole)
+    pd.testing.assert_frame_equal(merged.obs, whole.obs)
+    assert merged.manifest["merged_from_shards"] == n_shards and "shard" not in merged.manifest
+    assert not (tmp_path / "shard0").exists()  # removed once merged
+
+
+def test_merge_shards_names_missing_and_foreign_shards(gpt2, token_batches, tmp_path):
+    from sciscope.core import SciscopeError, merge_shards
+
+    a = collect(gpt2, token_batches, ["transformer.h.0"], out=tmp_path / "a", progress=False, shard=(0, 2))
+    with pytest.raises(SciscopeError, match=r"missing \[1\]"):
+        merge_shards([a], tmp_path / "m")
+    plain = collect(gpt2, token_batches, ["transformer.h.0"], out=tmp_path / "p", progress=False)
+    with pytest.raises(SciscopeError, match="not a capture shard"):
+        merge_shards([a, plain], tmp_path / "m")
+    other = collect(gpt2, token_batches, ["transformer.h.1"], out=tmp_path / "b", progress=False, shard=(1, 2))
+    with pytest.raises(SciscopeError, match="sites/widths/dtype differ"):
+        merge_shards([a, other], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match="shard must be"):
+        collect(gpt2, token_batches, ["transformer.h.0"], out=tmp_path / "x", progress=False, shard=(2, 2))

@@ -112,3 +112,23 @@ def test_skeleton_passes_conformance(project, tmp_path):
 
     cls = load_adapter_class(str(project / "sciscope-toyscience" / "sciscope_toyscience" / "adapter.py") + ":ToyscienceAdapter")
     check_adapter(cls(cls.test_config), tmp_path)
+
+
+def test_sharded_capture_jobs_merge_to_the_same_store(project):
+    """capture_shards=3: three Snakemake jobs capture every third batch; the merged store equals
+    the one-job store of another run, and the shard parts are gone."""
+    from sciscope.core import ActivationStore
+
+    # only the stages up to the capture
+    base = ["run", "toyscience", "--quiet", "--set", "batch_size=16", "--until", "activations"]
+    one = sciscope(*base, "--run", "one-shard", cwd=project)
+    sharded = sciscope(*base, "--run", "three-shards", "--set", "capture_shards=3", cwd=project)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    runs = project / "runs" / "toyscience"
+    a = ActivationStore.open(runs / "one-shard" / "activations" / "store")
+    b = ActivationStore.open(runs / "three-shards" / "activations" / "store")
+    assert a.equals(b) and b.manifest["merged_from_shards"] == 3
+    assert sorted(p.name for p in (runs / "three-shards" / "logs").glob("activations.shard*.log")) == [
+        "activations.shard0.log", "activations.shard1.log", "activations.shard2.log"]
+    assert not list((runs / "three-shards" / "activations" / "shards").glob("*/store"))
