@@ -94,6 +94,10 @@ class DomainAdapter(ABC):
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         self.config = self.validate_config(config or {})
+        #: Lightning ``Trainer`` options for models the adapter trains (``accelerator``, ``devices``,
+        #: ``num_nodes``, ``strategy``); the pipeline sets them from its config, so one key moves
+        #: every training in a run to GPUs, DDP or several nodes.
+        self.trainer_options: dict[str, Any] = {"accelerator": "cpu", "devices": 1}
 
     # -- configuration ----------------------------------------------------------------------------
     @classmethod

@@ -22,6 +22,12 @@ PIPELINE_KEYS: dict[str, tuple[Any, str]] = {
     "seed": (0, "examples"),
     "batch_size": (64, "activations"),
     "capture_shards": (1, "activations"),  # capture split over this many jobs (cluster), then merged
+    # Lightning options for every training in the run (the adapter's model, the SAE): e.g.
+    # accelerator=gpu devices=4 strategy=ddp, or num_nodes=2 on a cluster
+    "accelerator": ("cpu", "model"),
+    "devices": (1, "model"),
+    "num_nodes": (1, "model"),
+    "strategy": ("auto", "model"),
     "probe_cv": (5, "probes"),
     "sae_architecture": ("topk", "sae"),
     "sae_expansion": (8, "sae"),
@@ -117,7 +123,7 @@ def resolve_config(
 def _check_pipeline_values(cfg: Mapping[str, Any]) -> None:
     from sciscope.core.sae import available_saes
 
-    positive = ["batch_size", "capture_shards", "probe_cv", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size", "steer_n_random"]
+    positive = ["batch_size", "capture_shards", "devices", "num_nodes", "probe_cv", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size", "steer_n_random"]
     for key in positive:
         if cfg[key] <= 0 and not (key == "steer_n_random" and cfg[key] == 0):
             raise ConfigError(f"config key {key!r} must be positive, got {cfg[key]!r}")

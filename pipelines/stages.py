@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ class Run:
         self.cls = load_adapter_class(self.info["adapter"])
         self.adapter = self.cls(adapter_config(self.cls, self.config))
         self.adapter.run_dir = self.dir  # adapters that train a model keep it under <run>/model
+        self.adapter.trainer_options = self.trainer_options
         self.progress = progress
         self._model = None
         self._examples = None
@@ -47,6 +49,13 @@ class Run:
         p = stage_dir(self.dir, stage)
         p.mkdir(parents=True, exist_ok=True)
         return p
+
+    @property
+    def trainer_options(self) -> dict[str, Any]:
+        """Lightning ``Trainer`` options of this run (config keys accelerator, devices, num_nodes, strategy)."""
+        c = self.config
+        return {"accelerator": c.get("accelerator", "cpu"), "devices": c.get("devices", 1),
+                "num_nodes": c.get("num_nodes", 1), "strategy": c.get("strategy", "auto")}
 
     @property
     def seed(self) -> int:
@@ -229,7 +238,9 @@ def stage_sae(run: Run) -> dict[str, Any]:
     epoch = iter(range(10**9))
     data = lambda: train_rows.iter_batches(site, bs, shuffle=True, seed=run.seed + next(epoch), drop_last=True)  # noqa: E731
     trained = train_sae(cfg, data, max_steps=int(run.config["sae_steps"]), lr=float(run.config["sae_lr"]),
-                        seed=run.seed, progress=run.progress)
+                        seed=run.seed, progress=run.progress, **run.trainer_options)
+    if _secondary_rank():
+        return {"rank": "secondary"}  # under DDP only rank 0 evaluates and writes
     trained.save(out / "model")
     metrics = {k: float(v) for k, v in evaluate_sae(trained.sae, test_rows.iter_batches(site, 4096)).items()}
     in_sample = evaluate_sae(trained.sae, train_rows.iter_batches(site, 4096))
@@ -403,6 +414,13 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
 }
 
 
+def _secondary_rank() -> bool:
+    """True in a DDP worker process other than rank 0."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
 def run_stage(stage: str, run_dir: str | Path, *, progress: bool = True, shard: int | None = None) -> dict[str, Any]:
     """Run one stage (or one capture shard of the activations stage); write ``done.json`` (with
     timing) only when it succeeds."""
@@ -419,6 +437,8 @@ def run_stage(stage: str, run_dir: str | Path, *, progress: bool = True, shard: 
         result = capture_shard(run, shard)
         done = stage_dir(run.dir, stage) / "shards" / str(shard) / DONE_FILE
     seconds = round(time.time() - t0, 2)
+    if _secondary_rank():
+        return result  # a DDP worker process (Lightning re-ran this command): rank 0 marks the stage done
     write_json(done, {"stage": stage, "shard": shard, "seconds": seconds, "result": result})
     return result
 
@@ -436,7 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if args.log:
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(args.log, mode="w"))
+        # rank 0 starts the log afresh; every process then appends (O_APPEND), so a DDP worker
+        # (Lightning re-runs this command with LOCAL_RANK set) adds its lines without clobbering
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            open(args.log, "w").close()
+        handlers.append(logging.FileHandler(args.log, mode="a"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", handlers=handlers, force=True)
     log.info("stage %s of %s", args.stage, args.run_dir)
     try:

@@ -396,7 +396,7 @@ class ChemistryAdapter(DomainAdapter):
         c = self.config
         tok = MoleculeTokenizer.build(c["encoding"], train, max_length=c["max_length"])
         spec = self.model_spec()
-        model, result = train_model(spec, tok, train, progress=False)
+        model, result = train_model(spec, tok, train, progress=False, trainer_options=self.trainer_options)
         from dataclasses import asdict
 
         info = {"key": key, "spec": asdict(spec), **asdict(result)}

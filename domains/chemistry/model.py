@@ -189,12 +189,15 @@ def _lightning_module(model: nn.Module, spec: ModelSpec, vocab_size: int) -> Any
 
 
 def train_model(
-    spec: ModelSpec, tokenizer: MoleculeTokenizer, smiles: Sequence[str], *, progress: bool = False
+    spec: ModelSpec, tokenizer: MoleculeTokenizer, smiles: Sequence[str], *, progress: bool = False,
+    trainer_options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, TrainResult]:
     """Train a fresh model of ``spec`` on ``smiles`` for ``spec.steps`` optimiser steps (CPU).
 
     Batches are drawn by a seeded shuffle and padded to their longest molecule; one epoch is
     rarely enough for the tiny default set, so the data loader cycles until ``steps``.
+    ``trainer_options`` go to ``lightning.Trainer`` (``accelerator``, ``devices``, ``strategy``,
+    ``num_nodes``; CPU and one device by default).
     """
     import lightning as L
     from torch.utils.data import DataLoader
@@ -222,7 +225,8 @@ def train_model(
         logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
         logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
         trainer = L.Trainer(
-            max_steps=spec.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            max_steps=spec.steps, logger=False, enable_checkpointing=False,
+            **{"accelerator": "cpu", "devices": 1, **(trainer_options or {})},
             enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
             deterministic=False, gradient_clip_val=1.0,
         )

@@ -116,13 +116,16 @@ def test_skeleton_passes_conformance(project, tmp_path):
 
 def test_sharded_capture_jobs_merge_to_the_same_store(project):
     """capture_shards=3: three Snakemake jobs capture every third batch; the merged store equals
-    the one-job store of another run, and the shard parts are gone."""
+    the one-job store of another run, and the shard parts are gone. The same run trains its SAE
+    with 2 DDP processes (gloo on CPU), chosen by configuration."""
     from sciscope.core import ActivationStore
+    from sciscope.core.sae import load_sae
 
     # only the stages up to the capture
     base = ["run", "toyscience", "--quiet", "--set", "batch_size=16", "--until", "activations"]
     one = sciscope(*base, "--run", "one-shard", cwd=project)
-    sharded = sciscope(*base, "--run", "three-shards", "--set", "capture_shards=3", cwd=project)
+    sharded = sciscope(*base[:-1], "sae", "--run", "three-shards", "--set", "capture_shards=3", "--set", "sae_steps=40",
+                       "--set", "strategy=ddp", "--set", "devices=2", cwd=project)
     assert one.returncode == 0, one.stderr[-3000:]
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     runs = project / "runs" / "toyscience"
@@ -132,3 +135,8 @@ def test_sharded_capture_jobs_merge_to_the_same_store(project):
     assert sorted(p.name for p in (runs / "three-shards" / "logs").glob("activations.shard*.log")) == [
         "activations.shard0.log", "activations.shard1.log", "activations.shard2.log"]
     assert not list((runs / "three-shards" / "activations" / "shards").glob("*/store"))
+    log = (runs / "three-shards" / "logs" / "sae.log").read_text()
+    assert log.count("stage sae of") == 2 and '{"rank": "secondary"}' in log  # two processes, rank 0 wrote
+    metrics = json.loads((runs / "three-shards" / "sae" / "metrics.json").read_text())
+    assert load_sae(runs / "three-shards" / "sae" / "model").cfg.d_in == b.dim(metrics["site"])
+    assert 0.0 < metrics["explained_variance"] <= 1.0
