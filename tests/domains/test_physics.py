@@ -1,0 +1,390 @@
+"""Tests of the physics adapter: simulators, stability checks, diagnostics, model, rollouts, steering."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sciscope.core import ConfigError, SteeringVector, capture, steer
+from sciscope.core.sites import resolve_site
+from sciscope.core.testing import check_adapter
+from sciscope.domains.physics import (
+    FlowSpec,
+    GrayScottSpec,
+    ModelSpec,
+    PhysicsAdapter,
+    RegimeClassifier,
+    RolloutEvaluator,
+    build_predictor,
+    diagnose,
+    flow_diagnostics,
+    gray_scott_diagnostics,
+    load_predictor,
+    rollout,
+    save_predictor,
+    simulate_flow,
+    simulate_trajectories,
+    simulate_gray_scott,
+    velocity_to_vorticity,
+)
+from sciscope.domains.physics.diagnostics import _periodic_regions, _region_shape
+
+TINY = PhysicsAdapter.test_config
+
+
+# ------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[PhysicsAdapter, torch.nn.Module]:
+    """The tiny adapter with its model trained once for the module (a few seconds)."""
+    ad = PhysicsAdapter(TINY)
+    return ad, ad.model()
+
+
+# ----------------------------------------------------------------------------------------- simulators
+
+
+def test_gray_scott_regimes_make_spots_and_stripes() -> None:
+    spec = GrayScottSpec(n=32, burn_in=1500, frame_every=100, n_frames=2)
+    frames = simulate_gray_scott([0.037, 0.035, 0.055, 0.058], [0.065, 0.064, 0.062, 0.062], spec=spec, seed=1)
+    assert frames.shape == (4, 2, 2, 32, 32) and frames.dtype == np.float32
+    assert np.isfinite(frames).all() and frames.min() >= -1e-3 and frames.max() <= 1 + 1e-3
+    d = gray_scott_diagnostics(frames[:, -1])
+    spots, stripes = d.iloc[:2], d.iloc[2:]
+    # round spots are compact and many; labyrinth stripes are elongated and few
+    assert spots.compactness.min() > stripes.compactness.max() + 0.15
+    assert spots.n_components.min() > stripes.n_components.max()
+
+
+def test_simulators_are_seeded() -> None:
+    spec = GrayScottSpec(n=16, burn_in=50, frame_every=10, n_frames=2)
+    a = simulate_gray_scott([0.04], [0.063], spec=spec, seed=3)
+    b = simulate_gray_scott([0.04], [0.063], spec=spec, seed=3)
+    c = simulate_gray_scott([0.04], [0.063], spec=spec, seed=4)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_flow_laminar_shear_is_a_fixed_point() -> None:
+    """Without a perturbation the Kolmogorov shear u = A sin(k y) / (nu k^2 + mu) stays put."""
+    spec = FlowSpec(n=32, dt=0.02, drag=0.1, k_forcing=4, init_amplitude=0.0, burn_in=1.0, frame_every=0.5, n_frames=3)
+    nu, amp = 0.05, 0.9
+    frames = simulate_flow([nu], [amp], spec=spec)
+    y = 2 * np.pi * np.arange(32) / 32
+    expected = amp / (nu * 16 + 0.1) * np.sin(4 * y)
+    assert np.allclose(frames[0, :, 0], expected[None, :, None], atol=1e-5)  # u_x(y), constant in x
+    assert np.abs(frames[0, :, 1]).max() < 1e-6  # no u_y
+
+
+def test_flow_regimes_and_incompressibility() -> None:
+    spec = FlowSpec(n=32, burn_in=8.0, frame_every=0.5, n_frames=2)
+    nu = np.array([0.25, 0.02])
+    frames = simulate_flow(nu, 1.0 * (nu * 16 + 0.1), spec=spec, seed=2)
+    d = flow_diagnostics(frames[:, -1])
+    assert d.x_variation[0] < 0.05 < 0.3 < d.x_variation[1]  # laminar shear vs vortices
+    assert d.high_k_fraction[0] < d.high_k_fraction[1]
+    # spectral divergence of the velocity is zero
+    k = np.fft.fftfreq(32, 1 / 32)
+    ux, uy = np.fft.fft2(frames[1, -1, 0]), np.fft.fft2(frames[1, -1, 1])
+    div = np.fft.ifft2(1j * k[None, :] * ux + 1j * k[:, None] * uy).real
+    assert np.abs(div).max() < 1e-4 * np.abs(frames[1, -1]).max() * 32
+
+
+def test_unstable_parameters_are_config_errors_before_simulating(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sciscope.domains.physics.data as data
+
+    def never(*a, **k):  # noqa: ANN002, ANN003
+        raise AssertionError("simulated although the config is unstable")
+
+    monkeypatch.setattr(data, "simulate_flow", never)
+    monkeypatch.setattr(data, "simulate_gray_scott", never)
+    with pytest.raises(ConfigError, match="flow_dt.*CFL|CFL.*flow_dt"):
+        PhysicsAdapter({"flow_dt": 0.2})
+    with pytest.raises(ConfigError, match="gs_dt"):
+        PhysicsAdapter({"gs_dt": 3.0})
+    with pytest.raises(ConfigError, match="flow_viscosity_vortex"):
+        PhysicsAdapter({"flow_viscosity_vortex": [0.0, 0.01]})
+    with pytest.raises(ConfigError, match="gs_feed_spots"):
+        PhysicsAdapter({"gs_feed_spots": ["a", "b"]})
+    # the same checks guard the simulators when they are called directly
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="CFL"):
+        simulate_flow([0.02], [0.5], spec=FlowSpec(dt=1.0))
+    with pytest.raises(ConfigError, match="diffusion limit"):
+        simulate_gray_scott([0.04], [0.06], spec=GrayScottSpec(du=0.5, dt=1.0))
+
+
+def test_cli_rejects_an_unstable_time_step_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from sciscope.pipelines.cli import main
+
+    rc = main(["run", "physics", "--out", str(tmp_path), "--set", "flow_dt=0.3"])
+    assert rc == 2
+    assert "flow_dt" in capsys.readouterr().err
+    assert not (tmp_path / "physics").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [({"rollout_steps": 99}, "rollout_steps"), ({"patch_size": 5}, "patch_size"), ({"systems": ["plasma"]}, "systems"),
+     ({"hidden": 30, "n_heads": 4}, "hidden"), ({"n_per_regime": 1}, "n_per_regime"), ({"nope": 1}, "nope")],
+)
+def test_bad_config_names_the_key(override: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        PhysicsAdapter({**TINY, **override})
+
+
+# ----------------------------------------------------------------------------------------- diagnostics
+
+
+def test_regions_wrap_around_the_torus_and_shapes_differ() -> None:
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[0:3, 6:9] = True
+    mask[14:16, 6:9] = True  # the same blob across the top/bottom edge
+    mask[7:9, :] = True  # a stripe across the left/right edge
+    _, n = _periodic_regions(mask)
+    assert n == 2
+    disc = np.hypot(*np.meshgrid(np.arange(32) - 16, np.arange(32) - 16)) < 5
+    stripe = np.zeros((32, 32), dtype=bool)
+    stripe[15:17, 2:30] = True  # 4 pi A / P^2 = 4 pi 56 / 60^2 ~ 0.2
+    assert _region_shape(disc)[1] > 0.5 > 0.25 > _region_shape(stripe)[1]
+    assert np.isnan(_region_shape(np.ones((8, 8), dtype=bool))[1])  # covers the torus: no boundary, no shape
+
+
+def test_flow_diagnostics_of_the_analytic_shear() -> None:
+    n, k, U = 32, 3, 0.7
+    y = 2 * np.pi * np.arange(n) / n
+    vel = np.zeros((2, n, n))
+    vel[0] = U * np.sin(k * y)[:, None]
+    d = flow_diagnostics(vel, k_forcing=k).iloc[0]
+    assert d.energy == pytest.approx(U**2 / 4, rel=1e-9)
+    assert d.enstrophy == pytest.approx(U**2 * k**2 / 4, rel=1e-9)
+    assert d.x_variation == pytest.approx(0.0, abs=1e-12) and d.high_k_fraction == pytest.approx(0.0, abs=1e-12)
+    assert np.allclose(velocity_to_vorticity(vel), -U * k * np.cos(k * y)[:, None])
+    bad = vel.copy()
+    bad[0, 0, 0] = np.nan
+    assert diagnose("flow", np.stack([vel, bad])).iloc[1].isna().all()
+
+
+def test_regime_classifier_beats_its_shuffled_control() -> None:
+    config = PhysicsAdapter.validate_config({"n_per_regime": 6, "n_frames": 4, "gs_burn_in": 1200, "flow_burn_in": 4.0,
+                                             "rollout_start": 0, "rollout_steps": 1})
+    ts = simulate_trajectories(config)
+    diag = ts.frame_diagnostics().merge(ts.table[["trajectory", "system", "regime"]], on="trajectory")
+    for system, positive in (("gray_scott", "stripes"), ("flow", "vortex")):
+        d = diag[diag.system == system]
+        clf = RegimeClassifier(system, positive).fit(d, d.regime, d.trajectory, seed=0)
+        assert clf.cv_accuracy > 0.9 and clf.control_accuracy < 0.75, (system, clf)
+        p = clf.predict_proba(d)
+        assert np.mean((p > 0.5) == (d.regime == positive).to_numpy()) > 0.9
+    df = pd.DataFrame({c: [np.nan] for c in clf.columns})
+    assert np.isnan(clf.predict_proba(df)).all()
+    with pytest.raises(ConfigError, match="fit"):
+        RegimeClassifier("flow", "vortex").predict_proba(df)
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+def test_untrained_predictor_is_persistence_and_checks_shapes(tmp_path: Path) -> None:
+    spec = ModelSpec(grid=16, patch_size=4, hidden=16, n_layers=2, n_heads=2, context_frames=2)
+    model = build_predictor(spec).eval()
+    x = torch.randn(3, 2, 2, 16, 16)
+    assert torch.count_nonzero(model(x)) == 0  # zero head: next = last frame
+    with pytest.raises(ConfigError, match="frames of shape"):
+        model(torch.randn(3, 3, 2, 16, 16))
+    torch.nn.init.normal_(model.head.weight)
+    save_predictor(tmp_path / "p", model, {"key": "k"})
+    again, info = load_predictor(tmp_path / "p")
+    assert info["key"] == "k" and torch.equal(model(x), again(x))
+
+
+def test_rollout_flags_divergence_and_keeps_the_others() -> None:
+    class Exploding(torch.nn.Module):
+        """Doubles example 0 each step (blows up), leaves example 1 alone, NaN for example 2 at step 2."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.calls = 0
+
+        def forward(self, frames: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            out = torch.zeros_like(frames[:, -1])
+            out[0] = frames[0, -1] * 3.0
+            if self.calls == 2:
+                out[2] = float("nan")
+            return out
+
+    ctx = np.ones((3, 2, 1, 4, 4), dtype=np.float32)
+    res = rollout(Exploding(), ctx, 5, blowup=50.0)
+    assert res.diverged.tolist() == [True, False, True]
+    assert res.diverged_at.tolist() == [2, -1, 1]  # 4**3 = 64 > 50 at step index 2
+    assert np.isnan(res.frames[0, 2:]).all() and np.isfinite(res.frames[0, :2]).all()
+    assert np.allclose(res.frames[1], 1.0)
+
+
+def test_conformance(tiny, tmp_path: Path) -> None:
+    ad, _ = tiny
+    report = check_adapter(ad, tmp_path)
+    assert report["sites"] == ["block.0", "block.1"] and report["store_rows"] > 0
+
+
+def test_examples_split_whole_trajectories_and_batches(tiny) -> None:
+    ad, model = tiny
+    train, test = ad.examples("train"), ad.examples("test")
+    assert set(train.obs.trajectory) & set(test.obs.trajectory) == set()
+    for ex in (train, test):
+        assert set(ex.obs.system) == {"gray_scott", "flow"} and set(ex.obs.regime) == {"spots", "stripes", "laminar", "vortex"}
+    gs = train.obs[train.obs.system == "gray_scott"]
+    assert gs[["feed", "kill", "compactness"]].notna().all().all() and gs[["viscosity", "enstrophy"]].isna().all().all()
+    (x,) = next(iter(ad.batches(train, model, batch_size=5)))
+    T = TINY.get("context_frames", 3)
+    assert x.shape == (5, T, 2, TINY["grid"], TINY["grid"])
+    tr, t = train.inputs[0]
+    assert torch.allclose(x[0], torch.from_numpy(ad.normalised_frames[tr, t - T + 1: t + 1]))
+    with pytest.raises(ConfigError, match="split"):
+        ad.examples("validation")
+    base = ad.baseline_features(test)
+    assert {k: v.shape[0] for k, v in base.items()} == {k: len(test) for k in base}
+
+
+def test_training_learns_a_known_change() -> None:
+    """Frames that change by a fixed amount per channel and step: Lightning training learns it."""
+    from sciscope.domains.physics import WindowDataset, train_predictor
+
+    rng = np.random.default_rng(0)
+    step = np.array([0.5, -0.3], dtype=np.float32)[:, None, None] * np.ones((2, 8, 8), dtype=np.float32)
+    base = rng.standard_normal((2, 8, 8)).astype(np.float32)
+    frames = np.stack([base + t * step for t in range(6)])[None]  # (1, 6, 2, 8, 8)
+    data = WindowDataset(frames, [(0, t) for t in range(1, 5)], 2, np.ones(1), shift=False)
+    spec = ModelSpec(grid=8, patch_size=4, hidden=16, n_layers=1, n_heads=2, context_frames=2, steps=60, batch_size=4,
+                     lr=2e-2, warmup=5, noise=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add barrier waits
+    try:
+        model, result = train_predictor(spec, data)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(frames[:, 2:4]))[0].numpy()
+    persistence = float((step**2).mean())
+    assert float(((pred - step) ** 2).mean()) < 0.1 * persistence
+    assert result.history[-1]["loss"] < 0.1 * result.history[0]["loss"]
+
+
+def test_regime_vector_matches_an_independent_computation(tiny) -> None:
+    """The recipe: z over (positions, dim) per window, mean over positions, per trajectory, per regime."""
+    ad, model = tiny
+    site = ad.steer_site
+    vec = ad.regime_vector(model, "flow", site)
+    T = ad.config["context_frames"]
+    frames = ad.normalised_frames
+    table = ad.trajectories.table
+    per_traj = {}
+    for r in table[(table.system == "flow") & (table.split == "train")].itertuples():
+        ctx = torch.from_numpy(np.stack([frames[r.trajectory, t - T + 1: t + 1] for t in range(T - 1, frames.shape[1] - 1)]))
+        with capture(model, [site], aliases=ad.aliases) as cap, torch.no_grad():
+            model(ctx)
+        h = cap[site].double().numpy()  # (windows, P, D)
+        z = (h - h.mean(axis=(1, 2), keepdims=True)) / h.std(axis=(1, 2), ddof=1, keepdims=True)
+        per_traj[r.trajectory] = (z.mean(1).mean(0), r.regime)
+    a = np.mean([v for v, g in per_traj.values() if g == "vortex"], axis=0)
+    b = np.mean([v for v, g in per_traj.values() if g == "laminar"], axis=0)
+    assert np.allclose(vec.vector.numpy(), a - b, atol=1e-5)
+    assert vec.meta["n_a"] + vec.meta["n_b"] == len(per_traj) and vec.method == "regime_delta"
+
+
+def test_steering_alpha_zero_is_identity_and_random_control_has_equal_norm(tiny) -> None:
+    ad, model = tiny
+    vec = ad.regime_vector(model, "gray_scott")
+    ctx = ad.normalised_frames[:2, :ad.config["context_frames"]]
+    base = rollout(model, ctx, 3).frames
+    with steer(model, vec, 0.0, site=vec.site, scale="relative", relative_to="example", aliases=ad.aliases):
+        zero = rollout(model, ctx, 3).frames
+    with steer(model, vec, 0.8, site=vec.site, scale="relative", relative_to="example", aliases=ad.aliases):
+        moved = rollout(model, ctx, 3).frames
+    assert np.array_equal(base, zero) and not np.allclose(base, moved)
+    assert vec.random_like(0).norm == pytest.approx(vec.norm, rel=1e-5)
+
+
+def test_evaluator_counts_diverged_rollouts_and_the_sweep_goes_on(tiny) -> None:
+    """An infinite alpha turns every steered rollout NaN: counted, metrics NaN, the other alphas scored."""
+    from sciscope.core import alpha_sweep
+
+    ad, model = tiny
+    ev = RolloutEvaluator(ad, "flow", detail=True)
+    vec = ad.regime_vector(model, "flow")
+    inf = float("inf")
+    sweep = alpha_sweep(model, vec, [0.5, inf], ev, site=vec.site, scale="relative", relative_to="example",
+                        n_random=1, aliases=ad.aliases, progress=False)
+    t = sweep.table.pivot_table(index=["condition", "alpha"], columns="metric", values="value", dropna=False)
+    for cond in ("steer", "random-0"):
+        assert t.loc[(cond, inf), "diverged_fraction"] == 1.0 and np.isnan(t.loc[(cond, inf), "p_vortex_from_laminar"])
+        assert t.loc[(cond, inf), "n_diverged"] == sum(len(s) for s in ev.starts.values())
+        for alpha in (0.0, 0.5):
+            assert t.loc[(cond, alpha), "diverged_fraction"] == 0.0 and np.isfinite(t.loc[(cond, alpha), "p_vortex_from_laminar"])
+    # deterministic: the same evaluation twice gives the same numbers
+    assert ev(model) == ev(model)
+
+
+def test_steering_experiment_writes_tables_and_transfer(tiny, tmp_path: Path) -> None:
+    ad, model = tiny
+    rows = ad.steering_experiment(model, tmp_path, alphas=[-0.5, 0.5], n_random=1)
+    names = [r["name"] for r in rows]
+    assert any("transfer gray_scott -> flow" in n for n in names) and any("diverged rollouts" in n for n in names)
+    summary = pd.read_csv(tmp_path / "steering_summary.csv").set_index("system")
+    sweep = pd.read_csv(tmp_path / "recipe_flow" / "sweep.csv")
+    s = sweep[(sweep.metric == "p_vortex_from_laminar") & (sweep.condition == "steer")].set_index("alpha").value
+    assert summary.loc["flow", "p_slope"] == pytest.approx(np.polyfit(s.index, s.to_numpy(), 1)[0], rel=1e-6, abs=1e-12)
+    assert summary.loc["flow", "p_plus"] == pytest.approx(s[0.5]) and summary.loc["flow", "p_at_zero"] == pytest.approx(s[0.0])
+    broken = pd.read_csv(tmp_path / "broken_rollouts.csv")
+    assert set(broken.condition) == {"steer", "random-0"} and (broken.n_rollouts > 0).all()
+    transfer = pd.read_csv(tmp_path / "transfer.csv")
+    assert set(zip(transfer.source_system, transfer.target_system)) == {("gray_scott", "flow"), ("flow", "gray_scott")}
+    for f in ("recipe_flow/diagnostics_vs_alpha.png", "recipe_gray_scott/rollout_strips_from_spots.png", "broken_rollouts.csv"):
+        assert (tmp_path / f).is_file(), f
+    loaded = SteeringVector.load(tmp_path / "recipe_flow" / "vector.safetensors")
+    assert loaded.method == "regime_delta" and loaded.site == ad.steer_site
+
+
+def test_user_predictor_plugs_in(tmp_path: Path) -> None:
+    """Any nn.Module with the same call signature: sites are found, capture and steering work."""
+    src = tmp_path / "my_predictor.py"
+    src.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Mixer(nn.Module):
+            def __init__(self, c=2, g=16, d=24):
+                super().__init__()
+                self.embed = nn.Linear(c * 16, d)
+                self.blocks = nn.ModuleList([nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d)) for _ in range(3)])
+                self.out = nn.Linear(d, c * 16)
+                self.g = g
+
+            def forward(self, frames):
+                b, t, c, g, _ = frames.shape
+                x = frames[:, -1].reshape(b, c, g // 4, 4, g // 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 16)
+                h = self.embed(x)
+                for blk in self.blocks:
+                    h = h + blk(h)
+                y = self.out(h).reshape(b, g // 4, g // 4, c, 4, 4).permute(0, 3, 1, 4, 2, 5)
+                return 0.01 * y.reshape(b, c, g, g)
+
+        def factory():
+            torch.manual_seed(0)
+            return Mixer()
+    """))
+    ad = PhysicsAdapter({**TINY, "model": f"{src}:factory"})
+    model = ad.model()
+    assert ad.sites == ["block.0", "block.1", "block.2"] and ad.aliases == {"block.{i}": "blocks.{i}"}
+    resolve_site(model, ad.steer_site, ad.aliases)
+    ev = ad.steering_evaluator(model, ad.examples("all"), "gray_scott", ad.steer_site)
+    assert np.isfinite(ev(model)["p_stripes_from_spots"])
+    with pytest.raises(ConfigError, match="no callable"):
+        PhysicsAdapter({**TINY, "model": f"{src}:nothing"}).model()

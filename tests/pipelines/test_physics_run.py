@@ -1,0 +1,94 @@
+"""The physics pipeline on a tiny configuration: report numbers vs tables, controls, and the notebook."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = ["n_per_regime=4", "grid=16", "n_frames=8", "gs_burn_in=200", "gs_frame_every=50", "flow_burn_in=0.5",
+        "flow_k_forcing=2", "hidden=16", "n_layers=2", "n_heads=2", "train_steps=30", "train_batch_size=8",
+        "rollout_start=1", "rollout_steps=3", "n_rollouts=2", "score_frames=2", "sae_steps=60", "sae_expansion=4", "sae_k=8",
+        "probe_cv=3", "steer_alphas=-0.5,0.5", "steer_n_random=1", "transfer_alphas=-0.2,0.2", "strip_alpha=0.5"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("phys")
+    args = [sys.executable, "-m", "sciscope.pipelines.cli", "run", "physics", "--quiet", "--run", "tiny"]
+    for s in TINY:
+        args += ["--set", s]
+    proc = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root / "runs" / "physics" / "tiny"
+
+
+def test_report_headlines_agree_with_tables(run_dir: Path) -> None:
+    from sciscope.pipelines.report import headline_values
+
+    rows = {r["name"]: r for r in headline_values(run_dir / "report" / "report.html")}
+    one = pd.read_csv(run_dir / "model" / "one_step_error.csv").set_index("system")
+    for system in ("gray_scott", "flow"):
+        row = rows[f"{system}: one-step MSE"]
+        assert float(row["value"]) == pytest.approx(one.loc[system, "mse_model"], rel=1e-6)
+        assert float(row["control"]) == pytest.approx(one.loc[system, "mse_persistence"], rel=1e-6)
+    sweep = pd.read_csv(run_dir / "steering" / "recipe_flow" / "sweep.csv")
+    steer = sweep[(sweep.metric == "p_vortex_from_laminar") & (sweep.condition == "steer")].set_index("alpha").value
+    rand = sweep[(sweep.metric == "p_vortex_from_laminar") & (sweep.condition == "random-0")].set_index("alpha").value
+    row = rows["flow: P(vortex) of rollouts from laminar, alpha = +0.5 (recipe)"]
+    assert float(row["value"]) == pytest.approx(steer[0.5], rel=1e-6) and float(row["control"]) == pytest.approx(rand[0.5], rel=1e-6)
+    broken = pd.read_csv(run_dir / "steering" / "broken_rollouts.csv")
+    row = rows["diverged rollouts (NaN/inf or blow-up), regime vectors"]
+    assert int(float(row["value"])) == int(broken[broken.condition == "steer"].n_diverged.sum())
+    generic = pd.read_csv(run_dir / "steering" / "flow" / "sweep.csv")  # the stage's plain mean-difference sweep
+    g = generic[(generic.metric == "x_variation_from_laminar") & (generic.condition == "steer")]
+    assert float(rows["flow: slope of x_variation_from_laminar per unit alpha"]["value"]) == pytest.approx(
+        np.polyfit(g.alpha, g.value, 1)[0], rel=1e-6, abs=1e-12)
+    probes = pd.read_csv(run_dir / "probes" / "parameter_probes.csv")
+    visc = probes[(probes.target == "log10_viscosity") & probes.site.notna()]
+    assert float(rows["flow: log10_viscosity (r2)"]["value"]) == pytest.approx(visc.score_mean.max(), rel=1e-6)
+    corr = pd.read_csv(run_dir / "features" / "diagnostic_correlations.csv").set_index("diagnostic")
+    assert float(rows["SAE feature vs x_variation (|Spearman rho|)"]["value"]) == pytest.approx(abs(corr.loc["x_variation", "rho"]), rel=1e-6)
+    transfer = pd.read_csv(run_dir / "steering" / "transfer.csv")
+    assert len(transfer) == 2
+    # the report embeds the physics figures
+    html = (run_dir / "report" / "report.html").read_text()
+    for name in ("rollout_strips_from_laminar.png", "diagnostics_vs_alpha.png", "rollout_error.png", "regimes.png"):
+        assert name in html, name
+
+
+def test_controls_behave(run_dir: Path) -> None:
+    """Regime is decodable far above shuffled labels; the classifier beats its control; alpha = 0 is finite."""
+    summary = pd.read_csv(run_dir / "probes" / "summary.csv")
+    regime = summary[(summary.target == "regime") & summary.site.notna()]
+    assert regime.score_mean.max() > regime.control_mean.max() + 0.2
+    clf = pd.read_csv(run_dir / "examples" / "regime_classifier.csv")
+    assert (clf.cv_accuracy > clf.shuffled_accuracy).all()
+    sweep = pd.read_csv(run_dir / "steering" / "recipe_gray_scott" / "sweep.csv")
+    zero = sweep[(sweep.alpha == 0) & (sweep.metric == "diverged_fraction")]
+    assert (zero.value == 0).all()
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["config"]["steer_scale"] == "relative"  # the quick profile's default carried into the run
+
+
+def test_notebook_executes_on_the_run(run_dir: Path) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(Path(__file__).parents[2] / "notebooks" / "physics.ipynb", as_version=4)
+    os.environ["SCISCOPE_RUN_DIR"] = str(run_dir)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(run_dir)}}).execute()
+    finally:
+        os.environ.pop("SCISCOPE_RUN_DIR", None)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
