@@ -1,0 +1,342 @@
+"""A small BERT masked-gene model (Geneformer's recipe at laptop scale), trained with Lightning.
+
+Geneformer is a BERT encoder pretrained by masked-gene prediction on rank-value encoded cells:
+15% of each cell's gene tokens are hidden and the model predicts which gene sat at that rank.
+:func:`train_model` does the same with ``transformers.BertForMaskedLM`` built from a small
+``BertConfig`` (random init), trained on the training cells with PyTorch Lightning on the CPU.
+
+A trained model is saved as a Hugging Face directory (``config.json`` + safetensors weights) with
+its :class:`~.tokenize.GeneVocab` (``sciscope_gene_vocab.json``) and ``training.json``, so it
+reloads without retraining (``from_pretrained``, offline, no remote code). A Geneformer checkpoint
+directory with a JSON token dictionary loads the same way (:func:`load_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sciscope.core.errors import AdapterError, ConfigError
+
+from .tokenize import GeneVocab, collate
+
+__all__ = [
+    "ModelSpec",
+    "TrainResult",
+    "build_model",
+    "find_layer_stack",
+    "load_checkpoint",
+    "mask_genes",
+    "masked_gene_accuracy",
+    "save_trained",
+    "train_model",
+]
+
+log = logging.getLogger("sciscope.immunology")
+_STACK_NAMES = ("layer", "layers", "h", "block", "blocks")
+
+
+@dataclass
+class ModelSpec:
+    """Size and training recipe of the default model (every field enters the cache key)."""
+
+    n_layers: int = 4
+    hidden: int = 128
+    n_heads: int = 4
+    max_genes: int = 128
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    mask_prob: float = 0.15
+    dropout: float = 0.0  # tiny model, few cells: dropout mostly slows convergence
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What training produced (also written as ``training.json``)."""
+
+    steps: int
+    seconds: float
+    steps_per_second: float
+    final_loss: float
+    n_train: int
+    history: list[dict[str, float]]
+
+
+def find_layer_stack(model: nn.Module) -> tuple[str, int]:
+    """Path and length of the model's transformer block list (``bert.encoder.layer``).
+
+    The stack is an ``nn.ModuleList`` of same-type children, not nested in another such list;
+    lists named like a block stack are preferred, then the longest.
+    """
+    found: list[tuple[str, int]] = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or len({type(c) for c in mod}) != 1:
+            continue
+        if any(name.startswith(p + ".") for p, _ in found):
+            continue
+        found.append((name, len(mod)))
+    if not found:
+        raise AdapterError(f"immunology: cannot find the transformer blocks of {type(model).__name__}")
+    return max(enumerate(found), key=lambda t: (t[1][0].rsplit(".", 1)[-1] in _STACK_NAMES, t[1][1], -t[0]))[1]
+
+
+def build_model(spec: ModelSpec, vocab: GeneVocab) -> nn.Module:
+    """A randomly initialised ``BertForMaskedLM`` of the spec's size over ``vocab``."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(spec.seed)
+    cfg = BertConfig(
+        vocab_size=vocab.vocab_size, hidden_size=spec.hidden, num_hidden_layers=spec.n_layers,
+        num_attention_heads=spec.n_heads, intermediate_size=4 * spec.hidden,
+        max_position_embeddings=spec.max_genes + (2 if vocab.use_cls else 0), type_vocab_size=1,
+        pad_token_id=vocab.special["pad"], hidden_dropout_prob=spec.dropout,
+        attention_probs_dropout_prob=spec.dropout,
+    )
+    return BertForMaskedLM(cfg)
+
+
+def mask_genes(
+    ids: torch.Tensor, vocab: GeneVocab, *, prob: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking of gene tokens: ``prob`` of them become targets; 80% ``<mask>``, 10% a random
+    gene, 10% unchanged. Returns ``(inputs, labels)`` with labels -100 off target. (B, P) each."""
+    real = ~vocab.special_mask(ids)
+    chosen = (torch.rand(ids.shape, generator=generator) < prob) & real
+    # every cell contributes at least one target, so no row of a batch is wasted
+    none = (chosen.sum(1) == 0) & real.any(1)
+    if none.any():
+        pick = (torch.rand(ids.shape, generator=generator) * real).argmax(1)
+        rows = torch.nonzero(none).reshape(-1)
+        chosen[rows, pick[rows]] = True
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    inputs = ids.clone()
+    r = torch.rand(ids.shape, generator=generator)
+    inputs[chosen & (r < 0.8)] = vocab.special["mask"]
+    gene_ids = torch.as_tensor(vocab.gene_ids())
+    rand = gene_ids[torch.randint(len(gene_ids), ids.shape, generator=generator)]
+    swap = chosen & (r >= 0.8) & (r < 0.9)
+    inputs[swap] = rand[swap]
+    return inputs, labels
+
+
+def _lightning_module(model: nn.Module, spec: ModelSpec, vocab: GeneVocab) -> Any:
+    import lightning as L
+
+    class MaskedGeneModule(L.LightningModule):
+        """Masked-gene loss on padded batches; AdamW, linear warmup then cosine decay to 10%."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.gen = torch.Generator().manual_seed(spec.seed + 1)
+            self.history: list[dict[str, float]] = []
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            ids, att = batch["input_ids"], batch["attention_mask"]
+            inputs, labels = mask_genes(ids, vocab, prob=spec.mask_prob, generator=self.gen)
+            loss = self.model(input_ids=inputs, attention_mask=att, labels=labels).loss
+            step = int(self.global_step)
+            if step % 25 == 0 or step == spec.steps - 1:
+                self.history.append({"step": step, "loss": float(loss.detach())})
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
+            warm = max(1, min(spec.warmup, spec.steps // 5))
+
+            def schedule(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / warm
+                frac = (step - warm) / max(1, spec.steps - warm)
+                return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return MaskedGeneModule()
+
+
+class _CellBatches:
+    """Seeded shuffled batches of cells, grouped by length (less padding), one epoch per pass."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
+        self.lengths = np.asarray(lengths)
+        self.batch_size = max(1, min(int(batch_size), len(self.lengths)))
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return max(1, len(self.lengths) // self.batch_size)
+
+    def __iter__(self):  # noqa: ANN204
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        order = rng.permutation(len(self.lengths))
+        order = order[np.argsort(self.lengths[order], kind="stable")]
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = [b for b in batches if len(b) == self.batch_size] or batches
+        for k in rng.permutation(len(batches))[: len(self)]:
+            yield batches[k].tolist()
+
+
+def train_model(
+    spec: ModelSpec, vocab: GeneVocab, seqs: Sequence[Sequence[int]], *, progress: bool = False
+) -> tuple[nn.Module, TrainResult]:
+    """Train a fresh masked-gene BERT on token sequences for ``spec.steps`` optimiser steps (CPU).
+
+    The loader cycles over the cells until ``steps`` (a few hundred cells are many epochs).
+    """
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    seqs = [list(s) for s in seqs if len(s) > (2 if vocab.use_cls else 0)]
+    if not seqs:
+        raise ConfigError("immunology: no training cell has a gene known to the vocabulary")
+    model = build_model(spec, vocab)
+    module = _lightning_module(model, spec, vocab)
+    loader = DataLoader(seqs, batch_sampler=_CellBatches([len(s) for s in seqs], spec.batch_size, spec.seed),
+                        collate_fn=lambda b: collate(b, vocab))
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        # Lightning warns about the CPU-only run, few workers and no validation loop: deliberate.
+        warnings.simplefilter("ignore")
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        trainer = L.Trainer(
+            max_steps=spec.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+            gradient_clip_val=1.0,
+        )
+        t0 = time.time()
+        try:
+            trainer.fit(module, loader)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        seconds = time.time() - t0
+    model.eval()
+    hist = module.history
+    final = float(np.mean([h["loss"] for h in hist[-4:]])) if hist else float("nan")
+    return model, TrainResult(spec.steps, round(seconds, 2), round(spec.steps / max(seconds, 1e-9), 2), final,
+                              len(seqs), hist)
+
+
+def save_trained(directory: str | Path, model: nn.Module, vocab: GeneVocab, info: dict[str, Any]) -> Path:
+    """Write a Hugging Face directory + vocabulary + ``training.json``; appears only when complete."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=directory.parent))
+    try:
+        model.save_pretrained(tmp)
+        vocab.save(tmp)
+        (tmp / "training.json").write_text(json.dumps(info, indent=1, default=str))
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> tuple[nn.Module, GeneVocab, dict[str, Any]]:
+    """Load a masked-gene model directory (sciscope-trained or Geneformer-style), offline.
+
+    Masked-LM checkpoints load as ``AutoModelForMaskedLM`` (the head is needed for masked-gene
+    predictions under steering); others as ``AutoModel``. Remote code is never run.
+
+    Raises
+    ------
+    ConfigError
+        Not a model directory, unreadable config/weights, or no gene vocabulary.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    d = Path(str(directory)).expanduser()
+    if not d.exists():
+        raise ConfigError(f"immunology: model path {str(d)!r} does not exist (config 'model')")
+    if not d.is_dir() or not (d / "config.json").is_file():
+        raise ConfigError(f"immunology: {str(d)!r} is not a Hugging Face model directory (no config.json)")
+    vocab = GeneVocab.load(d)
+    try:
+        cfg = AutoConfig.from_pretrained(d, local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        raise ConfigError(f"immunology: cannot read the model config in {d}: {e}") from None
+    archs = list(getattr(cfg, "architectures", None) or [])
+    cls = AutoModelForMaskedLM if any(a.endswith("ForMaskedLM") or a.endswith("ForPreTraining") for a in archs) else AutoModel
+    try:
+        model = cls.from_pretrained(d, local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        raise ConfigError(f"immunology: cannot load the model weights in {d} ({cls.__name__}): {e}") from None
+    info = json.loads((d / "training.json").read_text()) if (d / "training.json").is_file() else {}
+    if vocab.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"immunology: the vocabulary of {d} has {vocab.vocab_size} tokens, the model "
+                          f"only {model.config.vocab_size} embeddings")
+    return model.eval(), vocab, info
+
+
+@torch.no_grad()
+def masked_gene_accuracy(
+    model: nn.Module, vocab: GeneVocab, seqs: Sequence[Sequence[int]], train_seqs: Sequence[Sequence[int]],
+    *, prob: float = 0.15, seed: int = 0, batch_size: int = 64,
+) -> dict[str, float]:
+    """Held-out masked-gene top-1 accuracy beside a rank-position frequency baseline.
+
+    Masks ``prob`` of each cell's gene tokens (every position replaced by ``<mask>``, seeded) and
+    asks the model for the gene. The baseline predicts, for each rank position, the gene most often
+    seen at that position in ``train_seqs``: what knowing "which genes tend to rank high" gives
+    without reading the cell.
+    """
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if head is None:  # an encoder without a masked-gene head predicts nothing
+        return {}
+    gen = torch.Generator().manual_seed(seed + 7)
+    gene_ids = torch.as_tensor(vocab.gene_ids())
+    # most frequent gene per position in the training cells
+    n_pos = max(len(s) for s in list(seqs) + list(train_seqs))
+    counts: dict[int, dict[int, int]] = {}
+    for s in train_seqs:
+        for p, t in enumerate(s):
+            counts.setdefault(p, {}).setdefault(t, 0)
+            counts[p][t] += 1
+    baseline = torch.full((n_pos,), -1, dtype=torch.long)
+    for p, c in counts.items():
+        baseline[p] = max(c.items(), key=lambda kv: (kv[1], -kv[0]))[0]
+    hits = base_hits = total = 0
+    was = model.training
+    model.eval()
+    try:
+        for i in range(0, len(seqs), batch_size):
+            b = collate(seqs[i:i + batch_size], vocab)
+            ids = b["input_ids"]
+            real = b["position_mask"]
+            chosen = (torch.rand(ids.shape, generator=gen) < prob) & real
+            inputs = ids.masked_fill(chosen, vocab.special["mask"])
+            logits = model(input_ids=inputs, attention_mask=b["attention_mask"]).logits  # (B, P, V)
+            pred = gene_ids[logits[..., gene_ids].argmax(-1)]  # restricted to gene tokens
+            hits += int((pred[chosen] == ids[chosen]).sum())
+            pos = torch.arange(ids.shape[1]).expand_as(ids)
+            base_hits += int((baseline[pos[chosen]] == ids[chosen]).sum())
+            total += int(chosen.sum())
+    finally:
+        model.train(was)
+    return {"masked_gene_accuracy": hits / max(total, 1), "position_frequency_accuracy": base_hits / max(total, 1),
+            "n_masked": total, "chance": 1.0 / len(gene_ids)}
+

@@ -1,0 +1,346 @@
+"""Tests of the immunology adapter: data checks, rank-value tokens, the masked-gene model, SAE
+driver genes, steering, the results AnnData, and every bad-input case of the issue."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+pytest.importorskip("scanpy")
+anndata = pytest.importorskip("anndata")
+
+from sciscope.core import ConfigError, collect, contrast_vector, steer  # noqa: E402
+from sciscope.core.sae import create_sae, sae_config  # noqa: E402
+from sciscope.core.testing import check_adapter  # noqa: E402
+from sciscope.domains.immunology import (  # noqa: E402
+    GeneVocab,
+    ImmunologyAdapter,
+    collate,
+    detect_input_type,
+    load_cells,
+    marker_table,
+    rank_value_encode,
+    read_h5ad,
+    token_shares,
+    write_h5ad,
+)
+from sciscope.domains.immunology.model import mask_genes, save_trained  # noqa: E402
+
+TINY = ImmunologyAdapter.test_config
+
+
+# ------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[ImmunologyAdapter, torch.nn.Module]:
+    """The tiny default masked-gene model, trained once for the module (a few seconds)."""
+    ad = ImmunologyAdapter(TINY)
+    return ad, ad.model()
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny, tmp_path_factory):
+    ad, model = tiny
+    ex = ad.examples("all")
+    store = collect(model, ad.batches(ex, model, batch_size=64), ad.sites, out=tmp_path_factory.mktemp("imm") / "store",
+                    obs=ex.obs, pooling=ad.pooling, aliases=ad.aliases, progress=False)
+    return ex, store
+
+
+def _write_h5ad(path: Path, X: np.ndarray, genes: list[str], labels: list[str], **obs_cols) -> Path:
+    obs = pd.DataFrame({"cell_type": labels, **obs_cols}, index=[f"cell{i}" for i in range(len(labels))])
+    a = anndata.AnnData(X=sp.csr_matrix(X.astype(np.float32)), obs=obs, var=pd.DataFrame(index=genes))
+    a.write_h5ad(path)
+    return path
+
+
+def _counts(n_cells: int = 60, n_genes: int = 40, seed: int = 0) -> tuple[np.ndarray, list[str], list[str]]:
+    """Poisson counts of two cell types: a quarter of the cells (type A) up-regulate genes 0-4."""
+    rng = np.random.default_rng(seed)
+    rate = np.full((n_cells, n_genes), 3.0)
+    labels = ["A" if i % 4 == 0 else "B" for i in range(n_cells)]
+    rate[::4, :5] = 40.0
+    return rng.poisson(rate).astype(np.float32), [f"G{j}" for j in range(n_genes)], labels
+
+
+# ----------------------------------------------------------------------------------- conformance
+
+
+def test_conformance(tmp_path: Path) -> None:
+    check_adapter(ImmunologyAdapter(TINY), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def test_bundled_pbmc_is_log_normalised_raw() -> None:
+    cd = load_cells()
+    assert cd.notes["matrix"] == ".raw.X" and cd.input_type == "lognorm"
+    assert cd.X.shape == (700, 765) and cd.X.min() >= 0
+    assert cd.obs["cell_type"].nunique() == 10
+    # library size comes from obs['n_counts'] and matches the log-normalisation's scale factors
+    lib = 10 ** cd.obs["log10_library_size"].to_numpy()
+    row = cd.X[0].toarray().ravel()
+    smallest = np.expm1(row[row > 0].astype(np.float64)).min()  # one count
+    assert 1e4 / smallest == pytest.approx(lib[0], rel=0.01)
+
+
+def test_detect_input_type() -> None:
+    counts = sp.csr_matrix(np.array([[0, 3, 1], [2, 0, 7]], dtype=np.float32))
+    assert detect_input_type(counts)[0] == "counts"
+    log = counts.copy()
+    log.data = np.log1p(log.data)
+    assert detect_input_type(log)[0] == "lognorm"
+    lin = counts.copy()
+    lin.data = lin.data * 1234.5
+    assert detect_input_type(lin)[0] == "normalized"
+    with pytest.raises(ConfigError, match="non-integer"):
+        detect_input_type(log, "counts")
+    with pytest.raises(ConfigError, match="input_type"):
+        detect_input_type(log, "zscored")
+
+
+def test_user_counts_file_detected_and_library_size_computed(tmp_path: Path) -> None:
+    X, genes, labels = _counts()
+    path = _write_h5ad(tmp_path / "counts.h5ad", X, genes, labels)
+    ad = ImmunologyAdapter({"source": str(path), "max_genes": 16})
+    n = ad.data_notes
+    assert n["input_type"] == "counts" and n["matrix"] == ".X" and n["n_genes_unknown"] == 0
+    assert np.allclose(ad.obs["log10_library_size"], np.log10(X.sum(1)), rtol=1e-6)
+    # type A's up-regulated genes sit far above their (type-B dominated) medians: they rank first
+    ex = ad.examples("all")
+    firsts = [g[0] for g, t in zip(ex.inputs, ex.obs["cell_type"]) if t == "A"]
+    assert np.mean([f in genes[:5] for f in firsts]) > 0.9
+
+
+def test_rank_value_encoding_divides_by_gene_median() -> None:
+    # gene H is high everywhere (housekeeping); gene S is lower but far above its own median
+    X = sp.csr_matrix(np.array([[100.0, 10.0, 1.0], [100.0, 1.0, 1.0], [100.0, 1.0, 0.0]]))
+    genes = ["H", "S", "L"]
+    med = np.array([100.0, 1.0, 1.0])
+    ranked = rank_value_encode(X, genes, med, max_genes=3)
+    assert ranked[0] == ["S", "H", "L"]  # 10/1 > 100/100 = 1/1 (tie broken by column order)
+    assert ranked[2] == ["H", "S"]  # unexpressed genes are not tokens
+    assert rank_value_encode(X, genes, np.array([100.0, np.nan, 1.0]), max_genes=2)[0] == ["H", "L"]
+
+
+def test_vocab_round_trip_and_geneformer_dictionary(tmp_path: Path) -> None:
+    vocab = GeneVocab.build(["A", "B", "C"], [1.0, 2.0, np.nan], max_genes=8)
+    assert vocab.tokens[:4] == ["<pad>", "<mask>", "<cls>", "<eos>"] and vocab.genes == ["A", "B"]
+    vocab.save(tmp_path)
+    back = GeneVocab.load(tmp_path)
+    assert back.ids == vocab.ids and back.medians == vocab.medians and back.max_genes == 8
+    assert back.encode(["B", "A"]) == [2, vocab.ids["B"], vocab.ids["A"], 3]
+    gf = tmp_path / "gf"
+    gf.mkdir()
+    (gf / "token_dictionary.json").write_text(json.dumps({"<pad>": 0, "<mask>": 1, "ENSG1": 2, "ENSG2": 3}))
+    (gf / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    g = GeneVocab.load(gf)
+    assert g.source == "geneformer" and not g.use_cls and g.max_genes == 2048 and g.encode(["ENSG2"]) == [3]
+
+
+def test_pickled_token_dictionary_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "token_dictionary.pkl").write_bytes(b"\x80\x04not really")
+    with pytest.raises(ConfigError, match=r"does not unpickle.*token_dictionary\.pkl|token_dictionary\.pkl.*unpickle"):
+        GeneVocab.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------ bad input (issue)
+
+
+def test_file_that_is_not_h5ad(tmp_path: Path) -> None:
+    csv = tmp_path / "cells.h5ad"
+    csv.write_text("cell,CD3E\nc1,3\n")
+    with pytest.raises(ConfigError, match="not an h5ad file"):
+        ImmunologyAdapter({"source": str(csv)}).examples("all")
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_h5ad(tmp_path / "missing.h5ad")
+
+
+@pytest.mark.parametrize("bad, word", [(np.nan, "NaN"), (-1.5, "negative")])
+def test_nan_or_negative_values(tmp_path: Path, bad: float, word: str) -> None:
+    X, genes, labels = _counts()
+    X[3, 7] = bad
+    path = _write_h5ad(tmp_path / "bad.h5ad", X, genes, labels)
+    with pytest.raises(ConfigError, match=rf"{word}.*cell3.*G7"):
+        ImmunologyAdapter({"source": str(path)}).examples("all")
+
+
+def test_no_cells_left_after_filtering(tmp_path: Path) -> None:
+    X, genes, labels = _counts()
+    path = _write_h5ad(tmp_path / "ok.h5ad", X, genes, labels)
+    with pytest.raises(ConfigError, match="no cells left after filtering.*min_genes=1000"):
+        ImmunologyAdapter({"source": str(path), "min_genes": 1000}).examples("all")
+    with pytest.raises(ConfigError, match="no cells left.*min_cells_per_type=100"):
+        ImmunologyAdapter({"source": str(path), "min_cells_per_type": 100}).examples("all")
+
+
+def test_missing_cell_type_column(tmp_path: Path) -> None:
+    X, genes, labels = _counts()
+    path = _write_h5ad(tmp_path / "ok.h5ad", X, genes, labels)
+    with pytest.raises(ConfigError, match="'celltype_fine' is not an obs column"):
+        ImmunologyAdapter({"source": str(path), "cell_type_column": "celltype_fine"}).examples("all")
+
+
+def test_genes_unknown_to_the_vocabulary_are_counted(tiny, tmp_path: Path) -> None:
+    """A user file read by a saved model: genes the vocabulary lacks are dropped, counted, listed."""
+    ad, model = tiny
+    ckpt = save_trained(tmp_path / "ckpt", model, ad.vocabulary, {"key": "test"})
+    cd = ad.cells
+    keep = cd.genes[:300]
+    X = cd.X[:, :300].toarray()
+    renamed = [f"NOTAGENE{i}" for i in range(25)]
+    genes = renamed + keep[25:]
+    path = _write_h5ad(tmp_path / "user.h5ad", X, genes, cd.obs["cell_type"].astype(str).tolist())
+    user = ImmunologyAdapter({"source": str(path), "model": str(ckpt), "input_type": "lognorm"})
+    n = user.data_notes
+    # the 25 renamed genes, plus any gene the 200 training cells never expressed (no median, no token)
+    expected = set(renamed) | {g for g in keep[25:] if g not in ad.vocabulary.ids}
+    assert n["n_genes_unknown"] == len(expected) >= 25 and set(n["unknown_genes"]) == expected
+    assert n["vocabulary"] == "sciscope"
+    ex = user.examples("all")
+    assert not any(g in renamed for cell in ex.inputs for g in cell)
+    m = user.model()
+    store = collect(m, user.batches(ex, m, batch_size=64), user.sites, out=tmp_path / "s", obs=ex.obs,
+                    pooling=user.pooling, aliases=user.aliases, progress=False)
+    assert np.isfinite(store.array("layer.1")).all()
+    # nothing known at all: a clear error naming the problem
+    path2 = _write_h5ad(tmp_path / "alien.h5ad", X[:, :30], [f"X{i}" for i in range(30)],
+                        cd.obs["cell_type"].astype(str).tolist())
+    with pytest.raises(ConfigError, match="none of the 30 genes.*vocabulary"):
+        ImmunologyAdapter({"source": str(path2), "model": str(ckpt)}).examples("all")
+
+
+def test_geneformer_style_checkpoint(tmp_path: Path) -> None:
+    """A BERT masked-LM directory with a JSON token dictionary (<pad>, <mask>, no <cls>) loads and runs."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    genes = load_cells(n_cells=60).genes[:400]
+    ids = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(genes)}}
+    cfg = BertConfig(vocab_size=len(ids), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=40, architectures=["BertForMaskedLM"])
+    BertForMaskedLM(cfg).save_pretrained(tmp_path)
+    (tmp_path / "token_dictionary.json").write_text(json.dumps(ids))
+    ad = ImmunologyAdapter({"model": str(tmp_path), "n_cells": 60, "min_cells_per_type": 2})
+    assert ad.data_notes["n_genes_unknown"] == 765 - 400 and ad.data_notes["max_genes"] == 40
+    assert "no gene_median_dictionary.json" in ad.data_notes["median_source"]
+    ex = ad.examples("all")
+    model = ad.model()
+    b = next(ad.batches(ex, model, batch_size=8))
+    assert b["position_mask"].sum() == b["attention_mask"].sum()  # no <cls>/<eos> in a V1-style dictionary
+    store = collect(model, ad.batches(ex, model), ad.sites, out=tmp_path / "s", obs=ex.obs, pooling=ad.pooling,
+                    aliases=ad.aliases, progress=False)
+    assert store.n_obs == len(ex) and np.isfinite(store.array("layer.1")).all()
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ConfigError, match="steer_pairs"):
+        ImmunologyAdapter({"steer_pairs": ["CD14+ Monocyte"]})
+    with pytest.raises(ConfigError, match="'NK cells', not in the data"):
+        ImmunologyAdapter({**TINY, "steer_pairs": ["CD14+ Monocyte>NK cells"]}).contrasts
+    with pytest.raises(ConfigError, match="unknown split"):
+        ImmunologyAdapter(TINY).examples("validation")
+    with pytest.raises(ConfigError, match="does not exist"):
+        ImmunologyAdapter({"model": "/no/such/model"})
+    with pytest.raises(ConfigError, match="sae_layer"):
+        _ = ImmunologyAdapter({**TINY, "sae_layer": 7}).sae_site
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def test_masking_touches_gene_tokens_only(tiny) -> None:
+    ad, _ = tiny
+    vocab = ad.vocabulary
+    b = collate([vocab.encode(g) for g in ad.examples("all").inputs[:16]], vocab)
+    inputs, labels = mask_genes(b["input_ids"], vocab, prob=0.3, generator=torch.Generator().manual_seed(0))
+    target = labels != -100
+    assert target.any(1).all()  # every cell has a target
+    assert not (target & ~b["position_mask"]).any()  # never <cls>, <eos> or padding
+    assert torch.equal(labels[target], b["input_ids"][target])
+    assert torch.equal(inputs[~target], b["input_ids"][~target])
+    assert (inputs[target] == vocab.special["mask"]).float().mean() > 0.6
+
+
+def test_model_learns_something(tiny) -> None:
+    """The trained model's loss fell during training (30 steps: a sanity check, not a benchmark)."""
+    ad, model = tiny
+    h = ad.training_info["history"]
+    assert h[-1]["loss"] < h[0]["loss"]
+    assert type(model).__name__ == "BertForMaskedLM"
+
+
+# ------------------------------------------------------------------------------- features
+
+
+def test_token_shares_add_up_to_the_cell_pre_activation(tiny_store) -> None:
+    ex, store = tiny_store
+    sae = create_sae(sae_config("topk", d_in=store.dim("layer.1"), d_sae=64, k=8), seed=0)
+    h = torch.randn(5, 12, store.dim("layer.1"))
+    pm = torch.rand(5, 12) > 0.3
+    pm[:, 0] = True
+    shares, pooled = token_shares(sae, h, pm)
+    assert torch.allclose(shares.sum(1), sae.pre_acts(pooled), atol=1e-4)
+    assert (shares[~pm] == 0).all()
+
+
+def test_gene_drivers_and_marker_table(tiny, tiny_store) -> None:
+    ad, model = tiny
+    ex, store = tiny_store
+    sae = create_sae(sae_config("topk", d_in=store.dim(ad.sae_site), d_sae=32, k=4), seed=0)
+    drivers = ad.gene_drivers(model, sae)
+    assert drivers.shape == (len(ad.vocabulary.genes), 32)
+    assert np.isfinite(drivers.to_numpy()).all()
+    top = ad.top_driver_genes(drivers, 5)
+    assert set(top.groupby("feature").size()) == {5}
+    mt = marker_table(ex.obs["cell_type"].cat.categories, ad.readable_genes)
+    row = mt.set_index("gene")
+    # pbmc68k_reduced lacks CD14, CD34 and PPBP, and has no platelet type
+    assert not row.loc["CD14", "gene_in_data"] and not row.loc["CD34", "gene_in_data"] and not row.loc["PPBP", "testable"]
+    assert row.loc["MS4A1", "testable"] and row.loc["MS4A1", "cell_types"] == "CD19+ B"
+
+
+def test_results_anndata_round_trip(tiny, tiny_store, tmp_path: Path) -> None:
+    import scanpy as sc
+
+    ad, _ = tiny
+    ex, store = tiny_store
+    lat = np.abs(np.random.default_rng(0).normal(size=(store.n_obs, 16))).astype(np.float32)
+    adata = ad.results_anndata(store, lat)
+    path = write_h5ad(adata, tmp_path / "cells.h5ad")
+    back = anndata.read_h5ad(path)
+    assert back.n_obs == store.n_obs and {f"X_{s}" for s in store.sites} | {"X_sae", "X_pca"} <= set(back.obsm)
+    assert np.allclose(back.obsm["X_layer.1"], store.array("layer.1"))
+    assert list(back.obs["cell_type"].astype(str)) == list(ex.obs["cell_type"].astype(str))
+    # scanpy reads the stored embeddings (gauss kernel: no numba compilation in a unit test)
+    sc.pp.neighbors(back, use_rep="X_layer.1", n_neighbors=10, method="gauss")
+    assert back.obsp["connectivities"].shape == (store.n_obs, store.n_obs)
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+
+
+# ------------------------------------------------------------------------------- steering
+
+
+def test_steering_evaluator_moves_the_readout_toward_the_target(tiny, tiny_store) -> None:
+    ad, model = tiny
+    ex, store = tiny_store
+    name = next(iter(ad.contrasts))
+    a, b = ad.contrasts[name]
+    evaluate = ad.steering_evaluator(model, ex, name, ad.steer_site)
+    assert evaluate is not None and evaluate.target == "CD19+ B"
+    base = evaluate(model)
+    assert evaluate(model) == base  # deterministic: same masked positions, same cells
+    assert {"target_marker_prob", "source_marker_prob", "p_target_type", "frac_classified_target"} <= set(base)
+    vec = contrast_vector(store, ad.steer_site, a=a, b=b)
+    with steer(model, vec, 2.0, aliases=ad.aliases):
+        pushed = evaluate(model)
+    with steer(model, vec, 0.0, aliases=ad.aliases):
+        assert evaluate(model) == base
+    assert pushed["p_target_type"] > base["p_target_type"] + 0.2

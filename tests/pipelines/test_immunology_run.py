@@ -1,0 +1,93 @@
+"""The immunology pipeline on a tiny configuration: report numbers vs tables, the .h5ad, the notebook."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("scanpy")
+pytestmark = pytest.mark.slow
+
+TINY = ["n_cells=300", "max_genes=32", "n_layers=2", "hidden=32", "n_heads=2", "train_steps=60", "sae_steps=150",
+        "sae_expansion=4", "steer_n_random=1", "steer_max_cells=24", "probe_cv=3", "steer_alphas=-1,1,2",
+        "gene_baseline=false"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imm")
+    args = [sys.executable, "-m", "sciscope.pipelines.cli", "run", "immunology", "--quiet", "--run", "tiny"]
+    for s in TINY:
+        args += ["--set", s]
+    proc = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root / "runs" / "immunology" / "tiny"
+
+
+def test_report_headlines_agree_with_tables(run_dir):
+    from sciscope.pipelines.report import headline_values
+
+    rows = {r["name"]: r for r in headline_values(run_dir / "report" / "report.html")}
+    f1 = pd.read_csv(run_dir / "probes" / "cell_type_f1.csv")
+    best = f1.loc[f1.score_mean.idxmax()]
+    row = rows["cell_type macro-F1, best layer"]
+    assert float(row["value"]) == pytest.approx(best.score_mean, rel=1e-6)
+    assert float(row["control"]) == pytest.approx(best.control_mean, rel=1e-6)
+    pca = [c for c in f1.columns if c.startswith("baseline_mean[pca")][0]
+    assert float(rows["cell_type macro-F1, PCA + logistic baseline"]["value"]) == pytest.approx(best[pca], rel=1e-6)
+
+    ct = pd.read_csv(run_dir / "features" / "cell_type_features.csv")
+    spec = [r for n, r in rows.items() if n.startswith("cell-type-specific features")][0]
+    assert int(float(spec["value"])) == int(ct.specific.fillna(False).astype(bool).sum())
+    rec = pd.read_csv(run_dir / "features" / "marker_recovery.csv")
+    mk = [r for n, r in rows.items() if n.startswith("canonical markers recovered")][0]
+    assert int(float(mk["value"])) == int(rec.loc[rec.testable, "recovered"].astype(bool).sum())
+
+    name = next(p.name for p in (run_dir / "steering").iterdir() if p.is_dir())
+    sweep = pd.read_csv(run_dir / "steering" / name / "sweep.csv")
+    s = sweep[(sweep.metric == "p_target_type") & (sweep.condition == "steer")]
+    eff = float(s[s.alpha == s.alpha.max()].value.iloc[0] - s[s.alpha == 0].value.iloc[0])
+    assert float(rows[f"{name}: change in p_target_type at alpha {s.alpha.max():g}"]["value"]) == pytest.approx(eff, rel=1e-6)
+
+
+def test_controls_and_h5ad(run_dir):
+    """Probes beat shuffled labels; the .h5ad holds per-layer embeddings and SAE activations."""
+    import anndata
+
+    f1 = pd.read_csv(run_dir / "probes" / "cell_type_f1.csv")
+    assert f1.score_mean.max() > f1.control_mean.max() + 0.1
+    adata = anndata.read_h5ad(run_dir / "features" / "cells.h5ad")
+    store_sites = ["embeddings", "layer.0", "layer.1"]
+    assert {f"X_{s}" for s in store_sites} | {"X_sae", "X_umap", "X_pca"} <= set(adata.obsm)
+    from sciscope.core import ActivationStore
+
+    latents = ActivationStore.open(run_dir / "sae" / "latents").array("latents")
+    assert np.allclose(adata.obsm["X_sae"], latents)
+    assert adata.varm["sae_driver"].shape == (adata.n_vars, latents.shape[1])
+    assert {"sae_features", "cell_type_features", "marker_recovery"} <= set(adata.uns)
+    for fig in ("umap_expression.png", "umap_embedding.png"):
+        assert (run_dir / "features" / fig).stat().st_size > 1000
+    html = (run_dir / "report" / "report.html").read_text()
+    assert "umap_embedding.png" in html and "cells.h5ad" in html
+
+
+def test_notebook_executes_on_the_run(run_dir):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(Path(__file__).parents[2] / "notebooks" / "immunology.ipynb", as_version=4)
+    os.environ["SCISCOPE_RUN_DIR"] = str(run_dir)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(run_dir)}}).execute()
+    finally:
+        os.environ.pop("SCISCOPE_RUN_DIR", None)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
+    assert "the pipeline run's results" in str(outputs)  # the run's .h5ad was found and shown
