@@ -29,10 +29,28 @@ walkthrough: setup
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-bench: setup
-	$(BIN)/python benchmarks/bench_capture_overhead.py
-	$(BIN)/python benchmarks/bench_probe_sweep.py
-	$(BIN)/python benchmarks/bench_sae_throughput.py
+# The peer libraries (SAELens, nnsight, steering-vectors) pin an older transformers, so the
+# benchmarks get their own environment; the project is installed there too (editable).
+BENCH_VENV  := .venv-bench
+BENCH_BIN   := $(BENCH_VENV)/bin
+BENCH_STAMP := $(BENCH_VENV)/.sciscope-bench-installed
+# on a loaded machine: make bench BENCH_ARGS="--threads 1"
+BENCH_ARGS  ?=
+
+$(BENCH_STAMP): pyproject.toml
+	@test -x $(BENCH_BIN)/python || $(PYTHON) -m venv $(BENCH_VENV)
+	@$(BENCH_BIN)/python -c "import torch" 2>/dev/null || $(BENCH_BIN)/pip install -q $(FIND_LINKS) torch==2.13.0
+	$(BENCH_BIN)/pip install -q $(FIND_LINKS) -e ".[bench,geospatial]"
+	@touch $@
+
+bench: $(BENCH_STAMP)
+	$(BENCH_BIN)/python benchmarks/bench_sae_vs_saelens.py $(BENCH_ARGS)
+	$(BENCH_BIN)/python benchmarks/bench_capture_vs_nnsight.py $(BENCH_ARGS)
+	$(BENCH_BIN)/python benchmarks/bench_steering_vectors.py $(BENCH_ARGS)
+	$(BENCH_BIN)/python benchmarks/bench_probe_sweep.py $(BENCH_ARGS)
+	$(BENCH_BIN)/python benchmarks/bench_capture_memory.py $(BENCH_ARGS)
+	$(BENCH_BIN)/python benchmarks/bench_capture_overhead.py $(BENCH_ARGS)
+	$(BENCH_BIN)/python benchmarks/bench_sae_throughput.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) runs .pytest_cache

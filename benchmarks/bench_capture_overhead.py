@@ -19,7 +19,6 @@ shape (6 layers, 384 wide) with random weights; pass ``--model DIR`` for a local
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile

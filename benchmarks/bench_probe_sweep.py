@@ -92,6 +92,12 @@ def sklearn_loop(store, sweep, targets):
     return scores, seconds
 
 
+def _versions() -> dict[str, str | None]:
+    from _common import versions
+
+    return versions(["sciscope", "torch", "numpy", "scikit-learn"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=5000)
@@ -99,6 +105,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=7)
     ap.add_argument("--cv", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="cap BLAS/OpenMP/torch threads for both sides")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "probe_sweep.json")
+    ap.add_argument("--tol", type=float, default=None,
+                    help="sciscope's logistic L-BFGS gradient tolerance (default: probe_sweep's 1e-5, ten times "
+                         "stricter than LogisticRegression's default tol=1e-4; pass 1e-4 to match it)")
     args = ap.parse_args()
 
     import sklearn.linear_model  # noqa: F401  (load every BLAS/OpenMP library before capping threads)
@@ -123,7 +133,8 @@ def main() -> None:
     sweep_num = probe_sweep(store, numeric, cv=args.cv, control=True, fit_direction=False, progress=False)
     t_ridge = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sweep_cat = probe_sweep(store, categorical, cv=args.cv, control=True, fit_direction=False, progress=False)
+    tol = {} if args.tol is None else {"tol": args.tol}
+    sweep_cat = probe_sweep(store, categorical, cv=args.cv, control=True, fit_direction=False, progress=False, **tol)
     t_logistic = time.perf_counter() - t0
     t_sciscope = t_ridge + t_logistic
     sweep = ProbeSweepResult(
@@ -150,6 +161,7 @@ def main() -> None:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            "versions": {k: v for k, v in _versions().items()},
             "blas": [{k: i.get(k) for k in ("internal_api", "num_threads", "version")} for i in threadpool_info()],
             "loadavg_before": load_before,
             "loadavg_after": load_after,
@@ -158,6 +170,8 @@ def main() -> None:
         "d": args.d,
         "layers": args.layers,
         "cv": args.cv,
+        "sciscope_logistic_tol": sweep_cat.params["tol"],
+        "sklearn_logistic_tol": 1e-4,
         "targets": {t: sweep[(store.sites[0], t)].kind for t in targets},
         "fits_per_side": len(ref),
         "sciscope_s": t_sciscope,
@@ -171,7 +185,7 @@ def main() -> None:
         "best_layer": {t: sweep.best(t).site for t in targets},
         "summary": summary[["site", "target", "metric", "score_mean", "control_mean"]].to_dict(orient="records"),
     }
-    out = Path(__file__).parent / "results" / "probe_sweep.json"
+    out = args.out
     write_json(out, result)
     print(f"command: {result['command']}")
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "

@@ -220,6 +220,26 @@ def test_topk_sparse_decode_equals_dense_decode() -> None:
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_training_pre_activations_match_the_centred_form_values_and_gradients() -> None:
+    """Training folds b_dec into the encoder bias (no input gradient of the big matmul): the
+    pre-activations and every parameter gradient equal those of (x - b_dec) @ W_enc + b_enc."""
+    sae = randomize_(create_sae(TopKConfig(d_in=24, d_sae=96, k=6), seed=0))
+    x = torch.randn(50, 24, generator=torch.Generator().manual_seed(2))
+    g = torch.randn(50, 96, generator=torch.Generator().manual_seed(3))
+    fast = sae.pre_acts(x)  # grad enabled, x is data: the folded-bias path
+    (fast * g).sum().backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+    sae.zero_grad()
+    reference = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    (reference * g).sum().backward()
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    assert {"W_enc", "b_enc", "b_dec"} <= set(grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dict(sae.named_parameters())[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.pre_acts(x), reference.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_batchtopk_training_keeps_k_times_batch_and_inference_is_per_sample() -> None:
     cfg = BatchTopKConfig(d_in=16, d_sae=64, k=4)
     sae = randomize_(create_sae(cfg, seed=0))

