@@ -15,9 +15,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
-import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from sciscope.core.training import fit_lightning, warmup_cosine
 
 from .tokenize import BOS, EOS, MASK, PAD, SPECIAL_TOKENS, MoleculeTokenizer, pad_batch
 
@@ -174,15 +173,7 @@ def _lightning_module(model: nn.Module, spec: ModelSpec, vocab_size: int) -> Any
 
         def configure_optimizers(self) -> Any:
             opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
-            warm = max(1, min(spec.warmup, spec.steps // 5))
-
-            def schedule(step: int) -> float:
-                if step < warm:
-                    return (step + 1) / warm
-                frac = (step - warm) / max(1, spec.steps - warm)
-                return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+            sched = warmup_cosine(opt, warmup=spec.warmup, total=spec.steps, floor=0.1)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return LMModule()
@@ -199,7 +190,6 @@ def train_model(
     ``trainer_options`` go to ``lightning.Trainer`` (``accelerator``, ``devices``, ``strategy``,
     ``num_nodes``; CPU and one device by default).
     """
-    import lightning as L
     from torch.utils.data import DataLoader
 
     seqs = []
@@ -214,28 +204,7 @@ def train_model(
     module = _lightning_module(model, spec, tokenizer.vocab_size)
     loader = DataLoader(seqs, batch_sampler=LengthGroupedBatches([len(s) for s in seqs], spec.batch_size, spec.seed),
                         collate_fn=pad_batch)
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "loss_type=None ..." notices on every new model
-    with warnings.catch_warnings():
-        # Lightning warns about the CPU-only run, few workers and the missing validation loop:
-        # all are deliberate here.
-        warnings.simplefilter("ignore")
-        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-        logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-        trainer = L.Trainer(
-            max_steps=spec.steps, logger=False, enable_checkpointing=False,
-            **{"accelerator": "cpu", "devices": 1, **(trainer_options or {})},
-            enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-            deterministic=False, gradient_clip_val=1.0,
-        )
-        t0 = time.time()
-        try:
-            trainer.fit(module, loader)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-        seconds = time.time() - t0
+    seconds = fit_lightning(module, loader, max_steps=spec.steps, progress=progress, trainer_options=trainer_options)
     model.eval()
     hist = module.history
     final = float(np.mean([h["loss"] for h in hist[-4:]])) if hist else float("nan")

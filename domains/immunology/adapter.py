@@ -377,7 +377,7 @@ class ImmunologyAdapter(DomainAdapter):
             model, vocab, info = _MEMORY_CACHE[key]
             self.vocab, self.training_info = vocab, info
             return model
-        model, result = train_model(spec, self.vocabulary, train, progress=False)
+        model, result = train_model(spec, self.vocabulary, train, progress=False, trainer_options=self.trainer_options)
         info = {"key": key, "spec": asdict(spec), **asdict(result)}
         if folder is not None:
             save_trained(folder, model, self.vocabulary, info)

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
-import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +27,7 @@ import torch
 from torch import nn
 
 from sciscope.core.errors import AdapterError, ConfigError
+from sciscope.core.training import fit_lightning, warmup_cosine
 
 from .tokenize import GeneVocab, collate
 
@@ -158,15 +156,7 @@ def _lightning_module(model: nn.Module, spec: ModelSpec, vocab: GeneVocab) -> An
 
         def configure_optimizers(self) -> Any:
             opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
-            warm = max(1, min(spec.warmup, spec.steps // 5))
-
-            def schedule(step: int) -> float:
-                if step < warm:
-                    return (step + 1) / warm
-                frac = (step - warm) / max(1, spec.steps - warm)
-                return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+            sched = warmup_cosine(opt, warmup=spec.warmup, total=spec.steps, floor=0.1)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return MaskedGeneModule()
@@ -195,13 +185,13 @@ class _CellBatches:
 
 
 def train_model(
-    spec: ModelSpec, vocab: GeneVocab, seqs: Sequence[Sequence[int]], *, progress: bool = False
+    spec: ModelSpec, vocab: GeneVocab, seqs: Sequence[Sequence[int]], *, progress: bool = False,
+    trainer_options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, TrainResult]:
     """Train a fresh masked-gene BERT on token sequences for ``spec.steps`` optimiser steps (CPU).
 
     The loader cycles over the cells until ``steps`` (a few hundred cells are many epochs).
     """
-    import lightning as L
     from torch.utils.data import DataLoader
 
     seqs = [list(s) for s in seqs if len(s) > (2 if vocab.use_cls else 0)]
@@ -211,26 +201,7 @@ def train_model(
     module = _lightning_module(model, spec, vocab)
     loader = DataLoader(seqs, batch_sampler=_CellBatches([len(s) for s in seqs], spec.batch_size, spec.seed),
                         collate_fn=lambda b: collate(b, vocab))
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    with warnings.catch_warnings():
-        # Lightning warns about the CPU-only run, few workers and no validation loop: deliberate.
-        warnings.simplefilter("ignore")
-        for name in ("lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        trainer = L.Trainer(
-            max_steps=spec.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-            gradient_clip_val=1.0,
-        )
-        t0 = time.time()
-        try:
-            trainer.fit(module, loader)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-        seconds = time.time() - t0
+    seconds = fit_lightning(module, loader, max_steps=spec.steps, progress=progress, trainer_options=trainer_options)
     model.eval()
     hist = module.history
     final = float(np.mean([h["loss"] for h in hist[-4:]])) if hist else float("nan")

@@ -437,7 +437,7 @@ class PhysicsAdapter(DomainAdapter):
         dataset = WindowDataset(self.normalised_frames, windows, spec.context_frames, weights, noise=spec.noise,
                                 seed=spec.seed)
         with self.threads():
-            model, result = train_predictor(spec, dataset)
+            model, result = train_predictor(spec, dataset, trainer_options=self.trainer_options)
         info = {"key": key, "norms": ts.norms, **asdict(result)}
         if folder is not None:
             save_predictor(folder, model, info)

@@ -27,10 +27,7 @@ import importlib
 import importlib.util
 import json
 import logging
-import math
 import sys
-import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +38,7 @@ import torch
 from torch import nn
 
 from sciscope.core.errors import ConfigError
+from sciscope.core.training import fit_lightning, warmup_cosine
 
 __all__ = [
     "ModelSpec",
@@ -227,26 +225,19 @@ def _lightning_module(model: PhysicsPredictor, spec: ModelSpec) -> Any:
 
         def configure_optimizers(self) -> Any:
             opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.01)
-            warm = max(1, min(spec.warmup, spec.steps // 5))
-
-            def schedule(step: int) -> float:
-                if step < warm:
-                    return (step + 1) / warm
-                frac = (step - warm) / max(1, spec.steps - warm)
-                return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+            sched = warmup_cosine(opt, warmup=spec.warmup, total=spec.steps, floor=0.05)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return NextFrameModule()
 
 
-def train_predictor(spec: ModelSpec, dataset: WindowDataset, *, progress: bool = False) -> tuple[PhysicsPredictor, TrainResult]:
+def train_predictor(
+    spec: ModelSpec, dataset: WindowDataset, *, progress: bool = False, trainer_options: dict[str, Any] | None = None
+) -> tuple[PhysicsPredictor, TrainResult]:
     """Train a fresh predictor for ``spec.steps`` optimiser steps on ``dataset`` (CPU, Lightning).
 
     The loader reshuffles (seeded) every epoch and cycles until ``steps``.
     """
-    import lightning as L
     from torch.utils.data import DataLoader, RandomSampler
 
     if len(dataset) == 0:
@@ -255,20 +246,7 @@ def train_predictor(spec: ModelSpec, dataset: WindowDataset, *, progress: bool =
     module = _lightning_module(model, spec)
     sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(spec.seed))
     loader = DataLoader(dataset, batch_size=min(spec.batch_size, len(dataset)), sampler=sampler, drop_last=True)
-    with warnings.catch_warnings():
-        # Lightning warns about the CPU-only run, few workers and the missing validation loop:
-        # all are deliberate here.
-        warnings.simplefilter("ignore")
-        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-        logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-        trainer = L.Trainer(
-            max_steps=spec.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-            gradient_clip_val=1.0,
-        )
-        t0 = time.time()
-        trainer.fit(module, loader)
-        seconds = time.time() - t0
+    seconds = fit_lightning(module, loader, max_steps=spec.steps, progress=progress, trainer_options=trainer_options)
     model.eval()
     hist = module.history
     final = float(np.mean([h["loss"] for h in hist[-4:]])) if hist else float("nan")

@@ -1,0 +1,102 @@
+"""What every locally trained default model shares: a Lightning fit and a warmup-cosine schedule.
+
+Domain adapters train their small default models (molecule LMs, masked-gene BERTs, space-time
+predictors, VLA policies) with the same recipe; keeping it here means one place decides the
+Lightning options (CPU by default, or the run's ``accelerator``/``devices``/``strategy``), the
+gradient clipping and the quieting of the warnings that are deliberate in this setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["fit_lightning", "warmup_cosine"]
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, *, warmup: int, total: int, floor: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``min(warmup, total // 5)`` steps, then cosine decay to ``floor`` x lr.
+
+    Parameters
+    ----------
+    optimizer
+        The optimiser whose learning rate is scheduled (per step, not per epoch).
+    warmup, total
+        Warmup steps and total optimiser steps.
+    floor
+        Final learning rate as a fraction of the peak.
+    """
+    warm = max(1, min(int(warmup), int(total) // 5))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = (step - warm) / max(1, int(total) - warm)
+        return floor + (1.0 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit_lightning(
+    module: Any,
+    loader: Iterable[Any],
+    *,
+    max_steps: int,
+    progress: bool = False,
+    trainer_options: Mapping[str, Any] | None = None,
+    gradient_clip_val: float | None = 1.0,
+) -> float:
+    """Fit a ``LightningModule`` for ``max_steps`` optimiser steps; return the wall seconds.
+
+    Parameters
+    ----------
+    module, loader
+        What ``lightning.Trainer.fit`` takes (the loader cycles until ``max_steps``).
+    progress
+        Lightning's progress bar.
+    trainer_options
+        ``accelerator``, ``devices``, ``strategy``, ``num_nodes`` ... passed to the ``Trainer``
+        (default: one CPU device). A pipeline run sets them from its config.
+    gradient_clip_val
+        Gradient-norm clipping (None = off).
+
+    Notes
+    -----
+    No logger, checkpoints, model summary or sanity validation; Lightning's notices about the
+    CPU-only run, few loader workers and the missing validation loop are silenced, and so is the
+    per-model chatter of transformers, which are deliberate here.
+    """
+    import lightning as L
+
+    verbosity = None
+    try:
+        import transformers
+
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        transformers = None  # type: ignore[assignment]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name in ("lightning.pytorch", "lightning.fabric"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+            trainer = L.Trainer(
+                max_steps=int(max_steps), logger=False, enable_checkpointing=False, enable_progress_bar=progress,
+                enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=gradient_clip_val,
+                **{"accelerator": "cpu", "devices": 1, **dict(trainer_options or {})},
+            )
+            t0 = time.time()
+            trainer.fit(module, loader)
+            return time.time() - t0
+    finally:
+        if transformers is not None and verbosity is not None:
+            transformers.logging.set_verbosity(verbosity)
