@@ -1,0 +1,41 @@
+"""Robotics: a tiny OpenVLA-style policy reaching coloured blocks, read and steered through its FFN neurons.
+
+See :mod:`sciscope.domains.robotics.adapter` for the analyses and their controls.
+"""
+
+from .adapter import RoboticsAdapter
+from .env import (
+    COLORS,
+    DEFAULT_TEMPLATES,
+    MANNERS,
+    EnvSpec,
+    ReachEnv,
+    Scenes,
+    expert_action,
+    make_scenes,
+    parse_instruction,
+    render,
+    render_states,
+    rollout_metrics,
+    simulate_demos,
+)
+from .lens import (
+    CATEGORIES,
+    ClusterRule,
+    action_lens,
+    clamp_cluster,
+    clamp_sweep,
+    layer_summary,
+    neuron_categories,
+    random_cluster,
+    select_clusters,
+)
+from .model import ActionCodec, PolicySpec, VLAPolicy, VLAVocab, build_policy, load_policy, rollout, save_policy, train_policy
+
+__all__ = [
+    "CATEGORIES", "COLORS", "DEFAULT_TEMPLATES", "MANNERS", "ActionCodec", "ClusterRule", "EnvSpec", "PolicySpec",
+    "ReachEnv", "RoboticsAdapter", "Scenes", "VLAPolicy", "VLAVocab", "action_lens", "build_policy", "clamp_cluster",
+    "clamp_sweep", "expert_action", "layer_summary", "load_policy", "make_scenes", "neuron_categories",
+    "parse_instruction", "random_cluster", "render", "render_states", "rollout", "rollout_metrics", "save_policy",
+    "select_clusters", "simulate_demos", "train_policy",
+]

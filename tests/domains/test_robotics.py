@@ -1,0 +1,366 @@
+"""Tests of the robotics adapter: environment, expert, VLA policy, action-token lens, clamping."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+pytest.importorskip("transformers")
+
+from sciscope.core import ConfigError, NonFiniteError, ShapeError, capture, count_hooks  # noqa: E402
+from sciscope.core.testing import check_adapter  # noqa: E402
+from sciscope.domains.robotics import (  # noqa: E402
+    COLORS,
+    ActionCodec,
+    EnvSpec,
+    ReachEnv,
+    RoboticsAdapter,
+    VLAVocab,
+    action_lens,
+    clamp_cluster,
+    load_policy,
+    make_scenes,
+    neuron_categories,
+    parse_instruction,
+    random_cluster,
+    render,
+    save_policy,
+    select_clusters,
+    simulate_demos,
+)
+from sciscope.domains.robotics.model import PolicySpec, bc_loss, soft_targets, train_policy  # noqa: E402
+
+TINY = RoboticsAdapter.test_config
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[RoboticsAdapter, torch.nn.Module]:
+    """The tiny adapter and its policy, trained once for the module (a few seconds)."""
+    ad = RoboticsAdapter(TINY)
+    return ad, ad.model()
+
+
+def _planted(policy: torch.nn.Module, token_ids: list[int], layer: int, neuron: int, gain: float = 4.0) -> torch.nn.Module:
+    """A copy of ``policy`` whose FFN neuron writes toward ``token_ids`` (and away from the rest).
+
+    The value vector ``v`` is the least-squares fit of logits +1 on the tokens and 0 elsewhere
+    through the final RMSNorm gain ``g`` and the LM head: ``W (g * v) ~ y``.
+    """
+    p = copy.deepcopy(policy)
+    W = p.get_output_embeddings().weight.detach()  # (V, d)
+    y = torch.zeros(W.shape[0], 1)
+    y[token_ids] = 1.0
+    u = torch.linalg.lstsq(W, y - y.mean()).solution[:, 0]  # (d,)
+    direction = u / p.llm.model.norm.weight.detach()
+    with torch.no_grad():
+        col = p.llm.model.layers[layer].mlp.down_proj.weight  # (d, d_ff)
+        col[:, neuron] = gain * direction / direction.norm()
+    return p
+
+
+# ------------------------------------------------------------------------------------ conformance
+
+
+def test_conformance(tiny, tmp_path) -> None:
+    ad, _ = tiny
+    out = check_adapter(ad, tmp_path)
+    assert out["sites"] == [f"layer.{i}" for i in range(TINY["n_layers"])]
+
+
+# ------------------------------------------------------------------------------------ environment
+
+
+def test_scenes_are_seeded_per_episode_and_respect_the_geometry() -> None:
+    spec = EnvSpec()
+    a = make_scenes(range(40), seed=3, spec=spec)
+    one = make_scenes([7], seed=3, spec=spec)
+    other = make_scenes(range(40), seed=4, spec=spec)
+    assert np.array_equal(a.blocks[7], one.blocks[0]) and a.instruction[7] == one.instruction[0]
+    assert not np.allclose(a.blocks, other.blocks)
+    for i in range(len(a)):
+        d = np.linalg.norm(a.blocks[i][:, None] - a.blocks[i][None], axis=-1)[np.triu_indices(spec.n_blocks, 1)]
+        assert d.min() >= spec.min_separation
+        assert np.abs(a.target_pos[i] - a.gripper[i]).max() <= spec.max_start_offset
+        color, _ = parse_instruction(a.instruction[i])
+        assert color == a.target_color[i]  # the instruction names the target block
+    assert len(set(a.colors[0])) == spec.n_blocks
+
+
+def test_render_puts_colours_where_they_are_and_y_up() -> None:
+    grip = np.array([[0.75, 0.25]])
+    blocks = np.array([[[0.25, 0.75]]])  # top-left in the workspace
+    img = render(grip, blocks, np.array([[0]]), 32, camera="world")[0]
+    red = np.array(COLORS["red"])
+    assert np.array_equal(img[8, 8], red)  # row 8 = y 0.75 (rows count down from the top)
+    assert np.abs(img[24, 8].astype(int) - red).sum() > 100  # bottom-left is floor, not red
+    bright = np.unravel_index(img.sum(-1).argmax(), img.shape[:2])
+    assert abs(bright[0] - 24) <= 1 and abs(bright[1] - 24) <= 1  # the white gripper at (0.75, 0.25)
+    # anti-aliasing: a quarter-pixel shift changes the image
+    shifted = render(grip, blocks + 0.25 / 32, np.array([[0]]), 32, camera="world")[0]
+    assert not np.array_equal(img, shifted)
+    # the ego camera centres the gripper and shows the block up-left of it
+    ego = render(grip, blocks, np.array([[0]]), 32, camera="ego", view_size=1.6)[0]
+    ys, xs = np.nonzero(np.all(ego == red, axis=-1))
+    assert ys.size and ys.mean() < 16 and xs.mean() < 16
+
+
+def test_expert_reaches_and_speed_follows_the_manner() -> None:
+    ad = RoboticsAdapter({**TINY, "max_steps": 50, "n_eval_episodes": 40})
+    base = ad.eval_scenes()
+    res = {w: ad.expert_rollout(ad.manner_scenes(base, w)) for w in ("slowly", "", "quickly")}
+    for w, r in res.items():
+        assert r["success_rate"] == 1.0, (w, r)
+        assert r["alignment"] > 0.9 and r["n_clipped"] == 0
+    assert res["slowly"]["displacement"] < res[""]["displacement"] < res["quickly"]["displacement"]
+    assert ad.random_rollout(base)["success_rate"] < 0.5  # the chance level is well below the expert
+
+
+def test_env_clips_and_counts_out_of_range_actions() -> None:
+    spec = EnvSpec()
+    scenes = make_scenes(range(2), seed=0, spec=spec)
+    env = ReachEnv(scenes, spec)
+    start = env.position.copy()
+    disp = env.step(np.array([[3.0, 0.0], [0.5, -2.0]]))
+    assert env.n_clipped == 2
+    np.testing.assert_allclose(disp[0], [spec.max_step, 0.0], atol=1e-12)
+    np.testing.assert_allclose(env.position[1] - start[1], [0.5 * spec.max_step, -spec.max_step], atol=1e-12)
+    with pytest.raises(NonFiniteError, match=r"\[0\]"):
+        env.step(np.array([[np.nan, 0.0], [0.0, 0.0]]))
+    with pytest.raises(ShapeError):
+        env.step(np.zeros((3, 2)))
+    # walls: pushing left forever keeps x at 0 and counts the contacts
+    env = ReachEnv(scenes, spec)
+    for _ in range(30):
+        env.step(np.array([[-1.0, 0.0], [-1.0, 0.0]]))
+    assert (env.position[~env.success, 0] >= 0).all() and env.n_wall > 0
+    # demonstrations: noisy executed actions get clipped (and counted), noise-free ones never
+    _, noisy = simulate_demos(make_scenes(range(30), seed=0, spec=spec), spec, noise=0.5)
+    states, clean = simulate_demos(make_scenes(range(30), seed=0, spec=spec), spec, noise=0.0)
+    assert noisy["n_clipped"] > 0 and clean["n_clipped"] == 0 and not states["clipped"].any()
+
+
+def test_unknown_words_are_a_clear_error_listing_them(tiny) -> None:
+    ad, policy = tiny
+    vocab = policy.vocab
+    with pytest.raises(ConfigError, match=r"unknown words \['grab', 'cylinder'\]"):
+        vocab.encode_instruction("grab the red cylinder")
+    with pytest.raises(ConfigError, match="exactly one block colour"):
+        parse_instruction("reach the block")
+    with pytest.raises(ConfigError, match=r"\['fetch'\]"):
+        RoboticsAdapter({"templates": ["fetch the {color} block"]})
+    with pytest.raises(ConfigError, match=r"\['purple'\]"):
+        ad.rollout(policy, instructions="quickly reach the purple block")
+    scenes = ad.eval_scenes()
+    absent = [c for c in COLORS if c not in {list(COLORS)[int(k)] for k in scenes.colors[0]}][0]
+    with pytest.raises(ConfigError, match=f"episode {int(scenes.episode[0])} has no {absent} block"):
+        scenes.with_instructions([f"reach the {absent} block"] * len(scenes))
+
+
+# ------------------------------------------------------------------------------------ policy
+
+
+def test_action_codec_and_vocabulary_layout() -> None:
+    codec = ActionCodec(8)
+    np.testing.assert_array_equal(codec.encode(np.array([-1.0, -0.76, 0.0, 0.99, 1.0, 5.0])), [0, 0, 4, 7, 7, 7])
+    x = np.linspace(-1, 1, 101)
+    assert np.abs(codec.decode(codec.encode(x)) - x).max() <= 1 / 8 + 1e-12  # within half a bin
+    vocab = VLAVocab(n_bins=8)
+    info = vocab.token_info()
+    assert (info.kind.iloc[-16:] == "action").all() and (info.kind.iloc[:-16] != "action").all()
+    assert vocab.dim_slice(1) == slice(vocab.size - 8, vocab.size)
+    assert vocab.convert_ids_to_tokens([vocab.size - 1]) == ["<dy:+0.875>"]
+    ids, mask = vocab.prompt_ids(["reach the red block", "quickly reach the red block"])
+    assert (ids[:, -1] == 2).all() and mask[0, 0] == 0 and mask[1].all()  # left-padded, <act> last
+
+
+def test_soft_targets_peak_on_the_action_bin() -> None:
+    codec = ActionCodec(32)
+    a = torch.tensor([[0.51, -0.9]])
+    t = soft_targets(a, codec, 0.05)
+    torch.testing.assert_close(t.sum(-1), torch.ones(1, 2))
+    assert t.argmax(-1).tolist() == [codec.encode(a.numpy())[0].tolist()]
+    hard = soft_targets(a, codec, 0.0)
+    assert hard.max() == 1.0 and hard.sum() == 2.0
+
+
+def test_left_padding_does_not_change_the_action_logits(tiny) -> None:
+    _, policy = tiny
+    vocab = policy.vocab
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (1, 3, 16, 16), dtype=np.uint8))
+    alone_ids, alone_mask = vocab.prompt_ids(["reach the red block"])
+    batch_ids, batch_mask = vocab.prompt_ids(["reach the red block", "please quickly go to the red cube now"])
+    with torch.no_grad():
+        alone = policy(img, alone_ids, alone_mask).logits[0, -1]
+        padded = policy(img.expand(2, -1, -1, -1), batch_ids, batch_mask).logits[0, -1]
+    assert batch_mask[0].sum() < batch_mask.shape[1]  # the first prompt really is padded
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_roundtrip_and_bad_checkpoints(tiny, tmp_path) -> None:
+    ad, policy = tiny
+    folder = save_policy(tmp_path / "vla", policy, camera={"camera": "ego", "view_size": 1.6})
+    loaded, _ = load_policy(folder, image_size=16)
+    batch = next(ad.batches(ad.examples("train"), policy, batch_size=4))
+    with torch.no_grad():
+        torch.testing.assert_close(policy(**batch).logits, loaded(**batch).logits)
+    again = RoboticsAdapter(TINY).model(str(folder))  # a user checkpoint of the same shape
+    assert again.n_layers == policy.n_layers
+    with pytest.raises(ConfigError, match="image_size"):
+        load_policy(folder, image_size=32)
+    with pytest.raises(ConfigError, match="camera='ego'"):
+        load_policy(folder, camera={"camera": "world"})
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 1}))
+    with pytest.raises(ConfigError, match="vocab_size"):
+        load_policy(folder)
+    (folder / "vision.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"missing \['vision.safetensors'\]"):
+        load_policy(folder)
+
+
+def test_behaviour_cloning_learns_the_expert() -> None:
+    spec = EnvSpec(image_size=16)
+    scenes = make_scenes(range(24), seed=1, spec=spec)
+    from sciscope.domains.robotics.env import render_states
+
+    states, _ = simulate_demos(scenes, spec, noise=0.2, seed=1)
+    states = states.iloc[:96]
+    images = render_states(scenes, states, spec)
+    instr = np.array(scenes.instruction)[states["scene"].to_numpy()].tolist()
+    acts = states[["action_x", "action_y"]].to_numpy()
+    ps = PolicySpec(image_size=16, patch_size=8, n_bins=32, hidden=32, n_layers=2, n_heads=2, intermediate=64,
+                    steps=150, batch_size=32, lr=3e-3, seed=0)
+    torch.set_num_threads(1)
+    vocab = VLAVocab(n_bins=32)
+    policy, result = train_policy(ps, vocab, images, instr, acts)
+    ids, mask = vocab.prompt_ids(instr)
+    from sciscope.domains.robotics.model import build_policy
+
+    untrained = build_policy(ps, vocab)
+
+    pred = vocab.codec.decode(policy.act(images, ids, mask)[0])
+    fitted = [float(np.corrcoef(pred[:, d], acts[:, d])[0, 1]) for d in range(2)]
+    assert min(fitted) > 0.7, fitted  # it fits its demonstrations
+    assert result.history[-1]["loss"] < result.history[0]["loss"] - 1.0
+    loss_untrained, _ = bc_loss(untrained, torch.from_numpy(images).permute(0, 3, 1, 2), ids, mask,
+                                torch.as_tensor(acts, dtype=torch.float32), ps.label_sigma)
+    loss_trained, _ = bc_loss(policy, torch.from_numpy(images).permute(0, 3, 1, 2), ids, mask,
+                              torch.as_tensor(acts, dtype=torch.float32), ps.label_sigma)
+    assert float(loss_trained.detach()) < float(loss_untrained.detach()) - 1.0
+
+
+# ------------------------------------------------------------------------------------ lens and clamping
+
+
+def test_action_lens_matches_a_manual_projection(tiny) -> None:
+    _, policy = tiny
+    table = action_lens(policy, k=5, layers=[1])
+    v = policy.llm.model.layers[1].mlp.down_proj.weight[:, 3].detach()
+    with torch.no_grad():
+        scores = policy.get_output_embeddings().weight @ policy.llm.model.norm(v[None])[0]
+    expected = scores.topk(5).indices.tolist()
+    assert table[(table.layer == 1) & (table.neuron == 3)].token_id.tolist() == expected
+    assert {"kind", "dim", "value"} <= set(table.columns)
+    assert table[table.kind == "action"].value.abs().max() <= 1.0
+
+
+def test_cluster_rule_finds_a_planted_neuron_and_random_controls_match(tiny) -> None:
+    ad, policy = tiny
+    info = policy.vocab.token_info()
+    fast = info[(info.kind == "action") & (info.value.abs() >= ad.rule.fast_threshold)].token_id.tolist()
+    planted = _planted(policy, fast, layer=1, neuron=5)
+    rule = ad.rule
+    neurons = neuron_categories(action_lens(planted, k=rule.k), rule, info)
+    row = neurons[(neurons.layer == 1) & (neurons.neuron == 5)].iloc[0]
+    n_fast = len(fast)  # 8 tokens in the tiny vocabulary: at most 8 of the top 10
+    assert row.share_fast >= max(rule.min_share, 0.6) and row.share_fast <= n_fast / rule.k, row.top_tokens
+    clusters = select_clusters(neurons, rule, ["fast"])
+    assert ((clusters["fast"].layer == 1) & (clusters["fast"].neuron == 5)).any()
+    cl = clusters["fast"]
+    assert len(cl) <= rule.max_size and (cl["share_fast"] >= rule.min_share).all()
+    # speed clusters take the four directions in turn, each in rank order
+    for _, g in cl.groupby("direction"):
+        assert g["share_fast"].is_monotonic_decreasing
+    turns = cl.groupby("direction").cumcount()
+    assert turns.is_monotonic_increasing  # round-robin: every direction's k-th before any (k+1)-th
+    rnd = random_cluster(cl, {0: 64, 1: 64}, seed=0)
+    assert rnd.groupby("layer").size().to_dict() == cl.groupby("layer").size().to_dict()
+    assert not set(zip(rnd.layer, rnd.neuron)) & set(zip(cl.layer, cl.neuron))
+    assert rnd.equals(random_cluster(cl, {0: 64, 1: 64}, seed=0)) and not rnd.equals(random_cluster(cl, {0: 64, 1: 64}, seed=1))
+
+
+def test_clamp_cluster_sets_the_neurons_and_leaves_no_hook(tiny) -> None:
+    ad, policy = tiny
+    cluster = pd.DataFrame({"layer": [0, 1, 1], "neuron": [2, 7, 9]})
+    batch = next(ad.batches(ad.examples("train"), policy, batch_size=3))
+    sites = ["llm.model.layers.0.mlp.down_proj:input", "llm.model.layers.1.mlp.down_proj:input"]
+    with clamp_cluster(policy, cluster, 3.5), capture(policy, sites) as cap:
+        policy(**batch)
+    assert torch.all(cap[sites[0]][..., 2] == 3.5) and torch.all(cap[sites[1]][..., [7, 9]] == 3.5)
+    assert not torch.all(cap[sites[1]][..., 8] == 3.5)
+    assert count_hooks(policy) == 0
+
+
+def test_clamping_a_planted_right_neuron_steers_the_rollouts_right(tiny) -> None:
+    """Lens -> rule -> clamp -> closed loop: a neuron that writes 'dx = +1' moves the gripper right."""
+    ad, policy = tiny
+    info = policy.vocab.token_info()
+    right = info[(info.kind == "action") & (info.dim == "dx") & (info.value >= 0.9)].token_id.tolist()
+    planted = _planted(policy, right, layer=1, neuron=11, gain=6.0)
+    neurons = neuron_categories(action_lens(planted, k=ad.rule.k), ad.rule, info)
+    cluster = select_clusters(neurons, ad.rule, ["right"])["right"]
+    cluster = cluster[(cluster.layer == 1) & (cluster.neuron == 11)]
+    assert len(cluster) == 1
+    scenes = ad.eval_scenes()
+    base = ad.rollout(planted, scenes)
+    with clamp_cluster(planted, cluster, 2.0):
+        steered = ad.rollout(planted, scenes)
+    controls = []
+    for seed in range(4):  # random neurons of the same layer clamped to the same value
+        with clamp_cluster(planted, random_cluster(cluster, {0: 64, 1: 64}, seed=seed), 2.0):
+            controls.append(ad.rollout(planted, scenes).metrics["dx"])
+    first_dx = (steered.paths[1, :, 0] - steered.paths[0, :, 0]) / ad.env_spec.max_step
+    assert np.all(first_dx > 0.85), first_dx  # the first step is a full step right in every scene
+    # over whole episodes (walls stop the gripper at x = 1): more rightward than both controls
+    assert steered.metrics["dx"] > base.metrics["dx"] + 0.3
+    assert steered.metrics["dx"] > np.mean(controls) + 0.2, controls
+    assert steered.metrics["n_wall"] > base.metrics["n_wall"]
+
+
+# ------------------------------------------------------------------------------------ adapter
+
+
+def test_examples_split_by_episode_with_concepts_and_baselines(tiny) -> None:
+    ad, _ = tiny
+    tr, te, al = ad.examples("train"), ad.examples("test"), ad.examples("all")
+    assert len(tr) + len(te) == len(al) and len(te) > 0
+    assert set(tr.obs.episode).isdisjoint(te.obs.episode)
+    assert al.obs.episode.max() < TINY["n_example_episodes"]
+    for c in ad.concepts + ad.probe_targets:
+        assert c in al.obs.columns
+    assert set(al.obs.action_direction) <= {"up", "down", "left", "right"}
+    base = ad.baseline_features(al)
+    assert base["bag_of_words"].shape[0] == len(al) and base["pixels_8x8"].shape == (len(al), 8 * 8 * 3)
+    counts = np.asarray(base["bag_of_words"]).sum(1)
+    assert (counts == [len(t.split()) for _, t in al.inputs]).all()
+    with pytest.raises(ConfigError, match="unknown split"):
+        ad.examples("valid")
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"n_example_episodes": 500, "n_episodes": 100}, "n_example_episodes"),
+    ({"clusters": ["fast", "sideways"]}, "sideways"),
+    ({"image_size": 30, "patch_size": 8}, "multiple of 'patch_size'"),
+    ({"camera": "fisheye"}, "camera"),
+    ({"sae_layer": 9}, "out of range"),
+    ({"n_bins": "many"}, "n_bins"),
+])
+def test_bad_config_is_a_clear_error(bad, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        RoboticsAdapter({**TINY, **bad})

@@ -1,0 +1,95 @@
+"""The robotics pipeline on a tiny configuration: report numbers vs tables, controls, the notebook."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = ["n_episodes=60", "n_example_episodes=16", "image_size=16", "n_bins=32", "hidden=32", "n_layers=2",
+        "n_heads=2", "intermediate=64", "train_steps=40", "train_batch_size=32", "n_eval_episodes=6", "max_steps=15",
+        "sae_steps=100", "sae_expansion=4", "probe_cv=3", "clusters=fast,right", "clamp_alphas=2.0",
+        "clamp_n_random=1", "steer_n_random=1", "steer_alphas=1.0", "cluster_min_share=0.3", "n_trajectory_plots=1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("robotics")
+    # by module path: works whether or not the installed metadata lists the entry point yet
+    domain = "sciscope.domains.robotics.adapter:RoboticsAdapter"
+    args = [sys.executable, "-m", "sciscope.pipelines.cli", "run", domain, "--quiet", "--run", "tiny"]
+    for s in TINY:
+        args += ["--set", s]
+    proc = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root / "runs" / "robotics" / "tiny"
+
+
+def test_report_headlines_agree_with_tables(run_dir):
+    from sciscope.pipelines.report import headline_values
+
+    rows = {r["name"]: r for r in headline_values(run_dir / "report" / "report.html")}
+    closed = pd.read_csv(run_dir / "model" / "closed_loop.csv").set_index("agent")
+    row = rows["policy success rate (closed loop)"]
+    assert float(row["value"]) == pytest.approx(closed.loc["policy", "success_rate"])
+    assert float(row["control"]) == pytest.approx(closed.loc["random actions", "success_rate"])
+    expert = pd.read_csv(run_dir / "examples" / "expert_vs_random.csv").set_index("agent")
+    assert float(rows["expert success rate (closed loop)"]["value"]) == pytest.approx(expert.loc["expert (noise-free)", "success_rate"])
+    episodes = pd.read_csv(run_dir / "examples" / "episodes.csv")
+    clipped = int(rows["demonstration actions clipped to [-1, 1]"]["value"])
+    assert clipped >= episodes["n_clipped_steps"].sum() > 0  # counted, and at least one per clipped step
+    layers = pd.read_csv(run_dir / "model" / "lens_by_layer.csv")
+    lens_row = [r for n, r in rows.items() if n.startswith("last-layer FFN neurons")][0]
+    assert float(lens_row["value"]) == pytest.approx(layers["share_neurons_mostly_action"].iloc[-1])
+    summary = pd.read_csv(run_dir / "steering" / "clamp_summary.csv")
+    assert len(summary)  # with the tiny rule at least one cluster is non-empty
+    for r in summary.itertuples():
+        name = f"clamp {r.cluster} cluster to {r.alpha:g}: {r.metric}"
+        assert float(rows[name]["value"]) == pytest.approx(r.value)
+        assert float(rows[name]["control"]) == pytest.approx(r.random_mean)
+    sweep = pd.read_csv(run_dir / "steering" / "fast_vs_slow" / "sweep.csv")
+    s = sweep[(sweep.metric == "displacement") & (sweep.condition == "steer")]
+    slope = np.polyfit(s.alpha, s.value, 1)[0]
+    assert float(rows["fast_vs_slow: slope of displacement per unit alpha"]["value"]) == pytest.approx(slope, rel=1e-6)
+
+
+def test_controls_and_outputs_are_there(run_dir):
+    """Probes of the instruction's words beat their shuffled control; clusters follow the rule;
+    every random cluster matches its cluster's size; figures were drawn."""
+    summary = pd.read_csv(run_dir / "probes" / "summary.csv")
+    color = summary[(summary.target == "target_color") & summary.site.notna()]
+    assert color.score_mean.max() > color.control_mean.max() + 0.2
+    sweep = pd.read_csv(run_dir / "steering" / "clamp_sweep.csv")
+    sizes = sweep.groupby(["cluster", "condition"]).n_neurons.first().unstack()
+    assert (sizes.nunique(axis=1) == 1).all()
+    clusters = pd.read_csv(run_dir / "steering" / "clusters.csv")
+    cfg = json.loads((run_dir / "run.json").read_text())["config"]
+    assert clusters.groupby("cluster").size().max() <= cfg["cluster_max_size"]
+    ref = pd.read_csv(run_dir / "steering" / "clamp_reference.csv")
+    assert {"baseline", "prompt: quickly", "prompt: slowly"} <= set(ref.condition)
+    for f in ("model/lens_by_layer.png", "steering/clamp_metric_vs_alpha.png", "model/training.png"):
+        assert (run_dir / f).is_file(), f
+    assert list((run_dir / "steering").glob("trajectories_*.png"))
+
+
+def test_notebook_executes_on_the_run(run_dir):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(Path(__file__).parents[2] / "notebooks" / "robotics.ipynb", as_version=4)
+    os.environ["SCISCOPE_RUN_DIR"] = str(run_dir)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(run_dir)}}).execute()
+    finally:
+        os.environ.pop("SCISCOPE_RUN_DIR", None)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
