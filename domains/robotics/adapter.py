@@ -342,7 +342,8 @@ class RoboticsAdapter(DomainAdapter):
         vocab = VLAVocab(n_bins=spec.n_bins)
         policy, result = train_policy(spec, vocab, lambda rows: self.render(train[rows]),
                                       obs["instruction"].to_numpy()[train].tolist(),
-                                      obs[["action_x", "action_y"]].to_numpy()[train])
+                                      obs[["action_x", "action_y"]].to_numpy()[train],
+                                      trainer_options=self.trainer_options)
         info = {"key": key, "spec": asdict(spec), **asdict(result)}
         if folder is not None:
             save_policy(folder, policy, extra=info, camera=self._camera_meta())

@@ -28,8 +28,6 @@ import logging
 import math
 import shutil
 import tempfile
-import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 from torch import nn
 
 from sciscope.core.errors import ConfigError, ShapeError
+from sciscope.core.training import fit_lightning, warmup_cosine
 
 from .env import VOCAB_WORDS, EnvSpec, ReachEnv, Scenes, check_instruction, rollout_metrics
 
@@ -471,15 +470,7 @@ def _lightning_module(policy: VLAPolicy, spec: PolicySpec) -> Any:
 
         def configure_optimizers(self) -> Any:
             opt = torch.optim.AdamW(self.policy.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
-            warm = max(1, min(spec.warmup, spec.steps // 5))
-
-            def schedule(step: int) -> float:
-                if step < warm:
-                    return (step + 1) / warm
-                frac = (step - warm) / max(1, spec.steps - warm)
-                return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+            sched = warmup_cosine(opt, warmup=spec.warmup, total=spec.steps, floor=0.05)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return BCModule()
@@ -488,6 +479,7 @@ def _lightning_module(policy: VLAPolicy, spec: PolicySpec) -> Any:
 def train_policy(
     spec: PolicySpec, vocab: VLAVocab, images: np.ndarray | Callable[[np.ndarray], np.ndarray],
     instructions: Sequence[str], actions: np.ndarray, *, progress: bool = False,
+    trainer_options: dict[str, Any] | None = None,
 ) -> tuple[VLAPolicy, TrainResult]:
     """Behaviour-clone a fresh policy of ``spec`` on ``(image, instruction) -> expert action`` pairs.
 
@@ -501,8 +493,6 @@ def train_policy(
 
     The loader draws seeded random batches (with replacement) for ``spec.steps`` optimiser steps.
     """
-    import lightning as L
-    import transformers
     from torch.utils.data import DataLoader, RandomSampler
 
     n = len(actions)
@@ -525,22 +515,7 @@ def train_policy(
                         collate_fn=collate)
     policy = build_policy(spec, vocab)
     module = _lightning_module(policy, spec)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    with warnings.catch_warnings():
-        # Lightning warns about the CPU run, few loader workers and no validation loop: deliberate.
-        warnings.simplefilter("ignore")
-        for name in ("lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        trainer = L.Trainer(max_steps=spec.steps, accelerator="cpu", devices=1, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
-                            num_sanity_val_steps=0, gradient_clip_val=1.0)
-        t0 = time.time()
-        try:
-            trainer.fit(module, loader)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-        seconds = time.time() - t0
+    seconds = fit_lightning(module, loader, max_steps=spec.steps, progress=progress, trainer_options=trainer_options)
     policy.eval()
     hist = module.history
     tail = hist[-4:]
