@@ -33,3 +33,42 @@ def label_sites(ax: Any, sites: Sequence[str], *, max_labels: int = 40) -> None:
     slant = n > 4 or max((len(s) for s in sites), default=0) * n > 30
     ax.set_xticklabels([sites[i] for i in ticks], rotation=30 if slant else 0, ha="right" if slant else "center")
     ax.set_xlim(-0.5, n - 0.5)
+
+
+def save_figure(fig: Any, path: Any, *, dpi: int = 110) -> Any:
+    """Write ``fig`` as a PNG atomically (temp file + rename), close it, return the path."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    path = Path(path)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
+def save_training_history(history: Sequence[dict[str, float]], out_png: Any, *, ylabel: str = "training loss",
+                          title: str = "training") -> None:
+    """Loss vs step of a training run: ``out_png`` and the table beside it (same name, ``.csv``).
+
+    ``history`` is a list of ``{"step": ..., "loss": ...}`` rows; nothing is written when empty.
+    """
+    if not history:
+        return
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from .io import write_table
+
+    h = pd.DataFrame(list(history))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(h["step"], h["loss"], lw=1)
+    ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.set_title(title)
+    save_figure(fig, out_png)
+    write_table(Path(out_png).with_suffix(".csv"), h)

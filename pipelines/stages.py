@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from sciscope.core.io import atomic_path, write_json, write_table
+from sciscope.core.io import write_json, write_table
+from sciscope.core.plotting import save_figure
 from sciscope.pipelines.config import adapter_config, load_adapter_class
 from sciscope.pipelines.layout import DONE_FILE, STAGES, read_run_info, stage_dir, write_headline
 
@@ -76,15 +77,6 @@ class Run:
         from sciscope.core import ActivationStore
 
         return ActivationStore.open(self.dir / "activations" / "store")
-
-
-def _figure(path: Path, fig: Any) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,7 +185,7 @@ def stage_probes(run: Run) -> dict[str, Any]:
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
     for ax, target in zip(axes[0], targets):
         res.plot(target, ax=ax)
-    _figure(out / "score_vs_layer.png", fig)
+    save_figure(fig, out / "score_vs_layer.png")
     rows = []
     for target in targets:
         t = summary[(summary.target == target) & (summary.site.astype(str) != "")]
@@ -270,7 +262,7 @@ def stage_sae(run: Run) -> dict[str, Any]:
     axes[1].plot(h.step, h.dead_fraction, lw=1, color="C3")
     axes[1].set_xlabel("step"), axes[1].set_ylabel("dead fraction")
     fig.suptitle(f"{arch} SAE on {site}: {d_in} -> {cfg_fields['d_sae']}")
-    _figure(out / "training.png", fig)
+    save_figure(fig, out / "training.png")
     write_headline(out, [
         {"stage": "sae", "name": "explained variance", "value": metrics["explained_variance"],
          "control": metrics["pca_explained_variance"], "control_label": "PCA with as many components as the SAE's L0",
@@ -319,7 +311,7 @@ def stage_features(run: Run) -> dict[str, Any]:
 
     fig, ax = plt.subplots(figsize=(5, 3.3))
     analysis.plot_density(ax=ax)
-    _figure(out / "density.png", fig)
+    save_figure(fig, out / "density.png")
     n_sig = int(analysis.associations.significant.sum())
     n_ctrl = int(analysis.control_associations.significant.sum()) if analysis.control_associations is not None else None
     feats_sig = int(analysis.associations[analysis.associations.significant].feature.nunique())
@@ -363,7 +355,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.4), squeeze=False)
         for ax, m in zip(axes[0], metrics):
             sweep.plot(m, ax=ax)
-        _figure(cdir / "alpha_sweep.png", fig)
+        save_figure(fig, cdir / "alpha_sweep.png")
         for m in metrics:
             steer_slope = sweep.slope(m, "steer")
             rand = [sweep.slope(m, c) for c in sorted(set(sweep.table.condition)) if c.startswith("random")]

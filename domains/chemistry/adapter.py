@@ -34,6 +34,7 @@ from torch import nn
 from sciscope.core.adapter import DomainAdapter, Examples
 from sciscope.core.errors import AdapterError, ConfigError
 from sciscope.core.io import write_text
+from sciscope.core.plotting import save_training_history
 
 from . import data as _data
 from .model import ARCHITECTURES, ModelSpec, generate, load_trained, save_trained, train_model
@@ -403,32 +404,12 @@ class ChemistryAdapter(DomainAdapter):
         info = {"key": key, "spec": asdict(spec), **asdict(result)}
         if folder is not None:
             save_trained(folder, model, tok, spec, result, key)
-            self._write_training_plot(folder.parent, result.history, c["encoding"])
+            save_training_history(result.history, folder.parent / f"training_loss_{c['encoding']}.png",
+                                  title=f"language-model training ({c['encoding']})")
         else:
             _MEMORY_CACHE[key] = (model, tok, info)
         self.tokenizer, self.training_info = tok, info
         return model
-
-    @staticmethod
-    def _write_training_plot(out: Path, history: list[dict[str, float]], encoding: str) -> None:
-        if not history:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        h = pd.DataFrame(history)
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(h["step"], h["loss"], lw=1)
-        ax.set_xlabel("step"), ax.set_ylabel("training loss"), ax.set_title(f"language-model training ({encoding})")
-        from sciscope.core.io import atomic_path, write_table
-
-        fig.tight_layout()
-        with atomic_path(out / f"training_loss_{encoding}.png") as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        write_table(out / f"training_loss_{encoding}.csv", h)
 
     def _load_checkpoint(self, path: Path) -> nn.Module:
         from transformers import AutoConfig

@@ -121,7 +121,7 @@ def _plot_probe_comparison(main: pd.DataFrame, other: pd.DataFrame, enc_main: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sciscope.core.io import atomic_path
+    from sciscope.core.plotting import save_figure
 
     targets = list(dict.fromkeys(main["target"]))
     fig, axes = plt.subplots(1, len(targets), figsize=(3.4 * len(targets), 3.2), squeeze=False, sharey=False)
@@ -139,10 +139,7 @@ def _plot_probe_comparison(main: pd.DataFrame, other: pd.DataFrame, enc_main: st
         ax.set_ylabel(str(t["metric"].iloc[0]) if len(t) else "score")
     axes[0][0].legend(fontsize=7, loc="lower right")
     fig.suptitle("Property probes: SMILES vs SELFIES models (same size, steps, molecules)", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def compare_generation(adapter: ChemistryAdapter, model: Any, out: Path) -> tuple[pd.DataFrame, list[dict[str, Any]]]:

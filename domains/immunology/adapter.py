@@ -44,6 +44,7 @@ from torch import nn
 from sciscope.core.adapter import DomainAdapter, Examples
 from sciscope.core.errors import AdapterError, ConfigError, ShapeError
 from sciscope.core.io import atomic_path, write_table, write_text
+from sciscope.core.plotting import save_training_history
 
 from . import data as _data
 from .markers import marker_table, match_types
@@ -381,29 +382,12 @@ class ImmunologyAdapter(DomainAdapter):
         info = {"key": key, "spec": asdict(spec), **asdict(result)}
         if folder is not None:
             save_trained(folder, model, self.vocabulary, info)
-            self._write_training_plot(folder.parent, result.history)
+            save_training_history(result.history, folder.parent / "training_loss.png", ylabel="masked-gene loss",
+                                  title="masked-gene training (train cells)")
         else:
             _MEMORY_CACHE[key] = (model, self.vocabulary, info)
         self.training_info = info
         return model
-
-    @staticmethod
-    def _write_training_plot(out: Path, history: list[dict[str, float]]) -> None:
-        if not history:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from .plots import save_figure
-
-        h = pd.DataFrame(history)
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(h["step"], h["loss"], lw=1)
-        ax.set_xlabel("step"), ax.set_ylabel("masked-gene loss"), ax.set_title("masked-gene training (train cells)")
-        save_figure(fig, out / "training_loss.png")
-        write_table(out / "training_loss.csv", h)
 
     def batches(self, examples: Examples, model: nn.Module, *, batch_size: int = 32) -> Iterator[dict[str, torch.Tensor]]:
         """Token batches: ``input_ids``, ``attention_mask`` and ``position_mask`` (gene tokens)."""

@@ -42,7 +42,7 @@ def compute_umap(adata: Any, rep: str, *, key: str, n_neighbors: int = 15, seed:
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
-    """Write a matplotlib figure as PNG atomically; closes it."""
+    """Write a matplotlib figure as PNG atomically (``bbox_inches="tight"`` for legends outside); closes it."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
