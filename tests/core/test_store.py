@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -83,17 +87,31 @@ def test_errors_name_the_problem(tmp_path):
 
 
 def test_memory_does_not_grow_with_examples(tmp_path):
-    """Writing 20x more rows must not raise peak traced memory 20x (chunks are flushed)."""
-    import tracemalloc
+    """Writing 20x more rows must not raise peak traced memory 20x (chunks are flushed).
 
-    def peak(n_chunks):
-        tracemalloc.start()
-        with StoreWriter(tmp_path / f"m{n_chunks}", ["a"]) as w:
-            for _ in range(n_chunks):
-                w.append({"a": np.ones((1000, 64), dtype=np.float32)}, pd.DataFrame({"k": np.zeros(1000)}))
-        _, p = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        return p
+    tracemalloc runs in a child interpreter: on CPython < 3.12.9, ``tracemalloc.stop()`` races
+    with any other Python thread that allocates (tqdm's monitor thread lives in this process by
+    now) and can crash the interpreter later (CPython gh-128679).
+    """
+    script = textwrap.dedent(
+        """
+        import sys, tracemalloc
+        from pathlib import Path
+        import numpy as np, pandas as pd
+        from sciscope.core import StoreWriter
 
-    small, large = peak(2), peak(40)
+        def peak(n_chunks):
+            tracemalloc.start()
+            with StoreWriter(Path(sys.argv[1]) / f"m{n_chunks}", ["a"]) as w:
+                for _ in range(n_chunks):
+                    w.append({"a": np.ones((1000, 64), dtype=np.float32)}, pd.DataFrame({"k": np.zeros(1000)}))
+            _, p = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            return p
+
+        print(peak(2), peak(40))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
+    small, large = map(int, out.stdout.split())
     assert large < 3 * small  # obs rows are tiny; the activations are streamed to disk
