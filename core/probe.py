@@ -46,6 +46,7 @@ import pandas as pd
 
 from .errors import NonFiniteError, ProbeError, ShapeError, close_matches
 from .io import atomic_path, write_json, write_table
+from .threads import limit_threads
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -597,16 +598,8 @@ def _threads_for(n: int, d: int) -> Iterator[None]:
     if n * d * d >= _THREADED_WORK:
         yield
         return
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    n_threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        with threadpool_limits(limits=1):
-            yield
-    finally:
-        torch.set_num_threads(n_threads)
+    with limit_threads(1):
+        yield
 
 
 def _check_finite(X: np.ndarray, what: str, *, chunk_rows: int = 65536) -> None:

@@ -86,7 +86,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     target = [f"{args.until}/done.json"] if args.until else []
     cmd = [sys.executable, "-m", "snakemake", *target, "--snakefile", str(snakefile), "--directory", str(run_dir.resolve()),
            "--cores", str(args.cores), "--rerun-incomplete", "--nolock", "--config", f"run_dir={run_dir.resolve()}",
-           f"progress={not args.quiet}", "--quiet", "rules"]
+           f"progress={not args.quiet}", f"cores={args.cores}", "--quiet", "rules"]
     if args.dry_run:
         cmd.append("--dry-run")
     cmd += args.snakemake_arg or []
@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain", help="registered domain name, module:Class or path/to/adapter.py:Class")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--profile", default="quick", choices=["quick", "full"], help="config profile (default quick)")
-    p.add_argument("--cores", type=int, default=2, help="parallel stages (default 2)")
+    p.add_argument("--cores", type=int, default=2,
+                   help="cores for the run (default 2): a stage that runs alone uses all, stages that may overlap share them")
     p.add_argument("--out", default="runs", help="runs folder (default runs/); the run goes to OUT/DOMAIN/RUN")
     p.add_argument("--run", default=None, help="run name (default: the profile)")
     p.add_argument("--dry-run", action="store_true", help="show what would run")

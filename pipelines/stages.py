@@ -21,6 +21,7 @@ import numpy as np
 
 from sciscope.core.io import write_json, write_table
 from sciscope.core.plotting import save_figure
+from sciscope.core.threads import use_threads
 from sciscope.pipelines.config import adapter_config, load_adapter_class
 from sciscope.pipelines.layout import DONE_FILE, STAGES, read_run_info, stage_dir, write_headline
 
@@ -444,7 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", default=None, help="also write the stage's log here")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--shard", type=int, default=None, help="activations only: capture this shard (see capture_shards)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="cap torch's and the BLAS thread pools at this many threads (the rule's share of the cores)")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads must be >= 1, got {args.threads}")
+        use_threads(args.threads)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if args.log:
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)
@@ -454,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             open(args.log, "w").close()
         handlers.append(logging.FileHandler(args.log, mode="a"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", handlers=handlers, force=True)
-    log.info("stage %s of %s", args.stage, args.run_dir)
+    log.info("stage %s of %s (threads: %s)", args.stage, args.run_dir, args.threads or "library defaults")
     try:
         result = run_stage(args.stage, args.run_dir, progress=not args.no_progress, shard=args.shard)
     except SciscopeError as e:

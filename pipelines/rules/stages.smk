@@ -1,4 +1,6 @@
 # One rule per stage. Outputs are each stage's done.json, written last, after the stage's files.
+# threads: all cores for the stages that run alone, half for those that can run two at a time
+# (probes, sae, features, steering), a 1/n share for each of n capture shards.
 
 
 rule examples:
@@ -6,6 +8,7 @@ rule examples:
         "examples/done.json",
     params:
         cfg=stage_params("examples"),
+    threads: share_of_cores(1)
     log:
         "logs/examples.log",
     shell:
@@ -19,6 +22,7 @@ rule model:
         "model/done.json",
     params:
         cfg=stage_params("model"),
+    threads: share_of_cores(1)
     log:
         "logs/model.log",
     shell:
@@ -32,6 +36,7 @@ rule activation_shard:
         temp("activations/shards/{shard}/done.json"),
     params:
         cfg=stage_params("activations"),
+    threads: share_of_cores(SHARDS)
     log:
         "logs/activations.shard{shard}.log",
     shell:
@@ -46,6 +51,7 @@ rule activations:
         "activations/done.json",
     params:
         cfg=stage_params("activations"),
+    threads: share_of_cores(1)
     log:
         "logs/activations.log",
     shell:
@@ -59,6 +65,7 @@ rule probes:
         "probes/done.json",
     params:
         cfg=stage_params("probes"),
+    threads: share_of_cores(2)
     log:
         "logs/probes.log",
     shell:
@@ -72,6 +79,7 @@ rule sae:
         "sae/done.json",
     params:
         cfg=stage_params("sae"),
+    threads: share_of_cores(2)
     log:
         "logs/sae.log",
     shell:
@@ -85,6 +93,7 @@ rule features:
         "features/done.json",
     params:
         cfg=stage_params("features"),
+    threads: share_of_cores(2)
     log:
         "logs/features.log",
     shell:
@@ -98,6 +107,7 @@ rule steering:
         "steering/done.json",
     params:
         cfg=stage_params("steering"),
+    threads: share_of_cores(2)
     log:
         "logs/steering.log",
     shell:
@@ -113,6 +123,7 @@ rule report:
         "report/done.json",
     params:
         cfg=stage_params("report"),
+    threads: share_of_cores(1)
     log:
         "logs/report.log",
     shell:

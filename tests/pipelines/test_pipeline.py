@@ -45,6 +45,9 @@ def test_run_noop_and_partial_rerun(project):
     assert first.returncode == 0, first.stderr[-3000:]
     run = project / "runs" / "toyscience" / "quick"
     assert (run / "report" / "report.html").is_file()
+    # --cores 2 (the default): a stage that runs alone gets both, the ones that may overlap one each
+    assert "(threads: 2)" in (run / "logs" / "model.log").read_text()
+    assert all("(threads: 1)" in (run / "logs" / f"{s}.log").read_text() for s in ("probes", "sae", "steering"))
     before = mtimes(run, ["examples", "model", "activations", "probes", "sae", "features", "steering"])
     t0 = time.time()
     again = sciscope(*args, cwd=project)
