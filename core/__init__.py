@@ -23,7 +23,7 @@ from .probe import ProbeResult, ProbeSweepResult, fit_probe, probe_sweep
 from .sites import Site, list_sites, resolve_site
 from .steer import SteeringSweep, SteeringVector, alpha_sweep, clamp, contrast_vector, steer
 from .store import ActivationStore, StoreWriter, merge_shards
-from .threads import limit_threads, use_threads
+from .threads import limit_threads, threads_per_device, use_threads
 
 __all__ = [
     "ActivationStore", "AdapterError", "FeatureAnalysis", "ProbeResult", "ProbeSweepResult",
@@ -32,6 +32,6 @@ __all__ = [
     "SiteError", "SteeringSweep", "SteeringVector", "StoreWriter", "activation_patching", "merge_shards",
     "alpha_sweep", "available_domains", "capture", "clamp", "collect", "contrast_vector",
     "count_hooks", "embedding_matrix", "ffn_value_vectors", "get_domain", "lens", "list_sites",
-    "limit_threads", "model_identity", "pool", "register_domain", "resolve_site", "steer", "unembedding_matrix", "use_threads",
+    "limit_threads", "model_identity", "pool", "register_domain", "resolve_site", "steer", "unembedding_matrix", "threads_per_device", "use_threads",
     "value_vector_lens",
 ]

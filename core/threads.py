@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["limit_threads", "use_threads"]
+__all__ = ["limit_threads", "threads_per_device", "use_threads"]
 
-# read by OpenMP/BLAS runtimes (and numba) when they start: child processes (DDP workers, loader
-# workers) and libraries imported later inherit the cap through them
-_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+# read by the OpenMP/BLAS runtimes and by the Rust pool of the fast tokenizers when they start:
+# child processes (DDP workers, loader workers) and libraries loaded later inherit the cap
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS")
 
 
 def _check(n: int) -> int:
@@ -42,8 +44,59 @@ def use_threads(n: int) -> None:
     _check(n)
     for name in _THREAD_ENV:
         os.environ[name] = str(n)
+    _cap_numba(n)
     torch.set_num_threads(n)
     threadpool_limits(limits=n)  # process-wide until changed: the returned handle is not needed
+
+
+def _cap_numba(n: int) -> None:
+    """numba (UMAP's engine) reads NUMBA_NUM_THREADS once; after its pool has started, a changed
+    variable makes the next compilation fail, so a loaded numba is capped through its own call."""
+    numba = sys.modules.get("numba")
+    if numba is None:
+        os.environ["NUMBA_NUM_THREADS"] = str(n)
+    else:
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+
+@contextlib.contextmanager
+def threads_per_device(devices: Any) -> Iterator[None]:
+    """Within the block, give each of ``devices`` training processes its share of this one's threads.
+
+    CPU DDP on one machine: Lightning relaunches the command once per extra device, and every
+    process would keep the whole thread budget (Lightning splits the cores only when
+    ``OMP_NUM_THREADS`` is unset, and a pipeline stage has it set). Each process enters this block
+    around its ``Trainer``; the relaunched ones inherit the share through the environment. On exit
+    the threads and the environment are as before.
+
+    Parameters
+    ----------
+    devices
+        The Trainer's ``devices``: an int, or a list of device indices; anything else (``"auto"``)
+        leaves the threads alone.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    k = len(devices) if isinstance(devices, (list, tuple)) else devices
+    if not (isinstance(k, int) and not isinstance(k, bool) and k > 1):
+        yield
+        return
+    before = torch.get_num_threads()
+    share = max(1, before // k)
+    saved = {name: os.environ.get(name) for name in _THREAD_ENV}
+    try:
+        os.environ.update({name: str(share) for name in _THREAD_ENV})
+        torch.set_num_threads(share)
+        with threadpool_limits(limits=share):
+            yield
+    finally:
+        torch.set_num_threads(before)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .threads import threads_per_device
+
 __all__ = ["fit_lightning", "warmup_cosine"]
 
 
@@ -89,14 +91,16 @@ def fit_lightning(
             warnings.simplefilter("ignore")
             for name in ("lightning.pytorch", "lightning.fabric"):
                 logging.getLogger(name).setLevel(logging.ERROR)
-            trainer = L.Trainer(
-                max_steps=int(max_steps), logger=False, enable_checkpointing=False, enable_progress_bar=progress,
-                enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=gradient_clip_val,
-                **{"accelerator": "cpu", "devices": 1, **dict(trainer_options or {})},
-            )
-            t0 = time.time()
-            trainer.fit(module, loader)
-            return time.time() - t0
+            options = {"accelerator": "cpu", "devices": 1, **dict(trainer_options or {})}
+            with threads_per_device(options["devices"]):
+                trainer = L.Trainer(
+                    max_steps=int(max_steps), logger=False, enable_checkpointing=False, enable_progress_bar=progress,
+                    enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=gradient_clip_val,
+                    **options,
+                )
+                t0 = time.time()
+                trainer.fit(module, loader)
+                return time.time() - t0
     finally:
         if transformers is not None and verbosity is not None:
             transformers.logging.set_verbosity(verbosity)

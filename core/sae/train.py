@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from sciscope.core.errors import ConfigError, SciscopeError
 from sciscope.core.io import atomic_path
 from sciscope.core.sae.base import SAEConfig, SparseAutoencoder, as_batch, config_from_dict, create_sae
+from sciscope.core.threads import threads_per_device
 
 Data = Iterable[Tensor] | Callable[[], Iterable[Tensor]]
 
@@ -392,8 +393,9 @@ def train_sae(
     }
     trainer_args.update(trainer_kwargs or {})
     with _quiet_lightning(not progress):
-        trainer = L.Trainer(**trainer_args)
-        trainer.fit(module, train_dataloaders=loader)
+        with threads_per_device(trainer_args["devices"]):
+            trainer = L.Trainer(**trainer_args)
+            trainer.fit(module, train_dataloaders=loader)
 
     history = module.history_frame()
     if len(history) < max_steps and not callable(data):
