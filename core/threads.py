@@ -1,9 +1,11 @@
 """One policy for the CPU thread pools a process uses: torch's, and the BLAS/OpenMP pools of numpy/scipy.
 
-Why it matters: every pool sizes itself to the machine's cores. Two pipeline stages running side by
-side (probes and the SAE, say) then run 2 x cores spinning threads on the cores, and on a small
-machine each threaded op waits for a scheduler tick; the benchmarks saw 2-16x slowdowns that way.
-A stage that knows its share of the cores caps every pool at it.
+Why it matters: every pool sizes itself to the machine's cores unless told otherwise. Processes
+that share the cores (two pipeline stages side by side, CPU DDP ranks, a neighbour's job) then run
+more spinning threads than there are cores, and each threaded op waits for a scheduler tick (the
+benchmarks saw 2-16x slowdowns on a loaded 2-core machine); told too little, a process that runs
+alone leaves cores idle. A pipeline stage is given its share of the run's cores and caps every pool
+at it; a stage that runs alone gets all of them.
 """
 
 from __future__ import annotations
