@@ -320,14 +320,17 @@ class SparseAutoencoder(nn.Module):
     def pre_acts(self, x: Tensor) -> Tensor:
         """Encoder pre-activations ``(x - b_dec) @ W_enc + b_enc``: (..., d_in) -> (..., d_sae)."""
         x = self._check_input(x)
-        x2 = x.reshape(-1, self.cfg.d_in)
-        if torch.is_grad_enabled() and not x.requires_grad and self.b_dec.requires_grad:
+        inputs, bias = self._pre_act_operands(x.reshape(-1, self.cfg.d_in))
+        return torch.addmm(bias, inputs, self.W_enc).reshape(*x.shape[:-1], self.cfg.d_sae)
+
+    def _pre_act_operands(self, x2: Tensor) -> tuple[Tensor, Tensor]:
+        """``(inputs, bias)`` with pre-activations ``inputs @ W_enc + bias``; x2 is (B, d_in)."""
+        if torch.is_grad_enabled() and not x2.requires_grad and self.b_dec.requires_grad:
             # Training: x @ W_enc + (b_enc - b_dec @ W_enc) is the same map, but autograd then needs
             # no (B, d_in) input gradient of the big matmul -- only a vector-matrix product for
             # b_dec (~1.3x per step). Inference keeps (x - b_dec) first: exact for large offsets.
-            bias = self.b_enc - self.b_dec @ self.W_enc
-            return torch.addmm(bias, x2, self.W_enc).reshape(*x.shape[:-1], self.cfg.d_sae)
-        return torch.addmm(self.b_enc, x2 - self.b_dec, self.W_enc).reshape(*x.shape[:-1], self.cfg.d_sae)
+            return x2, self.b_enc - self.b_dec @ self.W_enc
+        return x2 - self.b_dec, self.b_enc
 
     def encode(self, x: Tensor) -> Tensor:
         """Sparse codes ``f``: (..., d_in) -> (..., d_sae)."""
