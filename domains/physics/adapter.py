@@ -237,10 +237,11 @@ class PhysicsAdapter(DomainAdapter):
         "train_batch_size": 16,
         "lr": 1e-3,
         "train_noise": 0.02,  # std of Gaussian noise on training context frames (standardised units)
-        # Intra-op threads of torch during training, rollouts and steering (0 = leave torch's
-        # setting). Small matrices on shared cores stall on thread barriers: on 2 busy cores one
-        # thread trained this model 3.6x faster than two.
-        "torch_threads": 1,
+        # Intra-op threads of torch during training, rollouts and steering (0 = the stage's share
+        # of the run's --cores). On a quiet 2-core machine the model stage took 83.6 s with the
+        # stage's 2 threads and 131.7 s with 1; on 2 cores busy with other work one thread trained
+        # it 3.6x faster than two -- set 1 on a shared machine.
+        "torch_threads": 0,
         # analyses
         "sae_layer": None,  # None = the middle block
         "steer_layer": None,  # None = the last block (Physics Steering hooks the last processor block)

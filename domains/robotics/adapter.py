@@ -103,7 +103,7 @@ class RoboticsAdapter(DomainAdapter):
         "train_batch_size": 32,
         "lr": 2e-3,
         "label_sigma": 0.04,  # Gaussian target width over the bins (action units); 0 = one-hot
-        "torch_threads": 1,  # torch intra-op threads of this process (0 = leave torch's); see _apply_threads
+        "torch_threads": 0,  # torch intra-op threads of this process (0 = the stage's share); see _apply_threads
         # evaluation rollouts
         "n_eval_episodes": 64,  # held-out scenes per closed-loop evaluation
         # lens and clusters (the stated rule, see sciscope.domains.robotics.lens)
@@ -357,10 +357,11 @@ class RoboticsAdapter(DomainAdapter):
     def _apply_threads(self) -> None:
         """Set torch's intra-op threads to config ``torch_threads`` (process-wide; 0 = leave it).
 
-        The policy's matrices are tiny (64 x 256): one thread runs them faster than several
-        (synchronising threads costs more than the work, badly so on a shared CPU), and leaves
-        the other cores to the pipeline stages that run in parallel. Capture and probes in the
-        same process then run the same way.
+        The default, 0, keeps the stage's share of the run's ``--cores``: on a quiet 2-core
+        machine the model stage took 103.1 s on its 2 threads and 138.9 s on 1. The policy's
+        matrices are tiny (64 x 256), so on a CPU busy with other work synchronising threads can
+        cost more than the work: set 1 there. Capture and probes in the same process then run the
+        same way.
         """
         n = int(self.config["torch_threads"])
         if n and torch.get_num_threads() != n:
