@@ -12,14 +12,14 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
 from .threads import threads_per_device
 
-__all__ = ["fit_lightning", "warmup_cosine"]
+__all__ = ["fit_lightning", "loss_module", "warmup_cosine"]
 
 
 def warmup_cosine(
@@ -104,3 +104,58 @@ def fit_lightning(
     finally:
         if transformers is not None and verbosity is not None:
             transformers.logging.set_verbosity(verbosity)
+
+
+def loss_module(
+    model: torch.nn.Module,
+    loss_fn: Callable[[Any], torch.Tensor | tuple[torch.Tensor, Mapping[str, Any]]],
+    *,
+    lr: float,
+    steps: int,
+    warmup: int,
+    floor: float = 0.1,
+    weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.999),
+    log_every: int = 25,
+) -> Any:
+    """A ``LightningModule`` minimising ``loss_fn(batch)`` with AdamW and :func:`warmup_cosine`.
+
+    Every domain's default model trains this way; only the loss differs.
+
+    Parameters
+    ----------
+    model
+        The module whose parameters are optimised (registered as ``.model``).
+    loss_fn
+        ``batch -> loss`` or ``batch -> (loss, {name: scalar})``; the extras are logged beside
+        the loss (e.g. a behaviour-cloning accuracy).
+    lr, steps, warmup, floor
+        Peak learning rate, total optimiser steps, warmup steps and final fraction of the peak.
+    weight_decay, betas
+        AdamW's.
+    log_every
+        Steps between rows of ``.history`` (``{"step", "loss", ...}``); the last step is logged too.
+    """
+    import lightning as L
+
+    class LossModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.history: list[dict[str, float]] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            out = loss_fn(batch)
+            loss, extras = (out, {}) if isinstance(out, torch.Tensor) else out
+            step = int(self.global_step)
+            if step % log_every == 0 or step == steps - 1:
+                self.history.append({"step": step, "loss": float(loss.detach()),
+                                     **{k: float(v) for k, v in extras.items()}})
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+            sched = warmup_cosine(opt, warmup=warmup, total=steps, floor=floor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return LossModule()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sciscope.core.training import fit_lightning, warmup_cosine
+from sciscope.core.training import fit_lightning, loss_module
 
 from .tokenize import BOS, EOS, MASK, PAD, SPECIAL_TOKENS, MoleculeTokenizer, pad_batch
 
@@ -147,36 +147,18 @@ class LengthGroupedBatches:
 
 
 def _lightning_module(model: nn.Module, spec: ModelSpec, vocab_size: int) -> Any:
-    import lightning as L
+    """Masked or causal LM loss on padded id batches (AdamW, warmup then cosine decay to 10%)."""
+    gen = torch.Generator().manual_seed(spec.seed + 1)
 
-    class LMModule(L.LightningModule):
-        """Masked or causal LM loss on padded id batches; AdamW, warmup then cosine decay."""
+    def lm_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, att = batch["input_ids"], batch["attention_mask"]
+        if spec.architecture == "roberta":
+            inputs, labels = mask_tokens(ids, att, prob=spec.mask_prob, vocab_size=vocab_size, generator=gen)
+        else:
+            inputs, labels = ids, ids.masked_fill(att == 0, -100)  # shifted inside the model
+        return model(input_ids=inputs, attention_mask=att, labels=labels).loss
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-            self.gen = torch.Generator().manual_seed(spec.seed + 1)
-            self.history: list[dict[str, float]] = []
-
-        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            ids, att = batch["input_ids"], batch["attention_mask"]
-            if spec.architecture == "roberta":
-                inputs, labels = mask_tokens(ids, att, prob=spec.mask_prob, vocab_size=vocab_size, generator=self.gen)
-            else:
-                inputs, labels = ids, ids.masked_fill(att == 0, -100)  # shifted inside the model
-            out = self.model(input_ids=inputs, attention_mask=att, labels=labels)
-            loss = out.loss
-            step = int(self.global_step)
-            if step % 25 == 0 or step == spec.steps - 1:
-                self.history.append({"step": step, "loss": float(loss.detach())})
-            return loss
-
-        def configure_optimizers(self) -> Any:
-            opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
-            sched = warmup_cosine(opt, warmup=spec.warmup, total=spec.steps, floor=0.1)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    return LMModule()
+    return loss_module(model, lm_loss, lr=spec.lr, steps=spec.steps, warmup=spec.warmup, floor=0.1, betas=(0.9, 0.98))
 
 
 def train_model(

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from sciscope.core.errors import AdapterError, ConfigError
-from sciscope.core.training import fit_lightning, warmup_cosine
+from sciscope.core.training import fit_lightning, loss_module
 
 from .tokenize import GeneVocab, collate
 
@@ -134,32 +134,16 @@ def mask_genes(
 
 
 def _lightning_module(model: nn.Module, spec: ModelSpec, vocab: GeneVocab) -> Any:
-    import lightning as L
+    """Masked-gene loss on padded batches (AdamW, linear warmup then cosine decay to 10%)."""
+    gen = torch.Generator().manual_seed(spec.seed + 1)
 
-    class MaskedGeneModule(L.LightningModule):
-        """Masked-gene loss on padded batches; AdamW, linear warmup then cosine decay to 10%."""
+    def masked_gene_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, att = batch["input_ids"], batch["attention_mask"]
+        inputs, labels = mask_genes(ids, vocab, prob=spec.mask_prob, generator=gen)
+        return model(input_ids=inputs, attention_mask=att, labels=labels).loss
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-            self.gen = torch.Generator().manual_seed(spec.seed + 1)
-            self.history: list[dict[str, float]] = []
-
-        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            ids, att = batch["input_ids"], batch["attention_mask"]
-            inputs, labels = mask_genes(ids, vocab, prob=spec.mask_prob, generator=self.gen)
-            loss = self.model(input_ids=inputs, attention_mask=att, labels=labels).loss
-            step = int(self.global_step)
-            if step % 25 == 0 or step == spec.steps - 1:
-                self.history.append({"step": step, "loss": float(loss.detach())})
-            return loss
-
-        def configure_optimizers(self) -> Any:
-            opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
-            sched = warmup_cosine(opt, warmup=spec.warmup, total=spec.steps, floor=0.1)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    return MaskedGeneModule()
+    return loss_module(model, masked_gene_loss, lr=spec.lr, steps=spec.steps, warmup=spec.warmup, floor=0.1,
+                       betas=(0.9, 0.98))
 
 
 class _CellBatches:

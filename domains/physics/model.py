@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from sciscope.core.errors import ConfigError
-from sciscope.core.training import fit_lightning, warmup_cosine
+from sciscope.core.training import fit_lightning, loss_module
 
 __all__ = [
     "ModelSpec",
@@ -203,32 +203,15 @@ class WindowDataset(torch.utils.data.Dataset):
 
 
 def _lightning_module(model: PhysicsPredictor, spec: ModelSpec) -> Any:
-    import lightning as L
+    """Weighted MSE of the predicted change (AdamW, linear warmup then cosine decay to 5%)."""
 
-    class NextFrameModule(L.LightningModule):
-        """Weighted MSE of the predicted change; AdamW, linear warmup then cosine decay."""
+    def next_frame_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        ctx, target, weight = batch
+        pred = model(ctx)  # (B, C, n, n)
+        per_example = ((pred - target) ** 2).mean(dim=(1, 2, 3))  # (B,)
+        return (per_example * weight).mean()
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-            self.history: list[dict[str, float]] = []
-
-        def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-            ctx, target, weight = batch
-            pred = self.model(ctx)  # (B, C, n, n)
-            per_example = ((pred - target) ** 2).mean(dim=(1, 2, 3))  # (B,)
-            loss = (per_example * weight).mean()
-            step = int(self.global_step)
-            if step % 25 == 0 or step == spec.steps - 1:
-                self.history.append({"step": step, "loss": float(loss.detach())})
-            return loss
-
-        def configure_optimizers(self) -> Any:
-            opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.01)
-            sched = warmup_cosine(opt, warmup=spec.warmup, total=spec.steps, floor=0.05)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    return NextFrameModule()
+    return loss_module(model, next_frame_loss, lr=spec.lr, steps=spec.steps, warmup=spec.warmup, floor=0.05)
 
 
 def train_predictor(

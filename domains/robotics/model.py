@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from sciscope.core.errors import ConfigError, ShapeError
-from sciscope.core.training import fit_lightning, warmup_cosine
+from sciscope.core.training import fit_lightning, loss_module
 
 from .env import VOCAB_WORDS, EnvSpec, ReachEnv, Scenes, check_instruction, rollout_metrics
 
@@ -450,30 +450,14 @@ def bc_loss(policy: VLAPolicy, images: torch.Tensor, ids: torch.Tensor, mask: to
 
 
 def _lightning_module(policy: VLAPolicy, spec: PolicySpec) -> Any:
-    import lightning as L
+    """Behaviour cloning, bin accuracy logged beside the loss (AdamW, warmup then cosine decay to 5%)."""
 
-    class BCModule(L.LightningModule):
-        """Behaviour cloning; AdamW with warmup then cosine decay."""
+    def bc_step(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images, ids, mask, actions = batch
+        loss, acc = bc_loss(policy, images, ids, mask, actions, spec.label_sigma)
+        return loss, {"bin_accuracy": acc}
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.policy = policy
-            self.history: list[dict[str, float]] = []
-
-        def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-            images, ids, mask, actions = batch
-            loss, acc = bc_loss(self.policy, images, ids, mask, actions, spec.label_sigma)
-            step = int(self.global_step)
-            if step % 25 == 0 or step == spec.steps - 1:
-                self.history.append({"step": step, "loss": float(loss.detach()), "bin_accuracy": float(acc)})
-            return loss
-
-        def configure_optimizers(self) -> Any:
-            opt = torch.optim.AdamW(self.policy.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
-            sched = warmup_cosine(opt, warmup=spec.warmup, total=spec.steps, floor=0.05)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    return BCModule()
+    return loss_module(policy, bc_step, lr=spec.lr, steps=spec.steps, warmup=spec.warmup, floor=0.05, betas=(0.9, 0.98))
 
 
 def train_policy(

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from sciscope.core.training import fit_lightning, warmup_cosine
+from sciscope.core.training import fit_lightning, loss_module, warmup_cosine
 
 
 def test_warmup_then_cosine_to_the_floor() -> None:
@@ -50,3 +50,24 @@ def test_fit_lightning_runs_max_steps_and_learns() -> None:
     assert module.steps == 150 and seconds > 0
     with torch.no_grad():
         assert torch.nn.functional.mse_loss(module.lin(X).squeeze(-1), y) < 0.05
+
+
+def test_loss_module_learns_and_logs_the_loss_with_extras() -> None:
+    torch.manual_seed(0)
+    X = torch.randn(256, 4)
+    y = X @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+    lin = torch.nn.Linear(4, 1)
+
+    def loss_fn(batch):  # noqa: ANN001, ANN202
+        xb, yb = batch
+        err = lin(xb).squeeze(-1) - yb
+        return err.pow(2).mean(), {"mae": err.abs().mean()}
+
+    module = loss_module(lin, loss_fn, lr=0.05, steps=120, warmup=5, weight_decay=0.0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=32, shuffle=True)
+    fit_lightning(module, loader, max_steps=120)
+    assert [row["step"] for row in module.history] == [0, 25, 50, 75, 100, 119]
+    assert set(module.history[0]) == {"step", "loss", "mae"}
+    assert module.history[-1]["loss"] < 0.05 * module.history[0]["loss"]
+    with torch.no_grad():
+        assert torch.nn.functional.mse_loss(lin(X).squeeze(-1), y) < 0.05
