@@ -18,12 +18,17 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
 from torch import nn
 
+from .config import Key, check_keys
 from .errors import AdapterError, ConfigError, close_matches
+from .experiment import Analysis, ProbeSet, Scorer, SteeringPlan, contrast_plan
+
+if TYPE_CHECKING:
+    from .context import RunContext
 
 ENTRY_POINT_GROUP = "sciscope.domains"
 
@@ -75,7 +80,10 @@ class DomainAdapter(ABC):
     """Base class of a domain adapter.
 
     Subclasses set the class attributes and implement :meth:`examples`, :meth:`model` and
-    :meth:`batches`; the rest have working defaults.
+    :meth:`batches`; the rest have working defaults. An adapter *declares* its experiments --
+    :meth:`steering_plans`, :meth:`analyses`, :meth:`probe_sets`, model :attr:`variants` -- and the
+    core's stages run them with their controls; it never loops over alphas, captures by hand or
+    builds a path into a run folder (outputs go through its :class:`~sciscope.core.context.RunContext`).
 
     Class attributes
     ----------------
@@ -83,27 +91,63 @@ class DomainAdapter(ABC):
         Registry name (``sciscope run NAME``).
     description : str
         One line for ``sciscope domains``.
+    config_keys : dict[str, Key]
+        Every configuration key: default, range/choices and the first stage a change reruns
+        (:class:`sciscope.core.config.Key`). ``default_config`` and ``config_stages`` derive from it.
     default_config : dict
-        Every configuration key with its default; the config schema is derived from it (an
-        unknown key or a value of the wrong type is a :class:`ConfigError` naming the key).
+        ``{key: default}`` (set directly by adapters that declare no ``config_keys``).
+    profiles : dict
+        ``{"quick": {...}, "full": {...}}`` overrides for ``sciscope run --profile``.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    config_keys: ClassVar[dict[str, Key]] = {}
     default_config: ClassVar[dict[str, Any]] = {}
+    config_stages: ClassVar[dict[str, str]] = {}
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_keys" in cls.__dict__:
+            cls.default_config = {k: key.default for k, key in cls.config_keys.items()}
+            cls.config_stages = {k: key.stage for k, key in cls.config_keys.items()}
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         self.config = self.validate_config(config or {})
         #: Lightning ``Trainer`` options for models the adapter trains (``accelerator``, ``devices``,
-        #: ``num_nodes``, ``strategy``); the pipeline sets them from its config, so one key moves
-        #: every training in a run to GPUs, DDP or several nodes.
+        #: ``num_nodes``, ``strategy``); the run's context sets them from its config, so one key
+        #: moves every training in a run to GPUs, DDP or several nodes.
         self.trainer_options: dict[str, Any] = {"accelerator": "cpu", "devices": 1}
+        self._ctx: RunContext | None = None
+
+    # -- the run this adapter works in ---------------------------------------------------------------
+    @property
+    def ctx(self) -> "RunContext":
+        """The run context (a pipeline run's, or an in-memory one for notebooks and tests)."""
+        if getattr(self, "_ctx", None) is None:
+            from .context import RunContext
+
+            RunContext(self)  # binds itself
+        return self._ctx  # type: ignore[return-value]
+
+    @ctx.setter
+    def ctx(self, value: "RunContext") -> None:
+        self._ctx = value
 
     # -- configuration ----------------------------------------------------------------------------
     @classmethod
     def validate_config(cls, overrides: Mapping[str, Any]) -> dict[str, Any]:
-        """Merge ``overrides`` into the defaults; reject unknown keys and ill-typed values."""
-        return merge_config(cls.name or cls.__name__, dict(cls.default_config), overrides)
+        """Merge ``overrides`` into the defaults; reject unknown keys, ill-typed and out-of-range values."""
+        source = cls.name or cls.__name__
+        config = merge_config(source, dict(cls.default_config), overrides)
+        check_keys(source, cls.config_keys, config)
+        cls.check_config(config)
+        return config
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any]) -> None:
+        """Checks across keys (a patch size that divides the grid ...); raise ConfigError naming the key."""
 
     # -- what every adapter supplies --------------------------------------------------------------
     @abstractmethod
@@ -157,7 +201,25 @@ class DomainAdapter(ABC):
         """
         return {}
 
-    # -- hooks the pipeline stages call (all optional) ----------------------------------------------
+    # -- model variants (a companion model the stages capture and probe like the main one) ---------
+    @property
+    def variants(self) -> list[str]:
+        """Names of model variants (e.g. chemistry's model of the other molecule encoding)."""
+        return []
+
+    def variant_model(self, name: str) -> nn.Module:
+        """The model of variant ``name`` (trained or loaded like the main one)."""
+        raise AdapterError(f"{self.name}: no model variant {name!r}")
+
+    def variant_sites(self, name: str) -> list[str]:
+        """Sites captured for variant ``name`` (default: the main model's)."""
+        return self.sites
+
+    def variant_aliases(self, name: str) -> dict[str, str]:
+        """Aliases of variant ``name`` (default: the main model's)."""
+        return self.aliases
+
+    # -- what the stages run (all optional) ----------------------------------------------------------
     @property
     def probe_targets(self) -> list[str]:
         """Obs columns the probe stage fits (default: every concept)."""
@@ -167,6 +229,10 @@ class DomainAdapter(ABC):
     def probe_groups(self) -> str | None:
         """Obs column for group-aware cross-validation (scaffold, donor, spatial block ...)."""
         return None
+
+    def probe_sets(self, ctx: "RunContext") -> list[ProbeSet]:
+        """Extra probes: targets on a subset of rows or on a model variant (:class:`ProbeSet`)."""
+        return []
 
     def baseline_features(self, examples: Examples) -> dict[str, Any]:
         """Simple non-model features per example, probed beside the model (fingerprints, bag of tokens)."""
@@ -179,35 +245,28 @@ class DomainAdapter(ABC):
 
     @property
     def steer_site(self) -> str:
-        """The site the steering stage builds and injects its delta vectors at."""
+        """The site the default steering plans build and inject their delta vectors at."""
         return self.sae_site
 
-    def headline_rows(self, stage: str, context: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Extra headline numbers for a stage's summary (each beside its control where it has one).
+    def steering_scorer(self, ctx: "RunContext", contrast: str) -> "Scorer | Callable[[nn.Module], Mapping[str, Any]] | None":
+        """How to score steering along ``contrast`` (a :class:`Scorer`); None: do not steer it.
 
-        ``context`` holds the stage's results and its output folder ``out`` (where the adapter
-        writes the table each row reports from): ``{"examples", "out"}`` for ``"examples"`` (e.g.
-        invalid inputs skipped, with their line numbers); ``{"model", "out"}`` for ``"model"``;
-        ``{"sweep", "store", "examples", "out"}`` for ``"probes"``; ``{"analysis", "store",
-        "site", "latents", "out"}`` for ``"features"``; ``{"out", "site", "sweeps"}`` for
-        ``"steering"``. Rows follow
-        :func:`sciscope.pipelines.layout.write_headline`.
-        """
-        return []
-
-    def steering_evaluator(
-        self, model: nn.Module, examples: Examples, contrast: str, site: str
-    ) -> Callable[[nn.Module], Mapping[str, float]] | None:
-        """A metric for steering sweeps: ``fn(model) -> {metric: value}`` run under each alpha.
-
-        Called once per contrast (it may fit what it needs, e.g. a read-out probe on a later
-        layer); the steering stage runs it with the vector, random directions and alpha = 0.
-        None skips steering for that contrast.
+        Used by the default :meth:`steering_plans`: one difference-of-means :class:`AddVector` per
+        contrast at :attr:`steer_site`, swept over the run's ``steer_alphas``.
         """
         return None
 
-    def feature_plots(self, analysis: Any, acts: Any, obs: pd.DataFrame, out_dir: Any) -> list[Any]:
-        """Domain figures for the features stage (e.g. maps coloured by activation); returns paths."""
+    def steering_plans(self, ctx: "RunContext") -> list[SteeringPlan]:
+        """The steering experiments of a run (default: one delta-vector plan per scored contrast)."""
+        plans = []
+        for name, (a, b) in self.contrasts.items():
+            scorer = self.steering_scorer(ctx, name)
+            if scorer is not None:
+                plans.append(contrast_plan(ctx, name, a, b, scorer, site=self.steer_site))
+        return plans
+
+    def analyses(self) -> list[Analysis]:
+        """Domain analyses the stages run after their own work (:class:`Analysis`)."""
         return []
 
     def __repr__(self) -> str:

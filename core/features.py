@@ -710,6 +710,19 @@ class FeatureAnalysis:
             write_json(tmp / "summary.json", self.summary())
         return path
 
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "FeatureAnalysis":
+        """Read an analysis written by :meth:`save`."""
+        import json
+
+        path = Path(path)
+        read = lambda name: pd.read_csv(path / name) if (path / name).is_file() else pd.DataFrame()  # noqa: E731
+        ctrl = path / "control_associations.csv"
+        return cls(density=read("density.csv"), top_examples=read("top_examples.csv"),
+                   associations=read("associations.csv"), best_concept=read("best_concept.csv"), extra=read("extra.csv"),
+                   control_associations=pd.read_csv(ctrl) if ctrl.is_file() else None,
+                   params=json.loads((path / "params.json").read_text()) if (path / "params.json").is_file() else {})
+
     def __repr__(self) -> str:
         s = self.summary()
         ctrl = f", {s['control_n_significant']} on shuffled concepts" if "control_n_significant" in s else ""

@@ -15,31 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from sciscope.core.adapter import DomainAdapter, available_domains, merge_config
+from sciscope.core.config import PIPELINE_KEYS as CORE_PIPELINE_KEYS
+from sciscope.core.config import check_keys, pipeline_defaults
 from sciscope.core.errors import AdapterError, ConfigError, close_matches
 
-#: key -> (default, first stage it affects)
-PIPELINE_KEYS: dict[str, tuple[Any, str]] = {
-    "seed": (0, "examples"),
-    "batch_size": (64, "activations"),
-    "capture_shards": (1, "activations"),  # capture split over this many jobs (cluster), then merged
-    # Lightning options for every training in the run (the adapter's model, the SAE): e.g.
-    # accelerator=gpu devices=4 strategy=ddp, or num_nodes=2 on a cluster
-    "accelerator": ("cpu", "model"),
-    "devices": (1, "model"),
-    "num_nodes": (1, "model"),
-    "strategy": ("auto", "model"),
-    "probe_cv": (5, "probes"),
-    "sae_architecture": ("topk", "sae"),
-    "sae_expansion": (8, "sae"),
-    "sae_k": (32, "sae"),
-    "sae_steps": (2000, "sae"),
-    "sae_batch_size": (512, "sae"),
-    "sae_lr": (1e-3, "sae"),
-    "feature_top_k": (10, "features"),
-    "steer_alphas": ([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0], "steering"),
-    "steer_scale": ("absolute", "steering"),
-    "steer_n_random": (3, "steering"),
-}
+#: The pipeline's keys (default, range, first stage it affects) live in the core's key table.
+PIPELINE_KEYS = CORE_PIPELINE_KEYS
 PROFILES = ("quick", "full")
 
 
@@ -108,9 +89,8 @@ def resolve_config(
     """Defaults <- the adapter's profile <- overrides, validated; returns the flat run config."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {PROFILES}")
-    pipeline_defaults = {k: v for k, (v, _) in PIPELINE_KEYS.items()}
     profiles = getattr(cls, "profiles", {}) or {}
-    merged = {**pipeline_defaults, **cls.default_config}
+    merged = {**pipeline_defaults(), **cls.default_config}
     merged = merge_config(f"profile {profile!r} of {cls.name}", merged, profiles.get(profile, {}))
     merged = merge_config("--set", merged, overrides or {})
     # the adapter validates its own keys (types, allowed values) once more
@@ -123,16 +103,9 @@ def resolve_config(
 def _check_pipeline_values(cfg: Mapping[str, Any]) -> None:
     from sciscope.core.sae import available_saes
 
-    positive = ["batch_size", "capture_shards", "devices", "num_nodes", "probe_cv", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size", "steer_n_random"]
-    for key in positive:
-        if cfg[key] <= 0 and not (key == "steer_n_random" and cfg[key] == 0):
-            raise ConfigError(f"config key {key!r} must be positive, got {cfg[key]!r}")
-    if cfg["probe_cv"] < 2:
-        raise ConfigError(f"config key 'probe_cv' must be at least 2, got {cfg['probe_cv']}")
+    check_keys("pipeline", PIPELINE_KEYS, cfg)
     if cfg["sae_architecture"] not in available_saes():
         raise ConfigError(f"config key 'sae_architecture': {cfg['sae_architecture']!r} is not one of {available_saes()}")
-    if cfg["steer_scale"] not in ("absolute", "relative"):
-        raise ConfigError(f"config key 'steer_scale' must be 'absolute' or 'relative', got {cfg['steer_scale']!r}")
     try:
         [float(a) for a in cfg["steer_alphas"]]
     except (TypeError, ValueError):
@@ -142,7 +115,7 @@ def _check_pipeline_values(cfg: Mapping[str, Any]) -> None:
 def stage_of_key(cls: type[DomainAdapter], key: str) -> str:
     """The first stage a config key affects."""
     if key in PIPELINE_KEYS:
-        return PIPELINE_KEYS[key][1]
+        return PIPELINE_KEYS[key].stage
     return (getattr(cls, "config_stages", {}) or {}).get(key, "examples")
 
 

@@ -29,9 +29,12 @@ log = logging.getLogger("sciscope.pipelines")
 
 
 class Run:
-    """A run folder plus its adapter, built lazily (stages share this, not state)."""
+    """A run folder, its adapter and its :class:`~sciscope.core.context.RunContext` (the adapter's
+    only door into the folder); stages share this, not state."""
 
     def __init__(self, run_dir: str | Path, *, progress: bool = True) -> None:
+        from sciscope.core.context import RunContext
+
         self.dir = Path(run_dir)
         self.info = read_run_info(self.dir)
         if not self.info:
@@ -41,43 +44,48 @@ class Run:
         self.config: dict[str, Any] = self.info["config"]
         self.cls = load_adapter_class(self.info["adapter"])
         self.adapter = self.cls(adapter_config(self.cls, self.config))
-        self.adapter.run_dir = self.dir  # adapters that train a model keep it under <run>/model
-        self.adapter.trainer_options = self.trainer_options
         self.progress = progress
-        self._model = None
-        self._examples = None
+        self.ctx = RunContext(self.adapter, self.config, run_dir=self.dir, progress=progress)
 
     def path(self, stage: str) -> Path:
         p = stage_dir(self.dir, stage)
         p.mkdir(parents=True, exist_ok=True)
+        self.ctx.stage, self.ctx.subfolder = stage, ""
         return p
 
     @property
     def trainer_options(self) -> dict[str, Any]:
         """Lightning ``Trainer`` options of this run (config keys accelerator, devices, num_nodes, strategy)."""
-        c = self.config
-        return {"accelerator": c.get("accelerator", "cpu"), "devices": c.get("devices", 1),
-                "num_nodes": c.get("num_nodes", 1), "strategy": c.get("strategy", "auto")}
+        return self.ctx.trainer_options
 
     @property
     def seed(self) -> int:
-        return int(self.config.get("seed", 0))
+        return self.ctx.seed
 
     def examples(self):
-        if self._examples is None:
-            self._examples = self.adapter.examples("all")
-        return self._examples
+        return self.ctx.examples()
 
-    def model(self):
-        if self._model is None:
-            spec = self.config.get("model") or None
-            self._model = self.adapter.model(spec)
-        return self._model
+    def model(self, variant: str | None = None):
+        return self.ctx.model(variant)
 
     def store(self):
-        from sciscope.core import ActivationStore
+        return self.ctx.store()
 
-        return ActivationStore.open(self.dir / "activations" / "store")
+    def analyses(self, stage: str) -> list[dict[str, Any]]:
+        """Run the adapter's analyses declared for ``stage`` (timed); their headline rows."""
+        rows: list[dict[str, Any]] = []
+        timings = {}
+        for analysis in self.adapter.analyses():
+            if analysis.stage != stage:
+                continue
+            self.ctx.stage, self.ctx.subfolder = stage, ""
+            log.info("analysis %s (after %s)", analysis.name, stage)
+            got, seconds = analysis.run(self.ctx)
+            timings[analysis.name] = round(seconds, 2)
+            rows += [{"stage": stage, **r} for r in got]
+        if timings:
+            write_json(stage_dir(self.dir, stage) / "analyses.json", timings)
+        return rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,7 +104,7 @@ def stage_examples(run: Run) -> dict[str, Any]:
     write_json(out / "summary.json", counts)
     rows = [{"stage": "examples", "name": "examples", "value": len(ex.obs), "unit": "rows",
              "note": f"concepts: {', '.join(run.adapter.concepts)}", "source": "examples/obs.parquet"}]
-    rows += run.adapter.headline_rows("examples", {"examples": ex, "out": out})
+    rows += run.analyses("examples")
     write_headline(out, rows)
     return counts
 
@@ -116,7 +124,7 @@ def stage_model(run: Run) -> dict[str, Any]:
     ident = info["identity"]
     rows = [{"stage": "model", "name": "parameters", "value": ident["n_params"],
              "note": f"{ident['name']} ({ident['class']}), sha256 {ident['hash'][:12]}", "source": "model/model.json"}]
-    rows += run.adapter.headline_rows("model", {"model": model, "out": out})
+    rows += run.analyses("model")
     write_headline(out, rows)
     return info
 
@@ -137,8 +145,14 @@ def stage_activations(run: Run) -> dict[str, Any]:
     else:
         store = _capture(run, out / "store")
     note = f"{len(store.sites)} sites, pooling {run.adapter.pooling}" + (f", {n_shards} shards merged" if n_shards > 1 else "")
-    write_headline(out, [{"stage": "activations", "name": "captured rows x sites", "value": store.n_obs,
-                          "note": note, "source": "activations/store/manifest.json"}])
+    rows = [{"stage": "activations", "name": "captured rows x sites", "value": store.n_obs,
+             "note": note, "source": "activations/store/manifest.json"}]
+    for variant in run.adapter.variants:  # each model variant's store, probed like the main one
+        vstore = run.ctx.store(variant)
+        rows.append({"stage": "activations", "name": f"captured rows x sites ({variant})", "value": vstore.n_obs,
+                     "note": f"model variant {variant!r}, {len(vstore.sites)} sites", "source": f"activations/variants/{variant}/manifest.json"})
+    rows += run.analyses("activations")
+    write_headline(out, rows)
     return {"n_obs": store.n_obs, "sites": store.sites, "shards": n_shards}
 
 
@@ -200,9 +214,49 @@ def stage_probes(run: Run) -> dict[str, Any]:
         rows.append({"stage": "probes", "name": f"{target} ({best.metric})", "value": float(best.score_mean),
                      "control": float(best.control_mean), "control_label": "shuffled labels", "note": note,
                      "source": "probes/summary.csv"})
-    rows += run.adapter.headline_rows("probes", {"sweep": res, "store": store, "examples": run.examples(), "out": out})
+    run.ctx.live["probes"] = res
+    rows += _probe_sets(run)
+    rows += run.analyses("probes")
     write_headline(out, rows)
     return {"targets": targets, "sites": store.sites}
+
+
+def _probe_sets(run: Run) -> list[dict[str, Any]]:
+    """Fit the adapter's extra probe sets (row subsets, model variants); one table each."""
+    from sciscope.core import probe_sweep
+
+    rows = []
+    for ps in run.adapter.probe_sets(run.ctx):
+        store = run.ctx.store(ps.variant)
+        if ps.query:
+            store = store.query(ps.query)
+        cv = int(ps.cv or run.config["probe_cv"])
+        groups = ps.groups if ps.groups is not None else run.adapter.probe_groups
+        if groups is not None:
+            cv = min(cv, int(store.obs[groups].nunique()))
+        if cv < 2 or store.n_obs < 4:
+            log.info("probe set %s skipped: %d rows, %d folds", ps.name, store.n_obs, cv)
+            continue
+        baseline = None
+        if ps.baseline:
+            sub = run.examples().obs
+            keep = sub.eval(ps.query).to_numpy() if ps.query else slice(None)
+            baseline = {k: np.asarray(v)[keep] for k, v in (run.adapter.baseline_features(run.examples()) or {}).items()} or None
+        res = probe_sweep(store, list(ps.targets), cv=cv, groups=groups, baseline=baseline, control=True, seed=run.seed,
+                          progress=run.progress)
+        summary = res.summary()
+        write_table(stage_dir(run.dir, "probes") / f"{ps.name}.csv", summary)
+        run.ctx.live[f"probes:{ps.name}"] = res
+        layers = summary[summary["site"].notna() & (summary["site"].astype(str) != "")]
+        for target, t in layers.groupby("target", sort=False):
+            best = t.loc[t["score_mean"].idxmax()]
+            rows.append({"stage": "probes", "name": f"{ps.name}: {target} ({best.metric})", "value": float(best.score_mean),
+                         "control": float(best.control_mean), "control_label": "shuffled labels",
+                         "note": f"best site {best.site}" + (f"; rows {ps.query}" if ps.query else "")
+                         + (f"; model variant {ps.variant}" if ps.variant else "") + "; per site: "
+                         + ", ".join(f"{s} {v:.2f}" for s, v in zip(t.site, t.score_mean)),
+                         "source": f"probes/{ps.name}.csv"})
+    return rows
 
 
 def stage_sae(run: Run) -> dict[str, Any]:
@@ -264,6 +318,7 @@ def stage_sae(run: Run) -> dict[str, Any]:
     axes[1].set_xlabel("step"), axes[1].set_ylabel("dead fraction")
     fig.suptitle(f"{arch} SAE on {site}: {d_in} -> {cfg_fields['d_sae']}")
     save_figure(fig, out / "training.png")
+    run.ctx.live["sae"] = trained.sae
     write_headline(out, [
         {"stage": "sae", "name": "explained variance", "value": metrics["explained_variance"],
          "control": metrics["pca_explained_variance"], "control_label": "PCA with as many components as the SAE's L0",
@@ -272,6 +327,7 @@ def stage_sae(run: Run) -> dict[str, Any]:
         {"stage": "sae", "name": "L0 (active latents per row)", "value": metrics["l0"], "source": "sae/metrics.json"},
         {"stage": "sae", "name": "live latent fraction", "value": 1.0 - metrics["dead_fraction_all_rows"], "source": "sae/metrics.json",
          "note": "fraction of latents that fire on at least one row (all rows)"},
+        *run.analyses("sae"),
     ])
     return metrics
 
@@ -304,7 +360,6 @@ def stage_features(run: Run) -> dict[str, Any]:
                                 k=int(run.config["feature_top_k"]), control=True, seed=run.seed)
     analysis.save(out / "analysis")
     write_table(out / "features.csv", analysis.features)
-    figures = run.adapter.feature_plots(analysis, acts, obs, out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,54 +375,50 @@ def stage_features(run: Run) -> dict[str, Any]:
              "control": None if n_ctrl is None else int(analysis.control_associations[analysis.control_associations.significant].feature.nunique()),
              "control_label": "shuffled concepts", "note": f"{n_sig} significant feature-concept pairs ({n_ctrl} on shuffled)",
              "source": "features/analysis/associations.csv"}]
-    rows += run.adapter.headline_rows("features", {"analysis": analysis, "store": run.store(), "site": run.adapter.sae_site,
-                                                   "latents": latents, "out": out})
+    run.ctx.live["features"] = analysis
+    rows += run.analyses("features")
     write_headline(out, rows)
-    return {"n_significant": n_sig, "figures": [str(f) for f in figures]}
+    return {"n_significant": n_sig}
 
 
 def stage_steering(run: Run) -> dict[str, Any]:
-    """For each contrast: delta vector, alpha sweep scored by the adapter, random directions as control."""
-    from sciscope.core import alpha_sweep, contrast_vector
+    """Run every steering plan the adapter declares: alpha = 0 once, each alpha, each matched
+    random control; broken runs counted; ``steering/<plan>/`` gets sweep.csv, summary.csv,
+    summary.json and a figure; the headline carries each plan's effect beside its controls."""
+    from sciscope.core.experiment import plan_headline_rows, resolve_intervention, resolve_reference, run_plan
+    from sciscope.core.interventions import AddVector
 
     out = run.path("steering")
-    store = run.store()
+    ctx = run.ctx
     model = run.model()
-    site = run.adapter.steer_site
-    alphas = [float(a) for a in run.config["steer_alphas"]]
     rows, done = [], {}
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for name, (a, b) in run.adapter.contrasts.items():
-        evaluate = run.adapter.steering_evaluator(model, run.examples(), name, site)
-        if evaluate is None:
-            continue
-        vec = contrast_vector(store, site, a=a, b=b)
-        sweep = alpha_sweep(model, vec, alphas, evaluate, site=site, scale=run.config["steer_scale"],
-                            aliases=run.adapter.aliases, n_random=int(run.config["steer_n_random"]), seed=run.seed,
-                            progress=run.progress)
-        cdir = out / name
-        sweep.save(cdir)
-        vec.save(cdir / "vector.safetensors")
-        metrics = list(dict.fromkeys(sweep.table.metric))
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.4), squeeze=False)
-        for ax, m in zip(axes[0], metrics):
+    for plan in run.adapter.steering_plans(ctx):
+        ctx.stage, ctx.subfolder = "steering", plan.name
+        intervention = resolve_intervention(plan, ctx)
+        reference = resolve_reference(plan, ctx)
+        log.info("steering plan %s: %s, %d alphas x (1 + %d controls)", plan.name, intervention.kind, len(plan.alphas), plan.n_controls)
+        sweep = run_plan(model, plan, intervention, aliases=run.adapter.aliases, reference=reference, progress=run.progress)
+        pdir = out / plan.name
+        sweep.save(pdir)
+        if isinstance(intervention, AddVector):
+            intervention.vector.save(pdir / "vector.safetensors")
+        scores = [m for m, role in sweep.roles.items() if role in ("target", "off_target")][:4]
+        scores = list(dict.fromkeys([sweep.headline, *scores]))
+        fig, axes = plt.subplots(1, len(scores), figsize=(4.6 * len(scores), 3.4), squeeze=False)
+        for ax, m in zip(axes[0], scores):
             sweep.plot(m, ax=ax)
-        save_figure(fig, cdir / "alpha_sweep.png")
-        for m in metrics:
-            steer_slope = sweep.slope(m, "steer")
-            rand = [sweep.slope(m, c) for c in sorted(set(sweep.table.condition)) if c.startswith("random")]
-            t = sweep.table[(sweep.table.metric == m) & (sweep.table.condition == "steer")].sort_values("alpha")
-            monotonic = bool(np.all(np.diff(t.value.to_numpy()) >= 0) or np.all(np.diff(t.value.to_numpy()) <= 0))
-            rows.append({"stage": "steering", "name": f"{name}: slope of {m} per unit alpha", "value": steer_slope,
-                         "control": float(np.mean(np.abs(rand))) if rand else None,
-                         "control_label": "mean |slope| of random directions (same norm)",
-                         "note": f"at {site}; {'monotonic' if monotonic else 'not monotonic'} in alpha", "source": f"steering/{name}/sweep.csv"})
-        done[name] = {"site": site, "vector_norm": vec.norm}
-    rows += run.adapter.headline_rows("steering", {"out": out, "site": site, "sweeps": done, "model": model})
+        save_figure(fig, pdir / "alpha_sweep.png")
+        rows += plan_headline_rows(sweep, source=f"steering/{plan.name}/summary.json")
+        s = sweep.summary()
+        done[plan.name] = {"kind": intervention.kind, "headline": s["score"], "effect_plus": s["effect_plus"],
+                           "breakdown_alpha": s["breakdown_alpha"]}
+    ctx.subfolder = ""
+    rows += run.analyses("steering")
     write_headline(out, rows)
     return done
 

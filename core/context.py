@@ -1,0 +1,266 @@
+"""RunContext: the one door into a run, passed to every adapter hook that runs an experiment.
+
+A context carries the whole run config (pipeline keys such as ``steer_alphas`` and ``probe_cv``
+beside the adapter's own), the run's artifacts (:meth:`RunContext.store`, :meth:`~RunContext.sae`,
+:meth:`~RunContext.latents`, :meth:`~RunContext.probes`, :meth:`~RunContext.features`), a cache
+(:meth:`RunContext.cached` for models and other expensive objects, in memory and, in a run, on
+disk) and the writers for the current stage's outputs (:meth:`~RunContext.write_table`,
+:meth:`~RunContext.save_figure`, :meth:`~RunContext.output`). Adapters never build a path into a
+run folder; outside a run (notebooks, tests) the same calls work on a temporary folder.
+
+Layout it owns::
+
+    <run>/<stage>/...                 stage outputs (tables, figures, headline.json)
+    <run>/activations/store           the main model's activations
+    <run>/activations/variants/<v>    a model variant's activations
+    <run>/probes/sweep                the probe sweep
+    <run>/sae/model, <run>/sae/latents
+    <run>/features/analysis
+    <run>/cache/<name>                what ``cached(..., save=, load=)`` keeps between stage processes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .config import pipeline_defaults
+from .errors import SciscopeError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .adapter import DomainAdapter, Examples
+    from .features import FeatureAnalysis
+    from .probe import ProbeSweepResult
+    from .store import ActivationStore
+
+T = TypeVar("T")
+
+#: Objects built by ``cached`` in this process, by key (models, simulations): a notebook that
+#: makes two adapters with the same config trains once.
+_MEMORY: dict[str, Any] = {}
+
+
+def stable_key(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (config values, names) for cache keys."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class RunContext:
+    """The run an adapter hook works in.
+
+    Parameters
+    ----------
+    adapter
+        The run's adapter (the context binds itself to it: ``adapter.ctx``).
+    config
+        The whole run config; default: the pipeline's defaults plus the adapter's config.
+    run_dir
+        The run folder, or None outside a pipeline (outputs then go to a temporary folder and
+        ``cached`` keeps objects in memory only).
+    stage
+        The stage whose folder the writers write into (the runner sets it).
+    """
+
+    def __init__(self, adapter: "DomainAdapter", config: Mapping[str, Any] | None = None, *,
+                 run_dir: str | os.PathLike[str] | None = None, stage: str = "examples", progress: bool = False,
+                 trainer_options: Mapping[str, Any] | None = None) -> None:
+        self.adapter = adapter
+        self.config: dict[str, Any] = {**pipeline_defaults(), **adapter.config, **dict(config or {})}
+        self._dir = Path(run_dir) if run_dir is not None else None
+        self._tmp: Path | None = None
+        self.stage = stage
+        self.subfolder = ""
+        self.progress = progress
+        c = self.config
+        self.trainer_options: dict[str, Any] = dict(trainer_options or {
+            "accelerator": c.get("accelerator", "cpu"), "devices": c.get("devices", 1),
+            "num_nodes": c.get("num_nodes", 1), "strategy": c.get("strategy", "auto")})
+        self._models: dict[str | None, Any] = {}
+        #: results of the current stage process that analyses read in memory (``"probes"``,
+        #: ``"features"``): the stage runner puts them here before running its analyses
+        self.live: dict[str, Any] = {}
+        self._examples: Any = None
+        adapter.ctx = self
+        adapter.trainer_options = self.trainer_options
+
+    # -- identity ---------------------------------------------------------------------------------
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def in_run(self) -> bool:
+        """True inside a pipeline run (artifacts on disk), False in memory."""
+        return self._dir is not None
+
+    def _root(self) -> Path:
+        if self._dir is not None:
+            return self._dir
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="sciscope-ctx-"))
+        return self._tmp
+
+    def _artifact(self, *parts: str) -> Path:
+        path = self._root().joinpath(*parts)
+        if not path.exists():
+            raise SciscopeError(f"no {'/'.join(parts)} in this run yet: run the stage that makes it first "
+                                f"({'sciscope run ... --until ' + parts[0] if self.in_run else 'not in a pipeline run'})")
+        return path
+
+    # -- data and models (memoised per context) ------------------------------------------------------
+    def examples(self) -> "Examples":
+        """Every example of the run (``adapter.examples("all")``)."""
+        if self._examples is None:
+            self._examples = self.adapter.examples("all")
+        return self._examples
+
+    def model(self, variant: str | None = None) -> "nn.Module":
+        """The run's model, or one of the adapter's declared model variants."""
+        if variant not in self._models:
+            if variant is None:
+                self._models[None] = self.adapter.model(self.config.get("model") or None)
+            else:
+                if variant not in self.adapter.variants:
+                    raise SciscopeError(f"{self.adapter.name}: no model variant {variant!r}; variants: {self.adapter.variants}")
+                self._models[variant] = self.adapter.variant_model(variant)
+        return self._models[variant]
+
+    # -- artifacts of earlier stages -----------------------------------------------------------------
+    def store(self, variant: str | None = None) -> "ActivationStore":
+        """Activations of the main model (or of a model variant), memory-mapped."""
+        from .store import ActivationStore
+
+        if variant is None:
+            return ActivationStore.open(self._artifact("activations", "store"))
+        path = self._root() / "activations" / "variants" / variant
+        if not path.exists():
+            self.capture_variant(variant, path)
+        return ActivationStore.open(path)
+
+    def capture_variant(self, variant: str, path: Path) -> "ActivationStore":
+        """Capture a model variant's default sites over every example into ``path``."""
+        from .capture import collect
+
+        ad, ex, model = self.adapter, self.examples(), self.model(variant)
+        bs = int(self.config.get("batch_size", 64))
+        return collect(model, ad.batches(ex, model, batch_size=bs), ad.variant_sites(variant), out=path, obs=ex.obs,
+                       pooling=ad.pooling, aliases=ad.variant_aliases(variant), seed=self.seed, progress=self.progress,
+                       total=-(-len(ex) // bs), extra_manifest={"domain": ad.name, "variant": variant})
+
+    def sae(self) -> Any:
+        """The SAE the sae stage trained."""
+        from .sae import load_sae
+
+        return load_sae(self._artifact("sae", "model"))
+
+    def latents(self) -> "ActivationStore":
+        """SAE codes of every row (one site, ``"latents"``)."""
+        from .store import ActivationStore
+
+        return ActivationStore.open(self._artifact("sae", "latents"))
+
+    def probes(self) -> "ProbeSweepResult":
+        """The probe stage's sweep (to analyses that run after the probes stage)."""
+        if "probes" not in self.live:
+            raise SciscopeError("the probe sweep is available to analyses declared with stage='probes'")
+        return self.live["probes"]
+
+    def probe_summary(self) -> Any:
+        """The probe stage's summary table (``probes/summary.csv``), from any later stage."""
+        import pandas as pd
+
+        return pd.read_csv(self._artifact("probes", "summary.csv"))
+
+    def features(self) -> "FeatureAnalysis":
+        """The features stage's analysis (associations, top examples, density)."""
+        from .features import FeatureAnalysis
+
+        if "features" in self.live:
+            return self.live["features"]
+        return FeatureAnalysis.load(self._artifact("features", "analysis"))
+
+    def sae_metrics(self) -> dict[str, Any]:
+        """The sae stage's metrics (explained variance, L0, site ...)."""
+        return json.loads(self._artifact("sae", "metrics.json").read_text())
+
+    # -- cache ------------------------------------------------------------------------------------------
+    def cached(self, name: str, key: Any, build: Callable[[], T], *, save: Callable[[T, Path], None] | None = None,
+               load: Callable[[Path], T] | None = None) -> T:
+        """``build()`` once per ``(name, key)``; kept in memory and, in a run with ``save``/``load``,
+        on disk under ``<run>/cache/<name>-<hash>`` so later stage processes load it.
+
+        ``key`` is anything JSON-able that determines the object (the config values it depends
+        on); a changed key builds anew.
+        """
+        tag = f"{name}-{stable_key(key)}"
+        if tag in _MEMORY:
+            return _MEMORY[tag]
+        folder = self._dir / "cache" / tag if self._dir is not None and save is not None and load is not None else None
+        if folder is not None and (folder / ".complete").is_file():
+            obj = load(folder)  # type: ignore[misc]
+        else:
+            obj = build()
+            if folder is not None:
+                tmp = folder.with_name(f".{tag}.tmp-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                save(obj, tmp)  # type: ignore[misc]
+                (tmp / ".complete").write_text(json.dumps({"name": name, "key": key}, default=str))
+                if folder.exists():
+                    shutil.rmtree(folder)
+                os.replace(tmp, folder)
+        _MEMORY[tag] = obj
+        return obj
+
+    # -- outputs of the current stage --------------------------------------------------------------------
+    def output(self, name: str) -> Path:
+        """Where an output file ``name`` of the current stage (and plan/analysis subfolder) goes."""
+        if os.path.isabs(name) or ".." in Path(name).parts:
+            raise ValueError(f"output name {name!r} must be relative, inside the stage folder")
+        path = self._root() / self.stage / self.subfolder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def source(self, name: str) -> str:
+        """The run-relative name of an output (a headline row's ``source``)."""
+        return "/".join(p for p in (self.stage, self.subfolder, name) if p)
+
+    def write_table(self, name: str, table: Any) -> str:
+        """Write a DataFrame (csv/parquet by suffix) atomically; returns its ``source``."""
+        from .io import write_table
+
+        write_table(self.output(name), table)
+        return self.source(name)
+
+    def write_json(self, name: str, obj: Any) -> str:
+        """Write JSON atomically; returns its ``source``."""
+        from .io import write_json
+
+        write_json(self.output(name), obj)
+        return self.source(name)
+
+    def write_text(self, name: str, text: str) -> str:
+        """Write text atomically; returns its ``source``."""
+        from .io import write_text
+
+        write_text(self.output(name), text)
+        return self.source(name)
+
+    def save_figure(self, name: str, fig: Any) -> str:
+        """Save a matplotlib figure atomically (and close it); returns its ``source``."""
+        from .plotting import save_figure
+
+        save_figure(fig, self.output(name))
+        return self.source(name)
+
+    def __repr__(self) -> str:
+        return f"<RunContext {self.adapter.name!r} {'run ' + str(self._dir) if self._dir else 'in memory'}, stage {self.stage}>"

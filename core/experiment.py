@@ -1,0 +1,468 @@
+"""Experiments an adapter declares and the core runs: steering plans, analyses, extra probe sets.
+
+An adapter never writes an experiment loop. It returns
+
+* :class:`SteeringPlan` s from ``steering_plans(ctx)``: an :class:`~.interventions.Intervention`,
+  a :class:`Scorer`, alphas, how many random controls, optional reference conditions;
+  :func:`run_plan` runs alpha = 0 once, every alpha, every control, counts broken runs and
+  returns a :class:`PlanSweep` whose :meth:`PlanSweep.summary` gives what the steering papers
+  report (slope, effect at the largest safe alpha of each sign, monotonicity, sign symmetry,
+  breakdown alpha), each beside the same quantity for the controls, with bootstrap intervals over
+  examples when the scorer returns per-example values;
+* :class:`Analysis` es from ``analyses()``: a name, the stage after which it runs, ``compute(ctx)``
+  and ``headline(result) -> rows``; the stage runner runs, times and records each;
+* :class:`ProbeSet` s from ``probe_sets(ctx)``: probe targets on a subset of rows (or on a model
+  variant's activations) that the probe stage fits beside the default targets.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from .interventions import Intervention
+from .sites import Aliases
+
+if TYPE_CHECKING:
+    from .context import RunContext
+
+Rows = list[dict[str, Any]]
+
+
+@dataclass
+class Scorer:
+    """Scores a model under an intervention: ``fn(model) -> {score: value}``.
+
+    A value is a number or a 1-D array of per-example values (its mean is the score; the
+    examples are then resampled for bootstrap intervals). The names say what each score is:
+
+    Attributes
+    ----------
+    target
+        Scores the intervention is meant to move (the first is the headline unless the plan says).
+    off_target
+        Scores it should leave alone (longitude when steering latitude; the source's markers).
+    damage
+        Scores that measure harm (validity, task success, broken rollouts).
+    broken
+        A score giving the fraction of broken runs in one evaluation (e.g. ``"broken_fraction"``).
+        A NaN in any target score also counts as a broken run.
+    """
+
+    fn: Callable[[nn.Module], Mapping[str, Any]]
+    target: Sequence[str] = ()
+    off_target: Sequence[str] = ()
+    damage: Sequence[str] = ()
+    broken: str | None = None
+
+    def __call__(self, model: nn.Module) -> Mapping[str, Any]:
+        return self.fn(model)
+
+
+@dataclass
+class SteeringPlan:
+    """One steering experiment the steering stage runs.
+
+    Attributes
+    ----------
+    name
+        Folder name under ``steering/`` and prefix of its headline rows.
+    intervention
+        An :class:`Intervention`, or ``build(ctx) -> Intervention`` (e.g. a vector from the store).
+    scorer
+        A :class:`Scorer` or a plain ``fn(model) -> {score: value}`` (every score a target).
+    alphas
+        Strengths to sweep (alpha = 0, the unmodified model, is added and run once).
+    n_controls
+        Matched random controls (at least 10 by default: three cannot show that one vector beats
+        chance).
+    headline
+        The score the headline rows report (default: the scorer's first target score).
+    reference
+        Conditions to compare against, ``{condition: {score: value}}`` or ``build(ctx)`` of it
+        (real target cells, a prompt): "beats prompting" becomes a number.
+    seed
+        Seeds the controls and the bootstrap.
+    """
+
+    name: str
+    intervention: Intervention | Callable[["RunContext"], Intervention]
+    scorer: Scorer | Callable[[nn.Module], Mapping[str, Any]]
+    alphas: Sequence[float]
+    n_controls: int = 10
+    headline: str | None = None
+    reference: Mapping[str, Mapping[str, float]] | Callable[["RunContext"], Mapping[str, Mapping[str, float]]] | None = None
+    seed: int = 0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"steering plan name {self.name!r} must be a plain folder name")
+        if self.n_controls < 0:
+            raise ValueError(f"steering plan {self.name!r}: n_controls must be >= 0, got {self.n_controls}")
+        self.alphas = [float(a) for a in self.alphas]
+        if not isinstance(self.scorer, Scorer):
+            self.scorer = Scorer(self.scorer)
+
+
+@dataclass
+class Analysis:
+    """A declared analysis: runs after ``stage``; ``compute(ctx) -> result``; ``headline(result) -> rows``.
+
+    ``headline`` None means ``compute`` returns the headline rows itself. Outputs go through the
+    context (``ctx.write_table``, ``ctx.save_figure``), into the stage's folder.
+    """
+
+    name: str
+    stage: str
+    compute: Callable[["RunContext"], Any]
+    headline: Callable[[Any], Rows] | None = None
+
+    def run(self, ctx: "RunContext") -> tuple[Rows, float]:
+        """Compute and turn into rows; returns ``(rows, seconds)``."""
+        t0 = time.perf_counter()
+        result = self.compute(ctx)
+        rows = self.headline(result) if self.headline is not None else (result or [])
+        return list(rows), time.perf_counter() - t0
+
+
+@dataclass
+class ProbeSet:
+    """Extra probes the probe stage fits: ``targets`` on the rows selected by ``query``.
+
+    ``variant`` probes a model variant's activations (``ctx.store(variant)``) instead of the main
+    model's; ``cv`` None takes the run's ``probe_cv`` (capped at the number of groups).
+    """
+
+    name: str
+    targets: Sequence[str]
+    query: str | None = None
+    groups: str | None = None
+    cv: int | None = None
+    variant: str | None = None
+    baseline: bool = False
+
+
+# ------------------------------------------------------------------------------------------------
+# running a plan
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanSweep:
+    """Scores of a steering plan per condition and alpha, and what the papers read from them.
+
+    Attributes
+    ----------
+    table
+        Tidy: ``condition`` (``"steer"``, ``"random-<i>"``), ``alpha``, ``metric`` (a score name,
+        or ``"__broken__"``: the fraction of broken runs), ``value``; alpha = 0 was run once and
+        stands for every condition.
+    samples
+        ``{(condition, alpha, score): per-example values}`` where the scorer returned arrays.
+    roles
+        ``{score: "target" | "off_target" | "damage" | "other"}``.
+    params
+        Plan name, intervention description, alphas, controls, seed, references.
+    """
+
+    table: pd.DataFrame
+    samples: dict[tuple[str, float, str], np.ndarray]
+    roles: dict[str, str]
+    params: dict[str, Any]
+    reference: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def conditions(self) -> list[str]:
+        return list(dict.fromkeys(self.table.condition))
+
+    @property
+    def controls(self) -> list[str]:
+        return [c for c in self.conditions if c != "steer"]
+
+    @property
+    def headline(self) -> str:
+        return self.params["headline"]
+
+    def curve(self, score: str, condition: str = "steer") -> pd.Series:
+        """Value per alpha (sorted) of one score and condition."""
+        t = self.table[(self.table.metric == score) & (self.table.condition == condition)]
+        return t.set_index("alpha")["value"].sort_index()
+
+    def broken(self, condition: str = "steer") -> pd.Series:
+        """Fraction of broken runs per alpha of one condition."""
+        return self.curve("__broken__", condition)
+
+    def summary(self, score: str | None = None, *, n_boot: int = 1000) -> dict[str, Any]:
+        """Slope, effects at the largest safe alpha of each sign, monotonicity, symmetry, breakdown.
+
+        Safe alphas are those where the steered model had no broken run; the slope (least squares
+        over safe alphas) and the effects (value minus the alpha = 0 value) are read there, and
+        the same quantities for every control at the same alphas. ``p_effect_plus`` is the share
+        of controls whose |effect at +alpha*| reaches the vector's ((1 + count) / (1 + n)).
+        ``*_ci`` are 95 % bootstrap intervals over examples (NaN without per-example scores).
+        """
+        score = score or self.headline
+        steer = self.curve(score)
+        broken = self.broken()
+        safe = [a for a in steer.index if broken.get(a, 0.0) == 0 and np.isfinite(steer[a])]
+        pos, neg = [a for a in safe if a > 0], [a for a in safe if a < 0]
+        a_plus, a_minus = (max(pos) if pos else math.nan), (min(neg) if neg else math.nan)
+        out: dict[str, Any] = {"score": score, "role": self.roles.get(score, "other"), "alpha_plus": a_plus,
+                               "alpha_minus": a_minus, "at_zero": float(steer.get(0.0, np.nan))}
+        stats = _curve_stats(steer, safe, a_plus, a_minus)
+        out.update(stats)
+        out["breakdown_alpha"] = _breakdown(broken)
+        out["broken_at_max_alpha"] = float(broken[broken.index.map(abs) == broken.index.map(abs).max()].max()) if len(broken) else 0.0
+        # the controls, read at the same alphas
+        ctrl = [_curve_stats(self.curve(score, c), safe, a_plus, a_minus) for c in self.controls]
+        n = len(ctrl)
+        out["n_controls"] = n
+        for key in ("slope", "effect_plus", "effect_minus"):
+            vals = np.array([c[key] for c in ctrl], dtype=np.float64)
+            fin = vals[np.isfinite(vals)]
+            out[f"control_{key}_mean"] = float(fin.mean()) if fin.size else math.nan
+            out[f"control_{key}_mean_abs"] = float(np.abs(fin).mean()) if fin.size else math.nan
+            out[f"control_{key}_max_abs"] = float(np.abs(fin).max()) if fin.size else math.nan
+            if key != "effect_minus":
+                v = abs(out[key]) if np.isfinite(out[key]) else math.nan
+                out[f"p_{key}"] = float((1 + np.sum(np.abs(fin) >= v)) / (1 + fin.size)) if fin.size and np.isfinite(v) else math.nan
+        out["control_symmetry_mean"] = float(np.nanmean([c["symmetry"] for c in ctrl])) if n and np.isfinite([c["symmetry"] for c in ctrl]).any() else math.nan
+        out["control_monotonic_share"] = float(np.mean([c["monotonic"] for c in ctrl])) if n else math.nan
+        bd = [_breakdown(self.broken(c)) for c in self.controls]
+        fin_bd = [b for b in bd if np.isfinite(b)]
+        out["control_breakdown_alpha"] = float(min(fin_bd)) if fin_bd else math.nan
+        out["control_broken_share"] = float(np.mean([self.broken(c).sum() > 0 for c in self.controls])) if n else math.nan
+        out.update(self._bootstrap(score, safe, a_plus, a_minus, n_boot=n_boot))
+        for cond, scores in self.reference.items():
+            if score in scores:
+                out[f"reference[{cond}]"] = float(scores[score])
+        return out
+
+    def _bootstrap(self, score: str, safe: list[float], a_plus: float, a_minus: float, *, n_boot: int) -> dict[str, Any]:
+        keys = [("steer", a, score) for a in safe]
+        if not safe or not all(k in self.samples for k in keys):
+            return {"slope_ci": [math.nan, math.nan], "effect_plus_ci": [math.nan, math.nan],
+                    "effect_minus_ci": [math.nan, math.nan], "n_examples": None}
+        arrays = np.stack([self.samples[k] for k in keys])  # (n_alpha, n_examples), same examples
+        n_ex = arrays.shape[1]
+        rng = np.random.default_rng([int(self.params.get("seed", 0)), 0xB007])
+        idx = rng.integers(0, n_ex, size=(n_boot, n_ex))
+        means = np.stack([np.nanmean(arrays[:, i], axis=1) for i in idx])  # (n_boot, n_alpha)
+        alphas = np.asarray(safe, dtype=np.float64)
+        ac = alphas - alphas.mean()
+        slopes = (means - means.mean(1, keepdims=True)) @ ac / max(float(ac @ ac), 1e-12)
+        zero = safe.index(0.0) if 0.0 in safe else None
+
+        def effect(a: float) -> list[float]:
+            if zero is None or not np.isfinite(a):
+                return [math.nan, math.nan]
+            e = means[:, safe.index(a)] - means[:, zero]
+            return [float(np.nanpercentile(e, 2.5)), float(np.nanpercentile(e, 97.5))]
+
+        return {"slope_ci": [float(np.nanpercentile(slopes, 2.5)), float(np.nanpercentile(slopes, 97.5))],
+                "effect_plus_ci": effect(a_plus), "effect_minus_ci": effect(a_minus), "n_examples": int(n_ex)}
+
+    def summaries(self) -> pd.DataFrame:
+        """:meth:`summary` of every target, off-target and damage score, one row each."""
+        scores = [s for s in dict.fromkeys(self.table.metric) if s != "__broken__"]
+        rows = [self.summary(s) for s in scores]
+        return pd.DataFrame([{k: (str(v) if isinstance(v, list) else v) for k, v in r.items()} for r in rows])
+
+    def plot(self, score: str | None = None, *, ax: Any = None) -> Any:
+        """Score vs alpha: the intervention solid, controls grey, broken alphas marked, references dotted."""
+        import matplotlib.pyplot as plt
+
+        score = score or self.headline
+        ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+        for i, cond in enumerate(self.controls):
+            c = self.curve(score, cond)
+            ax.plot(c.index, c.values, "-", color="0.7", lw=0.8, label=f"random controls (n={len(self.controls)})" if i == 0 else None)
+        s = self.curve(score)
+        ax.plot(s.index, s.values, "o-", color="C0", label=self.params.get("name", "intervention"), zorder=3)
+        br = self.broken()
+        bad = [a for a in s.index if br.get(a, 0) > 0]
+        if bad:
+            ax.plot(bad, s.reindex(bad).values, "x", color="C3", ms=9, mew=2, label="broken runs", zorder=4)
+        for j, (cond, scores) in enumerate(self.reference.items()):
+            if score in scores:
+                ax.axhline(scores[score], ls=":", color=f"C{j + 2}", label=cond)
+        ax.axvline(0, color="0.85", lw=1, zorder=0)
+        ax.set_xlabel("alpha")
+        ax.set_ylabel(score)
+        ax.set_title(f"{self.params.get('name')}: {score}", fontsize=9)
+        ax.legend(frameon=False, fontsize=7)
+        return ax
+
+    def save(self, directory: str | Path) -> None:
+        """``sweep.csv``, ``summary.csv`` (every score) and ``summary.json`` (headline score + params)."""
+        from .io import write_json, write_table
+
+        directory = Path(directory)
+        write_table(directory / "sweep.csv", self.table)
+        write_table(directory / "summary.csv", self.summaries())
+        write_json(directory / "summary.json", {"plan": self.params, "headline": self.summary(),
+                                                "reference": self.reference})
+
+
+def _curve_stats(curve: pd.Series, safe: list[float], a_plus: float, a_minus: float) -> dict[str, Any]:
+    """Slope over the safe alphas, effects at +/- alpha*, monotonicity and sign symmetry of one curve."""
+    c = curve.reindex(safe)
+    c = c[np.isfinite(c.to_numpy(dtype=np.float64))]
+    slope = float(np.polyfit(c.index.to_numpy(dtype=float), c.to_numpy(dtype=float), 1)[0]) if len(c) > 1 else math.nan
+    base = float(curve.get(0.0, np.nan))
+    eff = lambda a: float(curve.get(a, np.nan)) - base if np.isfinite(a) else math.nan  # noqa: E731
+    d = np.diff(c.to_numpy(dtype=float))
+    pairs = [a for a in c.index if a > 0 and -a in c.index]
+    num = sum((c[a] - base) * -(c[-a] - base) for a in pairs)
+    den = sum(0.5 * ((c[a] - base) ** 2 + (c[-a] - base) ** 2) for a in pairs)
+    return {"slope": slope, "effect_plus": eff(a_plus), "effect_minus": eff(a_minus),
+            "monotonic": bool(len(d) > 0 and (np.all(d >= 0) or np.all(d <= 0))),
+            # 1: odd around alpha = 0; 0: one sign does nothing; < 0: both signs push the same way
+            "symmetry": float(num / den) if den > 0 else math.nan}
+
+
+def _breakdown(broken: pd.Series) -> float:
+    """Smallest |alpha| with a broken run (NaN when none)."""
+    bad = broken[broken > 0]
+    return float(np.min(np.abs(bad.index.to_numpy(dtype=float)))) if len(bad) else math.nan
+
+
+def run_plan(model: nn.Module, plan: SteeringPlan, intervention: Intervention, *, aliases: Aliases | None = None,
+             reference: Mapping[str, Mapping[str, float]] | None = None, progress: bool = False) -> PlanSweep:
+    """Run a steering plan: alpha = 0 once, every alpha with the intervention and each control.
+
+    A run whose scorer raises a floating-point error, returns NaN in a target score, or flags
+    broken runs through ``scorer.broken`` counts as broken; the sweep goes on.
+    """
+    from tqdm.auto import tqdm
+
+    scorer = plan.scorer
+    assert isinstance(scorer, Scorer)
+    alphas = sorted(set(plan.alphas) - {0.0})
+    controls = intervention.controls(model, plan.n_controls, seed=plan.seed, aliases=aliases) if plan.n_controls else []
+    conditions = [("steer", intervention)] + [(f"random-{i}", c) for i, c in enumerate(controls)]
+    rows: list[dict[str, Any]] = []
+    samples: dict[tuple[str, float, str], np.ndarray] = {}
+    names: list[str] = []
+
+    def record(cond: str, alpha: float, result: Mapping[str, Any]) -> None:
+        targets = list(scorer.target) or [k for k in result if k != scorer.broken]
+        broken = 0.0
+        for key, value in result.items():
+            arr = np.asarray(value, dtype=np.float64)
+            v = float(np.nanmean(arr)) if arr.ndim and arr.size and np.isfinite(arr).any() else (float(arr) if not arr.ndim else math.nan)
+            if arr.ndim:
+                samples[(cond, alpha, key)] = arr
+            if key == scorer.broken:
+                broken = max(broken, v if np.isfinite(v) else 1.0)
+            if key in targets and not np.isfinite(v):
+                broken = max(broken, 1.0)
+            rows.append({"condition": cond, "alpha": alpha, "metric": key, "value": v})
+            if key not in names:
+                names.append(key)
+        rows.append({"condition": cond, "alpha": alpha, "metric": "__broken__", "value": broken})
+
+    base = scorer(model)
+    jobs = [(c, iv, a) for c, iv in conditions for a in alphas]
+    for cond, iv, alpha in tqdm(jobs, desc=f"steering {plan.name}", disable=not progress):
+        with iv.apply(model, alpha, aliases=aliases):
+            try:
+                result = scorer(model)
+            except FloatingPointError:
+                result = {k: math.nan for k in names}
+        record(cond, alpha, result)
+    for cond, _ in conditions:  # alpha = 0 is the unmodified model, shared by every condition
+        record(cond, 0.0, base)
+    table = pd.DataFrame(rows).sort_values(["condition", "metric", "alpha"], kind="stable").reset_index(drop=True)
+    targets = list(scorer.target) or [n for n in names if n != scorer.broken]
+    roles = {n: ("target" if n in targets else "off_target" if n in scorer.off_target else
+                 "damage" if n in scorer.damage or n == scorer.broken else "other") for n in names}
+    headline = plan.headline or targets[0]
+    if headline not in names:
+        raise KeyError(f"steering plan {plan.name!r}: headline score {headline!r} is not among the scores {names}")
+    params = {"name": plan.name, "description": plan.description, "intervention": intervention.describe(),
+              "alphas": [0.0, *alphas], "n_controls": len(controls), "seed": plan.seed, "headline": headline,
+              "targets": targets, "off_target": list(scorer.off_target), "damage": list(scorer.damage),
+              "broken_score": scorer.broken}
+    return PlanSweep(table, samples, roles, params, {k: dict(v) for k, v in (reference or {}).items()})
+
+
+def plan_headline_rows(sweep: PlanSweep, *, source: str) -> Rows:
+    """Headline rows of one plan: the headline score's effect at +alpha* (with everything the
+    summary knows in the note) and the slope of every target and off-target score."""
+    s = sweep.summary()
+    name = sweep.params["name"]
+    fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.4g}"  # noqa: E731
+    ci = s["effect_plus_ci"]
+    refs = "; ".join(f"{k[len('reference['):-1]} {fmt(v)}" for k, v in s.items() if k.startswith("reference["))
+    damage = []
+    for d in sweep.params["damage"] + ([sweep.params["broken_score"]] if sweep.params["broken_score"] else []):
+        c = sweep.curve(d)
+        if len(c) and np.isfinite(s["alpha_plus"]):
+            damage.append(f"{d} {fmt(c.get(0.0))} -> {fmt(c.get(s['alpha_plus']))}")
+    note = (f"alpha 0: {fmt(s['at_zero'])}; slope {fmt(s['slope'])} (controls mean |slope| {fmt(s['control_slope_mean_abs'])}, "
+            f"p = {fmt(s['p_slope'])}); {'monotonic' if s['monotonic'] else 'not monotonic'}; sign symmetry {fmt(s['symmetry'])} "
+            f"(controls {fmt(s['control_symmetry_mean'])}); effect at {fmt(s['alpha_minus'])}: {fmt(s['effect_minus'])}; "
+            f"breakdown alpha {fmt(s['breakdown_alpha'])} (controls {fmt(s['control_breakdown_alpha'])})"
+            + (f"; 95% CI [{fmt(ci[0])}, {fmt(ci[1])}] over {s['n_examples']} examples" if s["n_examples"] else "")
+            + (f"; damage: {', '.join(damage)}" if damage else "") + (f"; reference: {refs}" if refs else ""))
+    rows: Rows = [{"stage": "steering", "name": f"{name}: change in {s['score']} at alpha {fmt(s['alpha_plus'])}",
+                   "value": s["effect_plus"], "control": s["control_effect_plus_mean"],
+                   "control_label": f"{s['n_controls']} random controls, mean (largest |change| {fmt(s['control_effect_plus_max_abs'])}, p = {fmt(s['p_effect_plus'])})",
+                   "note": note, "source": source}]
+    for score, role in sweep.roles.items():
+        if role not in ("target", "off_target"):
+            continue
+        t = sweep.summary(score, n_boot=0) if score != s["score"] else s
+        rows.append({"stage": "steering", "name": f"{name}: slope of {score} per unit alpha", "value": t["slope"],
+                     "control": t["control_slope_mean_abs"],
+                     "control_label": f"mean |slope| of {t['n_controls']} random controls",
+                     "note": f"{role}; {'monotonic' if t['monotonic'] else 'not monotonic'} over safe alphas; p = {fmt(t['p_slope'])}",
+                     "source": source})
+    return rows
+
+
+def resolve_reference(plan: SteeringPlan, ctx: "RunContext") -> dict[str, dict[str, float]]:
+    """The plan's reference conditions (built from the context when given as a function)."""
+    ref = plan.reference(ctx) if callable(plan.reference) else plan.reference
+    return {str(k): {s: float(v) for s, v in scores.items()} for k, scores in (ref or {}).items()}
+
+
+def resolve_intervention(plan: SteeringPlan, ctx: "RunContext") -> Intervention:
+    """The plan's intervention (built from the context when given as a function)."""
+    iv = plan.intervention if isinstance(plan.intervention, Intervention) else plan.intervention(ctx)
+    if not isinstance(iv, Intervention):
+        raise TypeError(f"steering plan {plan.name!r}: intervention builder returned {type(iv).__name__}, not an Intervention")
+    return iv
+
+
+def contrast_plan(ctx: "RunContext", name: str, a: Any, b: Any, scorer: Scorer | Callable[[nn.Module], Mapping[str, Any]], *,
+                  site: str, method: str = "mean_diff", scale: str | None = None, relative_to: str = "position",
+                  positions: Any = None, **plan_fields: Any) -> SteeringPlan:
+    """A delta-vector plan: ``mean(a) - mean(b)`` of the run's store at ``site``, injected there.
+
+    Alphas, scale and the number of controls default to the run's ``steer_alphas``,
+    ``steer_scale`` and ``steer_n_random``; ``plan_fields`` set any other :class:`SteeringPlan` field.
+    """
+    from .interventions import AddVector
+    from .steer import contrast_vector
+
+    c = ctx.config
+
+    def build(run: "RunContext") -> Intervention:
+        vec = contrast_vector(run.store(), site, a=a, b=b, method=method, seed=run.seed)  # type: ignore[arg-type]
+        return AddVector(vec, site, scale=scale or c.get("steer_scale", "absolute"), relative_to=relative_to,  # type: ignore[arg-type]
+                         positions=positions)
+
+    fields = {"alphas": c.get("steer_alphas", [-1.0, 1.0]), "n_controls": int(c.get("steer_n_random", 10)), "seed": ctx.seed,
+              "description": f"difference of means {a!r} - {b!r} at {site}", **plan_fields}
+    return SteeringPlan(name, build, scorer, **fields)
