@@ -249,7 +249,7 @@ class PlanSweep:
 
     def _bootstrap(self, score: str, safe: list[float], a_plus: float, a_minus: float, *, n_boot: int) -> dict[str, Any]:
         keys = [("steer", a, score) for a in safe]
-        if not safe or not all(k in self.samples for k in keys):
+        if n_boot <= 0 or not safe or not all(k in self.samples for k in keys):
             return {"slope_ci": [math.nan, math.nan], "effect_plus_ci": [math.nan, math.nan],
                     "effect_minus_ci": [math.nan, math.nan], "n_examples": None}
         arrays = np.stack([self.samples[k] for k in keys])  # (n_alpha, n_examples), same examples

@@ -20,6 +20,7 @@ from torch import nn
 
 from .adapter import DomainAdapter, Examples
 from .capture import POOLINGS, collect
+from .config import STAGE_ORDER
 from .errors import ConfigError
 from .sites import resolve_site
 
@@ -30,7 +31,8 @@ def check_adapter(adapter: DomainAdapter, tmp_path: str | Path, *, max_examples:
     Checks: class metadata; config validation rejects an unknown key; ``examples("train")``
     returns :class:`Examples` with concepts present in obs; the model is an ``nn.Module``; every
     default site and alias resolves; capture over the first ``max_examples`` examples gives one
-    finite row per example; every contrast selects rows on both sides.
+    finite row per example; every contrast selects rows on both sides; analyses have unique names
+    and known stages, and those declared after ``examples`` run in memory and return rows.
     """
     cls = type(adapter)
     assert isinstance(cls.name, str) and cls.name, f"{cls.__name__}.name must be a non-empty string"
@@ -75,7 +77,25 @@ def check_adapter(adapter: DomainAdapter, tmp_path: str | Path, *, max_examples:
         for label, q in (("a", a), ("b", b)):
             rows = int(np.asarray(full.eval(q), dtype=bool).sum()) if isinstance(q, str) else None
             assert rows is None or rows > 0, f"{cls.__name__}: contrast {name!r} group {label} ({q!r}) selects no example"
-    return {"n_examples": len(examples), "sites": sites, "store_rows": store.n_obs}
+    analyses = adapter.analyses()
+    names = [a.name for a in analyses]
+    assert len(set(names)) == len(names), f"{cls.__name__}: analysis names repeat: {names}"
+    for a in analyses:
+        assert a.stage in STAGE_ORDER, f"{cls.__name__}: analysis {a.name!r} runs after unknown stage {a.stage!r}"
+    # the analyses that need no artifact of a later stage run here, in memory
+    ctx = adapter.ctx
+    ran = []
+    for a in analyses:
+        if a.stage != "examples":
+            continue
+        ctx.stage, ctx.subfolder = a.stage, ""
+        rows, _ = a.run(ctx)
+        for r in rows:
+            assert isinstance(r, dict) and r.get("name") and "value" in r, (
+                f"{cls.__name__}: analysis {a.name!r} returned a row without name/value: {r!r}")
+        ran.append(a.name)
+    return {"n_examples": len(examples), "sites": sites, "store_rows": store.n_obs, "analyses": names,
+            "analyses_run": ran}
 
 
 def _head(inputs: object, n: int) -> object:

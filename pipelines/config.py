@@ -7,9 +7,6 @@ so a changed value reruns that stage and what depends on it, nothing upstream.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,20 +50,12 @@ def load_adapter_class(domain: str) -> type[DomainAdapter]:
             + (f"; did you mean {hint}?" if hint else f"; registered: {sorted(domains) or 'none'}")
             + " (or give module:Class / path/to/adapter.py:Class)"
         )
-    target, _, cls_name = domain.rpartition(":")
-    if target.endswith(".py"):
-        path = Path(target).resolve()
-        if not path.is_file():
-            raise AdapterError(f"adapter file {path} does not exist")
-        mod_name = f"sciscope_user_adapter_{abs(hash(str(path)))}"
-        spec = importlib.util.spec_from_file_location(mod_name, path)
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
-    cls = getattr(module, cls_name, None)
+    from sciscope.core.loading import load_object
+
+    try:
+        cls = load_object(domain, what="Class", key="domain")
+    except ConfigError as e:
+        raise AdapterError(str(e)) from None
     if not (isinstance(cls, type) and issubclass(cls, DomainAdapter)):
         raise AdapterError(f"{domain!r} does not name a DomainAdapter subclass")
     return cls

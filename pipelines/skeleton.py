@@ -19,11 +19,17 @@ from sciscope.core.io import write_json, write_text
 
 LOCAL_REGISTRY = "sciscope-domains.json"
 
-ADAPTER_TEMPLATE = '''"""The {name} domain adapter (written by `sciscope new-domain {name}`; make it yours)."""
+ADAPTER_TEMPLATE = '''"""The {name} domain adapter (written by `sciscope new-domain {name}`; make it yours).
+
+An adapter supplies data, a model, sites and concepts, and *declares* its experiments: steering
+plans (an intervention + a scorer; the core runs every alpha and the random controls) and
+analyses (run after a stage; outputs through the run context). It never loops over alphas or
+builds paths into the run folder.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -31,12 +37,22 @@ import torch
 from torch import nn
 
 from sciscope.core import DomainAdapter, Examples
+from sciscope.core.config import Key
+from sciscope.core.context import RunContext
+from sciscope.core.experiment import Analysis, Scorer, SteeringPlan
+from sciscope.core.interventions import Clamp
 
 
 class {cls}(DomainAdapter):
     name = "{name}"
     description = "{name}: replace with one line on your science (skeleton: planted 2-class points + MLP)"
-    default_config = {{"n_examples": 400, "noise": 1.0, "train_steps": 200, "model": "", "seed": 0}}
+    config_keys = {{
+        "n_examples": Key(400, min=10, help="points to make"),
+        "noise": Key(1.0, min=0.0),
+        "seed": Key(0),
+        "train_steps": Key(200, stage="model", min=1),
+        "model": Key("", stage="model", help="unused by the skeleton: a user checkpoint would go here"),
+    }}
     profiles = {{"quick": {{}}, "full": {{"n_examples": 4000}}}}
     test_config = {{"n_examples": 40}}
 
@@ -51,10 +67,23 @@ class {cls}(DomainAdapter):
         keep = np.ones(n, dtype=bool) if split == "all" else (obs.split == split).to_numpy()
         return Examples(obs=obs[keep].reset_index(drop=True), inputs=x[keep].astype(np.float32), concepts=self.concepts)
 
-    # -- model ---------------------------------------------------------------------------------------
+    # -- model (trained once per config; the run context keeps it for later stages) ------------------
     def model(self, spec: str | None = None) -> nn.Module:
+        key = {{k: self.config[k] for k in ("n_examples", "noise", "seed", "train_steps")}}
+        return self.ctx.cached("mlp", key, self._train, save=lambda m, folder: torch.save(m.state_dict(), folder / "mlp.pt"),
+                               load=self._load)
+
+    def _net(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+
+    def _load(self, folder) -> nn.Module:
+        net = self._net()
+        net.load_state_dict(torch.load(folder / "mlp.pt", weights_only=True))
+        return net.eval()
+
+    def _train(self) -> nn.Module:
         torch.manual_seed(self.config["seed"])
-        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+        model = self._net()
         train = self.examples("train")
         x, y = torch.from_numpy(train.inputs), torch.from_numpy(train.obs.label.to_numpy()).long()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -88,15 +117,34 @@ class {cls}(DomainAdapter):
     def contrasts(self) -> dict[str, tuple[str, str]]:
         return {{"label": ("label", "~label")}}
 
-    def steering_evaluator(self, model: nn.Module, examples: Examples, contrast: str, site: str) -> Callable[[nn.Module], Mapping[str, float]]:
-        test = examples.obs.split.to_numpy() == "test"
-        x = torch.from_numpy(np.asarray(examples.inputs)[test])
+    # -- experiments: declared here, run by the core with their controls ------------------------------
+    def steering_scorer(self, ctx: RunContext, contrast: str) -> Scorer:
+        """P(label) of each held-out point (per-point values: the core bootstraps intervals)."""
+        test = self.examples("test")
+        x = torch.from_numpy(np.asarray(test.inputs))
 
-        def evaluate(m: nn.Module) -> dict[str, float]:
+        def score(m: nn.Module) -> dict[str, np.ndarray]:
             with torch.no_grad():
-                return {{"p(label)": float(torch.softmax(m(x), -1)[:, 1].mean())}}
+                return {{"p(label)": torch.softmax(m(x), -1)[:, 1].numpy()}}
 
-        return evaluate
+        return Scorer(score, target=["p(label)"])
+
+    def steering_plans(self, ctx: RunContext) -> list[SteeringPlan]:
+        plans = super().steering_plans(ctx)  # one delta-vector plan per scored contrast
+        head = ctx.model()[4].weight.detach()  # the units of the last hidden layer that push "label" most
+        units = (head[1] - head[0]).argsort(descending=True)[:4].tolist()
+        plans.append(SteeringPlan("clamp_label_units", Clamp({{"4:input": units}}), self.steering_scorer(ctx, "label"),
+                                  alphas=[1.0, 2.0, 4.0], n_controls=ctx.config["steer_n_random"], seed=ctx.seed))
+        return plans
+
+    def analyses(self) -> list[Analysis]:
+        return [Analysis("label_balance", "examples", self._label_balance)]
+
+    def _label_balance(self, ctx: RunContext) -> list[dict]:
+        obs = ctx.examples().obs
+        table = obs.groupby("split").label.mean().rename("label_share").reset_index()
+        source = ctx.write_table("label_balance.csv", table)
+        return [{{"name": "share of label points", "value": float(obs.label.mean()), "source": source}}]
 '''
 
 TEST_TEMPLATE = '''"""Conformance test of the {name} adapter (written by `sciscope new-domain {name}`)."""

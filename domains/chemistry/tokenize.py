@@ -119,10 +119,6 @@ class MoleculeTokenizer:
     def vocab_size(self) -> int:
         return len(self.vocab)
 
-    def to_text(self, smiles: str) -> str:
-        """The string the model reads: the SMILES itself, or its SELFIES."""
-        return smiles if self.encoding == "smiles" else "".join(selfies_tokens(smiles))
-
     def tokenize(self, smiles: str) -> list[str]:
         """Tokens of a SMILES string in this tokenizer's encoding."""
         return self._split(self.encoding, smiles)

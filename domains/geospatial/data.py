@@ -19,16 +19,8 @@ from sciscope.core.errors import ConfigError
 
 from .spatial import block_split, laea_project, spatial_blocks
 
-__all__ = [
-    "CONTINENTS",
-    "PROMPT_FIELDS",
-    "build_obs",
-    "format_prompts",
-    "load_places",
-    "normalise_continent",
-    "normalise_countries",
-    "stratified_sample",
-]
+__all__ = ["CONTINENTS", "PROMPT_FIELDS", "build_obs", "check_prompt", "format_prompts", "load_places", "normalise_continent",
+           "normalise_countries", "stratified_sample"]
 
 #: GeoNames continent codes and names.
 CONTINENTS: dict[str, str] = {

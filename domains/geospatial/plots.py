@@ -1,23 +1,19 @@
 """Maps of features over places: activation maps, LISA cluster maps, Moran's I histograms.
 
-No coastline data is available offline, so maps are lon/lat scatters with equal aspect. Figures
-are built with :class:`matplotlib.figure.Figure` (no pyplot state, no GUI backend needed) and
-written atomically.
+No coastline data is available offline, so maps are lon/lat scatters with equal aspect. Each
+function returns a :class:`matplotlib.figure.Figure` (no pyplot state, no GUI backend needed); the
+adapter's analyses save them through the run context (``ctx.save_figure``).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from sciscope.core.io import atomic_path
-
-__all__ = ["LISA_COLOURS", "plot_feature_maps", "plot_lisa_map", "plot_morans_hist", "save_figure"]
+__all__ = ["LISA_COLOURS", "plot_feature_maps", "plot_lisa_map", "plot_morans_hist"]
 
 #: Conventional LISA colours: hot spots red, cold spots blue, outliers pale, not significant grey.
 LISA_COLOURS: dict[str, str] = {"HH": "#d7191c", "LL": "#2c7bb6", "HL": "#fdae61", "LH": "#abd9e9", "ns": "#d9d9d9"}
@@ -26,17 +22,8 @@ LISA_COLOURS: dict[str, str] = {"HH": "#d7191c", "LL": "#2c7bb6", "HL": "#fdae61
 def _figure(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Any, np.ndarray]:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=size, layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
-
-
-def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
-    """Write ``fig`` as PNG at ``path`` atomically (temp file + rename); returns the path."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    return path
+    fig = Figure(figsize=size)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def _map_axes(ax: Any, lon: np.ndarray, lat: np.ndarray) -> None:
@@ -60,11 +47,10 @@ def plot_feature_maps(
     acts: Any,
     obs: pd.DataFrame,
     features: Sequence[int],
-    path: str | os.PathLike[str],
     *,
     titles: Sequence[str] | None = None,
     ncols: int = 3,
-) -> Path:
+) -> Any:
     """One lon/lat map per feature, places coloured by the feature's activation.
 
     Parameters
@@ -96,16 +82,15 @@ def plot_feature_maps(
         fig.colorbar(sc, ax=ax, shrink=0.8, pad=0.01).ax.tick_params(labelsize=7)
         _map_axes(ax, lon, lat)
         ax.set_title(titles[i] if titles else f"feature {feats[i]}", fontsize=9)
-    return save_figure(fig, path)
+    return fig
 
 
 def plot_lisa_map(
     obs: pd.DataFrame,
     clusters: Any,
-    path: str | os.PathLike[str],
     *,
     title: str = "LISA clusters",
-) -> Path:
+) -> Any:
     """Map of LISA cluster labels (HH, LL, HL, LH, ns) per place, with counts in the legend."""
     lon, lat = obs["lon"].to_numpy(dtype=np.float64), obs["lat"].to_numpy(dtype=np.float64)
     labels = np.asarray(clusters, dtype=object)
@@ -120,17 +105,16 @@ def plot_lisa_map(
     _map_axes(ax, lon, lat)
     ax.legend(fontsize=7, frameon=False, markerscale=2, loc="best")
     ax.set_title(title, fontsize=9)
-    return save_figure(fig, path)
+    return fig
 
 
 def plot_morans_hist(
     observed: Any,
     shuffled: Any | None,
-    path: str | os.PathLike[str],
     *,
     threshold: float | None = 0.3,
     title: str = "Moran's I of features",
-) -> Path:
+) -> Any:
     """Histogram of per-feature Moran's I beside the shuffled-coordinates control."""
     obs_i = np.asarray(observed, dtype=np.float64)
     obs_i = obs_i[np.isfinite(obs_i)]
@@ -156,4 +140,4 @@ def plot_morans_hist(
     ax.set_ylabel("features (log scale)")
     ax.legend(fontsize=7, frameon=False)
     ax.set_title(title, fontsize=9)
-    return save_figure(fig, path)
+    return fig

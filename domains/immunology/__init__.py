@@ -9,27 +9,13 @@ feature analyses against cell types and marker genes, steering between cell type
 results as an AnnData (``.h5ad``).
 """
 
-from .adapter import ImmunologyAdapter, token_shares, write_h5ad
+from .adapter import ImmunologyAdapter
 from .data import CellData, detect_input_type, load_cells, read_h5ad
+from .features import gene_drivers, marker_recovery, results_anndata, token_shares, write_h5ad
 from .markers import CANONICAL_MARKERS, marker_table
 from .model import ModelSpec, load_checkpoint, masked_gene_accuracy, train_model
 from .tokenize import GeneVocab, collate, rank_value_encode
 
-__all__ = [
-    "CANONICAL_MARKERS",
-    "CellData",
-    "GeneVocab",
-    "ImmunologyAdapter",
-    "ModelSpec",
-    "collate",
-    "detect_input_type",
-    "load_cells",
-    "load_checkpoint",
-    "marker_table",
-    "masked_gene_accuracy",
-    "rank_value_encode",
-    "read_h5ad",
-    "token_shares",
-    "train_model",
-    "write_h5ad",
-]
+__all__ = ["CANONICAL_MARKERS", "CellData", "GeneVocab", "ImmunologyAdapter", "ModelSpec", "collate", "detect_input_type",
+           "gene_drivers", "load_cells", "load_checkpoint", "marker_recovery", "marker_table", "masked_gene_accuracy",
+           "rank_value_encode", "read_h5ad", "results_anndata", "token_shares", "train_model", "write_h5ad"]

@@ -32,18 +32,8 @@ import scipy.sparse as sp
 
 from sciscope.core.errors import ConfigError
 
-__all__ = [
-    "BUNDLED",
-    "CellData",
-    "INPUT_TYPES",
-    "detect_input_type",
-    "gene_nonzero_medians",
-    "load_cells",
-    "log_expression",
-    "normalised_expression",
-    "read_h5ad",
-    "stratified_split",
-]
+__all__ = ["BUNDLED", "CellData", "INPUT_TYPES", "detect_input_type", "gene_nonzero_medians", "load_cells", "log_expression",
+           "normalised_expression", "read_h5ad", "stratified_split"]
 
 BUNDLED = "pbmc68k_reduced"
 INPUT_TYPES = ("auto", "counts", "lognorm", "normalized")

@@ -14,10 +14,7 @@ directory with a JSON token dictionary loads the same way (:func:`load_checkpoin
 from __future__ import annotations
 
 import json
-import logging
-import shutil
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,25 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from sciscope.core.errors import AdapterError, ConfigError
+from sciscope.core.errors import ConfigError
 from sciscope.core.training import fit_lightning, loss_module
 
 from .tokenize import GeneVocab, collate
 
-__all__ = [
-    "ModelSpec",
-    "TrainResult",
-    "build_model",
-    "find_layer_stack",
-    "load_checkpoint",
-    "mask_genes",
-    "masked_gene_accuracy",
-    "save_trained",
-    "train_model",
-]
-
-log = logging.getLogger("sciscope.immunology")
-_STACK_NAMES = ("layer", "layers", "h", "block", "blocks")
+__all__ = ["ModelSpec", "TrainResult", "build_model", "last_layer_embeddings", "load_checkpoint", "mask_genes", "masked_gene_accuracy",
+           "save_trained", "train_model"]
 
 
 @dataclass
@@ -74,24 +59,6 @@ class TrainResult:
     final_loss: float
     n_train: int
     history: list[dict[str, float]]
-
-
-def find_layer_stack(model: nn.Module) -> tuple[str, int]:
-    """Path and length of the model's transformer block list (``bert.encoder.layer``).
-
-    The stack is an ``nn.ModuleList`` of same-type children, not nested in another such list;
-    lists named like a block stack are preferred, then the longest.
-    """
-    found: list[tuple[str, int]] = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or len({type(c) for c in mod}) != 1:
-            continue
-        if any(name.startswith(p + ".") for p, _ in found):
-            continue
-        found.append((name, len(mod)))
-    if not found:
-        raise AdapterError(f"immunology: cannot find the transformer blocks of {type(model).__name__}")
-    return max(enumerate(found), key=lambda t: (t[1][0].rsplit(".", 1)[-1] in _STACK_NAMES, t[1][1], -t[0]))[1]
 
 
 def build_model(spec: ModelSpec, vocab: GeneVocab) -> nn.Module:
@@ -194,57 +161,56 @@ def train_model(
 
 
 def save_trained(directory: str | Path, model: nn.Module, vocab: GeneVocab, info: dict[str, Any]) -> Path:
-    """Write a Hugging Face directory + vocabulary + ``training.json``; appears only when complete."""
+    """Write a Hugging Face directory + vocabulary + ``training.json`` (the run context's cache
+    makes it appear atomically)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=directory.parent))
-    try:
-        model.save_pretrained(tmp)
-        vocab.save(tmp)
-        (tmp / "training.json").write_text(json.dumps(info, indent=1, default=str))
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    vocab.save(directory)
+    (directory / "training.json").write_text(json.dumps(info, indent=1, default=str))
     return directory
 
 
 def load_checkpoint(directory: str | Path) -> tuple[nn.Module, GeneVocab, dict[str, Any]]:
-    """Load a masked-gene model directory (sciscope-trained or Geneformer-style), offline.
-
-    Masked-LM checkpoints load as ``AutoModelForMaskedLM`` (the head is needed for masked-gene
-    predictions under steering); others as ``AutoModel``. Remote code is never run.
+    """Load a masked-gene model directory (sciscope-trained or Geneformer-style), offline, with its
+    vocabulary and ``training.json`` (:func:`sciscope.core.loading.load_checkpoint`: masked-LM
+    checkpoints keep their head, needed for masked-gene predictions under steering; no remote code).
 
     Raises
     ------
     ConfigError
         Not a model directory, unreadable config/weights, or no gene vocabulary.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+    from sciscope.core.loading import load_checkpoint as load_hf
 
     d = Path(str(directory)).expanduser()
-    if not d.exists():
-        raise ConfigError(f"immunology: model path {str(d)!r} does not exist (config 'model')")
-    if not d.is_dir() or not (d / "config.json").is_file():
-        raise ConfigError(f"immunology: {str(d)!r} is not a Hugging Face model directory (no config.json)")
     vocab = GeneVocab.load(d)
     try:
-        cfg = AutoConfig.from_pretrained(d, local_files_only=True, trust_remote_code=False)
+        model = load_hf(d)
+    except ConfigError:
+        raise
     except Exception as e:
-        raise ConfigError(f"immunology: cannot read the model config in {d}: {e}") from None
-    archs = list(getattr(cfg, "architectures", None) or [])
-    cls = AutoModelForMaskedLM if any(a.endswith("ForMaskedLM") or a.endswith("ForPreTraining") for a in archs) else AutoModel
-    try:
-        model = cls.from_pretrained(d, local_files_only=True, trust_remote_code=False)
-    except Exception as e:
-        raise ConfigError(f"immunology: cannot load the model weights in {d} ({cls.__name__}): {e}") from None
+        raise ConfigError(f"immunology: cannot load the model in {d}: {e}") from None
     info = json.loads((d / "training.json").read_text()) if (d / "training.json").is_file() else {}
     if vocab.vocab_size > model.config.vocab_size:
         raise ConfigError(f"immunology: the vocabulary of {d} has {vocab.vocab_size} tokens, the model "
                           f"only {model.config.vocab_size} embeddings")
-    return model.eval(), vocab, info
+    return model, vocab, info
+
+
+def last_layer_embeddings(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> np.ndarray:
+    """Cell embeddings (mean over gene tokens) at the last block of ``model``, in batch order."""
+    from sciscope.core.capture import capture, pool
+    from sciscope.core.loading import find_layer_stack
+
+    stack, n = find_layer_stack(model)
+    site, rows = f"{stack}.{n - 1}", []
+    with capture(model, [site]) as cap, torch.inference_mode():
+        for b in batches:
+            cap.clear()
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            rows.append(pool(cap.records[site][0], "masked", position_mask=b["position_mask"], site=site)[0].numpy())
+    return np.concatenate(rows).astype(np.float32)
 
 
 @torch.no_grad()

@@ -6,15 +6,16 @@ Each figure is computed with ``sc.pp.neighbors`` + ``sc.tl.umap`` on a represent
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from sciscope.core.io import atomic_path
 
-__all__ = ["compute_umap", "plot_umap", "save_figure"]
+__all__ = ["compute_umap", "plot_umap", "save_figure", "umap_figures"]
 
 
 def compute_umap(adata: Any, rep: str, *, key: str, n_neighbors: int = 15, seed: int = 0) -> np.ndarray:
@@ -72,3 +73,27 @@ def plot_umap(
     if suptitle:
         fig.suptitle(suptitle, y=1.02)
     return save_figure(fig, path)
+
+
+def umap_figures(adata: Any, latents: np.ndarray, ct: pd.DataFrame, *, site: str, n_features: int, seed: int,
+                 output: Callable[[str], Path]) -> list[Path]:
+    """UMAPs of the expression PCA and of the ``site`` embeddings (kept as ``obsm['X_umap']``), and
+    that embedding coloured by the most specific feature of each of the top cell types (``ct``)."""
+    compute_umap(adata, "X_pca", key="X_umap_expression", seed=seed)
+    compute_umap(adata, f"X_{site}", key="X_umap", seed=seed)  # the default basis of sc.pl.umap
+    color = ["cell_type"] + [c for c in ("log10_library_size", "n_genes_detected") if c in adata.obs]
+    paths = [plot_umap(adata, "X_umap_expression", color, output("umap_expression.png"),
+                       suptitle="Baseline view: UMAP of the expression PCA (log-normalised)"),
+             plot_umap(adata, "X_umap", color, output("umap_embedding.png"),
+                       suptitle=f"UMAP of the model's cell embeddings at {site} (mean over gene tokens)")]
+    live = ct[ct["significant"].fillna(False).astype(bool)].sort_values("auroc", ascending=False)
+    picks = live.drop_duplicates("cell_type").head(n_features)  # the best feature of each type, most specific first
+    if len(picks):
+        cols = [f"feature {int(f)}" for f in picks.feature]
+        for name, f in zip(cols, picks.feature):
+            adata.obs[name] = latents[:, int(f)]
+        titles = [f"feature {int(r.feature)}: {r.cell_type}\n(AUROC {r.auroc:.2f})" for r in picks.itertuples()]
+        paths.append(plot_umap(adata, "X_umap", cols, output("umap_features.png"), titles=titles, wspace=0.25,
+                               suptitle="SAE feature activations on the embedding UMAP (most specific feature per type)"))
+        adata.obs.drop(columns=cols, inplace=True)
+    return paths

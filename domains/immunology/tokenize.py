@@ -16,7 +16,7 @@ Pickled dictionaries (Geneformer ships ``.pkl``) are never unpickled: unpickling
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -26,17 +26,7 @@ import torch
 from sciscope.core.errors import ConfigError
 from sciscope.core.io import write_text
 
-__all__ = [
-    "CLS",
-    "EOS",
-    "MASK",
-    "PAD",
-    "SPECIAL_TOKENS",
-    "VOCAB_FILE",
-    "GeneVocab",
-    "collate",
-    "rank_value_encode",
-]
+__all__ = ["CLS", "EOS", "MASK", "PAD", "SPECIAL_TOKENS", "VOCAB_FILE", "GeneVocab", "collate", "rank_value_encode"]
 
 PAD, MASK, CLS, EOS = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>", "<eos>")
@@ -238,9 +228,3 @@ def collate(seqs: Sequence[Sequence[int]], vocab: GeneVocab) -> dict[str, torch.
     att = (ids != vocab.special["pad"]).long()
     genes = ~vocab.special_mask(ids)
     return {"input_ids": ids, "attention_mask": att, "position_mask": genes}
-
-
-def batches_of(seqs: Sequence[Sequence[int]], vocab: GeneVocab, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Consecutive padded batches of ``seqs`` (obs order kept)."""
-    for i in range(0, len(seqs), batch_size):
-        yield collate(seqs[i: i + batch_size], vocab)

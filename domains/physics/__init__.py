@@ -7,7 +7,7 @@ with regime delta vectors (the Physics Steering recipe), scored by physical diag
 regime classifier fitted on them.
 """
 
-from .adapter import PhysicsAdapter, RolloutEvaluator, find_block_stack
+from .adapter import PhysicsAdapter
 from .data import REGIMES, TrajectorySet, simulate_trajectories
 from .diagnostics import RegimeClassifier, diagnose, flow_diagnostics, gray_scott_diagnostics, main_field
 from .model import (
@@ -20,6 +20,7 @@ from .model import (
     save_predictor,
     train_predictor,
 )
+from .steering import KEY_DIAGNOSTIC, RolloutScorer, regime_vector
 from .simulate import (
     FlowSpec,
     GrayScottSpec,
@@ -32,31 +33,9 @@ from .simulate import (
 )
 
 __all__ = [
-    "REGIMES",
-    "FlowSpec",
-    "GrayScottSpec",
-    "ModelSpec",
-    "PhysicsAdapter",
-    "PhysicsPredictor",
-    "RegimeClassifier",
-    "RolloutEvaluator",
-    "SimulationError",
-    "TrajectorySet",
-    "WindowDataset",
-    "build_predictor",
-    "check_flow",
-    "check_gray_scott",
-    "diagnose",
-    "find_block_stack",
-    "flow_diagnostics",
-    "gray_scott_diagnostics",
-    "load_predictor",
-    "main_field",
-    "rollout",
-    "save_predictor",
-    "simulate_flow",
-    "simulate_gray_scott",
-    "simulate_trajectories",
-    "train_predictor",
-    "velocity_to_vorticity",
+    "KEY_DIAGNOSTIC", "REGIMES", "FlowSpec", "GrayScottSpec", "ModelSpec", "PhysicsAdapter", "PhysicsPredictor",
+    "RegimeClassifier", "RolloutScorer", "SimulationError", "TrajectorySet", "WindowDataset", "build_predictor",
+    "check_flow", "check_gray_scott", "diagnose", "flow_diagnostics", "gray_scott_diagnostics", "load_predictor",
+    "main_field", "regime_vector", "rollout", "save_predictor", "simulate_flow", "simulate_gray_scott",
+    "simulate_trajectories", "train_predictor", "velocity_to_vorticity",
 ]

@@ -11,7 +11,6 @@ pickle. :meth:`TrajectorySet.windows` lists the model's examples: one row per
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,17 +25,12 @@ from sciscope.core.errors import ConfigError
 from .diagnostics import DIAGNOSTICS, SHARED_DIAGNOSTICS, diagnose
 from .simulate import FlowSpec, GrayScottSpec, check_flow, check_gray_scott, simulate_flow, simulate_gray_scott
 
-__all__ = ["REGIMES", "PARAMETERS", "TrajectorySet", "stable_hash", "simulate_trajectories"]
+__all__ = ["REGIMES", "PARAMETERS", "TrajectorySet", "simulate_trajectories"]
 
 #: (regime A, regime B) per system: contrasts point from B to A.
 REGIMES: dict[str, tuple[str, str]] = {"gray_scott": ("stripes", "spots"), "flow": ("vortex", "laminar")}
 #: Physical parameters per system (columns of the trajectory table; NaN for the other system).
 PARAMETERS: dict[str, tuple[str, ...]] = {"gray_scott": ("feed", "kill"), "flow": ("viscosity", "forcing", "reynolds")}
-
-
-def stable_hash(obj: Any) -> str:
-    """A short sha256 of a JSON-able object (cache keys)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _range(config: Mapping[str, Any], key: str) -> tuple[float, float]:
@@ -184,7 +178,7 @@ class TrajectorySet:
         return self._diag
 
     # -- persistence ----------------------------------------------------------------------------------
-    def save(self, folder: str | Path, key: str) -> None:
+    def save(self, folder: str | Path) -> None:
         """Write ``trajectories.npz`` (frames), ``trajectories.parquet`` and ``trajectories.json`` atomically."""
         from sciscope.core.io import atomic_path, write_json, write_table
 
@@ -193,18 +187,13 @@ class TrajectorySet:
             with open(tmp, "wb") as fh:
                 np.savez(fh, frames=self.frames)
         write_table(folder / "trajectories.parquet", self.table)
-        write_json(folder / "trajectories.json", {"key": key, "norms": self.norms, "attrs": self.table.attrs})
+        write_json(folder / "trajectories.json", {"norms": self.norms, "attrs": self.table.attrs})
 
     @classmethod
-    def load(cls, folder: str | Path, key: str) -> "TrajectorySet | None":
-        """Reload a set saved under ``key`` (None when missing or made by another config)."""
+    def load(cls, folder: str | Path) -> "TrajectorySet":
+        """Reload a set written by :meth:`save`."""
         folder = Path(folder)
-        meta = folder / "trajectories.json"
-        if not meta.is_file():
-            return None
-        info = json.loads(meta.read_text())
-        if info.get("key") != key:
-            return None
+        info = json.loads((folder / "trajectories.json").read_text())
         with np.load(folder / "trajectories.npz", allow_pickle=False) as z:
             frames = z["frames"]
         table = pd.read_parquet(folder / "trajectories.parquet")

@@ -18,16 +18,14 @@ tokens), i.e. the canonical ``(batch, positions, dim)`` layout every sciscope to
 :func:`rollout` runs the model autoregressively and flags rollouts that turn NaN/inf (or blow
 up) without stopping the others. Any ``nn.Module`` with the same call signature
 (``frames (B, T, C, H, W) -> change (B, C, H, W)``) can stand in for the default model
-(:func:`load_user_predictor`).
+(config ``model`` = ``"file.py:factory"``, loaded by
+:func:`sciscope.core.loading.load_factory_model`).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,19 +38,8 @@ from torch import nn
 from sciscope.core.errors import ConfigError
 from sciscope.core.training import fit_lightning, loss_module
 
-__all__ = [
-    "ModelSpec",
-    "PhysicsPredictor",
-    "RolloutResult",
-    "TrainResult",
-    "WindowDataset",
-    "build_predictor",
-    "load_predictor",
-    "load_user_predictor",
-    "rollout",
-    "save_predictor",
-    "train_predictor",
-]
+__all__ = ["ModelSpec", "PhysicsPredictor", "RolloutResult", "TrainResult", "WindowDataset", "build_predictor",
+           "load_predictor", "rollout", "save_predictor", "train_predictor"]
 
 log = logging.getLogger("sciscope.physics")
 WEIGHTS_FILE = "model.safetensors"
@@ -273,41 +260,6 @@ def load_predictor(directory: str | Path) -> tuple[PhysicsPredictor, dict[str, A
         raise ConfigError(f"physics: weights in {str(weights)!r} do not fit the predictor: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
     return model.eval(), info
-
-
-def load_user_predictor(spec: str) -> nn.Module:
-    """A user's ``nn.Module`` from ``"package.module:factory"`` or ``"path/to/file.py:factory"``.
-
-    ``factory`` is a class or function called without arguments; it must return an ``nn.Module``
-    mapping ``frames (B, T, C, H, W)`` (normalised fields) to the change of the next frame
-    ``(B, C, H, W)``, with its blocks in an ``nn.ModuleList`` whose outputs are
-    ``(B, tokens, D)`` (or ``(B, D)``) tensors.
-    """
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise ConfigError(f"physics: config 'model' = {spec!r} is neither a predictor directory nor 'module:factory'")
-    if target.endswith(".py"):
-        path = Path(target).expanduser().resolve()
-        if not path.is_file():
-            raise ConfigError(f"physics: model file {str(path)!r} does not exist (config 'model')")
-        name = f"sciscope_physics_user_{abs(hash(str(path)))}"
-        mod_spec = importlib.util.spec_from_file_location(name, path)
-        assert mod_spec and mod_spec.loader
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[name] = module
-        mod_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise ConfigError(f"physics: cannot import {target!r} for config 'model' = {spec!r}: {e}") from e
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise ConfigError(f"physics: {target!r} has no callable {attr!r} (config 'model')")
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"physics: {spec!r} returned a {type(model).__name__}, not an nn.Module")
-    return model.eval()
 
 
 def _json(obj: Any) -> Any:

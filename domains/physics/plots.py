@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sciscope.core.plotting import save_figure
+
 __all__ = [
-    "plot_diagnostics_vs_alpha",
     "plot_feature_diagnostics",
     "plot_parameter_probes",
     "plot_regime_examples",
@@ -28,16 +29,7 @@ _CMAP = {"gray_scott": "viridis", "flow": "RdBu_r"}
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    from sciscope.core.io import atomic_path
-
-    path = Path(path)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def _plt() -> Any:
@@ -140,37 +132,6 @@ def plot_rollout_strips(system: str, rows: Mapping[str, np.ndarray], path: str |
             if c == 0:
                 ax.set_ylabel(lab, fontsize=7)
     fig.suptitle(title, fontsize=8)
-    return _save(fig, path)
-
-
-def plot_diagnostics_vs_alpha(table: pd.DataFrame, metrics: Sequence[str], path: str | Path, *, title: str = "") -> Path:
-    """Diagnostic vs alpha: the steering vector (solid) beside random directions of equal norm (grey).
-
-    ``table`` is a :class:`~sciscope.core.steer.SteeringSweep` table (alpha, condition, metric, value).
-    """
-    plt = _plt()
-    metrics = [m for m in metrics if m in set(table["metric"])]
-    cols = min(4, max(1, len(metrics)))
-    nrows = -(-len(metrics) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.5 * cols, 2.7 * nrows), squeeze=False)
-    for ax in axes.ravel()[len(metrics):]:
-        ax.axis("off")
-    for ax, m in zip(axes.ravel(), metrics):
-        t = table[table["metric"] == m]
-        first_random = True
-        for cond, g in t.groupby("condition"):
-            g = g.sort_values("alpha")
-            if cond == "steer":
-                ax.plot(g["alpha"], g["value"], "o-", color="C0", ms=3, label="regime vector", zorder=3)
-            else:
-                ax.plot(g["alpha"], g["value"], "--", color="0.6", lw=1, label="random (same norm)" if first_random else None)
-                first_random = False
-        ax.axvline(0, color="0.85", lw=1, zorder=0)
-        ax.set_title(m, fontsize=8)
-        ax.set_xlabel("alpha (x |h|)", fontsize=7)
-        ax.tick_params(labelsize=7)
-    axes.ravel()[0].legend(frameon=False, fontsize=7)
-    fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 

@@ -11,6 +11,7 @@ from .env import (
     EnvSpec,
     ReachEnv,
     Scenes,
+    episode_metrics,
     expert_action,
     make_scenes,
     parse_instruction,
@@ -19,23 +20,14 @@ from .env import (
     rollout_metrics,
     simulate_demos,
 )
-from .lens import (
-    CATEGORIES,
-    ClusterRule,
-    action_lens,
-    clamp_cluster,
-    clamp_sweep,
-    layer_summary,
-    neuron_categories,
-    random_cluster,
-    select_clusters,
-)
+from .lens import CATEGORIES, CLUSTER_METRIC, ClusterRule, action_lens, cluster_clamp, layer_summary, neuron_categories, \
+    select_clusters
 from .model import ActionCodec, PolicySpec, VLAPolicy, VLAVocab, build_policy, load_policy, rollout, save_policy, train_policy
 
 __all__ = [
-    "CATEGORIES", "COLORS", "DEFAULT_TEMPLATES", "MANNERS", "ActionCodec", "ClusterRule", "EnvSpec", "PolicySpec",
-    "ReachEnv", "RoboticsAdapter", "Scenes", "VLAPolicy", "VLAVocab", "action_lens", "build_policy", "clamp_cluster",
-    "clamp_sweep", "expert_action", "layer_summary", "load_policy", "make_scenes", "neuron_categories",
-    "parse_instruction", "random_cluster", "render", "render_states", "rollout", "rollout_metrics", "save_policy",
+    "CATEGORIES", "CLUSTER_METRIC", "COLORS", "DEFAULT_TEMPLATES", "MANNERS", "ActionCodec", "ClusterRule", "EnvSpec",
+    "PolicySpec", "ReachEnv", "RoboticsAdapter", "Scenes", "VLAPolicy", "VLAVocab", "action_lens", "build_policy",
+    "cluster_clamp", "episode_metrics", "expert_action", "layer_summary", "load_policy", "make_scenes",
+    "neuron_categories", "parse_instruction", "render", "render_states", "rollout", "rollout_metrics", "save_policy",
     "select_clusters", "simulate_demos", "train_policy",
 ]

@@ -42,7 +42,11 @@ __all__ = [
     "render",
     "render_scene",
     "render_states",
+    "episode_metrics",
+    "baseline_features",
+    "demo_table",
     "rollout_metrics",
+    "scripted_rollout",
     "simulate_demos",
     "split_words",
 ]
@@ -502,6 +506,27 @@ def rollout_metrics(
     }
 
 
+def episode_metrics(displacements: np.ndarray, live: np.ndarray, to_target: np.ndarray, success: np.ndarray,
+                    max_step: float) -> dict[str, np.ndarray]:
+    """Per-episode trajectory metrics: ``(N,)`` arrays of the :func:`rollout_metrics` quantities.
+
+    ``displacement``, ``dx``, ``dy`` and ``alignment`` are each episode's mean over its running
+    steps (NaN for an episode with none); ``success_rate`` is 0/1 per episode. Their means weigh
+    every episode alike (:func:`rollout_metrics` pools the steps of every episode instead).
+    """
+    d = displacements / max_step
+    mag = np.linalg.norm(d, axis=-1)
+    m = live.astype(bool)
+    n = m.sum(0).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = (d * to_target).sum(-1) / np.maximum(mag * np.linalg.norm(to_target, axis=-1), 1e-12)
+        moving = m & (mag > 1e-9)
+        per = lambda x, mask: np.where(mask.any(0), (x * mask).sum(0) / mask.sum(0), np.nan)  # noqa: E731
+        return {"success_rate": np.asarray(success, dtype=np.float64), "displacement": per(mag, m),
+                "dx": per(d[..., 0], m), "dy": per(d[..., 1], m), "alignment": per(cos, moving),
+                "steps": n}
+
+
 def scene_table(scenes: Scenes) -> pd.DataFrame:
     """One row per scene: episode, instruction, target colour, manner word and class."""
     return pd.DataFrame({
@@ -514,3 +539,75 @@ def scene_table(scenes: Scenes) -> pd.DataFrame:
         "target_x": scenes.target_pos[:, 0],
         "target_y": scenes.target_pos[:, 1],
     })
+
+
+def scripted_rollout(scenes: Scenes, spec: EnvSpec, kind: str, seed: int = 0) -> dict[str, float]:
+    """Closed-loop :func:`rollout_metrics` of the noise-free expert (``kind="expert"``) or of
+    uniform random actions in [-1, 1]^2 (``"random"``, the chance level), plus clipped and wall counts."""
+    env = ReachEnv(scenes, spec)
+    speed = np.array([MANNER_SPEED[MANNERS[m]] for m in scenes.manner])
+    rng = np.random.default_rng([seed, 0xA11])
+    T, n = spec.max_steps, len(scenes)
+    disp, live_m, to_t = np.zeros((T, n, 2)), np.zeros((T, n), bool), np.zeros((T, n, 2))
+    for t in range(T):
+        if env.done.all():
+            break
+        if kind == "expert":
+            a = expert_action(env.position, env.target_pos, speed, spec.max_step)
+        else:
+            a = rng.uniform(-1, 1, size=(n, 2))
+        live_m[t] = ~env.done
+        to_t[t] = env.target_pos - env.position
+        disp[t] = env.step(a)
+    m = rollout_metrics(disp, live_m, to_t, env.success, env.steps, spec.max_step)
+    m.update({"n_clipped": float(env.n_clipped), "n_wall": float(env.n_wall)})
+    return m
+
+
+def demo_table(scenes: Scenes, spec: EnvSpec, *, noise: float, seed: int, test_fraction: float) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """``(states, counts)`` of the expert demonstrations of ``scenes`` (deterministic).
+
+    ``states`` has one row per visited state: ``scene, episode, step, split, instruction,
+    target_color, manner, manner_word, gripper_x/y, target_x/y, target_dx/dy, action_x/y``
+    (expert labels), ``action_speed``, ``action_direction`` (the dominant component's direction)
+    and ``clipped`` (the executed, noisy action left the box and was clipped). Held-out episodes
+    are a seeded ``test_fraction`` of every block of episodes (so the first episodes hold test
+    episodes too); ``counts`` add the noise-free expert's success and clipping on the same scenes.
+    """
+    states, counts = simulate_demos(scenes, spec, noise=noise, seed=seed)
+    obs = states.merge(scene_table(scenes), on="episode", how="left", validate="many_to_one")
+    obs["target_dx"] = obs["target_x"] - obs["gripper_x"]
+    obs["target_dy"] = obs["target_y"] - obs["gripper_y"]
+    ax, ay = obs["action_x"].to_numpy(), obs["action_y"].to_numpy()
+    obs["action_speed"] = np.hypot(ax, ay)
+    horiz = np.abs(ax) >= np.abs(ay)
+    obs["action_direction"] = np.where(horiz, np.where(ax >= 0, "right", "left"), np.where(ay >= 0, "up", "down"))
+    test = np.random.default_rng([seed, 0x7E57]).random(len(scenes)) < test_fraction
+    obs["split"] = np.where(test[obs["scene"].to_numpy()], "test", "train")
+    cols = ["scene", "episode", "step", "split", "instruction", "template", "target_color", "manner", "manner_word",
+            "gripper_x", "gripper_y", "target_x", "target_y", "target_dx", "target_dy", "action_x", "action_y",
+            "action_speed", "action_direction", "clipped"]
+    _, clean = simulate_demos(scenes, spec, noise=0.0, seed=seed)  # what the task allows (no clipping there)
+    return obs[cols], {**counts, "n_states": len(obs), "expert_success_noise_free": clean["n_success"] / len(scenes),
+                       "expert_clipped_noise_free": clean["n_clipped"], "n_test_episodes": int(test.sum())}
+
+
+def baseline_features(inputs: Sequence[tuple[np.ndarray, str]]) -> dict[str, np.ndarray]:
+    """Bag of words of each instruction, and each image average-pooled to 8x8x3 pixels.
+
+    Words alone give the colour and manner but not where the block is; pixels alone show the
+    blocks but not which one is meant. The activations have to bind the two.
+    """
+    words = list(VOCAB_WORDS)
+    index = {w: i for i, w in enumerate(words)}
+    bow = np.zeros((len(inputs), len(words)), dtype=np.float32)
+    pix = []
+    for r, (im, text) in enumerate(inputs):
+        for w in split_words(text):
+            if w in index:
+                bow[r, index[w]] += 1
+        a = np.asarray(im, dtype=np.float32) / 255.0
+        s = a.shape[0] // 8 if a.shape[0] >= 8 else 1
+        a = a[: s * (a.shape[0] // s), : s * (a.shape[1] // s)]
+        pix.append(a.reshape(a.shape[0] // s, s, a.shape[1] // s, s, 3).mean((1, 3)).ravel())
+    return {"bag_of_words": bow, "pixels_8x8": np.asarray(pix, dtype=np.float32)}

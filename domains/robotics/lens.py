@@ -18,25 +18,24 @@ its top tokens per *action category*:
 ``min_share`` of its top-``k`` tokens fall in C; members are ranked by that share, then by their
 mean lens score over C's tokens, and at most ``max_size`` are kept. Clusters span all layers.
 
-**Controls**: random clusters with the same number of neurons in each layer (drawn from the
-neurons outside the cluster, seeded), the unclamped policy (baseline), and prompt modifiers
-(the same scenes with "quickly"/"slowly" in the instruction). The per-layer action-token share
-is read beside the same lens on the untrained (initial) weights and beside the vocabulary share.
+**Clamping** a cluster is a core :class:`~sciscope.core.interventions.Clamp` on the
+down-projection inputs of its layers (:func:`cluster_clamp`); the steering stage runs it over the
+clamp values with its matched random controls (as many random neurons in each layer). The
+per-layer action-token share is read beside the same lens on the untrained (initial) weights and
+beside the vocabulary share.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from sciscope.core.errors import ConfigError
+from sciscope.core.interventions import Clamp
 from sciscope.core.lens import ffn_value_vectors, lens
-from sciscope.core.steer import clamp
 
 from .model import VLAPolicy
 
@@ -44,16 +43,18 @@ __all__ = [
     "CATEGORIES",
     "CLAMP_POSITIONS",
     "ClusterRule",
+    "CLUSTER_METRIC",
     "action_lens",
-    "clamp_cluster",
-    "clamp_sweep",
+    "cluster_clamp",
     "layer_summary",
     "neuron_categories",
-    "random_cluster",
     "select_clusters",
 ]
 
 CATEGORIES: tuple[str, ...] = ("fast", "slow", "right", "left", "up", "down")
+#: The rollout metric each cluster is meant to move (up for fast/right/up, down for slow/left/down).
+CLUSTER_METRIC: dict[str, str] = {"fast": "displacement", "slow": "displacement", "right": "dx", "left": "dx",
+                                  "up": "dy", "down": "dy"}
 
 
 def down_proj_path(layer: int) -> str:
@@ -77,15 +78,9 @@ class ClusterRule:
     max_size: int = 32
 
     def validate(self) -> None:
-        if self.k < 1 or self.max_size < 1:
-            raise ConfigError(f"robotics: lens_top_k and cluster_max_size must be >= 1, got {self.k}, {self.max_size}")
-        if not 0 < self.min_share <= 1:
-            raise ConfigError(f"robotics: cluster_min_share must lie in (0, 1], got {self.min_share}")
-        if not 0 <= self.slow_threshold < self.fast_threshold <= 1:
-            raise ConfigError(f"robotics: need 0 <= slow_threshold < fast_threshold <= 1, got "
-                              f"{self.slow_threshold}, {self.fast_threshold}")
-        if not 0 < self.direction_threshold <= 1:
-            raise ConfigError(f"robotics: direction_threshold must lie in (0, 1], got {self.direction_threshold}")
+        """The checks across thresholds (each key's own range is in the adapter's config table)."""
+        if not self.slow_threshold < self.fast_threshold:
+            raise ConfigError(f"robotics: need slow_threshold < fast_threshold, got {self.slow_threshold}, {self.fast_threshold}")
 
     def token_categories(self, token_info: pd.DataFrame) -> pd.DataFrame:
         """Boolean column per category for every token (non-action tokens are in none)."""
@@ -177,18 +172,6 @@ def select_clusters(neurons: pd.DataFrame, rule: ClusterRule, categories: Sequen
     return out
 
 
-def random_cluster(cluster: pd.DataFrame, n_neurons: Mapping[int, int], seed: int) -> pd.DataFrame:
-    """Random neurons with the cluster's per-layer counts, none of them in the cluster (seeded)."""
-    rng = np.random.default_rng([seed, 0xC1A5])
-    rows = []
-    for layer, grp in cluster.groupby("layer", sort=True):
-        taken = set(grp["neuron"].astype(int))
-        pool = np.array([j for j in range(n_neurons[int(layer)]) if j not in taken])
-        pick = rng.choice(pool, size=min(len(grp), pool.size), replace=False)
-        rows += [(int(layer), int(j)) for j in sorted(pick)]
-    return pd.DataFrame(rows, columns=["layer", "neuron"])
-
-
 def layer_summary(neurons: pd.DataFrame, init_neurons: pd.DataFrame | None, rule: ClusterRule, vocab_share: float) -> pd.DataFrame:
     """Per layer: share of neurons whose top tokens are mostly (>= ``min_share``) action tokens,
     mean action share of the top tokens, share of *coherent* neurons (meeting the cluster rule for
@@ -223,66 +206,17 @@ def layer_summary(neurons: pd.DataFrame, init_neurons: pd.DataFrame | None, rule
 
 #: Where clamping acts: every position (the paper's setting) or only the position that emits the
 #: next action token (the last one of each forward pass during decoding).
-CLAMP_POSITIONS: dict[str, Any] = {"all": None, "action": -1}
+CLAMP_POSITIONS: dict[str, int | None] = {"all": None, "action": -1}
 
 
-@contextlib.contextmanager
-def clamp_cluster(policy: VLAPolicy, cluster: pd.DataFrame, value: float, *, positions: str = "all") -> Iterator[None]:
-    """Set every neuron of ``cluster`` (``layer``, ``neuron`` rows) to ``value``.
+def cluster_clamp(cluster: pd.DataFrame, *, positions: str = "all") -> Clamp:
+    """A core :class:`Clamp` of a cluster's neurons (``layer``, ``neuron`` rows).
 
-    ``positions``: ``"all"`` (every image patch and token, as Haon et al.) or ``"action"`` (the
-    last position of each forward pass: the one whose logits give the next action token). One
-    :func:`sciscope.core.clamp` hook per layer on the down-projection's input; all are gone when
-    the block ends.
+    One site per layer, the down-projection's input; ``positions``: ``"all"`` (every image patch
+    and token, as Haon et al.) or ``"action"`` (the last position of each forward pass: the one
+    whose logits give the next action token). Its random controls draw as many neurons per layer.
     """
     if positions not in CLAMP_POSITIONS:
         raise ConfigError(f"robotics: clamp positions must be one of {list(CLAMP_POSITIONS)}, got {positions!r}")
-    pos = CLAMP_POSITIONS[positions]
-    with contextlib.ExitStack() as stack:
-        for layer, grp in cluster.groupby("layer", sort=True):
-            stack.enter_context(clamp(policy, neuron_site(int(layer)), grp["neuron"].astype(int).tolist(), float(value),
-                                      positions=pos))
-        yield
-
-
-def clamp_sweep(
-    policy: VLAPolicy,
-    clusters: Mapping[str, pd.DataFrame],
-    alphas: Sequence[float],
-    evaluate: Callable[[VLAPolicy], Mapping[str, float]],
-    *,
-    n_random: int = 2,
-    seed: int = 0,
-    positions: str = "all",
-    progress: bool | None = True,
-) -> pd.DataFrame:
-    """Score ``evaluate(policy)`` with each cluster clamped to each alpha, beside random clusters.
-
-    Returns a tidy table: ``cluster``, ``condition`` (``"cluster"`` or ``"random-<i>"``),
-    ``alpha``, ``n_neurons``, ``metric``, ``value``. Empty clusters are skipped. The caller
-    scores the unclamped baseline and prompt modifiers itself (no hooks there). ``positions`` as
-    in :func:`clamp_cluster`.
-    """
-    from tqdm.auto import tqdm
-
-    n_neurons = {i: int(policy.llm.model.layers[i].mlp.down_proj.in_features) for i in range(policy.n_layers)}
-    jobs = []
-    for name, cl in clusters.items():
-        if cl.empty:
-            continue
-        conds = [("cluster", cl)] + [(f"random-{r}", random_cluster(cl, n_neurons, seed + 1000 * r + hash_name(name)))
-                                     for r in range(n_random)]
-        jobs += [(name, cond, c, float(a)) for cond, c in conds for a in alphas]
-    rows = []
-    for name, cond, cl, a in tqdm(jobs, desc="clamp sweep", disable=not progress):
-        with clamp_cluster(policy, cl, a, positions=positions):
-            res = evaluate(policy)
-        for metric, value in res.items():
-            rows.append({"cluster": name, "condition": cond, "alpha": a, "n_neurons": len(cl), "metric": metric,
-                         "value": float(value)})
-    return pd.DataFrame(rows, columns=["cluster", "condition", "alpha", "n_neurons", "metric", "value"])
-
-
-def hash_name(name: str) -> int:
-    """A stable small integer per cluster name (Python's ``hash`` is salted per process)."""
-    return sum((i + 1) * ord(ch) for i, ch in enumerate(name)) % 997
+    units = {neuron_site(int(layer)): g["neuron"].astype(int).tolist() for layer, g in cluster.groupby("layer", sort=True)}
+    return Clamp(units, positions=CLAMP_POSITIONS[positions])

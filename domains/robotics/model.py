@@ -29,7 +29,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from torch import nn
 from sciscope.core.errors import ConfigError, ShapeError
 from sciscope.core.training import fit_lightning, loss_module
 
-from .env import VOCAB_WORDS, EnvSpec, ReachEnv, Scenes, check_instruction, rollout_metrics
+from .env import VOCAB_WORDS, EnvSpec, ReachEnv, Scenes, check_instruction, episode_metrics, rollout_metrics
 
 __all__ = [
     "ActionCodec",
@@ -623,6 +623,8 @@ class Rollout:
         :func:`~.env.rollout_metrics` plus ``n_clipped`` (action components clipped by the
         environment), ``n_wall`` and ``non_action_rate`` (share of decoding steps whose
         unrestricted argmax was not an action token of the dimension decoded).
+    episodes : dict
+        :func:`~.env.episode_metrics`: the same quantities per episode, ``(N,)`` arrays.
     paths : (T + 1, N, 2) gripper positions (NaN after an episode ended)
     success : (N,) bool
     """
@@ -630,6 +632,7 @@ class Rollout:
     metrics: dict[str, float]
     paths: np.ndarray
     success: np.ndarray
+    episodes: dict[str, np.ndarray]
 
 
 @torch.no_grad()
@@ -673,8 +676,6 @@ def rollout(policy: VLAPolicy, scenes: Scenes, spec: EnvSpec, *, batch_size: int
     metrics = rollout_metrics(disp, live_m, to_t, env.success, env.steps, spec.max_step)
     metrics.update({"n_clipped": float(env.n_clipped), "n_wall": float(env.n_wall),
                     "non_action_rate": non_action / max(decodes, 1)})
-    return Rollout(metrics, paths, env.success.copy())
+    episodes = episode_metrics(disp, live_m, to_t, env.success, spec.max_step)
+    return Rollout(metrics, paths, env.success.copy(), episodes)
 
-
-def spec_dict(spec: PolicySpec) -> dict[str, Any]:
-    return asdict(spec)

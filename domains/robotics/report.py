@@ -1,27 +1,28 @@
-"""What the robotics adapter adds to each pipeline stage: tables, figures and headline rows.
+"""The robotics adapter's analyses: tables, figures and headline rows of each pipeline stage.
 
-Each function writes the tables its headline numbers are read from (``source`` of every row), so
-a test can check that the report agrees with them; every number sits beside its control.
+Each function is the ``compute`` of an :class:`~sciscope.core.experiment.Analysis` (see
+:meth:`.adapter.RoboticsAdapter.analyses`): it writes the tables its headline numbers are read
+from through the run context (``source`` of every row) and returns the rows; every number sits
+beside its control. The clamped clusters themselves are steering plans the core runs.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from sciscope.core.io import write_table, write_text
-
 from . import env as _env
-from .lens import CATEGORIES, clamp_sweep, select_clusters
-from .plots import CLUSTER_METRIC, plot_alpha_curves, plot_layer_lens, plot_trajectories, plot_training
+from .lens import CATEGORIES, cluster_clamp
+from .plots import plot_layer_lens, plot_trajectories, plot_training
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .adapter import RoboticsAdapter
+    from sciscope.core.context import RunContext
 
-__all__ = ["examples_rows", "feature_rows", "model_rows", "steering_rows", "clamp_summary"]
+__all__ = ["cluster_rows", "examples_rows", "feature_rows", "model_rows"]
+
+Rows = list[dict[str, Any]]
 
 
 def _pct(x: float) -> str:
@@ -33,20 +34,21 @@ def _pct(x: float) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def examples_rows(ad: "RoboticsAdapter", out: Path) -> list[dict[str, Any]]:
-    """Expert success (noise-free, held-out scenes) vs random actions; clipped demo actions."""
+def examples_rows(ctx: "RunContext") -> Rows:
+    """Expert success (noise-free, held-out scenes) vs random actions; clipped demo actions; notes.md."""
+    ad = ctx.adapter
     obs, _, counts = ad.demos
     c, spec = ad.config, ad.env_spec
     per_ep = obs.groupby("episode").agg(split=("split", "first"), instruction=("instruction", "first"),
                                         manner=("manner", "first"), target_color=("target_color", "first"),
                                         n_states=("step", "size"), n_clipped_steps=("clipped", "sum")).reset_index()
     per_ep["success"] = counts["success"][per_ep["episode"].to_numpy()]
-    write_table(out / "episodes.csv", per_ep)
+    episodes = ctx.write_table("episodes.csv", per_ep)
     scenes = ad.eval_scenes(manners=None)
     expert, rand = ad.expert_rollout(scenes), ad.random_rollout(scenes)
     table = pd.DataFrame([{"agent": "expert (noise-free)", **expert}, {"agent": "random actions", **rand}])
     table.insert(1, "scenes", f"{len(scenes)} held-out scenes, mixed manners")
-    write_table(out / "expert_vs_random.csv", table)
+    source = ctx.write_table("expert_vs_random.csv", table)
     n_steps = len(obs)
     lines = [
         "# Reaching task and expert demonstrations", "",
@@ -66,16 +68,16 @@ def examples_rows(ad: "RoboticsAdapter", out: Path) -> list[dict[str, Any]]:
         f"- splits hold whole episodes ({int((per_ep.split == 'test').sum())} test episodes); the policy trains on "
         "`train`; probes cross-validate over episode groups",
     ]
-    write_text(out / "notes.md", "\n".join(lines) + "\n")
+    ctx.write_text("notes.md", "\n".join(lines) + "\n")
     return [
-        {"stage": "examples", "name": "expert success rate (closed loop)", "value": expert["success_rate"],
+        {"name": "expert success rate (closed loop)", "value": expert["success_rate"],
          "control": rand["success_rate"], "control_label": "uniform random actions, same scenes",
          "note": f"{len(scenes)} held-out scenes; noise-free expert on the demonstration scenes: "
-                 f"{_pct(counts['expert_success_noise_free'])}", "source": "examples/expert_vs_random.csv"},
-        {"stage": "examples", "name": "demonstration actions clipped to [-1, 1]", "value": int(counts["n_clipped"]),
+                 f"{_pct(counts['expert_success_noise_free'])}", "source": source},
+        {"name": "demonstration actions clipped to [-1, 1]", "value": int(counts["n_clipped"]),
          "unit": "action components",
          "note": f"{int(obs['clipped'].sum())} of {n_steps} executed steps (noise std {c['demo_noise']}); "
-                 f"noise-free expert: {counts['expert_clipped_noise_free']}", "source": "examples/episodes.csv"},
+                 f"noise-free expert: {counts['expert_clipped_noise_free']}", "source": episodes},
     ]
 
 
@@ -84,18 +86,19 @@ def examples_rows(ad: "RoboticsAdapter", out: Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------
 
 
-def model_rows(ad: "RoboticsAdapter", model: Any, out: Path) -> list[dict[str, Any]]:
+def model_rows(ctx: "RunContext") -> Rows:
     """Closed-loop success and displacement by manner (policy vs expert), and the lens per layer."""
+    ad, model = ctx.adapter, ctx.model()
     info = ad.training_info
     if info.get("history"):
-        write_table(out / "training_history.csv", pd.DataFrame(info["history"]))
-        plot_training(info["history"], out / "training.png")
+        ctx.write_table("training_history.csv", pd.DataFrame(info["history"]))
+        ctx.save_figure("training.png", plot_training(info["history"]))
     scenes = ad.eval_scenes(manners=None)
     pol = ad.rollout(model, scenes).metrics
     expert, rand = ad.expert_rollout(scenes), ad.random_rollout(scenes)
     closed = pd.DataFrame([{"agent": "policy", **pol}, {"agent": "expert (noise-free)", **expert},
                            {"agent": "random actions", **rand}])
-    write_table(out / "closed_loop.csv", closed)
+    closed_src = ctx.write_table("closed_loop.csv", closed)
     # displacement by manner: the same neutral scenes with a manner word put in front
     neutral = ad.eval_scenes()
     rows = []
@@ -106,46 +109,46 @@ def model_rows(ad: "RoboticsAdapter", model: Any, out: Path) -> list[dict[str, A
                      "expert_displacement": e["displacement"], "policy_success": p["success_rate"],
                      "expert_success": e["success_rate"]})
     by_manner = pd.DataFrame(rows)
-    write_table(out / "displacement_by_manner.csv", by_manner)
+    manner_src = ctx.write_table("displacement_by_manner.csv", by_manner)
     # the lens: FFN value vectors through the final norm and LM head
     top, neurons, layers = ad.lens_tables(model)
-    write_table(out / "ffn_lens_top_tokens.parquet", top)
-    write_table(out / "ffn_neurons.csv", neurons)
-    write_table(out / "lens_by_layer.csv", layers)
-    plot_layer_lens(layers, out / "lens_by_layer.png")
+    ctx.write_table("ffn_lens_top_tokens.parquet", top)
+    ctx.write_table("ffn_neurons.csv", neurons)
+    lens_src = ctx.write_table("lens_by_layer.csv", layers)
+    ctx.save_figure("lens_by_layer.png", plot_layer_lens(layers))
     last = layers.iloc[-1]
     bm = by_manner.set_index("manner_word")
     return [
-        {"stage": "model", "name": "policy success rate (closed loop)", "value": pol["success_rate"],
+        {"name": "policy success rate (closed loop)", "value": pol["success_rate"],
          "control": rand["success_rate"], "control_label": "uniform random actions, same scenes",
          "note": f"{len(scenes)} held-out scenes, mixed manners; expert {_pct(expert['success_rate'])}; "
                  f"teacher-forced exact-bin accuracy {info.get('final_bin_accuracy', float('nan')):.3f}",
-         "source": "model/closed_loop.csv"},
-        {"stage": "model", "name": "policy per-step displacement with 'quickly'", "value": float(bm.loc["quickly", "policy_displacement"]),
+         "source": closed_src},
+        {"name": "policy per-step displacement with 'quickly'", "value": float(bm.loc["quickly", "policy_displacement"]),
          "control": float(bm.loc["none", "policy_displacement"]), "control_label": "same scenes, no manner word",
          "unit": "x max step",
          "note": f"'slowly': {bm.loc['slowly', 'policy_displacement']:.3f}; expert slowly/none/quickly "
                  f"{bm.loc['slowly', 'expert_displacement']:.3f}/{bm.loc['none', 'expert_displacement']:.3f}/"
-                 f"{bm.loc['quickly', 'expert_displacement']:.3f}", "source": "model/displacement_by_manner.csv"},
-        {"stage": "model", "name": "policy actions clipped to [-1, 1]", "value": int(pol["n_clipped"]),
+                 f"{bm.loc['quickly', 'expert_displacement']:.3f}", "source": manner_src},
+        {"name": "policy actions clipped to [-1, 1]", "value": int(pol["n_clipped"]),
          "unit": "action components",
          "note": f"action tokens decode to bin centres inside [-1, 1]; wall contacts {int(pol['n_wall'])}; "
                  f"unrestricted argmax outside the action bins in {_pct(pol['non_action_rate'])} of decodes",
-         "source": "model/closed_loop.csv"},
-        {"stage": "model", "name": f"last-layer FFN neurons whose top-{ad.rule.k} tokens are mostly action tokens",
+         "source": closed_src},
+        {"name": f"last-layer FFN neurons whose top-{ad.rule.k} tokens are mostly action tokens",
          "value": float(last["share_neurons_mostly_action"]),
          "control": float(last.get("share_neurons_mostly_action_untrained", np.nan)),
          "control_label": "same lens on untrained weights",
          "note": "per layer: " + ", ".join(f"{v:.2f}" for v in layers["share_neurons_mostly_action"])
                  + f"; vocabulary action share {float(last['vocabulary_action_share']):.2f}",
-         "source": "model/lens_by_layer.csv"},
-        {"stage": "model", "name": "last-layer FFN neurons with one coherent action meaning",
+         "source": lens_src},
+        {"name": "last-layer FFN neurons with one coherent action meaning",
          "value": float(last["share_neurons_coherent"]),
          "control": float(last.get("share_neurons_coherent_untrained", np.nan)),
          "control_label": "same lens on untrained weights",
          "note": f">= {ad.rule.min_share:.0%} of the top-{ad.rule.k} tokens in one of {list(CATEGORIES)}; per layer: "
                  + ", ".join(f"{v:.2f}" for v in layers["share_neurons_coherent"]),
-         "source": "model/lens_by_layer.csv"},
+         "source": lens_src},
     ]
 
 
@@ -154,15 +157,14 @@ def model_rows(ad: "RoboticsAdapter", model: Any, out: Path) -> list[dict[str, A
 # ------------------------------------------------------------------------------------------------
 
 
-def feature_rows(ad: "RoboticsAdapter", context: Any, out: Path) -> list[dict[str, Any]]:
+def feature_rows(ctx: "RunContext") -> Rows:
     """Best SAE feature per action direction / manner / target colour (AUROC) vs shuffled, plus
     whether that feature's decoder direction, read through the LM head, writes the matching
     action tokens (only meaningful when the SAE sits on the last layer)."""
-    analysis = context["analysis"]
-    a = analysis.associations
-    ctrl = analysis.control_associations
+    ad, analysis = ctx.adapter, ctx.features()
+    a, ctrl = analysis.associations, analysis.control_associations
     rows = []
-    decoder_share = _decoder_lens_share(ad, context)
+    decoder_share = _decoder_lens_share(ctx)
     for concept in ("action_direction", "manner", "target_color"):
         t = a[(a["concept"] == concept) & (a["stat"] == "auroc")]
         for value, g in t.groupby("value", sort=True):
@@ -181,148 +183,73 @@ def feature_rows(ad: "RoboticsAdapter", context: Any, out: Path) -> list[dict[st
                 row["decoder_top_share_all_features"] = float(mean_share[value])
             rows.append(row)
     table = pd.DataFrame(rows)
-    write_table(out / "action_semantics.csv", table)
+    source = ctx.write_table("action_semantics.csv", table)
     heads = []
     for r in table.itertuples():
         if r.concept != "action_direction":
             continue
         note = f"feature {r.best_feature}, q = {r.q:.2g}"
-        if hasattr(r, "decoder_top_share_in_direction") and np.isfinite(getattr(r, "decoder_top_share_in_direction", np.nan)):
+        if np.isfinite(getattr(r, "decoder_top_share_in_direction", np.nan)):
             note += (f"; its decoder row's top-{ad.rule.k} lens tokens: {r.decoder_top_share_in_direction:.0%} '{r.value}' "
                      f"tokens (all features: {r.decoder_top_share_all_features:.0%})")
-        heads.append({"stage": "features", "name": f"best SAE feature for action '{r.value}' (AUROC)",
-                      "value": r.auroc, "control": getattr(r, "auroc_shuffled", None),
-                      "control_label": "best AUROC on shuffled labels", "note": note,
-                      "source": "features/action_semantics.csv"})
+        heads.append({"name": f"best SAE feature for action '{r.value}' (AUROC)", "value": r.auroc,
+                      "control": getattr(r, "auroc_shuffled", None), "control_label": "best AUROC on shuffled labels",
+                      "note": note, "source": source})
     return heads
 
 
-def _decoder_lens_share(ad: "RoboticsAdapter", context: Any) -> tuple[pd.DataFrame, pd.Series] | None:
-    """Per SAE feature: share of its decoder row's top-k lens tokens in each action category."""
-    run_dir = ad.run_dir
-    site = str(context.get("site", ""))
-    if run_dir is None or site != f"layer.{ad.n_layers - 1}":
-        return None
-    sae_dir = Path(run_dir) / "sae" / "model"
-    if not sae_dir.is_dir():
-        return None
+def _decoder_lens_share(ctx: "RunContext") -> tuple[pd.DataFrame, pd.Series] | None:
+    """Per SAE feature: share of its decoder row's top-k lens tokens in each action category
+    (None unless the SAE sits on the last layer, whose output the LM head reads)."""
     from sciscope.core.lens import lens
-    from sciscope.core.sae import load_sae
 
-    sae = load_sae(sae_dir)
-    W_dec = sae.W_dec.detach()  # (d_sae, d): each feature's direction in the residual stream
-    policy = ad.model()
+    ad = ctx.adapter
+    if str(ctx.sae_metrics().get("site", "")) != f"layer.{ad.n_layers - 1}":
+        return None
+    W_dec = ctx.sae().W_dec.detach()  # (d_sae, d): each feature's direction in the residual stream
+    policy = ctx.model()
     if W_dec.shape[-1] != policy.config.hidden_size:
         return None
-    info = policy.vocab.token_info()
-    cats = ad.rule.token_categories(info).set_index("token_id")
+    cats = ad.rule.token_categories(policy.vocab.token_info()).set_index("token_id")
     t = lens(W_dec.float(), policy.get_output_embeddings().weight.detach(), k=ad.rule.k, norm=policy.llm.model.norm)
-    t = t.join(cats, on="token_id")
-    shares = t.groupby("vector")[list(CATEGORIES)].mean()
+    shares = t.join(cats, on="token_id").groupby("vector")[list(CATEGORIES)].mean()
     return shares, shares.mean()
 
 
 # ------------------------------------------------------------------------------------------------
-# steering: clamped clusters
+# steering: the clusters (the clamping itself is one core steering plan per cluster)
 # ------------------------------------------------------------------------------------------------
 
 
-def clamp_summary(sweep: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
-    """Per cluster and alpha: its metric, the random clusters' mean/min/max, baseline and prompts.
-
-    ``beyond_baseline`` / ``beyond_all_random``: the cluster moved its metric the way its name
-    says (up for fast/right/up, down for slow/left/down) past the unclamped policy / past every
-    random cluster of the same size and layers.
-    """
-    ref = reference.set_index(["condition", "metric"])["value"]
-    rows = []
-    for (cl, a), g in sweep.groupby(["cluster", "alpha"], sort=True):
-        m = CLUSTER_METRIC.get(cl, "displacement")
-        gm = g[g["metric"] == m]
-        val = float(gm[gm["condition"] == "cluster"]["value"].iloc[0])
-        rnd = gm[gm["condition"] != "cluster"]["value"].to_numpy(dtype=np.float64)
-        succ = g[(g["metric"] == "success_rate") & (g["condition"] == "cluster")]["value"]
-        base = float(ref.get(("baseline", m), np.nan))
-        rows.append({
-            "cluster": cl, "alpha": float(a), "n_neurons": int(g["n_neurons"].iloc[0]), "metric": m, "value": val,
-            "random_mean": float(rnd.mean()) if rnd.size else np.nan, "random_min": float(rnd.min()) if rnd.size else np.nan,
-            "random_max": float(rnd.max()) if rnd.size else np.nan,
-            "baseline": base, "prompt_quickly": float(ref.get(("prompt: quickly", m), np.nan)),
-            "prompt_slowly": float(ref.get(("prompt: slowly", m), np.nan)),
-            "success_rate": float(succ.iloc[0]) if len(succ) else np.nan,
-        })
-    t = pd.DataFrame(rows)
-    if len(t):
-        sign = np.where(t["cluster"].isin(["slow", "left", "down"]), -1.0, 1.0)  # the way each cluster should move
-        t["beyond_baseline"] = sign * (t["value"] - t["baseline"]) > 0
-        t["beyond_all_random"] = sign * (t["value"] - np.where(sign > 0, t["random_max"], t["random_min"])) > 0
-    return t
-
-
-def steering_rows(ad: "RoboticsAdapter", out: Path) -> list[dict[str, Any]]:
-    """Cluster clamping during closed-loop rollouts, beside random clusters, baseline and prompts."""
-    policy = ad.model()
-    c = ad.config
+def cluster_rows(ctx: "RunContext") -> Rows:
+    """``clusters.csv`` (members by the rule), trajectory figures (unclamped policy vs a cluster
+    and one of its random controls clamped to the largest alpha, and the 'quickly' prompt), and a
+    row naming the clusters the rule left empty."""
+    ad, policy, c = ctx.adapter, ctx.model(), ctx.config
+    clusters = ad.clusters(policy, c["clusters"])
+    cols = ["cluster", "layer", "neuron", "top_tokens"]
+    members = pd.concat([cl.assign(cluster=name)[cols] for name, cl in clusters.items()], ignore_index=True) \
+        if clusters else pd.DataFrame(columns=cols)
+    source = ctx.write_table("clusters.csv", members)
     scenes = ad.eval_scenes()
-    keep = ("displacement", "dx", "dy", "success_rate", "alignment")
-
-    def evaluate(p: Any) -> dict[str, float]:
-        m = ad.rollout(p, scenes).metrics
-        return {k: m[k] for k in keep}
-
-    reference = []
-    base_roll = ad.rollout(policy, scenes)
-    prompts = {"baseline": base_roll.metrics, "prompt: quickly": ad.rollout(policy, ad.manner_scenes(scenes, "quickly")).metrics,
-               "prompt: slowly": ad.rollout(policy, ad.manner_scenes(scenes, "slowly")).metrics}
-    for cond, m in prompts.items():
-        reference += [{"condition": cond, "metric": k, "value": float(m[k])} for k in keep]
-    reference_t = pd.DataFrame(reference)
-    write_table(out / "clamp_reference.csv", reference_t)
-    _, neurons, _ = ad.lens_tables(policy)
-    clusters = select_clusters(neurons, ad.rule, c["clusters"])
-    members = pd.concat([cl.assign(cluster=name)[["cluster", "layer", "neuron", "top_tokens"]] for name, cl in clusters.items()],
-                        ignore_index=True) if clusters else pd.DataFrame(columns=["cluster", "layer", "neuron", "top_tokens"])
-    write_table(out / "clusters.csv", members)
-    sweep = clamp_sweep(policy, clusters, c["clamp_alphas"], evaluate, n_random=c["clamp_n_random"], seed=c["seed"],
-                        positions=c["clamp_positions"], progress=None)
-    write_table(out / "clamp_sweep.csv", sweep)
-    summary = clamp_summary(sweep, reference_t)
-    write_table(out / "clamp_summary.csv", summary)
-    plot_alpha_curves(sweep, reference_t, out / "clamp_metric_vs_alpha.png")
-    # trajectories: baseline vs the fast (or first non-empty) cluster and a random cluster at the largest alpha
-    from .lens import clamp_cluster, random_cluster
-
     a_max = max(c["clamp_alphas"]) if c["clamp_alphas"] else 0.0
-    n_neurons = {i: int(policy.llm.model.layers[i].mlp.down_proj.in_features) for i in range(policy.n_layers)}
     for name in ("fast", "right", "up"):
         cl = clusters.get(name)
         if cl is None or cl.empty or c["n_trajectory_plots"] == 0:
             continue
-        with clamp_cluster(policy, cl, a_max, positions=c["clamp_positions"]):
-            steered = ad.rollout(policy, scenes)
-        with clamp_cluster(policy, random_cluster(cl, n_neurons, c["seed"]), a_max, positions=c["clamp_positions"]):
-            rand = ad.rollout(policy, scenes)
-        paths = {"baseline": base_roll.paths, f"{name} cluster, alpha={a_max:g}": steered.paths,
-                 f"random cluster ({len(cl)}), alpha={a_max:g}": rand.paths}
+        iv = cluster_clamp(cl, positions=c["clamp_positions"])
+        paths = {"unclamped": ad.rollout(policy, scenes).paths}
+        for label, clamp in ((f"{name} cluster, alpha={a_max:g}", iv),
+                             (f"random neurons ({iv.n_units}), alpha={a_max:g}", iv.controls(policy, 1, seed=ctx.seed)[0])):
+            with clamp.apply(policy, a_max):
+                paths[label] = ad.rollout(policy, scenes).paths
         if name == "fast":
             paths["prompt: quickly"] = ad.rollout(policy, ad.manner_scenes(scenes, "quickly")).paths
-        plot_trajectories(scenes, paths, out / f"trajectories_{name}.png", n=c["n_trajectory_plots"],
-                          title=f"baseline vs {name} cluster clamped to {a_max:g}",
-                          success_radius=ad.env_spec.success_radius)
-    rows = []
-    sizes = {k: len(v) for k, v in clusters.items()}
-    empty = [k for k, v in sizes.items() if v == 0]
-    top = summary[summary["alpha"] == a_max] if len(summary) else summary
-    for r in top.itertuples():
-        rows.append({
-            "stage": "steering", "name": f"clamp {r.cluster} cluster to {r.alpha:g}: {r.metric}", "value": r.value,
-            "control": r.random_mean, "control_label": f"random clusters, same size and layers (n={c['clamp_n_random']})",
-            "unit": "x max step",
-            "note": f"{r.n_neurons} neurons at {c['clamp_positions']} positions; unclamped {r.baseline:.3f}; prompt 'quickly' {r.prompt_quickly:.3f}, "
-                    f"'slowly' {r.prompt_slowly:.3f}; success {r.success_rate:.2f} (unclamped "
-                    f"{prompts['baseline']['success_rate']:.2f})", "source": "steering/clamp_summary.csv"})
-    if empty:
-        rows.append({"stage": "steering", "name": "clusters left empty by the rule", "value": len(empty),
-                     "note": f"{empty}: no neuron has >= {ad.rule.min_share:.0%} of its top-{ad.rule.k} tokens there",
-                     "source": "steering/clusters.csv"})
-    return rows
+        ctx.save_figure(f"trajectories_{name}.png", plot_trajectories(
+            scenes, paths, n=c["n_trajectory_plots"], title=f"unclamped vs {name} cluster clamped to {a_max:g}",
+            success_radius=ad.env_spec.success_radius))
+    empty = [k for k, v in clusters.items() if v.empty]
+    if not empty:
+        return []
+    return [{"name": "clusters left empty by the rule", "value": len(empty), "source": source,
+             "note": f"{empty}: no neuron has >= {ad.rule.min_share:.0%} of its top-{ad.rule.k} tokens there"}]

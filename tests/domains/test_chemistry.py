@@ -16,6 +16,9 @@ pytest.importorskip("datamol")
 from rdkit import Chem  # noqa: E402
 
 from sciscope.core import ConfigError, collect, contrast_vector, steer  # noqa: E402
+from sciscope.core import context as _context  # noqa: E402
+from sciscope.core.context import RunContext  # noqa: E402
+from sciscope.core.experiment import Scorer  # noqa: E402
 from sciscope.core.sites import resolve_site  # noqa: E402
 from sciscope.core.testing import check_adapter  # noqa: E402
 from sciscope.domains.chemistry import (  # noqa: E402
@@ -177,19 +180,33 @@ def test_csv_invalid_smiles_are_counted_with_line_numbers(tmp_path: Path) -> Non
     assert "pic50" in ms.measured  # numeric columns become probe targets
 
 
+def _analysis(ad: ChemistryAdapter, name: str):
+    return next(a for a in ad.analyses() if a.name == name)
+
+
 def test_adapter_on_user_file_lists_invalid_in_run_notes(tmp_path: Path) -> None:
     f = tmp_path / "mols.smi"
     good = ["CCO", "CC(=O)O", "c1ccccc1", "CCN", "CCCl", "c1ccncc1", "CC(C)=O", "CCOC(C)=O", "Oc1ccccc1", "CCBr"]
     f.write_text("smiles\n" + "\n".join(good[:4]) + "\nC(C\n" + "\n".join(good[4:]) + "\n")
     ad = ChemistryAdapter({"source": str(f), "n_molecules": 0, "min_group_count": 1})
-    ad.run_dir = tmp_path / "run"
+    ctx = RunContext(ad, run_dir=tmp_path / "run")
     ex = ad.examples("all")
     assert len(ex) == len(good)
     assert ad.invalid_molecules["line"].tolist() == [6]
+    analysis = _analysis(ad, "molecules")
+    assert analysis.stage == "examples"
+    rows, _ = analysis.run(ctx)
+    assert rows[0]["name"] == "invalid SMILES skipped" and rows[0]["value"] == 1
     notes = (tmp_path / "run" / "examples" / "notes.md").read_text()
     assert "1 invalid SMILES skipped" in notes and "line 6" in notes
     listed = pd.read_csv(tmp_path / "run" / "examples" / "invalid_molecules.csv")
     assert listed["line"].tolist() == [6]
+    # the molecules are cached in the run folder: a new adapter (another stage's process) loads them
+    _context._MEMORY.clear()
+    ad2 = ChemistryAdapter({"source": str(f), "n_molecules": 0, "min_group_count": 1})
+    RunContext(ad2, run_dir=tmp_path / "run")
+    pd.testing.assert_frame_equal(ad2.molecules, ad.molecules)
+    assert ad2.invalid_molecules["line"].tolist() == [6]
 
 
 def test_missing_smiles_column_and_no_valid_molecule_are_errors(tmp_path: Path) -> None:
@@ -232,8 +249,13 @@ def test_config_errors_name_the_key() -> None:
         ChemistryAdapter({"steer_groups": ["no_group"]})
     with pytest.raises(ConfigError, match="hidden"):
         ChemistryAdapter({"hidden": 30, "n_heads": 4})
-    with pytest.raises(ConfigError, match="model path"):
+    with pytest.raises(ConfigError, match="'model'.*not a local model directory"):
         ChemistryAdapter({"model": "/no/such/dir"})
+    with pytest.raises(ConfigError, match="test_fraction"):
+        ChemistryAdapter({"test_fraction": 1.0})
+    with pytest.raises(ConfigError, match="n_generate"):
+        ChemistryAdapter({"n_generate": 0})
+    assert ChemistryAdapter.config_stages["steer_groups"] == "steering" and ChemistryAdapter.config_stages["hidden"] == "model"
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -247,12 +269,14 @@ def test_training_smoke_and_save_load(tmp_path: Path) -> None:
     model, res = train_model(spec, tok, smiles)
     assert res.steps == 40 and res.n_train == 200 and np.isfinite(res.final_loss)
     assert res.history[-1]["loss"] < res.history[0]["loss"]  # it learns something in 40 steps
-    save_trained(tmp_path / "ckpt", model, tok, spec, res, key="k")
-    again, tok2, info = load_trained(tmp_path / "ckpt")
+    assert model.tokenizer is tok and model.training_info["final_loss"] == res.final_loss
+    (tmp_path / "ckpt").mkdir()
+    save_trained(model, tmp_path / "ckpt")
+    again = load_trained(tmp_path / "ckpt")
     batch = tok(smiles[:4])
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, again(**batch).logits, atol=1e-5)
-    assert info["key"] == "k" and tok2.vocab == tok.vocab
+    assert again.training_info["steps"] == 40 and again.tokenizer.vocab == tok.vocab
 
 
 def test_conformance_gpt_selfies(tiny_gpt, tmp_path: Path) -> None:
@@ -266,7 +290,7 @@ def test_conformance_roberta_smiles(tmp_path: Path) -> None:
     check_adapter(ad, tmp_path)
     model = ad.model()
     assert type(model).__name__ == "RobertaForMaskedLM"
-    assert ad.steering_evaluator(model, ad.examples("all"), "halogen", ad.sae_site) is None  # no generation
+    assert ad.steering_scorer(ad.ctx, "halogen") is None and ad.steering_plans(ad.ctx) == []  # no generation
 
 
 def test_concepts_targets_and_baseline(tiny_gpt) -> None:
@@ -283,17 +307,22 @@ def test_concepts_targets_and_baseline(tiny_gpt) -> None:
 def test_default_model_is_reused_from_the_run_folder(tmp_path: Path) -> None:
     cfg = {**TINY, "train_steps": 10, "seed": 3}
     ad = ChemistryAdapter(cfg)
-    ad.run_dir = tmp_path
+    ctx = RunContext(ad, run_dir=tmp_path, stage="model")
     m1 = ad.model()
-    assert (tmp_path / "model" / "checkpoint" / "config.json").is_file()
+    (ckpt,) = (tmp_path / "cache").glob("lm-selfies-*")
+    assert (ckpt / "config.json").is_file() and (ckpt / "sciscope_tokenizer.json").is_file()
+    rows, _ = _analysis(ad, "training").run(ctx)
+    assert [r["name"] for r in rows] == ["final training loss (selfies)"] and np.isfinite(rows[0]["value"])
     assert (tmp_path / "model" / "training_loss_selfies.png").is_file()
+    _context._MEMORY.clear()  # as in the next stage's process
     ad2 = ChemistryAdapter(cfg)
-    ad2.run_dir = tmp_path
+    RunContext(ad2, run_dir=tmp_path)
     m2 = ad2.model()  # loaded, not retrained
+    assert m2 is not m1 and m2.training_info["final_loss"] == m1.training_info["final_loss"]
     for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(a, b), k
     # a saved checkpoint is also accepted as a user model directory
-    ad3 = ChemistryAdapter({**cfg, "model": str(tmp_path / "model" / "checkpoint")})
+    ad3 = ChemistryAdapter({**cfg, "model": str(ckpt)})
     m3 = ad3.model()
     for site in ad3.sites:
         resolve_site(m3, site, ad3.aliases)
@@ -304,39 +333,52 @@ def test_default_model_is_reused_from_the_run_folder(tmp_path: Path) -> None:
 
 def test_selfies_generation_is_always_valid(tiny_gpt) -> None:
     ad, model = tiny_gpt
-    mols = generate(model, ad.tokenizer, 64, seed=1, max_length=48)
+    mols = generate(model, model.tokenizer, 64, seed=1, max_length=48)
     assert len(mols) == 64
     scores = score_molecules(mols, set())
     assert scores["validity"] == 1.0  # SELFIES decode to a molecule, always
-    assert generate(model, ad.tokenizer, 64, seed=1, max_length=48) == mols  # seeded
-    assert generate(model, ad.tokenizer, 64, seed=2, max_length=48) != mols
+    assert generate(model, model.tokenizer, 64, seed=1, max_length=48) == mols  # seeded
+    assert generate(model, model.tokenizer, 64, seed=2, max_length=48) != mols
 
 
 def test_smiles_generation_is_scored_not_guaranteed() -> None:
     ad = ChemistryAdapter({**TINY, "encoding": "smiles"})
     model = ad.model()
-    mols = generate(model, ad.tokenizer, 32, seed=0, max_length=48)
+    mols = generate(model, model.tokenizer, 32, seed=0, max_length=48)
     s = score_molecules(mols, set(ad.examples("train").obs["smiles"]), "[F,Cl,Br,I]")
     assert 0.0 <= s["validity"] <= 1.0 and set(s) >= {"uniqueness", "novelty", "group_frequency", "logp"}
 
 
-def test_steering_evaluator_runs_under_steering(tiny_gpt, tmp_path: Path) -> None:
+def test_steering_scorer_runs_under_steering(tiny_gpt, tmp_path: Path) -> None:
     ad, model = tiny_gpt
     ex = ad.examples("all")
     store = collect(model, ad.batches(ex, model, batch_size=32), ad.sites, out=tmp_path / "store", obs=ex.obs,
                     aliases=ad.aliases, progress=False)
     a, b = ad.contrasts["halogen"]
     vec = contrast_vector(store, ad.sae_site, a=a, b=b)
-    evaluate = ad.steering_evaluator(model, ex, "halogen", ad.sae_site)
-    assert evaluate is not None
-    base = evaluate(model)
+    scorer = ad.steering_scorer(ad.ctx, "halogen")
+    assert isinstance(scorer, Scorer) and scorer.target == ["group_frequency"]
+    assert set(scorer.off_target) == {"logp", "qed", "mol_wt", "n_heavy_atoms"} and set(scorer.damage) == {"validity", "uniqueness"}
+    base = scorer(model)
+    assert base["validity"].shape == (ad.config["n_generate"],)  # per sample: bootstrapped over samples
     with steer(model, vec, 0.0, aliases=ad.aliases):
-        same = evaluate(model)
-    assert base == same  # alpha = 0 and a fixed sampling seed: identical molecules
+        same = scorer(model)
+    for k in base:  # alpha = 0 and a fixed sampling seed: identical molecules
+        np.testing.assert_array_equal(base[k], same[k])
     with steer(model, vec, 4.0, aliases=ad.aliases):
-        pushed = evaluate(model)
-    assert set(pushed) == set(base) and 0.0 <= pushed["group_frequency"] <= 1.0
-    assert 0.0 < evaluate.train_frequency < 1.0
+        pushed = scorer(model)
+    assert set(pushed) == set(base) and 0.0 <= np.nanmean(pushed["group_frequency"]) <= 1.0
+    # the per-sample means are the scores of the plain metric
+    mols = generate(model, model.tokenizer, ad.config["n_generate"], seed=ad.config["seed"])
+    train = set(ex.obs.loc[ex.obs.split == "train", "smiles"])
+    plain = score_molecules(mols, train, "[F,Cl,Br,I]")
+    assert np.nanmean(base["validity"]) == pytest.approx(plain["validity"])
+    assert base["uniqueness"] == pytest.approx(plain["uniqueness"])
+    plans = ad.steering_plans(ad.ctx)
+    assert [p.name for p in plans] == list(ad.contrasts)
+    ref = plans[0].reference["training molecules"]
+    assert ref["group_frequency"] == pytest.approx(ex.obs.loc[ex.obs.split == "train", plans[0].name].mean())
+    assert all(p.n_controls == ad.ctx.config["steer_n_random"] for p in plans)
 
 
 # ------------------------------------------------------------------------------ user checkpoints
@@ -386,50 +428,65 @@ def test_user_hf_checkpoint_with_its_own_tokenizer(encoding: str, arch: str, tmp
     assert ad.n_layers == 3 and ad.aliases["layer.{i}"].startswith("roberta.encoder.layer" if arch == "roberta" else "transformer.h")
     loaded = ad.model()
     assert type(loaded).__name__ == type(model).__name__
-    assert not isinstance(ad.tokenizer, MoleculeTokenizer)  # the checkpoint's own tokenizer
+    assert not isinstance(loaded.tokenizer, MoleculeTokenizer)  # the checkpoint's own tokenizer
     ex = ad.examples("all")
     batch = next(iter(ad.batches(ex, loaded, batch_size=8)))
-    assert (batch["input_ids"] != ad.tokenizer.unk_token_id).float().mean() > 0.95  # tokens known, not <unk>
+    assert (batch["input_ids"] != loaded.tokenizer.unk_token_id).float().mean() > 0.95  # tokens known, not <unk>
     store = collect(loaded, ad.batches(ex, loaded, batch_size=16), ad.sites, out=tmp_path / "store", obs=ex.obs,
                     aliases=ad.aliases, pooling="mean", progress=False)
     assert store.n_obs == len(ex) and store.array("layer.2").shape == (len(ex), 32)
     for state_a, state_b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(state_a, state_b)
     # no sciscope tokenizer: steered generation is declined with a reason, never run half-way
+    assert ad.variants == []  # a user checkpoint has no encoding variant
     if arch == "gpt2":
         with pytest.warns(UserWarning, match="tokenizer"):
-            assert ad.steering_evaluator(loaded, ex, "halogen", "layer.1") is None
+            assert ad.steering_scorer(ad.ctx, "halogen") is None
     else:
-        assert ad.steering_evaluator(loaded, ex, "halogen", "layer.1") is None
+        assert ad.steering_scorer(ad.ctx, "halogen") is None
 
 
-def test_encoding_companion_compares_probes_and_validity(tmp_path: Path) -> None:
-    """compare_encodings trains the other encoding's model beside the main one; SELFIES samples
-    are all valid, SMILES samples of an undertrained model are mostly not."""
+def test_encoding_variant_compares_probes_and_validity(tmp_path: Path) -> None:
+    """compare_encodings declares the other encoding's model as a variant: captured with its own
+    tokenizer, probed by a probe set, and sampled beside the main model; SELFIES samples are all
+    valid, SMILES samples of an undertrained model are mostly not."""
     from sciscope.core import probe_sweep
-    from sciscope.domains.chemistry.encodings import companion, compare_generation, compare_probes
 
     ad = ChemistryAdapter({**TINY, "compare_encodings": True, "train_steps": 20, "n_generate": 24})
-    ad.run_dir = tmp_path
-    model = ad.model()
-    other = companion(ad)
-    assert other is not None and other.config["encoding"] == "smiles" and other.checkpoint_name == "checkpoint_smiles"
-    assert other.molecules is ad.molecules  # same molecules, splits and scaffolds
-    user = ChemistryAdapter({**TINY, "compare_encodings": True, "model": str(tmp_path / "model" / "checkpoint")})
-    assert companion(user) is None  # a user checkpoint has no companion recipe
+    ctx = RunContext(ad, run_dir=tmp_path, stage="probes")
+    assert ad.variants == ["smiles"]
+    model, other = ctx.model(), ctx.model("smiles")
+    assert other.tokenizer.encoding == "smiles" and model.tokenizer.encoding == "selfies"
     ex = ad.examples("all")
+    b_main, b_other = next(iter(ad.batches(ex, model))), next(iter(ad.batches(ex, other)))
+    assert not torch.equal(b_main["input_ids"], b_other["input_ids"])  # each model its own tokenizer
+    user = ChemistryAdapter({**TINY, "compare_encodings": True, "model": str(next((tmp_path / "cache").glob("lm-selfies-*")))})
+    assert user.variants == []  # a user checkpoint has no companion recipe
+    (ps,) = ad.probe_sets(ctx)
+    assert ps.name == "encoding_comparison" and ps.variant == "smiles" and ps.groups == "scaffold"
+    assert list(ps.targets) == ad.probe_targets
+    # what the probes stage does: capture the variant, fit the probe set, then run the analysis
     store = collect(model, ad.batches(ex, model, batch_size=32), ad.sites, out=tmp_path / "store", obs=ex.obs,
                     aliases=ad.aliases, pooling="mean", progress=False)
-    sweep = probe_sweep(store, ["logp", "mol_wt"], cv=3, groups="scaffold", progress=False)
-    out = tmp_path / "probes"
-    out.mkdir()
-    table, rows = compare_probes(ad, sweep, out)
+    vstore = ctx.store("smiles")
+    assert (tmp_path / "activations" / "variants" / "smiles").is_dir() and vstore.n_obs == len(ex)
+    assert not np.allclose(vstore.array("layer.1"), store.array("layer.1"))
+    ctx.live["probes"] = probe_sweep(store, ["logp", "mol_wt"], cv=3, groups="scaffold", progress=False)
+    ctx.live["probes:encoding_comparison"] = probe_sweep(vstore, ["logp", "mol_wt"], cv=3, groups="scaffold", progress=False)
+    rows, _ = _analysis(ad, "encoding_comparison").run(ctx)
+    table = pd.read_csv(tmp_path / "probes" / "encoding_comparison.csv")
     assert set(table["encoding"]) == {"selfies", "smiles"} and len(table) == 4 and len(rows) == 2
-    assert (out / "encoding_comparison.png").is_file() and (tmp_path / "model" / "checkpoint_smiles" / "config.json").is_file()
-    main_best = sweep.summary().query("target == 'logp'").score_mean.max()
+    assert rows[0]["name"] == "logp (r2), smiles model" and rows[0]["source"] == "probes/encoding_comparison.csv"
+    assert (tmp_path / "probes" / "encoding_comparison.png").is_file()
+    main_best = ctx.live["probes"].summary().query("target == 'logp'").score_mean.max()
     assert table.query("target == 'logp' and encoding == 'selfies'").best_score.iloc[0] == pytest.approx(main_best)
-    gen, grows = compare_generation(ad, model, out)
-    v = gen.set_index("encoding")["validity"]
+    ctx.stage = "steering"
+    grows, _ = _analysis(ad, "generation_by_encoding").run(ctx)
+    v = pd.read_csv(tmp_path / "steering" / "generation_by_encoding.csv").set_index("encoding")["validity"]
     assert v["selfies"] == 1.0 and v["smiles"] < 1.0
     assert {r["name"] for r in grows} == {"generation validity, selfies model (alpha = 0)",
                                           "generation validity, smiles model (alpha = 0)"}
+    ctx.stage = "model"
+    trows, _ = _analysis(ad, "training").run(ctx)
+    assert [r["name"] for r in trows] == ["final training loss (selfies)", "final training loss (smiles)"]
+    assert (tmp_path / "model" / "training_loss_smiles.png").is_file()

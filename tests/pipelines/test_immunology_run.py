@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,7 +54,19 @@ def test_report_headlines_agree_with_tables(run_dir):
     sweep = pd.read_csv(run_dir / "steering" / name / "sweep.csv")
     s = sweep[(sweep.metric == "p_target_type") & (sweep.condition == "steer")]
     eff = float(s[s.alpha == s.alpha.max()].value.iloc[0] - s[s.alpha == 0].value.iloc[0])
-    assert float(rows[f"{name}: change in p_target_type at alpha {s.alpha.max():g}"]["value"]) == pytest.approx(eff, rel=1e-6)
+    row = rows[f"{name}: change in p_target_type at alpha {s.alpha.max():g}"]
+    assert float(row["value"]) == pytest.approx(eff, rel=1e-6)
+    assert f"{name}: slope of target_marker_prob per unit alpha" in rows
+    summary = json.loads((run_dir / "steering" / name / "summary.json").read_text())
+    ref = summary["reference"]["real CD19+ B cells"]  # the real target cells, unsteered
+    assert {"p_target_type", "target_marker_prob", "source_marker_prob"} <= set(ref)
+    assert 8 <= summary["headline"]["n_examples"] <= 24 and summary["plan"]["n_controls"] == 1
+    assert summary["plan"]["off_target"] == ["source_marker_prob"] and summary["plan"]["damage"] == ["masked_gene_accuracy"]
+
+    acc = json.loads((run_dir / "model" / "masked_gene_accuracy.json").read_text())
+    assert float(rows["held-out masked-gene top-1 accuracy"]["value"]) == pytest.approx(acc["masked_gene_accuracy"])
+    assert "cells kept" in (run_dir / "examples" / "notes.md").read_text()
+    assert int(float(rows["cells dropped by filters"]["value"])) >= 400  # 700 cells in the file, 300 kept
 
 
 def test_controls_and_h5ad(run_dir):

@@ -41,27 +41,32 @@ def test_report_headlines_agree_with_tables(run_dir: Path) -> None:
         assert float(row["value"]) == pytest.approx(one.loc[system, "mse_model"], rel=1e-6)
         assert float(row["control"]) == pytest.approx(one.loc[system, "mse_persistence"], rel=1e-6)
     sweep = pd.read_csv(run_dir / "steering" / "recipe_flow" / "sweep.csv")
-    steer = sweep[(sweep.metric == "p_vortex_from_laminar") & (sweep.condition == "steer")].set_index("alpha").value
-    rand = sweep[(sweep.metric == "p_vortex_from_laminar") & (sweep.condition == "random-0")].set_index("alpha").value
-    row = rows["flow: P(vortex) of rollouts from laminar, alpha = +0.5 (recipe)"]
-    assert float(row["value"]) == pytest.approx(steer[0.5], rel=1e-6) and float(row["control"]) == pytest.approx(rand[0.5], rel=1e-6)
-    broken = pd.read_csv(run_dir / "steering" / "broken_rollouts.csv")
-    row = rows["diverged rollouts (NaN/inf or blow-up), regime vectors"]
-    assert int(float(row["value"])) == int(broken[broken.condition == "steer"].n_diverged.sum())
-    generic = pd.read_csv(run_dir / "steering" / "flow" / "sweep.csv")  # the stage's plain mean-difference sweep
-    g = generic[(generic.metric == "x_variation_from_laminar") & (generic.condition == "steer")]
-    assert float(rows["flow: slope of x_variation_from_laminar per unit alpha"]["value"]) == pytest.approx(
-        np.polyfit(g.alpha, g.value, 1)[0], rel=1e-6, abs=1e-12)
-    probes = pd.read_csv(run_dir / "probes" / "parameter_probes.csv")
+    curve = lambda m, c: sweep[(sweep.metric == m) & (sweep.condition == c)].set_index("alpha").value  # noqa: E731
+    steer, rand = curve("p_vortex_from_laminar", "steer"), curve("p_vortex_from_laminar", "random-0")
+    row = rows["recipe_flow: change in p_vortex_from_laminar at alpha 0.5"]
+    assert float(row["value"]) == pytest.approx(steer[0.5] - steer[0.0], rel=1e-6, abs=1e-12)
+    assert float(row["control"]) == pytest.approx(rand[0.5] - rand[0.0], rel=1e-6, abs=1e-12)
+    safe = curve("__broken__", "steer")
+    x = curve("x_variation_from_laminar", "steer")[safe[safe == 0].index]
+    assert float(rows["recipe_flow: slope of x_variation_from_laminar per unit alpha"]["value"]) == pytest.approx(
+        np.polyfit(x.index, x.to_numpy(), 1)[0], rel=1e-6, abs=1e-12)
+    assert not (run_dir / "steering" / "flow").exists()  # the plain contrast sweep is replaced by the recipe plans
+    for plan in ("transfer_gray_scott_to_flow", "transfer_flow_to_gray_scott"):
+        summary = json.loads((run_dir / "steering" / plan / "summary.json").read_text())
+        assert summary["plan"]["n_controls"] == 1 and summary["plan"]["alphas"] == [0.0, -0.2, 0.2]
+        assert f"{plan}: change in " in " ".join(rows)
+    probes = pd.read_csv(run_dir / "probes" / "parameters_flow.csv")
     visc = probes[(probes.target == "log10_viscosity") & probes.site.notna()]
-    assert float(rows["flow: log10_viscosity (r2)"]["value"]) == pytest.approx(visc.score_mean.max(), rel=1e-6)
+    assert float(rows["parameters_flow: log10_viscosity (r2)"]["value"]) == pytest.approx(visc.score_mean.max(), rel=1e-6)
+    assert (run_dir / "probes" / "parameter_probes_vs_layer.png").is_file()
     corr = pd.read_csv(run_dir / "features" / "diagnostic_correlations.csv").set_index("diagnostic")
     assert float(rows["SAE feature vs x_variation (|Spearman rho|)"]["value"]) == pytest.approx(abs(corr.loc["x_variation", "rho"]), rel=1e-6)
     transfer = pd.read_csv(run_dir / "steering" / "transfer.csv")
-    assert len(transfer) == 2
+    assert len(transfer) == 2 and transfer.cosine_source_target_vectors.abs().le(1 + 1e-9).all()
+    assert -1 <= float(rows["flow: cosine(plain mean difference, recipe vector)"]["value"]) <= 1
     # the report embeds the physics figures
     html = (run_dir / "report" / "report.html").read_text()
-    for name in ("rollout_strips_from_laminar.png", "diagnostics_vs_alpha.png", "rollout_error.png", "regimes.png"):
+    for name in ("rollout_strips_from_laminar.png", "alpha_sweep.png", "rollout_error.png", "regimes.png"):
         assert name in html, name
 
 
@@ -73,8 +78,8 @@ def test_controls_behave(run_dir: Path) -> None:
     clf = pd.read_csv(run_dir / "examples" / "regime_classifier.csv")
     assert (clf.cv_accuracy > clf.shuffled_accuracy).all()
     sweep = pd.read_csv(run_dir / "steering" / "recipe_gray_scott" / "sweep.csv")
-    zero = sweep[(sweep.alpha == 0) & (sweep.metric == "diverged_fraction")]
-    assert (zero.value == 0).all()
+    zero = sweep[(sweep.alpha == 0) & sweep.metric.isin(["diverged_fraction", "__broken__"])]
+    assert len(zero) and (zero.value == 0).all()
     info = json.loads((run_dir / "run.json").read_text())
     assert info["config"]["steer_scale"] == "relative"  # the quick profile's default carried into the run
 

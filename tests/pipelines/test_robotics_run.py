@@ -49,12 +49,19 @@ def test_report_headlines_agree_with_tables(run_dir):
     layers = pd.read_csv(run_dir / "model" / "lens_by_layer.csv")
     lens_row = [r for n, r in rows.items() if n.startswith("last-layer FFN neurons")][0]
     assert float(lens_row["value"]) == pytest.approx(layers["share_neurons_mostly_action"].iloc[-1])
-    summary = pd.read_csv(run_dir / "steering" / "clamp_summary.csv")
-    assert len(summary)  # with the tiny rule at least one cluster is non-empty
-    for r in summary.itertuples():
-        name = f"clamp {r.cluster} cluster to {r.alpha:g}: {r.metric}"
-        assert float(rows[name]["value"]) == pytest.approx(r.value)
-        assert float(rows[name]["control"]) == pytest.approx(r.random_mean)
+    plans = sorted(p.name for p in (run_dir / "steering").glob("clamp_*") if p.is_dir())
+    assert plans  # with the tiny rule at least one cluster is non-empty: one clamp plan each
+    for plan in plans:
+        summary = json.loads((run_dir / "steering" / plan / "summary.json").read_text())
+        head = summary["headline"]
+        assert head["score"] == {"clamp_fast": "displacement", "clamp_right": "dx"}[plan]
+        row = rows[f"{plan}: change in {head['score']} at alpha {head['alpha_plus']:.4g}"]
+        sweep = pd.read_csv(run_dir / "steering" / plan / "sweep.csv")
+        s = sweep[sweep.metric == head["score"]].set_index(["condition", "alpha"])["value"]
+        assert float(row["value"]) == pytest.approx(s[("steer", 2.0)] - s[("steer", 0.0)])
+        assert float(row["control"]) == pytest.approx(s[("random-0", 2.0)] - s[("random-0", 0.0)])
+        assert {"prompt: quickly", "prompt: slowly"} <= set(summary["reference"])
+        assert summary["plan"]["n_controls"] == 1 and summary["plan"]["damage"] == ["success_rate"]
     sweep = pd.read_csv(run_dir / "steering" / "fast_vs_slow" / "sweep.csv")
     s = sweep[(sweep.metric == "displacement") & (sweep.condition == "steer")]
     slope = np.polyfit(s.alpha, s.value, 1)[0]
@@ -67,16 +74,17 @@ def test_controls_and_outputs_are_there(run_dir):
     summary = pd.read_csv(run_dir / "probes" / "summary.csv")
     color = summary[(summary.target == "target_color") & summary.site.notna()]
     assert color.score_mean.max() > color.control_mean.max() + 0.2
-    sweep = pd.read_csv(run_dir / "steering" / "clamp_sweep.csv")
-    sizes = sweep.groupby(["cluster", "condition"]).n_neurons.first().unstack()
-    assert (sizes.nunique(axis=1) == 1).all()
     clusters = pd.read_csv(run_dir / "steering" / "clusters.csv")
     cfg = json.loads((run_dir / "run.json").read_text())["config"]
     assert clusters.groupby("cluster").size().max() <= cfg["cluster_max_size"]
-    ref = pd.read_csv(run_dir / "steering" / "clamp_reference.csv")
-    assert {"baseline", "prompt: quickly", "prompt: slowly"} <= set(ref.condition)
-    for f in ("model/lens_by_layer.png", "steering/clamp_metric_vs_alpha.png", "model/training.png"):
+    for name, members in clusters.groupby("cluster"):
+        plan = json.loads((run_dir / "steering" / f"clamp_{name}" / "summary.json").read_text())["plan"]
+        assert plan["intervention"]["n_units"] == len(members)  # its random controls draw as many per layer
+        sweep = pd.read_csv(run_dir / "steering" / f"clamp_{name}" / "sweep.csv")
+        assert set(sweep.condition) == {"steer", "random-0"} and set(sweep.alpha) == {0.0, 2.0}
+    for f in ("model/lens_by_layer.png", "model/training.png"):
         assert (run_dir / f).is_file(), f
+    assert list((run_dir / "steering").glob("clamp_*/alpha_sweep.png"))
     assert list((run_dir / "steering").glob("trajectories_*.png"))
 
 

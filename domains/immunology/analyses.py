@@ -1,0 +1,275 @@
+"""The immunology adapter's declared analyses and steering scores (the core's stages run them).
+
+* :func:`data_notes` (examples): what was read, detected and dropped (``notes.md``, ``unknown_genes.csv``);
+* :func:`masked_gene_rows` (model): held-out masked-gene accuracy beside a rank-position baseline;
+* :func:`cell_type_f1` (probes): cell-type macro-F1 of the best layer beside the PCA baseline;
+* :func:`feature_rows` (features): cell-type and technical features, marker recovery, ``cells.h5ad``, UMAPs;
+* :func:`cell_scorer`: masked-gene and read-out-probe scores of cells, for the steering plans.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from sciscope.core.experiment import Scorer
+
+from .features import (
+    TECHNICAL,
+    cell_type_feature_table,
+    gene_drivers,
+    marker_recovery,
+    plain_frame,
+    results_anndata,
+    technical_feature_table,
+    top_driver_genes,
+    write_h5ad,
+)
+from .markers import marker_table
+from .model import masked_gene_accuracy
+from .tokenize import collate
+
+if TYPE_CHECKING:
+    from sciscope.core.context import RunContext
+
+    from .adapter import ImmunologyAdapter
+
+Rows = list[dict[str, Any]]
+
+
+def data_notes(adapter: "ImmunologyAdapter", ctx: "RunContext") -> Rows:
+    """``unknown_genes.csv`` and a ``notes.md`` saying what was read, detected and dropped."""
+    n = adapter.data_notes
+    genes = ctx.write_table("unknown_genes.csv", pd.DataFrame({"gene": n["unknown_genes"]})) if n["unknown_genes"] else None
+    mt = marker_table(adapter.obs["cell_type"].cat.categories, adapter.readable_genes)
+    absent, no_type = mt[~mt.gene_in_data].gene.tolist(), mt[mt.gene_in_data & ~mt.type_in_data].gene.tolist()
+    lines = [
+        "# Cells", "",
+        f"- source: {n['source']}; matrix `{n['matrix']}`",
+        f"- input detected as **{n['input_type']}**: {n['input_type_reason']}",
+        f"- {n['n_cells_in_file']} cells in the file; {n['n_cells_low_genes']} with fewer than {n['min_genes']} "
+        f"expressed genes and {n['n_cells_unlabelled']} without a label dropped; rare types dropped "
+        f"(< {n['min_cells_per_type']} cells): {', '.join(n['rare_types_dropped']) or 'none'}; "
+        f"{n['n_cells_no_known_gene']} cells without a known gene dropped"
+        + (f"; stratified subsample of n_cells={n['n_cells_subsample']}" if n["n_cells_subsample"] else "")
+        + f"; **{n['n_cells_final']} cells kept**",
+        f"- cell types from obs[`{n['cell_type_column']}`]; library size from {n['library_size']}",
+        f"- genes: {n['n_genes']} in the data ({n['n_duplicate_genes']} duplicate ids dropped), "
+        f"**{n['n_genes_unknown']} unknown to the vocabulary** ({n['vocabulary']})"
+        + (" (listed in `unknown_genes.csv`)" if genes else ""),
+        f"- rank-value encoding: top {n['max_genes']} genes per cell, normalised by {n['median_source']}",
+        f"- canonical markers absent from the data: {', '.join(absent) or 'none'}"
+        + (f"; markers whose cell type is absent: {', '.join(no_type)}" if no_type else ""),
+        "- splits are stratified by cell type; the model and the SAE train on `train` only",
+    ]
+    notes = ctx.write_text("notes.md", "\n".join(lines) + "\n")
+    return [
+        {"name": "genes unknown to the vocabulary", "value": n["n_genes_unknown"], "source": genes or notes,
+         "note": f"of {n['n_genes']} genes in the data ({n['vocabulary']} vocabulary); input {n['input_type']} from {n['matrix']}"},
+        {"name": "cells dropped by filters", "value": n["n_cells_filtered"], "source": notes,
+         "note": f"{n['n_cells_final']} of {n['n_cells_in_file']} cells kept"
+         + (f" (stratified subsample of {n['n_cells_subsample']})" if n["n_cells_subsample"] else "")},
+    ]
+
+def masked_gene_rows(adapter: "ImmunologyAdapter", ctx: "RunContext") -> Rows:
+    """Held-out masked-gene top-1 accuracy beside the most frequent gene per rank position."""
+    from sciscope.core.plotting import save_training_history
+
+    model = ctx.model()
+    if not hasattr(model, "cls"):
+        return []
+    save_training_history(adapter.training_info.get("history", []), ctx.output("training_loss.png"),
+                          ylabel="masked-gene loss", title="masked-gene training (train cells)")
+    train, test = adapter._train_seqs()
+    acc = masked_gene_accuracy(model, adapter.vocabulary, test or train, train, seed=adapter.config["seed"])
+    source = ctx.write_json("masked_gene_accuracy.json",
+                            {**acc, "training": {k: v for k, v in adapter.training_info.items() if k != "history"}})
+    return [{"name": "held-out masked-gene top-1 accuracy", "value": acc["masked_gene_accuracy"],
+             "control": acc["position_frequency_accuracy"], "control_label": "most frequent gene at each rank position",
+             "note": f"{acc['n_masked']} masked genes of {len(test)} held-out cells; chance {acc['chance']:.4f}",
+             "source": source}]
+
+def cell_type_f1(ctx: "RunContext") -> Rows:
+    """Cell-type macro-F1 of the best layer beside shuffled labels, and the PCA + logistic baseline."""
+    s = ctx.probes().summary(metric="f1_macro")
+    t = s[s.target == "cell_type"]
+    if t.empty:
+        return []
+    source = ctx.write_table("cell_type_f1.csv", t)
+    best = t.loc[t.score_mean.idxmax()]
+    base_cols = [c for c in t.columns if c.startswith("baseline_mean[")]
+    pca_col = next((c for c in base_cols if "pca" in c), None)
+    pca = float(best[pca_col]) if pca_col else float(best.baseline_mean)
+    others = ", ".join(f"{c[len('baseline_mean['):-1]} {float(best[c]):.3f}" for c in base_cols if c != pca_col)
+    return [
+        {"name": "cell_type macro-F1, best layer", "value": float(best.score_mean), "control": float(best.control_mean),
+         "control_label": "shuffled labels", "source": source,
+         "note": f"at {best.site}; PCA + logistic baseline {pca:.3f}" + (f"; {others}" if others else "")},
+        {"name": "cell_type macro-F1, PCA + logistic baseline", "value": pca, "control": float(best.score_mean),
+         "control_label": "best model layer", "source": source,
+         "note": "50 principal components of the log-normalised expression, same folds"},
+    ]
+
+
+def feature_rows(adapter: "ImmunologyAdapter", ctx: "RunContext") -> list[dict[str, Any]]:
+    """The features-stage analysis: cell-type-specific and technical features, driver genes,
+    marker recovery, the results AnnData (``cells.h5ad``) and its UMAPs; headline rows."""
+    from .plots import umap_figures
+
+    c, analysis, store = adapter.config, ctx.features(), ctx.store()
+    A = np.asarray(ctx.latents().array("latents"))
+    drivers = gene_drivers(adapter, ctx.model(), ctx.sae(), adapter.sae_site)
+    ct = cell_type_feature_table(analysis, c["specific_auroc"])
+    tech = technical_feature_table(analysis, [t for t in TECHNICAL if t in adapter.concepts], c["technical_rho"], ct)
+    rec, control = marker_recovery(adapter, analysis, drivers, ct)
+    top = top_driver_genes(drivers, c["top_genes"])
+    adata = results_anndata(adapter, store, A, analysis, drivers)
+    adata.uns.update(technical_features=plain_frame(tech), marker_recovery=plain_frame(rec), gene_drivers_top=plain_frame(top))
+    umap_figures(adata, A, ct, site=adapter.sae_site, n_features=c["n_umap_features"], seed=c["seed"], output=ctx.output)
+    write_h5ad(adata, ctx.output("cells.h5ad"))
+    src = {name: ctx.write_table(f"{name}.csv", t) for name, t in
+           (("cell_type_features", ct), ("technical_features", tech), ("gene_drivers", top), ("marker_recovery", rec))}
+    spec = ct["specific"].fillna(False).astype(bool)
+    testable = rec[rec["testable"].astype(bool)]
+    recovered = testable[testable["recovered"].astype(bool)].gene.tolist()
+    missing = rec[~rec["gene_in_data"].astype(bool)].gene.tolist()
+    rows = [
+        {"name": f"cell-type-specific features (AUROC >= {c['specific_auroc']}, q < 0.05)", "value": int(spec.sum()),
+         "control": int(ct["specific_shuffled"].fillna(False).astype(bool).sum()), "control_label": "same rule on shuffled labels",
+         "note": f"covering {ct.loc[spec, 'cell_type'].nunique()} of {adapter.obs['cell_type'].nunique()} cell types; "
+                 f"{int((ct.density > 0).sum())} live features", "source": src["cell_type_features"]},
+        {"name": f"canonical markers recovered (top-{c['top_genes']} driver gene of a specific feature)",
+         "value": len(recovered), "control": control, "control_label": "random genes in the markers' place (mean of 50)",
+         "note": f"of {len(testable)} testable: {', '.join(recovered) or 'none'}; not in the data: {', '.join(missing) or 'none'}",
+         "source": src["marker_recovery"]},
+    ]
+    rows += [{"name": f"features tracking {r.covariate} (|rho| >= {c['technical_rho']}, q < 0.05)", "value": int(r.n_features),
+              "control": int(r.n_features_shuffled), "control_label": "shuffled labels", "source": src["technical_features"],
+              "note": f"max |rho| {r.max_abs_rho:.2f} (shuffled {r.max_abs_rho_shuffled:.2f}); "
+                      f"{r.n_also_cell_type_specific} of them also cell-type-specific"} for r in tech.itertuples()]
+    rows.append({"name": "cells in the results AnnData", "value": int(adata.n_obs), "source": ctx.source("cells.h5ad"),
+                 "note": f"obsm: {', '.join(adata.obsm.keys())}; varm: {', '.join(adata.varm.keys())}"})
+    return rows
+
+
+def pick_cells(adapter: "ImmunologyAdapter", ctx: "RunContext", cell_type: str) -> np.ndarray:
+    """Held-out cells of a type (all of them when fewer than 8 are held out), at most ``steer_max_cells``."""
+    obs, c = ctx.examples().obs, adapter.config
+    is_t = obs["cell_type"].astype(str).to_numpy() == cell_type
+    held = np.flatnonzero(is_t & (obs["split"].to_numpy() == "test"))
+    cells = held if held.size >= 8 else np.flatnonzero(is_t)
+    if cells.size > c["steer_max_cells"]:
+        cells = np.sort(np.random.default_rng([c["seed"], 0x57E]).choice(cells, c["steer_max_cells"], replace=False))
+    return cells
+
+
+def cell_scorer(adapter: "ImmunologyAdapter", ctx: "RunContext", src: str, tgt: str) -> Any:
+    """``score(cells) -> fn(model) -> per-cell scores`` for steering ``src`` -> ``tgt``; None when the
+    read-out probe never saw ``tgt``. ``score.has_head``: whether the model predicts masked genes.
+
+    Scores, one value per cell:
+
+    * ``target_marker_prob`` / ``source_marker_prob``: at 15% masked gene positions (seeded: the
+      same under every alpha and control, at least one per cell), the probability the masked-gene
+      head puts on the target (source) type's top ``n_markers`` Wilcoxon markers (softmax over
+      gene tokens; genes on both lists left out), averaged over the cell's masked positions;
+    * ``masked_gene_accuracy`` (damage): the share of those positions whose gene it gets right;
+    * ``p_target_type`` / ``frac_classified_target``: a logistic probe of cell type on the
+      read-out layer, fitted on the unsteered, pooled training cells of the run's store -- its
+      probability of the target type and whether it assigns the cell to it.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from sciscope.core.capture import capture, pool
+
+    vocab, c, readout, store = adapter.vocabulary, adapter.config, adapter.readout_site, ctx.store()
+    train = store.obs["split"].to_numpy() == "train"
+    train = np.flatnonzero(train) if train.sum() >= 10 else np.arange(store.n_obs)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0, random_state=c["seed"]))
+    probe.fit(np.asarray(store.array(readout), dtype=np.float64)[train], store.obs["cell_type"].astype(str).to_numpy()[train])
+    if tgt not in probe.classes_:
+        return None
+    t_idx = list(probe.classes_).index(tgt)
+    markers = adapter.type_markers()
+    tm, sm = set(markers.get(tgt, [])), set(markers.get(src, []))
+    gene_ids = torch.as_tensor(vocab.gene_ids())
+    col = torch.full((vocab.vocab_size,), -1, dtype=torch.long)
+    col[gene_ids] = torch.arange(len(gene_ids))
+    t_cols, s_cols = (col[torch.as_tensor([vocab.ids[g] for g in sorted(a - b) if g in vocab.ids], dtype=torch.long)]
+                      for a, b in ((tm, sm), (sm, tm)))
+    seqs = [vocab.encode(list(g)) for g in ctx.examples().inputs]
+    has_head = hasattr(ctx.model(), "cls")
+
+    def score(cells: np.ndarray) -> Callable[[nn.Module], dict[str, np.ndarray]]:
+        batches = [collate([seqs[i] for i in cells[j:j + 64]], vocab) for j in range(0, cells.size, 64)]
+        gen, masks = torch.Generator().manual_seed(c["seed"] + 11), []
+        for b in batches:
+            real = b["position_mask"]
+            chosen = (torch.rand(real.shape, generator=gen) < 0.15) & real
+            none = ~chosen.any(1)
+            chosen[none, real.float().argmax(1)[none]] = True
+            masks.append(chosen)
+
+        def fn(m: nn.Module) -> dict[str, np.ndarray]:
+            out: dict[str, list[torch.Tensor]] = {}
+            was = m.training
+            m.eval()
+            try:
+                with capture(m, [readout], aliases=adapter.aliases) as cap, torch.inference_mode():
+                    for b, chosen in zip(batches, masks):
+                        cap.clear()
+                        m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                        out.setdefault("h", []).append(pool(cap.records[readout][0], "masked", position_mask=b["position_mask"],
+                                                            site=readout)[0].double())
+                        if not has_head:
+                            continue
+                        logits = m(input_ids=b["input_ids"].masked_fill(chosen, vocab.special["mask"]),
+                                   attention_mask=b["attention_mask"]).logits
+                        prob = torch.softmax(logits[..., gene_ids].float(), dim=-1)  # (B, P, G)
+                        w = chosen.float() / chosen.sum(1, keepdim=True)  # mean over each cell's masked positions
+                        hit = (gene_ids[prob.argmax(-1)] == b["input_ids"]).float()
+                        for key, v in (("target_marker_prob", prob[..., t_cols].sum(-1)),
+                                       ("source_marker_prob", prob[..., s_cols].sum(-1)), ("masked_gene_accuracy", hit)):
+                            out.setdefault(key, []).append((v * w).sum(1))
+            finally:
+                m.train(was)
+            proba = probe.predict_proba(torch.cat(out.pop("h")).numpy())
+            res = {k: torch.cat(v).numpy().astype(np.float64) for k, v in out.items()}
+            return {**res, "p_target_type": proba[:, t_idx], "frac_classified_target": (proba.argmax(1) == t_idx).astype(float)}
+
+        return fn
+
+    score.has_head = has_head  # type: ignore[attr-defined]
+    return score
+
+
+def steering(adapter: "ImmunologyAdapter", ctx: "RunContext", src: str, tgt: str) -> tuple[Scorer | None, Any]:
+    """(:class:`Scorer` of the ``src`` cells, ``reference(ctx)``: the same scores of real ``tgt`` cells, unsteered).
+
+    Targets: ``target_marker_prob`` and ``p_target_type``; off target: ``source_marker_prob``;
+    damage: ``masked_gene_accuracy`` (checkpoints without a masked-gene head: the probe only).
+    """
+    if int(adapter.steer_site.split(".")[-1]) > int(adapter.readout_site.split(".")[-1]):
+        warnings.warn(f"immunology: steering site {adapter.steer_site!r} is after the read-out layer "
+                      f"{adapter.readout_site!r}; the probe cannot see the injected vector", stacklevel=2)
+    score = cell_scorer(adapter, ctx, src, tgt)
+    if score is None:
+        return None, None
+    head = score.has_head
+    scorer = Scorer(score(pick_cells(adapter, ctx, src)), target=["target_marker_prob"] * head + ["p_target_type"],
+                    off_target=["source_marker_prob"] * head, damage=["masked_gene_accuracy"] * head)
+
+    def reference(run: "RunContext") -> dict[str, dict[str, float]]:
+        cells = pick_cells(adapter, run, tgt)
+        scores = score(cells)(run.model()) if cells.size else {}
+        return {f"real {tgt} cells": {k: float(np.mean(v)) for k, v in scores.items()}} if scores else {}
+
+    return scorer, reference

@@ -1,0 +1,210 @@
+"""Steering rollouts with regime delta vectors (the Physics Steering recipe), as core steering plans.
+
+* :func:`regime_vector`: block activations of every training window z-normalised over
+  (positions, dim), averaged over positions, then over each trajectory's windows; delta =
+  mean(regime A trajectories) - mean(regime B);
+* :class:`RolloutScorer`: rollouts of one system's test trajectories scored per rollout by the
+  diagnostics and a regime classifier fitted on diagnostics (not on the model);
+* :func:`plans`: per system the vector injected as ``h + alpha * v * |h| / |v|`` broadcast over
+  every position (``AddVector(scale="relative", relative_to="example")``), and per ordered pair of
+  systems one system's vector in the other's rollouts; the core runs them with random directions
+  of the same norm as controls and counts broken rollouts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from sciscope.core.experiment import Scorer, SteeringPlan
+from sciscope.core.interventions import AddVector
+
+from . import data as _data
+from .data import REGIMES
+from .diagnostics import DIAGNOSTICS, diagnose
+from .model import rollout
+
+if TYPE_CHECKING:
+    from .adapter import PhysicsAdapter
+
+__all__ = ["KEY_DIAGNOSTIC", "RolloutScorer", "plans", "regime_vector"]
+
+#: Diagnostic each system's steering scores read besides the classifier: it separates the regimes
+#: most (spots ~0.55 vs stripes ~0.15; laminar ~0.05 vs vortex ~0.65).
+KEY_DIAGNOSTIC = {"gray_scott": "compactness", "flow": "x_variation"}
+
+
+def regime_vector(adapter: "PhysicsAdapter", model: nn.Module, system: str, site: str, *, split: str = "train") -> Any:
+    """Delta vector regime A - regime B of ``system`` at ``site`` (Physics Steering recipe).
+
+    Each window's block output ``(positions, D)`` is z-normalised over (positions, D), then
+    averaged over positions; windows are averaged per trajectory; trajectories per regime;
+    delta = mean(A) - mean(B). The run's activation store cannot give this: it keeps the mean
+    over positions, not the per-window spread over (positions, D) the normalisation divides by,
+    so the windows are captured here.
+
+    Returns
+    -------
+    SteeringVector
+        Method ``"regime_delta"``; its meta records the groups and their sizes.
+    """
+    from sciscope.core import SteeringVector, capture
+    from sciscope.core.errors import ConfigError
+
+    ts, frames, T = adapter.trajectories, adapter.normalised_frames, adapter.config["context_frames"]
+    tab = ts.table[(ts.table["system"] == system) & (ts.table["split"] == split)]
+    pairs = [(int(i), t) for i in tab["trajectory"] for t in range(T - 1, frames.shape[1] - 1)]
+    per_window, was_training = [], model.training
+    model.eval()
+    try:
+        with capture(model, [site], aliases=adapter.aliases) as cap, torch.no_grad():
+            for b in range(0, len(pairs), 64):
+                cap.clear()
+                model(torch.from_numpy(np.stack([frames[i, t - T + 1: t + 1] for i, t in pairs[b: b + 64]])))
+                h = cap[site].double()  # (B, P, D)
+                mu, sd = h.mean(dim=(1, 2), keepdim=True), h.std(dim=(1, 2), keepdim=True).clamp_min(1e-8)
+                per_window.append(((h - mu) / sd).mean(1).numpy())  # (B, D)
+    finally:
+        model.train(was_training)
+    m = pd.DataFrame(np.concatenate(per_window)).groupby(np.array([i for i, _ in pairs])).mean()  # per trajectory
+    regime = tab.set_index("trajectory").loc[m.index, "regime"].to_numpy()
+    a, b = REGIMES[system]
+    if not ((regime == a).any() and (regime == b).any()):
+        raise ConfigError(f"physics: the {split} split of {system} lacks trajectories of both regimes {a}, {b}")
+    delta = m[regime == a].mean(0).to_numpy() - m[regime == b].mean(0).to_numpy()
+    return SteeringVector(torch.from_numpy(delta), site, "regime_delta",
+                          {"system": system, "a": a, "b": b, "n_a": int((regime == a).sum()), "n_b": int((regime == b).sum()),
+                           "split": split, "normalisation": "z over (positions, dim) per window; mean over windows per trajectory"})
+
+
+class RolloutScorer:
+    """Rollouts of one system's test trajectories, scored per rollout by diagnostics and the classifier.
+
+    Calling it with a model (under whatever intervention the caller applies) rolls out every
+    start context (``n_rollouts`` test trajectories of each regime), flags rollouts that turn
+    NaN/inf or blow up (*diverged*) and finite ones that leave the simulated data's range by half
+    its width or whose rms exceeds twice the largest rms of any simulated frame (*unphysical*:
+    e.g. a flow whose energy grew 4-fold), and scores the others over their last ``score_frames``
+    frames. Every score is a per-rollout array (NaN where a rollout is not scored).
+
+    Scores (``A``/``B`` are the system's regimes, e.g. vortex/laminar; ``X`` a start regime):
+    ``p_<A>_from_<X>`` (classifier probability of A), ``<diag>_from_<X>`` for every diagnostic,
+    ``rollout_mse_from_<X>`` against the simulation (finite rollouts), and over all rollouts
+    ``diverged_fraction``, ``unphysical_fraction`` and ``broken_fraction`` (either).
+    """
+
+    def __init__(self, adapter: "PhysicsAdapter", system: str) -> None:
+        c = adapter.config
+        self.adapter, self.system = adapter, system
+        self.regime_a, self.regime_b = REGIMES[system]
+        ts, norm = adapter.trajectories, adapter.normalised_frames
+        s0, T, n = c["rollout_start"], c["context_frames"], c["rollout_steps"]
+        self.starts: dict[str, np.ndarray] = {}
+        self.contexts: dict[str, np.ndarray] = {}
+        self.truth: dict[str, np.ndarray] = {}
+        for regime in (self.regime_b, self.regime_a):
+            rows = _data.sample_rows(ts.table, "test", system, regime, c["n_rollouts"])
+            if rows.size == 0:
+                rows = _data.sample_rows(ts.table, "train", system, regime, c["n_rollouts"])
+            self.starts[regime], self.contexts[regime] = rows, _data.context_of(norm, rows, s0, T)
+            self.truth[regime] = norm[rows, s0 + T: s0 + T + n]
+        self.n_steps, self.score_frames = n, min(c["score_frames"], n)
+        self.classifier = adapter.classifier(system)
+        sim = norm[ts.table["system"].to_numpy() == system]  # (n, T, C, g, g) every simulated frame
+        lo, hi = float(sim.min()), float(sim.max())
+        self.bounds = (lo - 0.5 * (hi - lo), hi + 0.5 * (hi - lo))
+        self.rms_max = float(np.sqrt((sim.astype(np.float64) ** 2).mean(axis=(2, 3, 4))).max())
+
+    @property
+    def scorer(self) -> Scorer:
+        """The :class:`Scorer`: target ``p_<A>_from_<B>`` and the key diagnostic from B; off-target
+        the same from A starts; damage the diverged/unphysical fractions and rollout errors."""
+        a, b, key = self.regime_a, self.regime_b, KEY_DIAGNOSTIC[self.system]
+        return Scorer(self, target=[f"p_{a}_from_{b}", f"{key}_from_{b}"], off_target=[f"p_{a}_from_{a}", f"{key}_from_{a}"],
+                      damage=["diverged_fraction", "unphysical_fraction", f"rollout_mse_from_{b}", f"rollout_mse_from_{a}"],
+                      broken="broken_fraction")
+
+    def __call__(self, model: nn.Module) -> dict[str, np.ndarray]:
+        with self.adapter.threads():
+            return self._evaluate(model)
+
+    def _evaluate(self, model: nn.Module) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        diverged, unphysical = [], []
+        for regime in (self.regime_b, self.regime_a):
+            res = rollout(model, self.contexts[regime], self.n_steps, blowup=self.adapter.config["blowup"])
+            finite = ~res.diverged
+            # a finite rollout that leaves the data's range by half its width is no physical state:
+            # its regime is not read (the classifier would extrapolate), only counted
+            fin = res.frames[finite].astype(np.float64)  # (k, n_steps, C, g, g), no NaN
+            unphys = np.zeros_like(finite)
+            if len(fin):
+                rms = np.sqrt((fin**2).mean(axis=(2, 3, 4))).max(axis=1)  # largest frame rms per rollout
+                unphys[finite] = ((fin.max(axis=(1, 2, 3, 4)) > self.bounds[1]) | (fin.min(axis=(1, 2, 3, 4)) < self.bounds[0])
+                                  | (rms > 2.0 * self.rms_max))
+            physical = finite & ~unphys
+            diverged.append(res.diverged)
+            unphysical.append(unphys)
+            tag = f"from_{regime}"
+            diag, p = self._diagnostics(res.frames[physical])
+            out[f"p_{self.regime_a}_{tag}"] = _per_rollout(p, physical, self.score_frames)
+            for col in DIAGNOSTICS[self.system]:
+                out[f"{col}_{tag}"] = _per_rollout(diag[col].to_numpy(dtype=np.float64), physical, self.score_frames)
+            mse = np.full(len(finite), np.nan)
+            if finite.any():
+                mse[finite] = ((res.frames[finite] - self.truth[regime][finite]) ** 2).mean(axis=(1, 2, 3, 4))
+            out[f"rollout_mse_{tag}"] = mse
+        div, unp = np.concatenate(diverged), np.concatenate(unphysical)
+        out["diverged_fraction"], out["unphysical_fraction"] = div.astype(float), unp.astype(float)
+        out["broken_fraction"] = (div | unp).astype(float)
+        return out
+
+    def _diagnostics(self, frames: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+        """Diagnostics (raw units) and classifier probabilities of the last ``score_frames`` frames, one row per frame."""
+        if not len(frames):
+            return pd.DataFrame(columns=list(DIAGNOSTICS[self.system])), np.array([])
+        raw = self.adapter.trajectories.denormalise(self.system, frames[:, -self.score_frames:])
+        diag = diagnose(self.system, raw, **self.adapter.diag_kw(self.system))
+        return diag, self.classifier.predict_proba(diag)
+
+
+def _per_rollout(values: np.ndarray, scored: np.ndarray, frames: int) -> np.ndarray:
+    """Mean over each scored rollout's frames, NaN for rollouts not scored; ``(n_rollouts,)``."""
+    out = np.full(len(scored), np.nan)
+    if scored.any():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a rollout whose frames are all NaN stays NaN
+            out[scored] = np.nanmean(np.asarray(values, dtype=np.float64).reshape(int(scored.sum()), frames), axis=1)
+    return out
+
+
+def plans(adapter: "PhysicsAdapter", ctx: Any) -> list[SteeringPlan]:
+    """``recipe_<system>`` per system and ``transfer_<src>_to_<dst>`` per ordered pair of systems.
+
+    Every plan injects a regime vector with ``AddVector(scale="relative", relative_to="example")`` at
+    the adapter's ``steer_site``, with ``steer_n_random`` random directions of the same norm.
+    """
+    c, systems = ctx.config, list(adapter.config["systems"])
+    n_controls, seed = int(c.get("steer_n_random", 10)), int(c.get("seed", 0))
+
+    def build(src: str) -> Any:
+        return lambda run: AddVector(adapter.recipe_vector(run, src), adapter.steer_site, scale="relative", relative_to="example")
+
+    transfer_alphas = [float(x) for x in c.get("transfer_alphas", adapter.config["transfer_alphas"])]
+    out = []
+    for s in systems:
+        a, b = REGIMES[s]
+        out.append(SteeringPlan(f"recipe_{s}", build(s), RolloutScorer(adapter, s).scorer, c.get("steer_alphas", [-1.0, 1.0]),
+                                n_controls=n_controls, seed=seed,
+                                description=f"{s}: regime vector {a} - {b} at {adapter.steer_site}, injected relative to |h| per example"))
+    for src, dst in itertools.permutations(systems, 2):
+        out.append(SteeringPlan(f"transfer_{src}_to_{dst}", build(src), RolloutScorer(adapter, dst).scorer,
+                                transfer_alphas, n_controls=n_controls, seed=seed + 100,
+                                description=f"the {src} regime vector injected into {dst} rollouts (cross-system transfer)"))
+    return out

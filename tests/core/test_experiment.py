@@ -1,0 +1,181 @@
+"""The experiment engine: interventions, their matched controls, run_plan and its summary."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from sciscope.core import count_hooks
+from sciscope.core.experiment import Analysis, Scorer, SteeringPlan, plan_headline_rows, run_plan
+from sciscope.core.interventions import AblateFeatures, AddVector, Clamp, SteerFeature, matched_density_features
+from sciscope.core.sae import create_sae, sae_config
+from sciscope.core.steer import SteeringVector
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 2))
+
+
+X = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+
+
+def _readout(model: nn.Module) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        y = model(X)
+    return {"y0": y[:, 0].numpy(), "y1": y[:, 1].numpy()}
+
+
+def test_add_vector_moves_the_readout_and_leaves_no_hook():
+    model = _mlp()
+    v = SteeringVector(model[2].weight[0].detach().clone(), "1")  # the ReLU output direction read by y0
+    iv = AddVector(v)
+    base = _readout(model)["y0"].mean()
+    with iv.apply(model, 2.0):
+        up = _readout(model)["y0"].mean()
+        assert count_hooks(model) == 1
+    assert count_hooks(model) == 0
+    assert up - base == pytest.approx(2.0 * float(v.vector @ v.vector), rel=1e-4)  # y0 reads h linearly
+    controls = iv.controls(model, 3, seed=5)
+    assert [round(c.vector.norm, 5) for c in controls] == [round(v.norm, 5)] * 3
+    assert len({tuple(c.vector.vector[:3].tolist()) for c in controls}) == 3  # different directions
+    again = iv.controls(model, 3, seed=5)
+    assert torch.equal(controls[0].vector.vector, again[0].vector.vector)  # seeded
+
+
+def test_clamp_sets_units_and_its_control_draws_as_many_random_units_per_site():
+    model = _mlp()
+    seen = {}
+    model[2].register_forward_hook(lambda m, i, o: seen.__setitem__("h", i[0].detach().clone()))
+    iv = Clamp({"2:input": [1, 5]})
+    with iv.apply(model, 3.0):
+        model(X)
+    assert torch.all(seen["h"][:, [1, 5]] == 3.0)
+    model(X)
+    assert not torch.all(seen["h"][:, [1, 5]] == 3.0)
+    ctrl = iv.controls(model, 4, seed=0)
+    for c in ctrl:
+        assert list(c.units) == ["2:input"] and len(c.units["2:input"]) == 2
+        assert all(0 <= u < 64 for u in c.units["2:input"])
+    assert len({tuple(c.units["2:input"]) for c in ctrl}) > 1
+
+
+def test_sae_feature_interventions_steer_and_ablate():
+    torch.manual_seed(0)
+    sae = create_sae(sae_config("relu", d_in=64, d_sae=16), seed=0)
+    model = _mlp()
+    seen = {}
+    model[2].register_forward_hook(lambda m, i, o: seen.__setitem__("h", i[0].detach().clone()))
+    model(X)
+    h0 = seen["h"]
+    with SteerFeature(sae, [3], "1").apply(model, 2.0):
+        model(X)
+    direction = sae.W_dec[3].detach() / sae.W_dec[3].detach().norm()
+    assert torch.allclose(seen["h"] - h0, 2.0 * direction.expand_as(h0), atol=1e-5)
+    with AblateFeatures(sae, [3, 4], "1").apply(model, 1.0):
+        model(X)
+    f = sae.encode(h0)[:, [3, 4]]
+    expected = h0 - f @ sae.W_dec.detach()[[3, 4]]
+    assert torch.allclose(seen["h"], expected, atol=1e-5)
+    density = np.linspace(0.0, 1.0, 16)
+    with pytest.raises(ValueError, match="density"):
+        SteerFeature(sae, [3], "1").controls(model, 2)
+    ctrl = SteerFeature(sae, [3, 12], "1", density=density).controls(model, 5, seed=1)
+    for c in ctrl:
+        assert not set(c.features) & {3, 12}
+        # matched density: each control feature near its feature's density rank
+        assert abs(c.features[0] - 3) <= 4 and abs(c.features[1] - 12) <= 4
+
+
+def test_matched_density_features_never_picks_the_chosen_ones():
+    d = np.random.default_rng(0).random(200)
+    picks = matched_density_features(d, [0, 1, 2], seed=3)
+    assert len(set(picks)) == 3 and not set(picks) & {0, 1, 2}
+
+
+def _plan(model: nn.Module, *, n_controls: int = 10, broken_above: float | None = None) -> tuple[SteeringPlan, AddVector]:
+    v = SteeringVector(model[2].weight[0].detach().clone(), "1")
+
+    def score(m: nn.Module) -> dict:
+        out = _readout(m)
+        if broken_above is not None and out["y0"].mean() > broken_above:
+            out["y0"] = np.full_like(out["y0"], np.nan)  # a diverged run
+        return out
+
+    plan = SteeringPlan("push_y0", AddVector(v), Scorer(score, target=["y0"], off_target=["y1"]),
+                        alphas=[-2, -1, 1, 2, 4], n_controls=n_controls, seed=0)
+    return plan, plan.intervention  # type: ignore[return-value]
+
+
+def test_run_plan_reads_a_planted_effect_beside_its_controls():
+    model = _mlp()
+    plan, iv = _plan(model)
+    sweep = run_plan(model, plan, iv)
+    assert count_hooks(model) == 0
+    t = sweep.table
+    assert set(t.condition) == {"steer", *[f"random-{i}" for i in range(10)]}
+    # alpha = 0 run once, standing for every condition
+    zero = t[(t.alpha == 0.0) & (t.metric == "y0")].value
+    assert zero.nunique() == 1 and len(zero) == 11
+    s = sweep.summary()
+    assert s["score"] == "y0" and s["n_controls"] == 10
+    assert s["slope"] > 0 and s["slope"] > 3 * s["control_slope_mean_abs"]
+    assert s["p_slope"] == pytest.approx(1 / 11)  # no control reaches the vector's |slope|
+    assert s["monotonic"] is True and s["alpha_plus"] == 4.0 and s["alpha_minus"] == -2.0
+    assert math.isnan(s["breakdown_alpha"])
+    lo, hi = s["effect_plus_ci"]
+    assert lo <= s["effect_plus"] <= hi and s["n_examples"] == 64
+    rows = plan_headline_rows(sweep, source="steering/push_y0/summary.json")
+    assert rows[0]["name"] == "push_y0: change in y0 at alpha 4" and rows[0]["value"] == pytest.approx(s["effect_plus"])
+    assert {r["name"] for r in rows[1:]} == {"push_y0: slope of y0 per unit alpha", "push_y0: slope of y1 per unit alpha"}
+
+
+def test_broken_runs_set_the_breakdown_alpha_and_leave_the_safe_range():
+    model = _mlp()
+    base = float(_readout(model)["y0"].mean())
+    w = model[2].weight[0].detach()
+    plan, iv = _plan(model, n_controls=2, broken_above=base + 3.0 * float(w @ w))  # alpha 4 diverges, 2 does not
+    sweep = run_plan(model, plan, iv)
+    b = sweep.broken()
+    assert b[4.0] == 1.0 and b[0.0] == 0.0
+    s = sweep.summary()
+    assert s["breakdown_alpha"] == 4.0 and s["alpha_plus"] == 2.0
+    assert s["broken_at_max_alpha"] == 1.0
+
+
+def test_symmetry_of_an_odd_and_of_a_one_sided_curve():
+    from sciscope.core.experiment import _curve_stats
+
+    alphas = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    odd = pd.Series([-2.0, -1.0, 0.0, 1.0, 2.0], index=alphas)
+    one_sided = pd.Series([0.0, 0.0, 0.0, 1.0, 2.0], index=alphas)
+    even = pd.Series([2.0, 1.0, 0.0, 1.0, 2.0], index=alphas)
+    assert _curve_stats(odd, alphas, 2.0, -2.0)["symmetry"] == pytest.approx(1.0)
+    assert _curve_stats(one_sided, alphas, 2.0, -2.0)["symmetry"] == pytest.approx(0.0)
+    assert _curve_stats(even, alphas, 2.0, -2.0)["symmetry"] == pytest.approx(-1.0)
+    assert _curve_stats(even, alphas, 2.0, -2.0)["monotonic"] is False
+
+
+def test_reference_conditions_and_a_bad_headline_are_reported():
+    model = _mlp()
+    plan, iv = _plan(model, n_controls=1)
+    sweep = run_plan(model, plan, iv, reference={"prompt": {"y0": 9.0}})
+    assert sweep.summary()["reference[prompt]"] == 9.0
+    plan.headline = "nope"
+    with pytest.raises(KeyError, match="nope"):
+        run_plan(model, plan, iv)
+
+
+def test_plan_and_analysis_validation():
+    with pytest.raises(ValueError, match="folder name"):
+        SteeringPlan("a/b", AddVector(torch.ones(3), "x"), lambda m: {}, alphas=[1])
+    with pytest.raises(ValueError, match="n_controls"):
+        SteeringPlan("ok", AddVector(torch.ones(3), "x"), lambda m: {}, alphas=[1], n_controls=-1)
+    a = Analysis("count", "model", compute=lambda ctx: 3, headline=lambda r: [{"name": "n", "value": r}])
+    rows, seconds = a.run(None)  # type: ignore[arg-type]
+    assert rows == [{"name": "n", "value": 3}] and seconds >= 0

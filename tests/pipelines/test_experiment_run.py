@@ -1,0 +1,58 @@
+"""A 150-line adapter with its own steering plans (AddVector, Clamp) and analysis, through the whole pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ADAPTER = Path(__file__).resolve().parents[1] / "domains" / "experiment_adapter.py"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("planted")
+    proc = subprocess.run([sys.executable, "-m", "sciscope.pipelines.cli", "run", f"{ADAPTER}:PlantedAdapter", "--quiet",
+                           "--run", "t"], cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return root / "runs" / "planted" / "t"
+
+
+def test_every_plan_reports_breakdown_symmetry_and_its_controls(run_dir: Path):
+    plans = sorted(p.name for p in (run_dir / "steering").iterdir() if p.is_dir())
+    assert plans == ["clamp_class1_units", "label", "label_relative"]
+    for plan in plans:
+        summary = json.loads((run_dir / "steering" / plan / "summary.json").read_text())
+        head = summary["headline"]
+        for key in ("breakdown_alpha", "symmetry", "monotonic", "slope", "effect_plus", "effect_minus",
+                    "control_slope_mean_abs", "control_effect_plus_mean", "control_breakdown_alpha", "p_slope"):
+            assert key in head, (plan, key)
+        assert head["n_controls"] == 10
+        sweep = pd.read_csv(run_dir / "steering" / plan / "sweep.csv")
+        assert sweep.condition.nunique() == 11 and 0.0 in set(sweep.alpha)
+        assert (run_dir / "steering" / plan / "alpha_sweep.png").stat().st_size > 1000
+    # the planted direction: the delta vector raises the class-1 margin far beyond random directions
+    label = json.loads((run_dir / "steering" / "label" / "summary.json").read_text())["headline"]
+    assert label["slope"] > label["control_slope_mean_abs"] > 0 and label["p_slope"] < 0.1  # beats all 10 controls
+    assert label["effect_plus_ci"][0] > 0  # bootstrap over the held-out points excludes zero
+    assert (run_dir / "steering" / "label" / "vector.safetensors").is_file()
+    clamp = json.loads((run_dir / "steering" / "clamp_class1_units" / "summary.json").read_text())
+    assert clamp["plan"]["intervention"]["kind"] == "clamp" and "reference[class-1 points]" in clamp["headline"]
+    assert clamp["headline"]["effect_plus"] > clamp["headline"]["control_effect_plus_mean"]
+
+
+def test_the_declared_analysis_ran_after_its_stage_and_reached_the_report(run_dir: Path):
+    gap = pd.read_csv(run_dir / "probes" / "label_probe_gap.csv")
+    assert gap.gap.max() > 0.2  # the label is linearly decodable far above shuffled labels
+    assert "label_probe_gap" in json.loads((run_dir / "probes" / "analyses.json").read_text())
+    rows = json.loads((run_dir / "probes" / "headline.json").read_text())
+    row = next(r for r in rows if r["name"] == "label probe: best gap over shuffled labels")
+    assert row["stage"] == "probes" and row["source"] == "probes/label_probe_gap.csv"
+    html = (run_dir / "report" / "report.html").read_text()
+    assert "label probe: best gap over shuffled labels" in html and "clamp_class1_units: change in margin" in html
