@@ -264,7 +264,7 @@ def stage_sae(run: Run) -> dict[str, Any]:
     import torch
 
     from sciscope.core import StoreWriter
-    from sciscope.core.sae import evaluate_sae, sae_config, train_sae
+    from sciscope.core.sae import evaluate_sae, sae_config, sae_fields, train_sae
 
     out = run.path("sae")
     store = run.store()
@@ -272,7 +272,7 @@ def stage_sae(run: Run) -> dict[str, Any]:
     d_in = store.dim(site)
     cfg_fields: dict[str, Any] = {"d_in": d_in, "d_sae": d_in * int(run.config["sae_expansion"])}
     arch = run.config["sae_architecture"]
-    if arch in ("topk", "batchtopk"):
+    if "k" in sae_fields(arch):  # architectures with a fixed number of active latents (TopK, BatchTopK, ...)
         cfg_fields["k"] = min(int(run.config["sae_k"]), cfg_fields["d_sae"])
     cfg = sae_config(arch, **cfg_fields)
     # Train on the train split and measure on held-out rows: an SAE wider than the data can

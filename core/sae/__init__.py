@@ -19,6 +19,7 @@ from sciscope.core.sae.base import (
     load_sae,
     register_sae,
     sae_config,
+    sae_fields,
 )
 
 # Importing the architecture modules registers them.
@@ -52,5 +53,6 @@ __all__ = [
     "load_sae",
     "register_sae",
     "sae_config",
+    "sae_fields",
     "train_sae",
 ]

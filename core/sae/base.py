@@ -189,6 +189,11 @@ def _lookup(architecture: str) -> type[SparseAutoencoder]:
         ) from None
 
 
+def sae_fields(architecture: str) -> list[str]:
+    """The config fields of a registered architecture (``"k"`` for TopK-like ones)."""
+    return [f.name for f in dataclasses.fields(_lookup(architecture).config_class)]
+
+
 def sae_config(architecture: str, **fields: Any) -> SAEConfig:
     """Build the config of the architecture named ``architecture`` from keyword fields.
 
