@@ -106,6 +106,9 @@ class DomainAdapter(ABC):
     default_config: ClassVar[dict[str, Any]] = {}
     config_stages: ClassVar[dict[str, str]] = {}
     profiles: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: True when a steering plan reads the SAE or its feature analysis (``SteerFeature``,
+    #: ``AblateFeatures``): the steering stage then waits for the features stage.
+    steering_uses_features: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

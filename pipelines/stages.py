@@ -405,6 +405,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
         sweep = run_plan(model, plan, intervention, aliases=run.adapter.aliases, reference=reference, progress=run.progress)
         pdir = out / plan.name
         sweep.save(pdir)
+        ctx.live[f"steering:{plan.name}"] = sweep  # for the adapter's analyses after the steering stage
         if isinstance(intervention, AddVector):
             intervention.vector.save(pdir / "vector.safetensors")
         scores = [m for m, role in sweep.roles.items() if role in ("target", "off_target")][:4]

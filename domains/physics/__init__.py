@@ -20,7 +20,7 @@ from .model import (
     save_predictor,
     train_predictor,
 )
-from .steering import KEY_DIAGNOSTIC, RolloutScorer, regime_vector
+from .steering import KEY_DIAGNOSTIC, RolloutScorer
 from .simulate import (
     FlowSpec,
     GrayScottSpec,
@@ -36,6 +36,6 @@ __all__ = [
     "KEY_DIAGNOSTIC", "REGIMES", "FlowSpec", "GrayScottSpec", "ModelSpec", "PhysicsAdapter", "PhysicsPredictor",
     "RegimeClassifier", "RolloutScorer", "SimulationError", "TrajectorySet", "WindowDataset", "build_predictor",
     "check_flow", "check_gray_scott", "diagnose", "flow_diagnostics", "gray_scott_diagnostics", "load_predictor",
-    "main_field", "regime_vector", "rollout", "save_predictor", "simulate_flow", "simulate_gray_scott",
+    "main_field", "rollout", "save_predictor", "simulate_flow", "simulate_gray_scott",
     "simulate_trajectories", "train_predictor", "velocity_to_vorticity",
 ]

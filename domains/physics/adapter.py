@@ -40,7 +40,6 @@ from sciscope.core.experiment import Analysis, ProbeSet, SteeringPlan
 from sciscope.core.loading import find_layer_stack, layer_index, load_factory_model
 
 from . import data as _data
-from . import steering as _steering
 from .data import REGIMES, TrajectorySet
 from .diagnostics import DIAGNOSTICS, SHARED_DIAGNOSTICS, RegimeClassifier, diagnose
 from .model import ModelSpec, WindowDataset, load_predictor, rollout, save_predictor, train_predictor
@@ -406,13 +405,46 @@ class PhysicsAdapter(DomainAdapter):
     def regime_vector(self, model: nn.Module, system: str, site: str | None = None, *, split: str = "train") -> Any:
         """Delta vector regime A - regime B of ``system`` at ``site`` (Physics Steering recipe).
 
-        See :func:`.steering.regime_vector`; returns a :class:`~sciscope.core.steer.SteeringVector`
-        (method ``"regime_delta"``).
+        Each window's block output ``(positions, D)`` is z-normalised over (positions, D), then
+        averaged over positions; windows are averaged per trajectory; trajectories per regime;
+        delta = mean(A) - mean(B). The run's activation store cannot give this: it keeps the mean
+        over positions, not the per-window spread over (positions, D) the normalisation divides by,
+        so the windows are captured here.
+
+        Returns
+        -------
+        SteeringVector
+            Method ``"regime_delta"``; its meta records the groups and their sizes.
         """
+        from sciscope.core import SteeringVector, capture
+
         if system not in self.config["systems"]:
             raise ConfigError(f"physics: system {system!r} is not simulated in this config ({self.config['systems']})")
-        with self.threads():
-            return _steering.regime_vector(self, model, system, site or self.steer_site, split=split)
+        site = site or self.steer_site
+        ts, frames, T = self.trajectories, self.normalised_frames, self.config["context_frames"]
+        tab = ts.table[(ts.table["system"] == system) & (ts.table["split"] == split)]
+        pairs = [(int(i), t) for i in tab["trajectory"] for t in range(T - 1, frames.shape[1] - 1)]
+        per_window, was_training = [], model.training
+        model.eval()
+        try:
+            with self.threads(), capture(model, [site], aliases=self.aliases) as cap, torch.no_grad():
+                for b in range(0, len(pairs), 64):
+                    cap.clear()
+                    model(torch.from_numpy(np.stack([frames[i, t - T + 1: t + 1] for i, t in pairs[b: b + 64]])))
+                    h = cap[site].double()  # (B, P, D)
+                    mu, sd = h.mean(dim=(1, 2), keepdim=True), h.std(dim=(1, 2), keepdim=True).clamp_min(1e-8)
+                    per_window.append(((h - mu) / sd).mean(1).numpy())  # (B, D)
+        finally:
+            model.train(was_training)
+        m = pd.DataFrame(np.concatenate(per_window)).groupby(np.array([i for i, _ in pairs])).mean()  # per trajectory
+        regime = tab.set_index("trajectory").loc[m.index, "regime"].to_numpy()
+        a, b = REGIMES[system]
+        if not ((regime == a).any() and (regime == b).any()):
+            raise ConfigError(f"physics: the {split} split of {system} lacks trajectories of both regimes {a}, {b}")
+        delta = m[regime == a].mean(0).to_numpy() - m[regime == b].mean(0).to_numpy()
+        return SteeringVector(torch.from_numpy(delta), site, "regime_delta",
+                              {"system": system, "a": a, "b": b, "n_a": int((regime == a).sum()), "n_b": int((regime == b).sum()),
+                               "split": split, "normalisation": "z over (positions, dim) per window; mean over windows per trajectory"})
 
     def recipe_vector(self, ctx: Any, system: str) -> Any:
         """:meth:`regime_vector` of the run's model at :attr:`steer_site`, built once per run process."""
@@ -422,7 +454,9 @@ class PhysicsAdapter(DomainAdapter):
     def steering_plans(self, ctx: Any) -> list[SteeringPlan]:
         """Per system ``recipe_<system>`` (its regime vector in its rollouts, ``steer_alphas``) and per
         ordered pair ``transfer_<src>_to_<dst>`` (``src``'s vector in ``dst``'s rollouts, ``transfer_alphas``)."""
-        return _steering.plans(self, ctx)
+        from .steering import plans
+
+        return plans(self, ctx)
 
     # -- analyses -----------------------------------------------------------------------------------
     def analyses(self) -> list[Analysis]:

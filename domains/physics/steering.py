@@ -1,8 +1,6 @@
 """Steering rollouts with regime delta vectors (the Physics Steering recipe), as core steering plans.
 
-* :func:`regime_vector`: block activations of every training window z-normalised over
-  (positions, dim), averaged over positions, then over each trajectory's windows; delta =
-  mean(regime A trajectories) - mean(regime B);
+* :meth:`~.adapter.PhysicsAdapter.regime_vector` (the recipe vector) lives on the adapter;
 * :class:`RolloutScorer`: rollouts of one system's test trajectories scored per rollout by the
   diagnostics and a regime classifier fitted on diagnostics (not on the model);
 * :func:`plans`: per system the vector injected as ``h + alpha * v * |h| / |v|`` broadcast over
@@ -19,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 
 from sciscope.core.experiment import Scorer, SteeringPlan
@@ -33,54 +30,11 @@ from .model import rollout
 if TYPE_CHECKING:
     from .adapter import PhysicsAdapter
 
-__all__ = ["KEY_DIAGNOSTIC", "RolloutScorer", "plans", "regime_vector"]
+__all__ = ["KEY_DIAGNOSTIC", "RolloutScorer", "plans"]
 
 #: Diagnostic each system's steering scores read besides the classifier: it separates the regimes
 #: most (spots ~0.55 vs stripes ~0.15; laminar ~0.05 vs vortex ~0.65).
 KEY_DIAGNOSTIC = {"gray_scott": "compactness", "flow": "x_variation"}
-
-
-def regime_vector(adapter: "PhysicsAdapter", model: nn.Module, system: str, site: str, *, split: str = "train") -> Any:
-    """Delta vector regime A - regime B of ``system`` at ``site`` (Physics Steering recipe).
-
-    Each window's block output ``(positions, D)`` is z-normalised over (positions, D), then
-    averaged over positions; windows are averaged per trajectory; trajectories per regime;
-    delta = mean(A) - mean(B). The run's activation store cannot give this: it keeps the mean
-    over positions, not the per-window spread over (positions, D) the normalisation divides by,
-    so the windows are captured here.
-
-    Returns
-    -------
-    SteeringVector
-        Method ``"regime_delta"``; its meta records the groups and their sizes.
-    """
-    from sciscope.core import SteeringVector, capture
-    from sciscope.core.errors import ConfigError
-
-    ts, frames, T = adapter.trajectories, adapter.normalised_frames, adapter.config["context_frames"]
-    tab = ts.table[(ts.table["system"] == system) & (ts.table["split"] == split)]
-    pairs = [(int(i), t) for i in tab["trajectory"] for t in range(T - 1, frames.shape[1] - 1)]
-    per_window, was_training = [], model.training
-    model.eval()
-    try:
-        with capture(model, [site], aliases=adapter.aliases) as cap, torch.no_grad():
-            for b in range(0, len(pairs), 64):
-                cap.clear()
-                model(torch.from_numpy(np.stack([frames[i, t - T + 1: t + 1] for i, t in pairs[b: b + 64]])))
-                h = cap[site].double()  # (B, P, D)
-                mu, sd = h.mean(dim=(1, 2), keepdim=True), h.std(dim=(1, 2), keepdim=True).clamp_min(1e-8)
-                per_window.append(((h - mu) / sd).mean(1).numpy())  # (B, D)
-    finally:
-        model.train(was_training)
-    m = pd.DataFrame(np.concatenate(per_window)).groupby(np.array([i for i, _ in pairs])).mean()  # per trajectory
-    regime = tab.set_index("trajectory").loc[m.index, "regime"].to_numpy()
-    a, b = REGIMES[system]
-    if not ((regime == a).any() and (regime == b).any()):
-        raise ConfigError(f"physics: the {split} split of {system} lacks trajectories of both regimes {a}, {b}")
-    delta = m[regime == a].mean(0).to_numpy() - m[regime == b].mean(0).to_numpy()
-    return SteeringVector(torch.from_numpy(delta), site, "regime_delta",
-                          {"system": system, "a": a, "b": b, "n_a": int((regime == a).sum()), "n_b": int((regime == b).sum()),
-                           "split": split, "normalisation": "z over (positions, dim) per window; mean over windows per trajectory"})
 
 
 class RolloutScorer:

@@ -103,6 +103,8 @@ rule features:
 rule steering:
     input:
         "activations/done.json",
+        # plans that steer with SAE features (SteerFeature, AblateFeatures) need the trained SAE and its analysis
+        ["features/done.json"] if STEER_AFTER_FEATURES else [],
     output:
         "steering/done.json",
     params:

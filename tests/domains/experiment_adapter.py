@@ -19,7 +19,7 @@ from sciscope.core import DomainAdapter, Examples
 from sciscope.core.config import Key
 from sciscope.core.context import RunContext
 from sciscope.core.experiment import Analysis, Scorer, SteeringPlan, contrast_plan
-from sciscope.core.interventions import Clamp
+from sciscope.core.interventions import AblateFeatures, Clamp, SteerFeature
 
 
 class PlantedAdapter(DomainAdapter):
@@ -31,6 +31,7 @@ class PlantedAdapter(DomainAdapter):
         "n_clamped": Key(4, stage="steering", min=1), "clamp_alphas": Key([1.0, 2.0, 4.0], stage="steering"),
     }
     profiles = {"quick": {"sae_steps": 200, "sae_expansion": 2, "sae_k": 4, "steer_alphas": [-2.0, -1.0, 1.0, 2.0]}}
+    steering_uses_features = True  # the SAE-feature plans below wait for the features stage
 
     def examples(self, split: str = "train") -> Examples:
         rng = np.random.default_rng(self.config["seed"])
@@ -108,6 +109,16 @@ class PlantedAdapter(DomainAdapter):
                                   reference={"class-1 points": {"margin": self._class1_margin(ctx)}}))
         plans.append(contrast_plan(ctx, "label_relative", "label", "~label", self._margin_scorer(ctx), site="hidden",
                                    scale="relative", alphas=[-0.5, 0.5, 1.0]))
+        feats = ctx.features()
+        auroc = feats.associations.query("concept == 'label' and stat == 'auroc'")
+        auroc = auroc[auroc["value"].astype(str).isin(["True", "1", "1.0"])] if "value" in auroc else auroc
+        best = int(auroc.loc[auroc.statistic.idxmax(), "feature"])  # the feature that fires most for class 1
+        density = feats.density.sort_values("feature")["density"].to_numpy()
+        for name, kind, alphas in (("steer_label_feature", SteerFeature, [1.0, 2.0, 4.0]),
+                                   ("ablate_label_feature", AblateFeatures, [1.0])):
+            intervention = kind(ctx.sae(), [best], self.sae_site, density=density)
+            plans.append(SteeringPlan(name, intervention, self._margin_scorer(ctx), alphas=alphas,
+                                      n_controls=ctx.config["steer_n_random"], seed=ctx.seed))
         return plans
 
     def _class1_margin(self, ctx: RunContext) -> float:

@@ -26,7 +26,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_every_plan_reports_breakdown_symmetry_and_its_controls(run_dir: Path):
     plans = sorted(p.name for p in (run_dir / "steering").iterdir() if p.is_dir())
-    assert plans == ["clamp_class1_units", "label", "label_relative"]
+    assert plans == ["ablate_label_feature", "clamp_class1_units", "label", "label_relative", "steer_label_feature"]
     for plan in plans:
         summary = json.loads((run_dir / "steering" / plan / "summary.json").read_text())
         head = summary["headline"]
@@ -45,6 +45,10 @@ def test_every_plan_reports_breakdown_symmetry_and_its_controls(run_dir: Path):
     clamp = json.loads((run_dir / "steering" / "clamp_class1_units" / "summary.json").read_text())
     assert clamp["plan"]["intervention"]["kind"] == "clamp" and "reference[class-1 points]" in clamp["headline"]
     assert clamp["headline"]["effect_plus"] > clamp["headline"]["control_effect_plus_mean"]
+    feature = json.loads((run_dir / "steering" / "steer_label_feature" / "summary.json").read_text())
+    assert feature["plan"]["intervention"]["kind"] == "steer_feature" and len(feature["plan"]["intervention"]["features"]) == 1
+    # the steering stage waited for the SAE and its feature analysis
+    assert (run_dir / "steering" / "done.json").stat().st_mtime > (run_dir / "features" / "done.json").stat().st_mtime
 
 
 def test_the_declared_analysis_ran_after_its_stage_and_reached_the_report(run_dir: Path):
