@@ -322,7 +322,12 @@ def _coerce(domain: str, key: str, value: Any, default: Any) -> Any:
                     return False
                 raise ValueError(value)
             if target in (list, tuple):
-                return target(v.strip() for v in value.split(",") if v.strip())
+                items = [v.strip() for v in value.split(",") if v.strip()]
+                # elements take the type of the default's elements ("1,2.5" -> [1.0, 2.5] for floats)
+                elem = type(default[0]) if len(default) and isinstance(default[0], (int, float)) else None
+                if elem is not None and not isinstance(default[0], bool):
+                    items = [float(v) if elem is float else int(v) for v in items]
+                return target(items)
             return target(value)
         except ValueError:
             pass

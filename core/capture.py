@@ -388,3 +388,41 @@ def _obs_chunk(obs: pd.DataFrame | None, start: int, bsz: int, kept: torch.Tenso
     expanded = rows.iloc[kept[:, 0].numpy()].reset_index(drop=True)
     expanded["position"] = kept[:, 1].numpy()
     return expanded
+
+
+def pooled_activations(
+    model: nn.Module,
+    batches: Iterable[Any],
+    site: str | Site,
+    *,
+    pooling: Pooling = "mean",
+    aliases: Aliases | None = None,
+) -> np.ndarray:
+    """``(n_examples, d)`` float64 activations of one site, pooled as :func:`collect` pools them.
+
+    In memory, for scorers that read a layer of the (intervened) model under each alpha: batches
+    are the adapter's (an ``attention_mask`` / ``position_mask`` in a dict batch is used for
+    pooling, as in a capture). Pooling ``"none"`` is refused: it has no one row per example.
+    """
+    if pooling == "none":
+        raise ValueError("pooled_activations needs a pooling that gives one row per example")
+    device = next(model.parameters(), torch.empty(0)).device
+    name = str(site)
+    rows = []
+    with capture(model, [site], aliases=aliases, to_cpu=True) as cap, torch.inference_mode():
+        for batch in batches:
+            position_mask = None
+            if isinstance(batch, Mapping) and POSITION_MASK_KEY in batch:
+                batch = dict(batch)
+                position_mask = batch.pop(POSITION_MASK_KEY)
+            attention_mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            cap.clear()
+            _forward(model, _to_device(batch, device))
+            recs = next(iter(cap.records.values()))
+            if not recs:
+                raise SciscopeError(f"site {name!r} was not reached by the forward pass")
+            pooled, _ = pool(recs[0], pooling, site=name,
+                             attention_mask=None if attention_mask is None else attention_mask.cpu(),
+                             position_mask=None if position_mask is None else position_mask.cpu())
+            rows.append(pooled.numpy().astype(np.float64))
+    return np.concatenate(rows) if rows else np.zeros((0, 0))

@@ -74,7 +74,8 @@ class RunContext:
                  run_dir: str | os.PathLike[str] | None = None, stage: str = "examples", progress: bool = False,
                  trainer_options: Mapping[str, Any] | None = None) -> None:
         self.adapter = adapter
-        self.config: dict[str, Any] = {**pipeline_defaults(), **adapter.config, **dict(config or {})}
+        # the adapter's validated values win over the raw run config for its own keys
+        self.config: dict[str, Any] = {**pipeline_defaults(), **dict(config or {}), **adapter.config}
         self._dir = Path(run_dir) if run_dir is not None else None
         self._tmp: Path | None = None
         self.stage = stage

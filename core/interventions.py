@@ -135,7 +135,8 @@ class Clamp(Intervention):
         Which positions to clamp (None = every position).
     widths
         ``{site: number of units}`` for the random control, when the site's module does not
-        say it (:func:`site_width`).
+        say it (:func:`site_width`). The control draws as many units per site, other than the
+        chosen ones.
     """
 
     kind = "clamp"
@@ -163,7 +164,11 @@ class Clamp(Intervention):
         out: list[Intervention] = []
         for i in range(n):
             rng = np.random.default_rng([seed, i, 0xC1A])
-            units = {s: sorted(rng.choice(widths[s], size=len(u), replace=False).tolist()) for s, u in self.units.items()}
+            units = {}
+            for s, u in self.units.items():
+                # random units other than the chosen ones (when the site has enough of them)
+                pool = np.setdiff1d(np.arange(widths[s]), u) if widths[s] - len(u) >= len(u) else np.arange(widths[s])
+                units[s] = sorted(rng.choice(pool, size=len(u), replace=False).tolist())
             out.append(Clamp(units, positions=self.positions, widths=widths))
         return out
 

@@ -161,3 +161,26 @@ def load_factory_model(spec: str, *, key: str = "model") -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"config {key!r}: {spec!r} returned a {type(model).__name__}, not an nn.Module")
     return model.eval()
+
+
+def load_tokenizer(path: str | os.PathLike[str], *, key: str = "model") -> Any:
+    """A local Hugging Face tokenizer, right-padded, with a pad token (no download, no remote code).
+
+    Decoder tokenizers (GPT-2, Llama) have no pad token: the eos (else unk, else bos) token pads,
+    since padded positions are masked out of pooling anyway and adding a token would change the
+    vocabulary. Right padding keeps real tokens at their positions and, in a causal model, never
+    lets them attend to padding.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        raise ConfigError(f"config {key!r}: cannot load a tokenizer from {path}: {e}") from e
+    if tok.pad_token is None:
+        fallback = tok.eos_token or tok.unk_token or tok.bos_token
+        if fallback is None:
+            raise ConfigError(f"config {key!r}: the tokenizer in {path} has no pad, eos, unk or bos token to pad with")
+        tok.pad_token = fallback
+    tok.padding_side = "right"
+    return tok

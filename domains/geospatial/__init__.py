@@ -8,8 +8,9 @@ analyses that the core's stages run).
 """
 
 from .adapter import GeospatialAdapter, default_model_dir
-from .spatial import haversine_km, knn_weights, laea_project, lisa_clusters, median_error_km, morans_i, morans_i_table
-from .spatial import spatial_blocks
+from sciscope.core.spatial import haversine_km, knn_weights, laea_project, lisa_clusters, morans_i, morans_i_table, spatial_blocks
+
+from .data import median_error_km
 
 __all__ = ["GeospatialAdapter", "default_model_dir", "haversine_km", "knn_weights", "laea_project", "lisa_clusters",
            "median_error_km", "morans_i", "morans_i_table", "spatial_blocks"]

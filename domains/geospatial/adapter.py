@@ -38,7 +38,9 @@ from sciscope.core.loading import (auto_model_class, checkpoint_dir, checkpoint_
                                    layer_aliases, layer_index)
 
 from . import data as _data
-from .spatial import median_error_km, morans_i_table
+from sciscope.core.spatial import morans_i_table
+
+from .data import median_error_km
 
 if TYPE_CHECKING:
     from sciscope.core.context import RunContext

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .spatial import lisa_clusters, median_error_km
+from sciscope.core.spatial import lisa_clusters
+
+from .data import median_error_km
 
 if TYPE_CHECKING:
     from sciscope.core.context import RunContext

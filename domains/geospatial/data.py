@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sciscope.core.errors import ConfigError
-
-from .spatial import block_split, laea_project, spatial_blocks
+from sciscope.core.errors import ConfigError, ShapeError
+from sciscope.core.spatial import block_split, haversine_km, laea_project, spatial_blocks
 
 __all__ = ["CONTINENTS", "PROMPT_FIELDS", "build_obs", "check_prompt", "format_prompts", "load_places", "normalise_continent",
            "normalise_countries", "stratified_sample"]
@@ -261,3 +260,14 @@ def build_obs(
     obs["north"] = (obs["lat"] > hi).to_numpy()
     obs["south"] = (obs["lat"] < lo).to_numpy()
     return obs
+
+
+def median_error_km(obs: pd.DataFrame, pred_lat: Any, pred_lon: Any) -> float:
+    """Median great-circle error (km) of predicted coordinates against ``obs.lat``/``obs.lon``."""
+    if not {"lat", "lon"} <= set(obs.columns):
+        raise ShapeError(f"median_error_km: obs lacks lat/lon (it has {list(obs.columns)})")
+    pl, pn = np.asarray(pred_lat, dtype=np.float64).ravel(), np.asarray(pred_lon, dtype=np.float64).ravel()
+    if pl.size != len(obs) or pn.size != len(obs):
+        raise ShapeError(f"median_error_km: {pl.size} / {pn.size} predictions for {len(obs)} places")
+    # A linear probe may overshoot the valid range; clip latitude so the distance stays defined.
+    return float(np.median(haversine_km(obs["lat"].to_numpy(), obs["lon"].to_numpy(), np.clip(pl, -90, 90), pn)))

@@ -457,7 +457,7 @@ class RoboticsAdapter(DomainAdapter):
         plans = super().steering_plans(ctx)
         for plan in plans:
             plan.reference = self.prompt_reference
-        c = ctx.config
+        c = self.config  # validated (ctx.config holds the run's raw values)
         for name, cl in self.clusters(ctx.model(), c["clusters"]).items():
             if cl.empty:
                 continue

@@ -225,7 +225,8 @@ def cluster_rows(ctx: "RunContext") -> Rows:
     """``clusters.csv`` (members by the rule), trajectory figures (unclamped policy vs a cluster
     and one of its random controls clamped to the largest alpha, and the 'quickly' prompt), and a
     row naming the clusters the rule left empty."""
-    ad, policy, c = ctx.adapter, ctx.model(), ctx.config
+    ad, policy = ctx.adapter, ctx.model()
+    c = ad.config  # validated (ctx.config holds the run's raw values)
     clusters = ad.clusters(policy, c["clusters"])
     cols = ["cluster", "layer", "neuron", "top_tokens"]
     members = pd.concat([cl.assign(cluster=name)[cols] for name, cl in clusters.items()], ignore_index=True) \

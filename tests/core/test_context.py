@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from torch import nn
@@ -20,6 +21,7 @@ from sciscope.core.loading import (
     layer_index,
     load_factory_model,
 )
+from tests.domains.experiment_adapter import PlantedAdapter
 from tests.domains.toy_adapter import ToyAdapter
 
 
@@ -43,6 +45,7 @@ def test_config_keys_derive_defaults_stages_and_checks():
     assert KeyedAdapter.default_config["width"] == 16
     assert KeyedAdapter.config_stages["kind"] == "model" and KeyedAdapter.config_stages["noise"] == "examples"
     assert KeyedAdapter({"width": "8"}).config["width"] == 8  # --set strings coerced to the default's type
+    assert PlantedAdapter({"clamp_alphas": "2,3.5"}).config["clamp_alphas"] == [2.0, 3.5]  # list elements too
     with pytest.raises(ConfigError, match="'n_examples' must be >= 4"):
         KeyedAdapter({"n_examples": 2})
     with pytest.raises(ConfigError, match="'kind' must be one of"):
@@ -138,3 +141,32 @@ def test_user_factory_is_loaded_from_a_file_and_checked(tmp_path: Path):
 def test_base_class_declares_no_legacy_hooks():
     for legacy in ("headline_rows", "steering_evaluator", "feature_plots"):
         assert not hasattr(DomainAdapter, legacy)
+
+
+def test_pooled_activations_match_the_store_of_a_capture(tmp_path: Path, bert, token_batches):
+    from sciscope.core import collect
+    from sciscope.core.capture import pooled_activations
+
+    store = collect(bert, token_batches, ["encoder.layer.1"], out=tmp_path / "s", pooling="mean", progress=False)
+    mem = pooled_activations(bert, token_batches, "encoder.layer.1", pooling="mean")
+    assert mem.shape == (8, 32)
+    np.testing.assert_allclose(mem, store.array("encoder.layer.1"), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one row per example"):
+        pooled_activations(bert, token_batches, "encoder.layer.1", pooling="none")
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tmp_path: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sciscope.core.loading import load_tokenizer
+
+    raw = Tokenizer(models.WordLevel({"<eos>": 0, "a": 1, "b": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.pad_token == "<eos>" and tok.padding_side == "right"
+    enc = tok(["a b a", "b"], padding=True)
+    assert enc["input_ids"][1] == [2, 0, 0] and enc["attention_mask"][1] == [1, 0, 0]
+    with pytest.raises(ConfigError, match="cannot load a tokenizer"):
+        load_tokenizer(tmp_path / "none")

@@ -349,8 +349,10 @@ def test_steering_plans_clamp_each_cluster_beside_controls_and_prompts(tiny) -> 
     from sciscope.core.experiment import resolve_reference, run_plan
     from sciscope.core.interventions import AddVector, Clamp
 
-    ad, policy = tiny
-    ctx = RunContext(ad, {"clusters": ["right", "up"], "clamp_n_random": 2, "steer_n_random": 3})
+    ad = RoboticsAdapter({**TINY, "clusters": ["right", "up"], "clamp_n_random": 2})
+    ctx = RunContext(ad, {"steer_n_random": 3})
+    policy = ad.model()  # the tiny policy again, from the context's cache
+    assert policy is tiny[1]
     plans = {p.name: p for p in ad.steering_plans(ctx)}
     clusters = ad.clusters(policy)
     assert set(plans) == {"fast_vs_slow"} | {f"clamp_{k}" for k in ("right", "up") if not clusters[k].empty}

@@ -1,8 +1,12 @@
-"""Spatial statistics for places: projections, spatial blocks, KNN weights, Moran's I and LISA.
+"""Spatial statistics of features over any rows with coordinates: KNN weights, Moran's I, LISA,
+spatial blocks for cross-validation, and the sphere geometry they need.
 
-Everything here works on plain arrays and an ``obs`` table with ``lat``/``lon`` columns (degrees)
-and, for the projected option, ``x``/``y`` (km). Nothing needs pyproj: the projection is the
-spherical Lambert azimuthal equal-area formula, in numpy.
+Rows may be places (``lat``/``lon`` on the sphere), cells in a tissue section or positions of a
+simulated field (planar ``x``/``y``): an adapter hands :func:`morans_i_table` to the features stage
+as a feature statistic (``feature_statistics``) and gets every SAE latent's spatial
+autocorrelation beside a shuffled-coordinates control. Uses libpysal/esda (the ``geospatial``
+extra); nothing needs pyproj: the projection is the spherical Lambert azimuthal equal-area
+formula, in numpy.
 
 Choices worth knowing
 ---------------------
@@ -53,7 +57,6 @@ __all__ = [
     "knn_weights",
     "laea_project",
     "lisa_clusters",
-    "median_error_km",
     "morans_i",
     "morans_i_table",
     "spatial_blocks",
@@ -185,16 +188,6 @@ def block_split(blocks: Any, test_fraction: float, *, seed: int = 0) -> np.ndarr
         taken += counts[i]
     split[np.isin(b, test_blocks)] = "test"
     return split
-
-
-def median_error_km(obs: pd.DataFrame, pred_lat: Any, pred_lon: Any) -> float:
-    """Median great-circle error (km) of predicted coordinates against ``obs.lat``/``obs.lon``."""
-    _need(obs, ("lat", "lon"), "median_error_km")
-    pl, pn = np.asarray(pred_lat, dtype=np.float64).ravel(), np.asarray(pred_lon, dtype=np.float64).ravel()
-    if pl.size != len(obs) or pn.size != len(obs):
-        raise ShapeError(f"median_error_km: {pl.size} / {pn.size} predictions for {len(obs)} places")
-    # A linear probe may overshoot the valid range; clip latitude so the distance stays defined.
-    return float(np.median(haversine_km(obs["lat"].to_numpy(), obs["lon"].to_numpy(), np.clip(pl, -90, 90), pn)))
 
 
 # ------------------------------------------------------------------------------------------------
