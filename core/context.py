@@ -62,7 +62,8 @@ class RunContext:
     adapter
         The run's adapter (the context binds itself to it: ``adapter.ctx``).
     config
-        The whole run config; default: the pipeline's defaults plus the adapter's config.
+        The whole run config (pipeline keys such as ``steer_alphas``); the adapter's own keys
+        always come from its validated ``adapter.config`` (build the adapter with the values).
     run_dir
         The run folder, or None outside a pipeline (outputs then go to a temporary folder and
         ``cached`` keeps objects in memory only).

@@ -7,24 +7,19 @@ are simulated here (numpy, seeded): Gray–Scott reaction–diffusion (spots vs 
 a few past frames; a user's own ``nn.Module`` can stand in (config ``model``).
 
 Examples are *windows* (trajectory, t): the context frames ending at ``t``. Every analysis
-carries its control:
-
-* **model**: one-step and rollout error beside the persistence baseline (next = last frame);
-* **probes**: per-layer probes of the regime and of shared spectral diagnostics, plus per-system
-  probe sets of the physical parameters, all cross-validated over whole trajectories, beside
-  shuffled labels and a baseline of the input's radial power spectrum and PCA;
-* **features**: SAE features correlated (Spearman) with the diagnostics, beside shuffled ones;
-* **steering** (:mod:`.steering`): one plan per system with the Physics Steering recipe vector,
-  scored on rollouts by the diagnostics and a regime classifier fitted on diagnostics, beside
-  random directions of the same norm; and every system's vector injected into the other's
-  rollouts (cross-system transfer).
+carries its control: prediction errors beside persistence; probes (cross-validated over whole
+trajectories) beside shuffled labels and a radial-spectrum/PCA baseline; SAE features vs
+diagnostics beside shuffled diagnostics; steered rollouts (:mod:`.steering`) beside random
+directions of the same norm, plus each system's vector in the other's rollouts (transfer).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,15 +32,16 @@ from sciscope.core.adapter import DomainAdapter, Examples
 from sciscope.core.config import Key
 from sciscope.core.errors import ConfigError
 from sciscope.core.experiment import Analysis, ProbeSet, SteeringPlan
+from sciscope.core.interventions import AddVector
 from sciscope.core.loading import find_layer_stack, layer_index, load_factory_model
 
 from . import data as _data
 from .data import REGIMES, TrajectorySet
 from .diagnostics import DIAGNOSTICS, SHARED_DIAGNOSTICS, RegimeClassifier, diagnose
 from .model import ModelSpec, WindowDataset, load_predictor, rollout, save_predictor, train_predictor
-from .steering import KEY_DIAGNOSTIC, RolloutScorer
+from .steering import RolloutScorer
 
-__all__ = ["KEY_DIAGNOSTIC", "PARAMETER_TARGETS", "PhysicsAdapter", "RolloutScorer"]
+__all__ = ["PARAMETER_TARGETS", "PhysicsAdapter"]
 
 SYSTEMS = tuple(REGIMES)
 #: Probe targets of each system's probe set (log scales for the flow's).
@@ -128,8 +124,6 @@ class PhysicsAdapter(DomainAdapter):
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         super().__init__(config)
         self.training_info: dict[str, Any] = {}
-        self._norm_frames: np.ndarray | None = None
-        self._obs: pd.DataFrame | None = None
         self._stack: tuple[str, int] | None = None
         self._classifiers: dict[str, RegimeClassifier] = {}
 
@@ -165,10 +159,6 @@ class PhysicsAdapter(DomainAdapter):
         n = int(self.config["torch_threads"])
         return limit_threads(n) if n > 0 else contextlib.nullcontext()
 
-    def diag_kw(self, system: str) -> dict[str, Any]:
-        """Keyword arguments of :func:`.diagnostics.diagnose` for ``system`` (the flow's forcing wavenumber)."""
-        return {"k_forcing": int(self.config["flow_k_forcing"])} if system == "flow" else {}
-
     # -- data ---------------------------------------------------------------------------------------
     def _data_key(self) -> list[Any]:
         c = self.config
@@ -182,28 +172,19 @@ class PhysicsAdapter(DomainAdapter):
         return self.ctx.cached("physics-trajectories", key, lambda: _data.simulate_trajectories(self.config),
                                save=TrajectorySet.save, load=TrajectorySet.load)
 
-    @property
+    @cached_property
     def normalised_frames(self) -> np.ndarray:
         """Every trajectory in the model's standardised units ``(N, T, 2, n, n)``."""
-        if self._norm_frames is None:
-            self._norm_frames = self.trajectories.normalised_frames()
-        return self._norm_frames
+        return self.trajectories.normalised_frames()
 
-    @property
+    @cached_property
     def windows(self) -> pd.DataFrame:
         """The obs table: one row per window (trajectory, t) with parameters and diagnostics."""
-        if self._obs is None:
-            obs = self.trajectories.windows(self.config["context_frames"])
-            obs["log10_viscosity"] = np.log10(obs["viscosity"])
-            obs["log10_reynolds"] = np.log10(obs["reynolds"])
-            self._obs = obs
-        return self._obs
+        obs = self.trajectories.windows(self.config["context_frames"])
+        return obs.assign(log10_viscosity=np.log10(obs["viscosity"]), log10_reynolds=np.log10(obs["reynolds"]))
 
     def examples(self, split: str = "train") -> Examples:
-        """Windows of one split (``train``/``test`` hold whole trajectories; ``all`` is both).
-
-        Inputs are ``(trajectory, t)`` pairs; :meth:`batches` turns them into context frames.
-        """
+        """Windows of one split (``train``/``test`` hold whole trajectories; ``all`` is both), inputs ``(trajectory, t)``."""
         ex = Examples.of_split(self.windows, split, inputs="trajectory", concepts=self.concepts, domain="physics")
         ex.inputs = list(zip(ex.obs["trajectory"].astype(int), ex.obs["t"].astype(int)))
         return ex
@@ -215,16 +196,11 @@ class PhysicsAdapter(DomainAdapter):
         rollout's frames stand for, and patterns change character while they form.
         """
         if system not in self._classifiers:
-            ts = self.trajectories
-            diag = ts.frame_diagnostics()
-            table = ts.table.set_index("trajectory")
-            first = self.config["rollout_start"] + self.config["context_frames"]
-            keep = (diag["trajectory"].map(table["system"]).eq(system) & diag["trajectory"].map(table["split"]).eq("train")
-                    & diag["t"].ge(min(first, ts.frames.shape[1] - 1)))
-            d = diag[keep.to_numpy()]
-            regimes = d["trajectory"].map(table["regime"]).to_numpy()
+            ts, first = self.trajectories, self.config["rollout_start"] + self.config["context_frames"]
+            d = ts.frame_diagnostics().merge(ts.table[["trajectory", "system", "split", "regime"]], on="trajectory")
+            d = d[(d["system"] == system) & (d["split"] == "train") & (d["t"] >= min(first, ts.frames.shape[1] - 1))]
             self._classifiers[system] = RegimeClassifier(system, REGIMES[system][0]).fit(
-                d, regimes, d["trajectory"].to_numpy(), seed=self.config["seed"])
+                d, d["regime"].to_numpy(), d["trajectory"].to_numpy(), seed=self.config["seed"])
         return self._classifiers[system]
 
     # -- model --------------------------------------------------------------------------------------
@@ -236,12 +212,8 @@ class PhysicsAdapter(DomainAdapter):
                          batch_size=c["train_batch_size"], lr=c["lr"], noise=float(c["train_noise"]), seed=c["seed"])
 
     def model(self, spec: str | None = None) -> nn.Module:
-        """The default predictor (trained once per run, kept by the run's cache) or a user model.
-
-        ``spec`` (default: config ``model``): ``""`` trains/reuses the default TimeSformer
-        predictor; a directory written by :func:`.model.save_predictor`; or ``"module:factory"`` /
-        ``"file.py:factory"`` returning any ``nn.Module`` with the same call signature.
-        """
+        """``spec`` (default: config ``model``): ``""`` = the default predictor, trained once per run (run cache);
+        a :func:`.model.save_predictor` directory; or ``"module:factory"`` / ``"file.py:factory"`` (same call signature)."""
         spec = self.config["model"] if spec is None else spec
         if not spec:
             model, self.training_info = self.ctx.cached(
@@ -260,20 +232,22 @@ class PhysicsAdapter(DomainAdapter):
 
     def _train(self) -> tuple[nn.Module, dict[str, Any]]:
         spec, ts = self.model_spec(), self.trajectories
-        train = ts.table[ts.table["split"] == "train"]
-        windows = [(i, t) for i in train["trajectory"] for t in range(spec.context_frames - 1, ts.frames.shape[1] - 1)]
         weights = np.array([1.0 / ts.norms[s]["change_ms"] for s in ts.table["system"]])
-        dataset = WindowDataset(self.normalised_frames, windows, spec.context_frames, weights, noise=spec.noise, seed=spec.seed)
+        dataset = WindowDataset(self.normalised_frames, self.examples("train").inputs, spec.context_frames, weights,
+                                noise=spec.noise, seed=spec.seed)
         with self.threads():
             model, result = train_predictor(spec, dataset, trainer_options=self.trainer_options)
         return model, {"norms": ts.norms, **asdict(result)}
 
     def batches(self, examples: Examples, model: nn.Module, *, batch_size: int = 32) -> Iterator[tuple[torch.Tensor]]:
         """Context frames ``(B, T, 2, n, n)`` (standardised) of each window, in obs order."""
-        frames, T, pairs = self.normalised_frames, self.config["context_frames"], list(examples.inputs)
+        return ((x,) for x in self._contexts(list(examples.inputs), batch_size))
+
+    def _contexts(self, pairs: list[tuple[int, int]], batch_size: int = 64) -> Iterator[torch.Tensor]:
+        """Context frames of ``(trajectory, t)`` windows, ``batch_size`` at a time."""
+        frames, T = self.normalised_frames, self.config["context_frames"]
         for i in range(0, len(pairs), batch_size):
-            x = np.stack([frames[tr, t - T + 1: t + 1] for tr, t in pairs[i: i + batch_size]])
-            yield (torch.from_numpy(np.ascontiguousarray(x)),)
+            yield torch.from_numpy(np.stack([frames[tr, t - T + 1: t + 1] for tr, t in pairs[i: i + batch_size]]))
 
     # -- sites --------------------------------------------------------------------------------------
     def _structure(self) -> tuple[str, int]:
@@ -318,13 +292,9 @@ class PhysicsAdapter(DomainAdapter):
 
     @property
     def probe_targets(self) -> list[str]:
-        """Targets defined on every window: the regime (4 classes) and the shared spectral diagnostics.
-
-        The per-system physical parameters are probed per system (:meth:`probe_sets`).
-        """
-        obs = self.windows
-        # a uniform field has no wavelength (NaN): such a target is left out rather than half-probed
-        return ["regime", *[d for d in SHARED_DIAGNOSTICS if obs[d].notna().all()]]
+        """The regime (4 classes) and the shared spectral diagnostics defined on every window (a uniform
+        field has no wavelength: NaN); the physical parameters are probed per system (:meth:`probe_sets`)."""
+        return ["regime", *[d for d in SHARED_DIAGNOSTICS if self.windows[d].notna().all()]]
 
     @property
     def probe_groups(self) -> str:
@@ -338,8 +308,7 @@ class PhysicsAdapter(DomainAdapter):
 
     def baseline_features(self, examples: Examples) -> dict[str, np.ndarray]:
         """Non-model features of each window's last frame: radial power spectrum and PCA of the pixels."""
-        frames = self.normalised_frames
-        last = np.stack([frames[tr, t] for tr, t in examples.inputs]).astype(np.float64)  # (n, C, g, g)
+        last = self.normalised_frames[tuple(np.array(examples.inputs).T)].astype(np.float64)  # (n, C, g, g)
         g = last.shape[-1]
         ky, kx = np.meshgrid(np.fft.fftfreq(g, 1 / g), np.fft.fftfreq(g, 1 / g), indexing="ij")
         kbin = np.minimum(np.sqrt(ky**2 + kx**2).round().astype(int), g // 2)
@@ -375,24 +344,19 @@ class PhysicsAdapter(DomainAdapter):
             Per system and rollout step: ``mse_model`` (autoregressive, from ``rollout_start``),
             ``mse_persistence`` (the last context frame repeated), ``n_diverged``.
         """
-        c = self.config
-        ts, frames = self.trajectories, self.normalised_frames
+        c, ts, frames = self.config, self.trajectories, self.normalised_frames
         T, s0, n = c["context_frames"], c["rollout_start"], c["rollout_steps"]
         rows, hrows = [], []
         with self.threads(), torch.no_grad():
             for system in c["systems"]:
-                test = ts.table[(ts.table["split"] == "test") & (ts.table["system"] == system)]["trajectory"].to_numpy()
+                test = ts.ids(split="test", system=system)
                 pairs = [(i, t) for i in test for t in range(T - 1, frames.shape[1] - 1)]
-                se_m, se_p = [], []
-                for b in range(0, len(pairs), 64):
-                    chunk = pairs[b: b + 64]
-                    x = torch.from_numpy(np.stack([frames[i, t - T + 1: t + 1] for i, t in chunk]))
-                    y = np.stack([frames[i, t + 1] for i, t in chunk])
-                    se_m.append((((x[:, -1] + model(x)).numpy() - y) ** 2).mean((1, 2, 3)))
-                    se_p.append(((x[:, -1].numpy() - y) ** 2).mean((1, 2, 3)))
-                rows.append({"system": system, "n_windows": len(pairs), "mse_model": float(np.mean(np.concatenate(se_m))),
-                             "mse_persistence": float(np.mean(np.concatenate(se_p)))})
-                res = rollout(model, _data.context_of(frames, test, s0, T), n, blowup=c["blowup"])
+                pred = np.concatenate([(x[:, -1] + model(x)).numpy() for x in self._contexts(pairs)])
+                tr, t = np.array(pairs).T
+                se_m, se_p = (((a - frames[tr, t + 1]) ** 2).mean((1, 2, 3)) for a in (pred, frames[tr, t]))
+                rows.append({"system": system, "n_windows": len(pairs), "mse_model": float(np.mean(se_m)),
+                             "mse_persistence": float(np.mean(se_p))})
+                res = rollout(model, frames[test, s0:s0 + T], n, blowup=c["blowup"])
                 truth, last, ok = frames[test, s0 + T: s0 + T + n], frames[test, s0 + T - 1], ~res.diverged
                 for h in range(n):
                     hrows.append({"system": system, "horizon": h + 1,
@@ -420,24 +384,22 @@ class PhysicsAdapter(DomainAdapter):
 
         if system not in self.config["systems"]:
             raise ConfigError(f"physics: system {system!r} is not simulated in this config ({self.config['systems']})")
-        site = site or self.steer_site
-        ts, frames, T = self.trajectories, self.normalised_frames, self.config["context_frames"]
-        tab = ts.table[(ts.table["system"] == system) & (ts.table["split"] == split)]
-        pairs = [(int(i), t) for i in tab["trajectory"] for t in range(T - 1, frames.shape[1] - 1)]
+        site, ex = site or self.steer_site, self.examples(split)
+        pairs = [p for p, s in zip(ex.inputs, ex.obs["system"]) if s == system]
         per_window, was_training = [], model.training
         model.eval()
         try:
             with self.threads(), capture(model, [site], aliases=self.aliases) as cap, torch.no_grad():
-                for b in range(0, len(pairs), 64):
+                for x in self._contexts(pairs):
                     cap.clear()
-                    model(torch.from_numpy(np.stack([frames[i, t - T + 1: t + 1] for i, t in pairs[b: b + 64]])))
+                    model(x)
                     h = cap[site].double()  # (B, P, D)
                     mu, sd = h.mean(dim=(1, 2), keepdim=True), h.std(dim=(1, 2), keepdim=True).clamp_min(1e-8)
                     per_window.append(((h - mu) / sd).mean(1).numpy())  # (B, D)
         finally:
             model.train(was_training)
         m = pd.DataFrame(np.concatenate(per_window)).groupby(np.array([i for i, _ in pairs])).mean()  # per trajectory
-        regime = tab.set_index("trajectory").loc[m.index, "regime"].to_numpy()
+        regime = self.trajectories.table.set_index("trajectory").loc[m.index, "regime"].to_numpy()
         a, b = REGIMES[system]
         if not ((regime == a).any() and (regime == b).any()):
             raise ConfigError(f"physics: the {split} split of {system} lacks trajectories of both regimes {a}, {b}")
@@ -454,9 +416,19 @@ class PhysicsAdapter(DomainAdapter):
     def steering_plans(self, ctx: Any) -> list[SteeringPlan]:
         """Per system ``recipe_<system>`` (its regime vector in its rollouts, ``steer_alphas``) and per
         ordered pair ``transfer_<src>_to_<dst>`` (``src``'s vector in ``dst``'s rollouts, ``transfer_alphas``)."""
-        from .steering import plans
+        c, systems = ctx.config, list(self.config["systems"])
 
-        return plans(self, ctx)
+        def plan(name: str, src: str, dst: str, alphas: Any, seed: int, description: str) -> SteeringPlan:
+            vector = lambda run: AddVector(self.recipe_vector(run, src), self.steer_site, scale="relative",  # noqa: E731
+                                           relative_to="example")
+            return SteeringPlan(name, vector, RolloutScorer(self, dst).scorer, [float(x) for x in alphas],
+                                n_controls=int(c["steer_n_random"]), seed=seed, description=description)
+
+        recipes = [plan(f"recipe_{s}", s, s, c["steer_alphas"], c["seed"], f"{s}: regime vector {REGIMES[s][0]} - "
+                        f"{REGIMES[s][1]} at {self.steer_site}, injected relative to |h| per example") for s in systems]
+        return recipes + [plan(f"transfer_{src}_to_{dst}", src, dst, self.config["transfer_alphas"], c["seed"] + 100,
+                               f"the {src} regime vector injected into {dst} rollouts (cross-system transfer)")
+                          for src, dst in itertools.permutations(systems, 2)]
 
     # -- analyses -----------------------------------------------------------------------------------
     def analyses(self) -> list[Analysis]:

@@ -9,9 +9,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from sciscope.core.interventions import AddVector
+from sciscope.core.plotting import save_training_history
+from sciscope.core.steer import contrast_vector
+
 from .data import REGIMES
 from .diagnostics import DIAGNOSTICS, SHARED_DIAGNOSTICS, main_field
 from .model import rollout
+from .plots import (plot_feature_diagnostics, plot_parameter_probes, plot_regime_examples, plot_rollout_errors,
+                    plot_rollout_strips)
 from .steering import RolloutScorer
 
 if TYPE_CHECKING:
@@ -22,23 +28,16 @@ Rows = list[dict[str, Any]]
 
 def examples_summary(ad: "PhysicsAdapter", ctx: Any) -> Rows:
     """Regime classifier accuracy per system beside shuffled regimes; the trajectory table and a figure."""
-    from .plots import plot_regime_examples
-
-    ts, rows, table = ad.trajectories, [], []
-    for system in ad.config["systems"]:
-        clf = ad.classifier(system)
-        table.append({"system": system, "positive": clf.positive, "columns": ",".join(clf.columns),
-                      "cv_accuracy": clf.cv_accuracy, "shuffled_accuracy": clf.control_accuracy})
-        rows.append({"name": f"{system}: regime classifier accuracy (diagnostics)", "value": clf.cv_accuracy,
-                     "control": clf.control_accuracy, "control_label": "regimes shuffled among trajectories",
-                     "note": f"logistic regression on {', '.join(clf.columns)}; trajectory-grouped CV on train frames",
-                     "source": ctx.write_table("regime_classifier.csv", pd.DataFrame(table))})
+    ts, clfs = ad.trajectories, {s: ad.classifier(s) for s in ad.config["systems"]}
+    table = pd.DataFrame([{"system": s, "positive": c.positive, "columns": ",".join(c.columns), "cv_accuracy": c.cv_accuracy,
+                           "shuffled_accuracy": c.control_accuracy} for s, c in clfs.items()])
+    clf_source = ctx.write_table("regime_classifier.csv", table)
+    rows = [{"name": f"{s}: regime classifier accuracy (diagnostics)", "value": c.cv_accuracy,
+             "control": c.control_accuracy, "control_label": "regimes shuffled among trajectories",
+             "note": f"logistic regression on {', '.join(c.columns)}; trajectory-grouped CV on train frames",
+             "source": clf_source} for s, c in clfs.items()]
     source = ctx.write_table("trajectories.csv", ts.table)
-    fields = {}
-    for system in ad.config["systems"]:
-        for regime in REGIMES[system]:
-            idx = ts.table[(ts.table.system == system) & (ts.table.regime == regime)]["trajectory"].to_numpy()[:6]
-            fields[(system, regime)] = main_field(system, ts.frames[idx, -1])
+    fields = {(s, r): main_field(s, ts.frames[ts.ids(system=s, regime=r)[:6], -1]) for s in clfs for r in REGIMES[s]}
     plot_regime_examples(fields, ctx.output("regimes.png"))
     counts = ts.table.groupby(["system", "regime", "split"]).size()
     rows.append({"name": "simulated trajectories", "value": len(ts.table), "unit": "trajectories", "source": source,
@@ -49,14 +48,11 @@ def examples_summary(ad: "PhysicsAdapter", ctx: Any) -> Rows:
 
 def model_errors(ad: "PhysicsAdapter", ctx: Any) -> Rows:
     """One-step and rollout MSE beside persistence (``one_step_error.csv``, ``rollout_error.csv``)."""
-    from .plots import plot_rollout_errors, plot_training
-
-    model = ctx.model()
-    one, hor = ad.prediction_errors(model)
+    one, hor = ad.prediction_errors(ctx.model())
     src_one, src_hor = ctx.write_table("one_step_error.csv", one), ctx.write_table("rollout_error.csv", hor)
     plot_rollout_errors(hor, ctx.output("rollout_error.png"))
-    if ad.training_info.get("history"):
-        plot_training(ad.training_info["history"], ctx.output("training_loss.png"))
+    save_training_history(ad.training_info.get("history", []), ctx.output("training_loss.png"),
+                          ylabel="loss / mean squared change", title="next-frame change, training loss")
     rows = [{"name": f"{r.system}: one-step MSE", "value": r.mse_model, "control": r.mse_persistence,
              "control_label": "persistence (next = last frame)", "source": src_one,
              "note": f"{r.n_windows} test windows, standardised units; ratio {r.mse_model / r.mse_persistence:.3f}"}
@@ -70,22 +66,19 @@ def model_errors(ad: "PhysicsAdapter", ctx: Any) -> Rows:
 
 
 def parameter_probes(ad: "PhysicsAdapter", ctx: Any) -> Rows:
-    """The per-system parameter probe sets in one table and figure (their rows are the probe stage's)."""
-    from .plots import plot_parameter_probes
-
+    """The per-system parameter probe sets in one figure (their tables and rows are the probe stage's)."""
     parts = [ctx.live[f"probes:parameters_{s}"].summary().assign(system=s) for s in ad.config["systems"]
              if f"probes:parameters_{s}" in ctx.live]
-    if parts:
-        summary = pd.concat(parts, ignore_index=True)
-        ctx.write_table("parameter_probes.csv", summary)
-        plot_parameter_probes(summary, ctx.output("parameter_probes_vs_layer.png"))
+    if parts:  # each set's table is the probe stage's probes/parameters_<system>.csv
+        plot_parameter_probes(pd.concat(parts, ignore_index=True), ctx.output("parameter_probes_vs_layer.png"))
     return []
 
 
-def diagnostic_correlations(ad: "PhysicsAdapter", analysis: Any) -> pd.DataFrame:
-    """Per diagnostic: the SAE feature with the largest |Spearman rho| beside the shuffled best."""
-    a, ctrl = analysis.associations, analysis.control_associations
-    rows = []
+def feature_diagnostics(ad: "PhysicsAdapter", ctx: Any) -> Rows:
+    """Per diagnostic the SAE feature with the largest |Spearman rho| beside the best on shuffled
+    diagnostics (``diagnostic_correlations.csv``), and a scatter of each, coloured by regime."""
+    features, rows = ctx.features(), []
+    a, ctrl = features.associations, features.control_associations
     for d in dict.fromkeys([d for s in ad.config["systems"] for d in DIAGNOSTICS[s]] + list(SHARED_DIAGNOSTICS)):
         t = a[(a["concept"] == d) & a["stat"].astype(str).str.startswith("spearman")]
         t = t[np.isfinite(t["statistic"].to_numpy(dtype=np.float64))]
@@ -98,14 +91,7 @@ def diagnostic_correlations(ad: "PhysicsAdapter", analysis: Any) -> pd.DataFrame
             cc = ctrl[(ctrl["concept"] == d) & ctrl["stat"].astype(str).str.startswith("spearman")]["statistic"].to_numpy(dtype=np.float64)
             row["max_abs_rho_shuffled"] = float(np.nanmax(np.abs(cc))) if np.isfinite(cc).any() else float("nan")
         rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def feature_diagnostics(ad: "PhysicsAdapter", ctx: Any) -> Rows:
-    """:func:`diagnostic_correlations` as a table, rows and a scatter of each best feature, coloured by regime."""
-    from .plots import plot_feature_diagnostics
-
-    table = diagnostic_correlations(ad, ctx.features())
+    table = pd.DataFrame(rows)
     if table.empty:
         return []
     source = ctx.write_table("diagnostic_correlations.csv", table)
@@ -122,10 +108,6 @@ def feature_diagnostics(ad: "PhysicsAdapter", ctx: Any) -> Rows:
 def rollout_strips(ad: "PhysicsAdapter", ctx: Any) -> Rows:
     """Image strips per system and start regime (truth, alpha = 0, +-``strip_alpha``, a random
     direction at +``strip_alpha``) into ``steering/recipe_<system>/``."""
-    from sciscope.core.interventions import AddVector
-
-    from .plots import plot_rollout_strips
-
     model, c, alpha = ctx.model(), ad.config, float(ad.config["strip_alpha"])
     for system in c["systems"]:
         vec = AddVector(ad.recipe_vector(ctx, system), ad.steer_site, scale="relative", relative_to="example")
@@ -148,8 +130,6 @@ def rollout_strips(ad: "PhysicsAdapter", ctx: Any) -> Rows:
 def vector_cosines(ad: "PhysicsAdapter", ctx: Any) -> Rows:
     """Cosine of each recipe vector with the plain mean difference of the run's store, and between
     systems (``transfer.csv``: the vectors the transfer plans inject; their effects are those plans' rows)."""
-    from sciscope.core.steer import contrast_vector
-
     site, rows = ad.steer_site, []
     vecs = {s: ad.recipe_vector(ctx, s) for s in ad.config["systems"]}
     for s, (qa, qb) in ad.contrasts.items():

@@ -1,19 +1,10 @@
-"""The physics data set: simulated trajectories of every system and regime, their windows and norms.
-
-:func:`simulate_trajectories` draws each trajectory's parameters uniformly from its regime's
-ranges (seeded), simulates all of them and splits whole trajectories into train and test
-(stratified by system and regime). :class:`TrajectorySet` holds the frames ``(N, T, 2, n, n)``,
-one table row per trajectory (system, regime, parameters, split) and the per-system channel
-normalisation computed on the train split; it saves to ``.npz`` + Parquet and reloads without
-pickle. :meth:`TrajectorySet.windows` lists the model's examples: one row per
-``(trajectory, t)`` with the context frames ``t - T + 1 .. t`` and the diagnostics of frame ``t``.
-"""
+"""The physics data set: simulated trajectories of every system and regime, their windows and norms."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +22,8 @@ __all__ = ["REGIMES", "PARAMETERS", "TrajectorySet", "simulate_trajectories"]
 REGIMES: dict[str, tuple[str, str]] = {"gray_scott": ("stripes", "spots"), "flow": ("vortex", "laminar")}
 #: Physical parameters per system (columns of the trajectory table; NaN for the other system).
 PARAMETERS: dict[str, tuple[str, ...]] = {"gray_scott": ("feed", "kill"), "flow": ("viscosity", "forcing", "reynolds")}
+#: Every diagnostic column (each system's own, NaN for the other system, then the shared ones).
+_DIAGNOSTIC_COLUMNS = [*dict.fromkeys(c for cols in DIAGNOSTICS.values() for c in cols), *SHARED_DIAGNOSTICS]
 
 
 def _range(config: Mapping[str, Any], key: str) -> tuple[float, float]:
@@ -45,19 +38,11 @@ def _range(config: Mapping[str, Any], key: str) -> tuple[float, float]:
     return lo, hi
 
 
-def gray_scott_spec(config: Mapping[str, Any]) -> GrayScottSpec:
-    """The Gray–Scott numerics of a config (``gs_*`` keys, ``grid``, ``n_frames``)."""
-    return GrayScottSpec(n=int(config["grid"]), du=float(config["gs_du"]), dv=float(config["gs_dv"]),
-                         dt=float(config["gs_dt"]), burn_in=int(config["gs_burn_in"]),
-                         frame_every=int(config["gs_frame_every"]), n_frames=int(config["n_frames"]))
-
-
-def flow_spec(config: Mapping[str, Any]) -> FlowSpec:
-    """The flow numerics of a config (``flow_*`` keys, ``grid``, ``n_frames``)."""
-    return FlowSpec(n=int(config["grid"]), dt=float(config["flow_dt"]), drag=float(config["flow_drag"]),
-                    k_forcing=int(config["flow_k_forcing"]), init_amplitude=float(config["flow_init_amplitude"]),
-                    burn_in=float(config["flow_burn_in"]), frame_every=float(config["flow_frame_every"]),
-                    n_frames=int(config["n_frames"]))
+def system_spec(system: str, config: Mapping[str, Any]) -> Any:
+    """The simulator numerics of a config: ``grid``, ``n_frames`` and the ``gs_*`` (or ``flow_*``) keys of its spec."""
+    cls, prefix = (GrayScottSpec, "gs_") if system == "gray_scott" else (FlowSpec, "flow_")
+    kw = {f.name: type(f.default)(config[prefix + f.name]) for f in fields(cls) if f.name not in ("n", "n_frames")}
+    return cls(n=int(config["grid"]), n_frames=int(config["n_frames"]), **kw)
 
 
 def _parameters(config: Mapping[str, Any], system: str, regime: str, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -80,13 +65,13 @@ def check_config(config: Mapping[str, Any]) -> None:
     """
     systems = list(config["systems"])
     if "gray_scott" in systems:
-        spec = gray_scott_spec(config)
+        spec = system_spec("gray_scott", config)
         for regime in REGIMES["gray_scott"]:
             f = _range(config, f"gs_feed_{regime}")
             k = _range(config, f"gs_kill_{regime}")
             check_gray_scott(spec, np.array([f[0], f[1], f[0], f[1]]), np.array([k[0], k[0], k[1], k[1]]))
     if "flow" in systems:
-        spec = flow_spec(config)
+        spec = system_spec("flow", config)
         u = _range(config, "flow_velocity")
         for regime in REGIMES["flow"]:
             nus = np.array(_range(config, f"flow_viscosity_{regime}"))
@@ -117,25 +102,27 @@ class TrajectorySet:
     table: pd.DataFrame
     norms: dict[str, dict[str, Any]]
 
-    # -- normalisation ----------------------------------------------------------------------------
-    def normalise(self, system: str, frames: np.ndarray) -> np.ndarray:
-        """Raw fields ``(..., 2, n, n)`` of ``system`` -> the model's standardised units."""
-        m = np.asarray(self.norms[system]["mean"], dtype=np.float32)[:, None, None]
-        s = np.asarray(self.norms[system]["std"], dtype=np.float32)[:, None, None]
-        return ((np.asarray(frames, dtype=np.float32) - m) / s).astype(np.float32)
+    def ids(self, **match: str) -> np.ndarray:
+        """Trajectory ids whose table columns equal ``match`` (e.g. ``split="test", system="flow"``), in id order."""
+        keep = np.ones(len(self.table), dtype=bool)
+        for column, value in match.items():
+            keep &= (self.table[column] == value).to_numpy()
+        return self.table.loc[keep, "trajectory"].to_numpy()
 
     def denormalise(self, system: str, frames: np.ndarray) -> np.ndarray:
-        """The inverse of :meth:`normalise`."""
+        """Standardised fields ``(..., 2, n, n)`` of ``system`` back to raw units."""
         m = np.asarray(self.norms[system]["mean"], dtype=np.float64)[:, None, None]
         s = np.asarray(self.norms[system]["std"], dtype=np.float64)[:, None, None]
         return np.asarray(frames, dtype=np.float64) * s + m
 
     def normalised_frames(self) -> np.ndarray:
-        """Every trajectory in model units, ``(N, T, 2, n, n)`` float32."""
+        """Every trajectory in model units (standardised per system and channel), ``(N, T, 2, n, n)`` float32."""
         out = np.empty_like(self.frames)
         for system, rows in self.table.groupby("system").groups.items():
             idx = np.asarray(rows)
-            out[idx] = self.normalise(str(system), self.frames[idx])
+            m = np.asarray(self.norms[str(system)]["mean"], dtype=np.float32)[:, None, None]
+            s = np.asarray(self.norms[str(system)]["std"], dtype=np.float32)[:, None, None]
+            out[idx] = ((self.frames[idx].astype(np.float32) - m) / s).astype(np.float32)
         return out
 
     # -- windows ------------------------------------------------------------------------------------
@@ -153,28 +140,20 @@ class TrajectorySet:
         ts = np.arange(context - 1, n_frames - 1)
         rows = self.table.loc[self.table.index.repeat(len(ts))].reset_index(drop=True)
         rows.insert(3, "t", np.tile(ts, n_traj))
-        diag = self.frame_diagnostics()
-        key = diag.set_index(["trajectory", "t"])
-        joined = key.loc[list(zip(rows["trajectory"], rows["t"]))].reset_index(drop=True)
-        return pd.concat([rows, joined], axis=1)
+        return rows.merge(self.frame_diagnostics(), on=["trajectory", "t"], how="left")
 
     def frame_diagnostics(self) -> pd.DataFrame:
         """Diagnostics of every frame: ``trajectory``, ``t`` and every diagnostic column (cached)."""
         if getattr(self, "_diag", None) is None:
             parts = []
-            cols = _diagnostic_columns()
             for system, rows in self.table.groupby("system").groups.items():
                 idx = np.asarray(rows)
-                kw = {"k_forcing": int(self.table.attrs.get("k_forcing", 4))} if system == "flow" else {}
-                d = diagnose(str(system), self.frames[idx], **kw)
+                d = diagnose(str(system), self.frames[idx], k_forcing=int(self.table.attrs.get("k_forcing", 4)))
                 d.insert(0, "t", np.tile(np.arange(self.frames.shape[1]), len(idx)))
                 d.insert(0, "trajectory", np.repeat(self.table.loc[idx, "trajectory"].to_numpy(), self.frames.shape[1]))
                 parts.append(d)
-            diag = pd.concat(parts, ignore_index=True)
-            for c in cols:
-                if c not in diag:
-                    diag[c] = np.nan
-            self._diag = diag[["trajectory", "t", *cols]].sort_values(["trajectory", "t"]).reset_index(drop=True)
+            diag = pd.concat(parts, ignore_index=True).reindex(columns=["trajectory", "t", *_DIAGNOSTIC_COLUMNS])
+            self._diag = diag.sort_values(["trajectory", "t"]).reset_index(drop=True)
         return self._diag
 
     # -- persistence ----------------------------------------------------------------------------------
@@ -183,9 +162,8 @@ class TrajectorySet:
         from sciscope.core.io import atomic_path, write_json, write_table
 
         folder = Path(folder)
-        with atomic_path(folder / "trajectories.npz") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, frames=self.frames)
+        with atomic_path(folder / "trajectories.npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, frames=self.frames)
         write_table(folder / "trajectories.parquet", self.table)
         write_json(folder / "trajectories.json", {"norms": self.norms, "attrs": self.table.attrs})
 
@@ -199,13 +177,6 @@ class TrajectorySet:
         table = pd.read_parquet(folder / "trajectories.parquet")
         table.attrs.update(info.get("attrs", {}))
         return cls(frames, table, info["norms"])
-
-
-def _diagnostic_columns() -> list[str]:
-    cols: list[str] = []
-    for system in DIAGNOSTICS:
-        cols += [c for c in DIAGNOSTICS[system] if c not in cols]
-    return cols + list(SHARED_DIAGNOSTICS)
 
 
 def simulate_trajectories(config: Mapping[str, Any], *, progress: bool = False) -> TrajectorySet:
@@ -226,13 +197,10 @@ def simulate_trajectories(config: Mapping[str, Any], *, progress: bool = False) 
                   for i, r in enumerate(REGIMES[system])}
         merged = {k: np.concatenate([params[r][k] for r in REGIMES[system]]) for k in params[REGIMES[system][0]]}
         regimes = np.repeat(REGIMES[system], n)
-        if system == "gray_scott":
-            fr = simulate_gray_scott(merged["feed"], merged["kill"], spec=gray_scott_spec(config), seed=seed + 11 * s_idx,
-                                     progress=progress)
-        else:
-            fr = simulate_flow(merged["viscosity"], merged["forcing"], spec=flow_spec(config), seed=seed + 11 * s_idx,
-                               progress=progress)
-        frames.append(fr)
+        simulate, args = ((simulate_gray_scott, ("feed", "kill")) if system == "gray_scott"
+                          else (simulate_flow, ("viscosity", "forcing")))
+        frames.append(simulate(*[merged[a] for a in args], spec=system_spec(system, config), seed=seed + 11 * s_idx,
+                               progress=progress))
         table = pd.DataFrame({"system": system, "regime": regimes, **merged})
         # stratified split of whole trajectories
         split = np.full(len(table), "train", dtype=object)
@@ -244,12 +212,8 @@ def simulate_trajectories(config: Mapping[str, Any], *, progress: bool = False) 
         table["split"] = split
         rows.append(table)
     table = pd.concat(rows, ignore_index=True)
-    for cols in PARAMETERS.values():
-        for c in cols:
-            if c not in table:
-                table[c] = np.nan
     table.insert(0, "trajectory", np.arange(len(table)))
-    table = table[["trajectory", "system", "regime", "split", *[c for cols in PARAMETERS.values() for c in cols]]]
+    table = table.reindex(columns=["trajectory", "system", "regime", "split", *[c for cs in PARAMETERS.values() for c in cs]])
     table.attrs["k_forcing"] = int(config["flow_k_forcing"])
     frames_all = np.concatenate(frames).astype(np.float32)
     norms = _norms(frames_all, table)
@@ -266,14 +230,3 @@ def _norms(frames: np.ndarray, table: pd.DataFrame) -> dict[str, dict[str, Any]]
         change_ms = float((np.diff(z, axis=1) ** 2).mean())
         out[str(system)] = {"mean": mean.tolist(), "std": std.tolist(), "change_ms": change_ms}
     return out
-
-
-def sample_rows(table: pd.DataFrame, split: str, system: str, regime: str, limit: int) -> np.ndarray:
-    """Trajectory indices of one split, system and regime (the first ``limit``, in id order)."""
-    m = (table["split"] == split) & (table["system"] == system) & (table["regime"] == regime)
-    return table.loc[m, "trajectory"].to_numpy()[:limit]
-
-
-def context_of(frames: np.ndarray, trajectories: Sequence[int], start: int, context: int) -> np.ndarray:
-    """Context frames ``start .. start + context - 1`` of the given trajectories ``(B, T, C, n, n)``."""
-    return frames[np.asarray(trajectories, dtype=np.int64), start:start + context]

@@ -15,9 +15,6 @@ Both systems:
     exist for any field and serve as shared probe targets.
 
 A non-finite frame gives NaN diagnostics (a diverged rollout is counted, not scored).
-:class:`RegimeClassifier` is a standardised logistic regression over one system's diagnostics,
-trained on simulated frames with their trajectory's regime; its grouped cross-validated accuracy
-and a shuffled-label control say how far to trust it as a rollout score.
 """
 
 from __future__ import annotations
@@ -33,18 +30,9 @@ from sciscope.core.errors import ConfigError
 
 from .simulate import flow_wavenumbers, velocity_to_vorticity
 
-__all__ = [
-    "DIAGNOSTICS",
-    "SHARED_DIAGNOSTICS",
-    "RegimeClassifier",
-    "diagnose",
-    "flow_diagnostics",
-    "gray_scott_diagnostics",
-    "main_field",
-    "spectral_diagnostics",
-]
+__all__ = ["DIAGNOSTICS", "SHARED_DIAGNOSTICS", "RegimeClassifier", "diagnose", "flow_diagnostics",
+           "gray_scott_diagnostics", "main_field", "spectral_diagnostics"]
 
-SYSTEMS = ("gray_scott", "flow")
 #: Per-system diagnostic columns (the classifier's inputs).
 DIAGNOSTICS: dict[str, tuple[str, ...]] = {
     "gray_scott": ("wavelength", "n_components", "compactness", "v_mean", "v_contrast"),
@@ -74,11 +62,6 @@ def main_field(system: str, frames: np.ndarray) -> np.ndarray:
     return velocity_to_vorticity(frames)
 
 
-def _radial_k(n: int) -> np.ndarray:
-    ky, kx = flow_wavenumbers(n)
-    return np.sqrt(ky**2 + kx**2)  # (n, n//2+1)
-
-
 def _rfft_power(field: np.ndarray) -> np.ndarray:
     """One-sided power of real fields ``(..., n, n)`` with the ``k_x > 0`` columns counted twice."""
     n = field.shape[-1]
@@ -99,7 +82,8 @@ def spectral_diagnostics(field: np.ndarray, k_cut: float) -> dict[str, np.ndarra
     n = field.shape[-1]
     f = field - field.mean(axis=(-1, -2), keepdims=True)
     p = _rfft_power(f)
-    k = _radial_k(n)
+    ky, kx = flow_wavenumbers(n)
+    k = np.sqrt(ky**2 + kx**2)  # (n, n//2+1)
     total = p.sum(axis=(-1, -2))
     with np.errstate(invalid="ignore", divide="ignore"):
         kbar = (p * k).sum(axis=(-1, -2)) / total
@@ -157,8 +141,7 @@ def _region_shape(mask: np.ndarray) -> tuple[int, float]:
 
 def gray_scott_diagnostics(frames: np.ndarray) -> pd.DataFrame:
     """Diagnostics of Gray–Scott frames ``(m, 2, n, n)`` (or ``(2, n, n)``): one row per frame."""
-    frames = np.asarray(frames, dtype=np.float64)
-    frames = frames.reshape(-1, *frames.shape[-3:])
+    frames = np.asarray(frames, dtype=np.float64).reshape(-1, *np.shape(frames)[-3:])
     n = frames.shape[-1]
     v = frames[:, 1]
     finite = np.isfinite(frames).reshape(len(frames), -1).all(1)
@@ -171,17 +154,14 @@ def gray_scott_diagnostics(frames: np.ndarray) -> pd.DataFrame:
         count, comp = _region_shape(v[i] > _V_THRESHOLD)
         out["n_components"][i] = count * 1000.0 / (n * n)
         out["compactness"][i] = comp
-    df = pd.DataFrame(out)
-    for k, val in spec.items():
-        df[k] = val
+    df = pd.DataFrame({**out, **spec})
     df.loc[~finite, :] = np.nan
     return df
 
 
 def flow_diagnostics(frames: np.ndarray, *, k_forcing: int = 4) -> pd.DataFrame:
     """Diagnostics of flow frames ``(m, 2, n, n)`` velocity (or ``(2, n, n)``): one row per frame."""
-    frames = np.asarray(frames, dtype=np.float64)
-    frames = frames.reshape(-1, *frames.shape[-3:])
+    frames = np.asarray(frames, dtype=np.float64).reshape(-1, *np.shape(frames)[-3:])
     n = frames.shape[-1]
     finite = np.isfinite(frames).reshape(len(frames), -1).all(1)
     safe = np.where(finite[:, None, None, None], frames, 0.0)
@@ -198,19 +178,21 @@ def flow_diagnostics(frames: np.ndarray, *, k_forcing: int = 4) -> pd.DataFrame:
         "enstrophy": 0.5 * (w**2).mean(axis=(-1, -2)),
         "x_variation": x_var,
         "high_k_fraction": high,
+        **spectral_diagnostics(w, k_cut=k_forcing + 0.5),
     })
-    for key, val in spectral_diagnostics(w, k_cut=k_forcing + 0.5).items():
-        df[key] = val
     df.loc[~finite, :] = np.nan
     return df
 
 
-def diagnose(system: str, frames: np.ndarray, **kw: Any) -> pd.DataFrame:
-    """The system's diagnostics (plus the shared spectral ones) of frames ``(..., 2, n, n)``, one row per frame."""
+def diagnose(system: str, frames: np.ndarray, *, k_forcing: int = 4) -> pd.DataFrame:
+    """The system's diagnostics (plus the shared spectral ones) of frames ``(..., 2, n, n)``, one row per frame.
+
+    ``k_forcing`` is the flow's forcing wavenumber (ignored for Gray-Scott).
+    """
     _check_system(system)
     if system == "gray_scott":
         return gray_scott_diagnostics(frames)
-    return flow_diagnostics(frames, **kw)
+    return flow_diagnostics(frames, k_forcing=k_forcing)
 
 
 def _features(df: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
@@ -224,6 +206,9 @@ def _features(df: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
 @dataclass
 class RegimeClassifier:
     """Logistic regression of the regime from one system's diagnostics (not from the model).
+
+    Trained on simulated frames with their trajectory's regime; its grouped cross-validated
+    accuracy and a shuffled-label control say how far to trust it as a rollout score.
 
     Attributes
     ----------
@@ -269,11 +254,8 @@ class RegimeClassifier:
             cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
             self.cv_accuracy = float(cross_val_score(make(), X, y, groups=groups, cv=cv).mean())
             # control: regimes shuffled among trajectories (keeps each trajectory's frames together)
-            rng = np.random.default_rng(seed)
-            ug = np.unique(groups)
-            lab = {g: int(y[groups == g][0]) for g in ug}
-            perm = dict(zip(ug, rng.permutation([lab[g] for g in ug])))
-            y_sh = np.array([perm[g] for g in groups])
+            ug, first = np.unique(groups, return_index=True)
+            y_sh = np.random.default_rng(seed).permutation(y[first])[np.searchsorted(ug, groups)]
             if len(np.unique(y_sh)) == 2:
                 self.control_accuracy = float(cross_val_score(make(), X, y_sh, groups=groups, cv=cv).mean())
         self.pipeline = make().fit(X, y)

@@ -8,24 +8,13 @@ few channels per pixel of its patch; a periodic 3x3 convolution mixes them acros
 into the change of each field, so ``next = last + model(frames)`` (without it, independent
 per-patch outputs leave block seams that grow over a rollout). The convolution starts at zero:
 the untrained model is the persistence baseline, and training only has to learn the dynamics.
-Context frames get a little Gaussian noise in training, with the target measured from the noisy
-last frame, so the model learns to undo small errors (rollouts drift less).
-
 Block outputs are ``(B, 1 + P * T, D)`` tensors (a class token, then patch-major, frame-minor
 tokens), i.e. the canonical ``(batch, positions, dim)`` layout every sciscope tool reads.
-
-:func:`train_predictor` trains with PyTorch Lightning on windows of every system and regime;
-:func:`rollout` runs the model autoregressively and flags rollouts that turn NaN/inf (or blow
-up) without stopping the others. Any ``nn.Module`` with the same call signature
-(``frames (B, T, C, H, W) -> change (B, C, H, W)``) can stand in for the default model
-(config ``model`` = ``"file.py:factory"``, loaded by
-:func:`sciscope.core.loading.load_factory_model`).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,12 +25,12 @@ import torch
 from torch import nn
 
 from sciscope.core.errors import ConfigError
+from sciscope.core.io import atomic_path, write_json
 from sciscope.core.training import fit_lightning, loss_module
 
 __all__ = ["ModelSpec", "PhysicsPredictor", "RolloutResult", "TrainResult", "WindowDataset", "build_predictor",
            "load_predictor", "rollout", "save_predictor", "train_predictor"]
 
-log = logging.getLogger("sciscope.physics")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "predictor.json"
 
@@ -140,11 +129,6 @@ def build_predictor(spec: ModelSpec) -> PhysicsPredictor:
     return PhysicsPredictor(spec)
 
 
-# ------------------------------------------------------------------------------------------------
-# Training data
-# ------------------------------------------------------------------------------------------------
-
-
 class WindowDataset(torch.utils.data.Dataset):
     """Windows of normalised trajectories: ``(context (T, C, n, n), change (C, n, n), weight)``.
 
@@ -189,31 +173,25 @@ class WindowDataset(torch.utils.data.Dataset):
         return ctx, target, self.weights[i]
 
 
-def _lightning_module(model: PhysicsPredictor, spec: ModelSpec) -> Any:
-    """Weighted MSE of the predicted change (AdamW, linear warmup then cosine decay to 5%)."""
-
-    def next_frame_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        ctx, target, weight = batch
-        pred = model(ctx)  # (B, C, n, n)
-        per_example = ((pred - target) ** 2).mean(dim=(1, 2, 3))  # (B,)
-        return (per_example * weight).mean()
-
-    return loss_module(model, next_frame_loss, lr=spec.lr, steps=spec.steps, warmup=spec.warmup, floor=0.05)
-
-
 def train_predictor(
     spec: ModelSpec, dataset: WindowDataset, *, progress: bool = False, trainer_options: dict[str, Any] | None = None
 ) -> tuple[PhysicsPredictor, TrainResult]:
     """Train a fresh predictor for ``spec.steps`` optimiser steps on ``dataset`` (CPU, Lightning).
 
-    The loader reshuffles (seeded) every epoch and cycles until ``steps``.
+    The loss is the per-example weighted MSE of the predicted change (AdamW, linear warmup, then
+    cosine decay to 5%); the loader reshuffles (seeded) every epoch and cycles until ``steps``.
     """
     from torch.utils.data import DataLoader, RandomSampler
 
     if len(dataset) == 0:
         raise ConfigError("physics: no training windows (too few frames or trajectories in the train split)")
     model = build_predictor(spec)
-    module = _lightning_module(model, spec)
+
+    def next_frame_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        ctx, target, weight = batch
+        return (((model(ctx) - target) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
+
+    module = loss_module(model, next_frame_loss, lr=spec.lr, steps=spec.steps, warmup=spec.warmup, floor=0.05)
     sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(spec.seed))
     loader = DataLoader(dataset, batch_size=min(spec.batch_size, len(dataset)), sampler=sampler, drop_last=True)
     seconds = fit_lightning(module, loader, max_steps=spec.steps, progress=progress, trainer_options=trainer_options)
@@ -224,23 +202,16 @@ def train_predictor(
                               len(dataset), hist)
 
 
-# ------------------------------------------------------------------------------------------------
-# Saving and loading
-# ------------------------------------------------------------------------------------------------
-
-
 def save_predictor(directory: str | Path, model: PhysicsPredictor, info: dict[str, Any]) -> Path:
     """Write ``model.safetensors`` + ``predictor.json`` (spec, normalisation, training info) atomically."""
     from safetensors.torch import save_file
-
-    from sciscope.core.io import atomic_path
 
     directory = Path(directory)
     with atomic_path(directory) as tmp:
         tmp.mkdir(parents=True)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps({"spec": asdict(model.spec), **info}, indent=1, default=_json))
+        write_json(tmp / CONFIG_FILE, {"spec": asdict(model.spec), **info})
     return directory
 
 
@@ -253,26 +224,12 @@ def load_predictor(directory: str | Path) -> tuple[PhysicsPredictor, dict[str, A
     if not cfg_file.is_file() or not weights.is_file():
         raise ConfigError(f"physics: {str(directory)!r} is not a predictor directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     info = json.loads(cfg_file.read_text())
-    spec = ModelSpec(**info["spec"])
-    model = PhysicsPredictor(spec)
+    model = PhysicsPredictor(ModelSpec(**info["spec"]))
     missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
     if missing or unexpected:
         raise ConfigError(f"physics: weights in {str(weights)!r} do not fit the predictor: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
     return model.eval(), info
-
-
-def _json(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
-
-
-# ------------------------------------------------------------------------------------------------
-# Rollouts
-# ------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -310,7 +267,7 @@ def rollout(model: nn.Module, context: np.ndarray | torch.Tensor, n_steps: int, 
     device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.eval()
-    outs, div, div_at = [], [], []
+    parts = []  # (frames, diverged, diverged_at) per batch
     try:
         for b0 in range(0, len(ctx_all), batch_size):
             ctx = ctx_all[b0: b0 + batch_size].to(device)
@@ -328,9 +285,7 @@ def rollout(model: nn.Module, context: np.ndarray | torch.Tensor, n_steps: int, 
                 nxt[bad] = float("nan")
                 frames[:, step] = nxt
                 ctx = torch.cat([ctx[:, 1:], torch.nan_to_num(nxt, nan=0.0).to(device)[:, None]], dim=1)
-            outs.append(frames.numpy())
-            div.append(bad.numpy())
-            div_at.append(at.numpy())
+            parts.append((frames.numpy(), bad.numpy(), at.numpy()))
     finally:
         model.train(was_training)
-    return RolloutResult(np.concatenate(outs), np.concatenate(div), np.concatenate(div_at))
+    return RolloutResult(*(np.concatenate(p) for p in zip(*parts)))

@@ -1,6 +1,6 @@
-"""Figures of the physics domain: regimes, training, rollout errors, steered rollouts, probe layers.
+"""Figures of the physics domain: regimes, rollout errors, steered rollouts, probe layers, SAE features.
 
-Every function draws with matplotlib (Agg), writes one PNG atomically and returns its path.
+Every function draws with matplotlib, writes one PNG atomically and returns its path.
 Fields are shown as their main scalar (Gray–Scott ``v``, flow vorticity), with one colour scale
 per row so a steered rollout is read against the same scale as its baseline.
 """
@@ -9,36 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 from sciscope.core.plotting import save_figure
 
-__all__ = [
-    "plot_feature_diagnostics",
-    "plot_parameter_probes",
-    "plot_regime_examples",
-    "plot_rollout_errors",
-    "plot_rollout_strips",
-    "plot_training",
-]
+__all__ = ["plot_feature_diagnostics", "plot_parameter_probes", "plot_regime_examples", "plot_rollout_errors",
+           "plot_rollout_strips"]
 
 _CMAP = {"gray_scott": "viridis", "flow": "RdBu_r"}
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    return save_figure(fig, path, dpi=100)
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _limits(system: str, fields: Sequence[np.ndarray]) -> tuple[float, float]:
@@ -52,47 +33,39 @@ def _limits(system: str, fields: Sequence[np.ndarray]) -> tuple[float, float]:
     return float(vals.min()), float(vals.max()) if vals.max() > vals.min() else float(vals.min()) + 1.0
 
 
+def _field_rows(rows: Mapping[str, np.ndarray], systems: Sequence[str], limits: Sequence[tuple[float, float]],
+                path: str | Path, *, titles: Sequence[str] = (), suptitle: str = "", size: float = 1.5) -> Path:
+    """One row of frames ``(k, n, n)`` per label with its system's colour map and limits; NaN frames marked "diverged"."""
+    ncol = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(size * ncol + 0.8, size * len(rows) + 0.4), squeeze=False)
+    for r, (label, frames) in enumerate(rows.items()):
+        for c in range(ncol):
+            ax = axes[r][c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if c < len(frames) and np.isfinite(frames[c]).all():
+                ax.imshow(frames[c], cmap=_CMAP.get(systems[r], "viridis"), vmin=limits[r][0], vmax=limits[r][1])
+            elif c < len(frames):
+                ax.text(0.5, 0.5, "diverged", ha="center", va="center", fontsize=7, color="C3", transform=ax.transAxes)
+            if r == 0 and c < len(titles):
+                ax.set_title(titles[c], fontsize=7)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=7)
+    fig.suptitle(suptitle, fontsize=8)
+    return save_figure(fig, path, dpi=100)
+
+
 def plot_regime_examples(fields: Mapping[tuple[str, str], np.ndarray], path: str | Path) -> Path:
     """One row per (system, regime): a few trajectories' last frames (main field).
 
     ``fields[(system, regime)]`` is ``(k, n, n)``.
     """
-    plt = _plt()
-    keys = list(fields)
-    k = max(len(v) for v in fields.values())
-    fig, axes = plt.subplots(len(keys), k, figsize=(1.6 * k, 1.7 * len(keys)), squeeze=False)
-    for r, key in enumerate(keys):
-        system, regime = key
-        vmin, vmax = _limits(system, [fields[key]])
-        for c in range(k):
-            ax = axes[r][c]
-            ax.set_xticks([]), ax.set_yticks([])
-            if c < len(fields[key]):
-                ax.imshow(fields[key][c], cmap=_CMAP.get(system, "viridis"), vmin=vmin, vmax=vmax)
-            if c == 0:
-                ax.set_ylabel(f"{system}\n{regime}", fontsize=8)
-    fig.suptitle("simulated regimes (last frame; Gray-Scott v, flow vorticity)", fontsize=9)
-    return _save(fig, path)
-
-
-def plot_training(history: Sequence[Mapping[str, float]], path: str | Path) -> Path:
-    """Training loss (weighted MSE of the change, relative to each system's mean squared change)."""
-    plt = _plt()
-    h = pd.DataFrame(list(history))
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    if len(h):
-        ax.plot(h["step"], h["loss"], lw=1)
-    ax.axhline(1.0, color="0.6", ls="--", lw=1, label="persistence (zero change)")
-    ax.set_yscale("log")
-    ax.set_xlabel("step"), ax.set_ylabel("loss / mean squared change")
-    ax.set_title("next-frame change, training loss")
-    ax.legend(frameon=False, fontsize=8)
-    return _save(fig, path)
+    return _field_rows({f"{s}\n{r}": v for (s, r), v in fields.items()}, [s for s, _ in fields],
+                       [_limits(s, [v]) for (s, _), v in fields.items()], path, size=1.6,
+                       suptitle="simulated regimes (last frame; Gray-Scott v, flow vorticity)")
 
 
 def plot_rollout_errors(errors: pd.DataFrame, path: str | Path) -> Path:
     """Rollout MSE vs horizon per system, model beside persistence (``errors`` from the adapter)."""
-    plt = _plt()
     systems = list(dict.fromkeys(errors["system"]))
     fig, axes = plt.subplots(1, len(systems), figsize=(4.4 * len(systems), 3.2), squeeze=False)
     for ax, system in zip(axes[0], systems):
@@ -103,7 +76,7 @@ def plot_rollout_errors(errors: pd.DataFrame, path: str | Path) -> Path:
         ax.set_xlabel("rollout step"), ax.set_ylabel("MSE (standardised units)")
         ax.set_title(system)
         ax.legend(frameon=False, fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_rollout_strips(system: str, rows: Mapping[str, np.ndarray], path: str | Path, *, steps: Sequence[int],
@@ -111,33 +84,16 @@ def plot_rollout_strips(system: str, rows: Mapping[str, np.ndarray], path: str |
     """Image strips: one row per condition (truth, alpha = 0, steered, random), one column per step.
 
     ``rows[label]`` is ``(n_steps, n, n)`` (main field); NaN frames (diverged) are drawn blank
-    with a "diverged" mark.
+    with a "diverged" mark. All rows share one colour scale.
     """
-    plt = _plt()
-    labels = list(rows)
-    vmin, vmax = _limits(system, [rows[lab][list(steps)] for lab in labels if np.isfinite(rows[lab][list(steps)]).any()] or [np.zeros(1)])
-    fig, axes = plt.subplots(len(labels), len(steps), figsize=(1.45 * len(steps) + 0.8, 1.45 * len(labels) + 0.4),
-                             squeeze=False)
-    for r, lab in enumerate(labels):
-        for c, s in enumerate(steps):
-            ax = axes[r][c]
-            ax.set_xticks([]), ax.set_yticks([])
-            frame = rows[lab][s]
-            if np.isfinite(frame).all():
-                ax.imshow(frame, cmap=_CMAP.get(system, "viridis"), vmin=vmin, vmax=vmax)
-            else:
-                ax.text(0.5, 0.5, "diverged", ha="center", va="center", fontsize=7, color="C3", transform=ax.transAxes)
-            if r == 0:
-                ax.set_title(f"step {s + 1}", fontsize=7)
-            if c == 0:
-                ax.set_ylabel(lab, fontsize=7)
-    fig.suptitle(title, fontsize=8)
-    return _save(fig, path)
+    shown = {label: frames[list(steps)] for label, frames in rows.items()}
+    limits = _limits(system, [v for v in shown.values() if np.isfinite(v).any()] or [np.zeros(1)])
+    return _field_rows(shown, [system] * len(shown), [limits] * len(shown), path,
+                       titles=[f"step {s + 1}" for s in steps], suptitle=title, size=1.45)
 
 
 def plot_parameter_probes(summary: pd.DataFrame, path: str | Path) -> Path:
     """R^2 of per-system parameter probes vs layer, with the shuffled-label control dashed."""
-    plt = _plt()
     summary = summary[summary["site"].notna() & (summary["site"].astype(str) != "")]
     targets = list(dict.fromkeys(zip(summary["system"], summary["target"])))
     fig, axes = plt.subplots(1, max(1, len(targets)), figsize=(3.2 * max(1, len(targets)), 3.0), squeeze=False, sharey=True)
@@ -150,13 +106,12 @@ def plot_parameter_probes(summary: pd.DataFrame, path: str | Path) -> Path:
         ax.set_title(f"{system}: {target}", fontsize=8)
     axes[0][0].set_ylabel("R$^2$ (trajectory-grouped CV)")
     axes[0][0].legend(frameon=False, fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_feature_diagnostics(acts: np.ndarray, obs: pd.DataFrame, pairs: Sequence[tuple[str, int, float]],
                              path: str | Path) -> Path:
     """Scatter of each (diagnostic, best SAE feature) pair, coloured by regime."""
-    plt = _plt()
     pairs = list(pairs)[:8]
     cols = min(4, max(1, len(pairs)))
     nrows = max(1, -(-len(pairs) // cols))
@@ -178,4 +133,4 @@ def plot_feature_diagnostics(acts: np.ndarray, obs: pd.DataFrame, pairs: Sequenc
     if pairs:
         axes.ravel()[0].legend(frameon=False, fontsize=6, markerscale=3)
     fig.suptitle("SAE features vs physical diagnostics (best |Spearman rho| per diagnostic)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=100)

@@ -1,28 +1,21 @@
-"""Steering rollouts with regime delta vectors (the Physics Steering recipe), as core steering plans.
+"""Steering rollouts with regime delta vectors (the Physics Steering recipe) as core steering plans.
 
-* :meth:`~.adapter.PhysicsAdapter.regime_vector` (the recipe vector) lives on the adapter;
-* :class:`RolloutScorer`: rollouts of one system's test trajectories scored per rollout by the
-  diagnostics and a regime classifier fitted on diagnostics (not on the model);
-* :func:`plans`: per system the vector injected as ``h + alpha * v * |h| / |v|`` broadcast over
-  every position (``AddVector(scale="relative", relative_to="example")``), and per ordered pair of
-  systems one system's vector in the other's rollouts; the core runs them with random directions
-  of the same norm as controls and counts broken rollouts.
+The vector (:meth:`~.adapter.PhysicsAdapter.regime_vector`) is injected as ``h + alpha * v * |h| / |v|``
+over every position; :class:`RolloutScorer` scores the steered rollouts by physical diagnostics and a
+regime classifier fitted on them (never on the model).
 """
 
 from __future__ import annotations
 
-import itertools
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from torch import nn
 
-from sciscope.core.experiment import Scorer, SteeringPlan
-from sciscope.core.interventions import AddVector
+from sciscope.core.experiment import Scorer
 
-from . import data as _data
 from .data import REGIMES
 from .diagnostics import DIAGNOSTICS, diagnose
 from .model import rollout
@@ -30,7 +23,7 @@ from .model import rollout
 if TYPE_CHECKING:
     from .adapter import PhysicsAdapter
 
-__all__ = ["KEY_DIAGNOSTIC", "RolloutScorer", "plans"]
+__all__ = ["KEY_DIAGNOSTIC", "RolloutScorer"]
 
 #: Diagnostic each system's steering scores read besides the classifier: it separates the regimes
 #: most (spots ~0.55 vs stripes ~0.15; laminar ~0.05 vs vortex ~0.65).
@@ -59,14 +52,14 @@ class RolloutScorer:
         self.regime_a, self.regime_b = REGIMES[system]
         ts, norm = adapter.trajectories, adapter.normalised_frames
         s0, T, n = c["rollout_start"], c["context_frames"], c["rollout_steps"]
-        self.starts: dict[str, np.ndarray] = {}
+        self.starts: dict[str, np.ndarray] = {}  # trajectory ids, context frames and simulated continuation per regime
         self.contexts: dict[str, np.ndarray] = {}
         self.truth: dict[str, np.ndarray] = {}
         for regime in (self.regime_b, self.regime_a):
-            rows = _data.sample_rows(ts.table, "test", system, regime, c["n_rollouts"])
+            rows = ts.ids(split="test", system=system, regime=regime)[:c["n_rollouts"]]
             if rows.size == 0:
-                rows = _data.sample_rows(ts.table, "train", system, regime, c["n_rollouts"])
-            self.starts[regime], self.contexts[regime] = rows, _data.context_of(norm, rows, s0, T)
+                rows = ts.ids(split="train", system=system, regime=regime)[:c["n_rollouts"]]
+            self.starts[regime], self.contexts[regime] = rows, norm[rows, s0:s0 + T]
             self.truth[regime] = norm[rows, s0 + T: s0 + T + n]
         self.n_steps, self.score_frames = n, min(c["score_frames"], n)
         self.classifier = adapter.classifier(system)
@@ -85,14 +78,11 @@ class RolloutScorer:
                       broken="broken_fraction")
 
     def __call__(self, model: nn.Module) -> dict[str, np.ndarray]:
-        with self.adapter.threads():
-            return self._evaluate(model)
-
-    def _evaluate(self, model: nn.Module) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         diverged, unphysical = [], []
         for regime in (self.regime_b, self.regime_a):
-            res = rollout(model, self.contexts[regime], self.n_steps, blowup=self.adapter.config["blowup"])
+            with self.adapter.threads():
+                res = rollout(model, self.contexts[regime], self.n_steps, blowup=self.adapter.config["blowup"])
             finite = ~res.diverged
             # a finite rollout that leaves the data's range by half its width is no physical state:
             # its regime is not read (the classifier would extrapolate), only counted
@@ -124,7 +114,7 @@ class RolloutScorer:
         if not len(frames):
             return pd.DataFrame(columns=list(DIAGNOSTICS[self.system])), np.array([])
         raw = self.adapter.trajectories.denormalise(self.system, frames[:, -self.score_frames:])
-        diag = diagnose(self.system, raw, **self.adapter.diag_kw(self.system))
+        diag = diagnose(self.system, raw, k_forcing=int(self.adapter.config["flow_k_forcing"]))
         return diag, self.classifier.predict_proba(diag)
 
 
@@ -137,28 +127,3 @@ def _per_rollout(values: np.ndarray, scored: np.ndarray, frames: int) -> np.ndar
             out[scored] = np.nanmean(np.asarray(values, dtype=np.float64).reshape(int(scored.sum()), frames), axis=1)
     return out
 
-
-def plans(adapter: "PhysicsAdapter", ctx: Any) -> list[SteeringPlan]:
-    """``recipe_<system>`` per system and ``transfer_<src>_to_<dst>`` per ordered pair of systems.
-
-    Every plan injects a regime vector with ``AddVector(scale="relative", relative_to="example")`` at
-    the adapter's ``steer_site``, with ``steer_n_random`` random directions of the same norm.
-    """
-    c, systems = ctx.config, list(adapter.config["systems"])
-    n_controls, seed = int(c.get("steer_n_random", 10)), int(c.get("seed", 0))
-
-    def build(src: str) -> Any:
-        return lambda run: AddVector(adapter.recipe_vector(run, src), adapter.steer_site, scale="relative", relative_to="example")
-
-    transfer_alphas = [float(x) for x in c.get("transfer_alphas", adapter.config["transfer_alphas"])]
-    out = []
-    for s in systems:
-        a, b = REGIMES[s]
-        out.append(SteeringPlan(f"recipe_{s}", build(s), RolloutScorer(adapter, s).scorer, c.get("steer_alphas", [-1.0, 1.0]),
-                                n_controls=n_controls, seed=seed,
-                                description=f"{s}: regime vector {a} - {b} at {adapter.steer_site}, injected relative to |h| per example"))
-    for src, dst in itertools.permutations(systems, 2):
-        out.append(SteeringPlan(f"transfer_{src}_to_{dst}", build(src), RolloutScorer(adapter, dst).scorer,
-                                transfer_alphas, n_controls=n_controls, seed=seed + 100,
-                                description=f"the {src} regime vector injected into {dst} rollouts (cross-system transfer)"))
-    return out

@@ -4,30 +4,14 @@ See :mod:`sciscope.domains.robotics.adapter` for the analyses and their controls
 """
 
 from .adapter import RoboticsAdapter
-from .env import (
-    COLORS,
-    DEFAULT_TEMPLATES,
-    MANNERS,
-    EnvSpec,
-    ReachEnv,
-    Scenes,
-    episode_metrics,
-    expert_action,
-    make_scenes,
-    parse_instruction,
-    render,
-    render_states,
-    rollout_metrics,
-    simulate_demos,
-)
-from .lens import CATEGORIES, CLUSTER_METRIC, ClusterRule, action_lens, cluster_clamp, layer_summary, neuron_categories, \
-    select_clusters
-from .model import ActionCodec, PolicySpec, VLAPolicy, VLAVocab, build_policy, load_policy, rollout, save_policy, train_policy
+from .env import COLORS, EnvSpec, ReachEnv, Scenes, make_scenes, parse_instruction, render, simulate_demos
+from .lens import CATEGORIES, CLUSTER_METRIC, ClusterRule, action_lens, cluster_clamp, neuron_categories, select_clusters
+from .model import ActionCodec, PolicySpec, VLAPolicy, VLAVocab, build_policy, load_policy, rollout, save_policy, \
+    train_policy
 
 __all__ = [
-    "CATEGORIES", "CLUSTER_METRIC", "COLORS", "DEFAULT_TEMPLATES", "MANNERS", "ActionCodec", "ClusterRule", "EnvSpec",
-    "PolicySpec", "ReachEnv", "RoboticsAdapter", "Scenes", "VLAPolicy", "VLAVocab", "action_lens", "build_policy",
-    "cluster_clamp", "episode_metrics", "expert_action", "layer_summary", "load_policy", "make_scenes",
-    "neuron_categories", "parse_instruction", "render", "render_states", "rollout", "rollout_metrics", "save_policy",
-    "select_clusters", "simulate_demos", "train_policy",
+    "CATEGORIES", "CLUSTER_METRIC", "COLORS", "ActionCodec", "ClusterRule", "EnvSpec", "PolicySpec", "ReachEnv",
+    "RoboticsAdapter", "Scenes", "VLAPolicy", "VLAVocab", "action_lens", "build_policy", "cluster_clamp", "load_policy",
+    "make_scenes", "neuron_categories", "parse_instruction", "render", "rollout", "save_policy", "select_clusters",
+    "simulate_demos", "train_policy",
 ]

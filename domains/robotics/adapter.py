@@ -37,7 +37,7 @@ from . import env as _env
 from . import report as _report
 from .lens import CATEGORIES, CLAMP_POSITIONS, CLUSTER_METRIC, ClusterRule, action_lens, cluster_clamp, layer_summary, \
     neuron_categories, select_clusters
-from .model import PolicySpec, Rollout, VLAPolicy, VLAVocab, build_policy, load_policy, rollout, save_policy, train_policy
+from .model import PolicySpec, VLAPolicy, VLAVocab, build_policy, load_policy, rollout, save_policy, train_policy
 
 if TYPE_CHECKING:
     from sciscope.core.context import RunContext
@@ -60,7 +60,7 @@ class RoboticsAdapter(DomainAdapter):
     Examples
     --------
     >>> ad = RoboticsAdapter(RoboticsAdapter.test_config)           # doctest: +SKIP
-    >>> policy = ad.model(); ad.evaluate(policy)["success_rate"]     # doctest: +SKIP
+    >>> ad.rollout(ad.model()).metrics["success_rate"]              # doctest: +SKIP
     """
 
     name = "robotics"
@@ -105,20 +105,18 @@ class RoboticsAdapter(DomainAdapter):
         "clamp_alphas": Key([1.0, 2.0, 4.0, 8.0], stage=_STEER, help="clamp values (alpha = 0: the unclamped policy)"),
         "clamp_positions": Key("action", stage=_STEER, choices=tuple(CLAMP_POSITIONS),
                                help="action: the position emitting each action token | all: every position"),
-        "clamp_n_random": Key(2, stage=_STEER, min=0, help="random controls per cluster plan (rollouts cost: see profiles)"),
+        "clamp_n_random": Key(10, stage=_STEER, min=0, help="random controls per cluster plan (as many neurons per layer)"),
         "n_trajectory_plots": Key(6, stage=_STEER, min=0),
         # sites
         "sae_layer": Key(None, stage="sae", help="None = the last layer (where actions are decided)"),
         "steer_layer": Key(None, stage=_STEER, help="None = the middle layer (delta-vector steering plan)"),
     }
-    #: Overrides for ``sciscope run robotics --profile NAME``. The quick profile keeps 2 random
-    #: controls: a 64-scene rollout takes up to 35 s on a busy 2-core machine, and each control
-    #: adds one per alpha (and per cluster).
+    #: Overrides for ``sciscope run robotics --profile NAME``. Every plan has 10 random controls
+    #: (``steer_n_random``, ``clamp_n_random``): each adds one 64-scene rollout per alpha.
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"sae_steps": 1000, "steer_n_random": 2, "steer_alphas": [-2.0, -1.0, 1.0, 2.0]},
+        "quick": {"sae_steps": 1000, "steer_alphas": [-2.0, -1.0, 1.0, 2.0]},
         "full": {"n_episodes": 10000, "train_steps": 8000, "hidden": 128, "n_layers": 6, "intermediate": 512,
-                 "n_example_episodes": 600, "n_eval_episodes": 200, "clamp_n_random": 10,
-                 "clamp_alphas": [0.5, 1.0, 2.0, 4.0, 8.0]},
+                 "n_example_episodes": 600, "n_eval_episodes": 200, "clamp_alphas": [0.5, 1.0, 2.0, 4.0, 8.0]},
     }
     #: Tiny config for the conformance test and unit tests (trains in a few seconds).
     test_config: ClassVar[dict[str, Any]] = {
@@ -135,11 +133,9 @@ class RoboticsAdapter(DomainAdapter):
         self._policy_spec: str | None = None
         self._lens: tuple[Any, tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]] | None = None
 
-    # -- configuration ----------------------------------------------------------------------------
     @classmethod
     def check_config(cls, c: dict[str, Any]) -> None:
-        """Checks across keys: image/patch and hidden/head multiples, examples within episodes,
-        known template words, slow below fast threshold, layer indices, the policy directory."""
+        """Cross-key checks: multiples, examples within episodes, template words, thresholds, layers, model path."""
         if c["image_size"] % c["patch_size"]:
             raise ConfigError(f"robotics: config 'image_size' ({c['image_size']}) must be a multiple of "
                               f"'patch_size' ({c['patch_size']})")
@@ -153,7 +149,6 @@ class RoboticsAdapter(DomainAdapter):
             c["clamp_alphas"] = [float(a) for a in c["clamp_alphas"]]
         except (TypeError, ValueError):
             raise ConfigError(f"robotics: config 'clamp_alphas' must be numbers, got {c['clamp_alphas']!r}") from None
-        _env_spec(c).validate()
         _rule(c).validate()
         if c["model"] and not Path(str(c["model"])).expanduser().is_dir():
             raise ConfigError(f"robotics: model path {str(c['model'])!r} does not exist or is not a directory (config 'model')")
@@ -163,7 +158,9 @@ class RoboticsAdapter(DomainAdapter):
 
     @property
     def env_spec(self) -> _env.EnvSpec:
-        return _env_spec(self.config)
+        c = self.config
+        return _env.EnvSpec(image_size=c["image_size"], n_blocks=c["n_blocks"], max_steps=c["max_steps"],
+                            camera=c["camera"], view_size=c["view_size"])
 
     @property
     def rule(self) -> ClusterRule:
@@ -177,7 +174,6 @@ class RoboticsAdapter(DomainAdapter):
                           steps=c["train_steps"], batch_size=c["train_batch_size"], lr=c["lr"],
                           label_sigma=c["label_sigma"], seed=c["seed"])
 
-    # -- data ---------------------------------------------------------------------------------------
     @property
     def demos(self) -> tuple[pd.DataFrame, _env.Scenes, dict[str, Any]]:
         """``(states, scenes, counts)`` of every expert demonstration (:func:`.env.demo_table`), built
@@ -196,12 +192,10 @@ class RoboticsAdapter(DomainAdapter):
         return _env.render_states(scenes, obs, self.env_spec, rows)
 
     def examples(self, split: str = "train") -> Examples:
-        """States of the first ``n_example_episodes`` demonstrations, one split (whole episodes).
+        """States of the first ``n_example_episodes`` demonstrations, one split (whole episodes; ``all``: both).
 
-        ``all`` is both splits. Inputs are ``(image (H, W, 3) uint8, instruction)`` pairs,
-        row-aligned with obs. The policy trains on every train episode of the ``n_episodes``;
-        test episodes are never trained on.
-        """
+        Inputs are ``(image (H, W, 3) uint8, instruction)`` pairs, row-aligned with obs. The policy
+        trains on every train episode of the ``n_episodes``, never on test episodes."""
         obs, _, _ = self.demos
         splits = ["all", "test", "train"]
         if split not in splits:
@@ -216,26 +210,20 @@ class RoboticsAdapter(DomainAdapter):
         return Examples(obs=rows, inputs=inputs, concepts=self.concepts)
 
     def eval_scenes(self, *, manners: Sequence[str] | None = ("",), n: int | None = None) -> _env.Scenes:
-        """Held-out scenes for closed-loop evaluation (never demonstrated).
-
-        ``manners=("",)`` gives neutral instructions (no manner word: the steering baseline);
-        ``None`` draws manner words as the demonstrations do.
-        """
+        """Held-out scenes for closed-loop evaluation (never demonstrated): ``manners=("",)`` gives neutral
+        instructions (the steering baseline); ``None`` draws manner words as the demonstrations do."""
         c = self.config
         n = c["n_eval_episodes"] if n is None else n
         kw = {} if manners is None else {"manners": tuple(manners)}
         return _env.make_scenes(EVAL_OFFSET + np.arange(n), seed=c["seed"], spec=self.env_spec,
                                 templates=c["templates"], **kw)
 
-    # -- model --------------------------------------------------------------------------------------
     def model(self, spec: str | None = None) -> nn.Module:
         """The default policy (trained here, or reloaded from the run's cache) or a policy directory.
 
         Default: a :class:`.model.VLAPolicy` behaviour-cloned on the train episodes, kept through
-        ``ctx.cached`` (in a run on disk, reused while the policy spec and the data keys are
-        unchanged; otherwise in memory). A directory (``spec`` or config ``model``) must hold a
-        Llama checkpoint (``config.json`` + weights), ``vision.safetensors`` and
-        ``sciscope_vla.json`` of the same shape (errors name what is missing or does not fit).
+        ``ctx.cached`` (reused while the policy spec and the data keys are unchanged). A directory
+        (``spec`` or config ``model``) loads with :func:`.model.load_policy`.
         """
         path = self.config["model"] if spec is None else spec
         key = str(path or "default")
@@ -260,20 +248,15 @@ class RoboticsAdapter(DomainAdapter):
         policy, result = train_policy(spec, VLAVocab(n_bins=spec.n_bins), lambda rows: self.render(train[rows]),
                                       obs["instruction"].to_numpy()[train].tolist(),
                                       obs[["action_x", "action_y"]].to_numpy()[train], trainer_options=self.trainer_options)
-        return policy, {"spec": asdict(spec), **asdict(result)}
+        return policy, {"spec": asdict(spec), **result}
 
     def _camera_meta(self) -> dict[str, Any]:
         return {"camera": self.config["camera"], "view_size": float(self.config["view_size"])}
 
     def _apply_threads(self) -> None:
-        """Set torch's intra-op threads to config ``torch_threads`` (process-wide; 0 = leave it).
+        """Set torch's intra-op threads to config ``torch_threads`` (process-wide; 0 = the stage's share).
 
-        The default, 0, keeps the stage's share of the run's ``--cores``: on a quiet 2-core
-        machine the model stage took 103.1 s on its 2 threads and 138.9 s on 1. The policy's
-        matrices are tiny (64 x 256), so on a CPU busy with other work synchronising threads can
-        cost more than the work: set 1 there. Capture and probes in the same process then run the
-        same way.
-        """
+        The matrices are tiny: on a busy CPU 1 thread can beat 2 (quiet 2-core machine: 103.1 s on 2, 138.9 s on 1)."""
         n = int(self.config["torch_threads"])
         if n and torch.get_num_threads() != n:
             torch.set_num_threads(n)
@@ -323,7 +306,6 @@ class RoboticsAdapter(DomainAdapter):
         v = self.config["steer_layer"]
         return f"layer.{layer_index(v, self.n_layers, 'steer_layer') if v is not None else self.n_layers // 2}"
 
-    # -- concepts, probes, baselines ------------------------------------------------------------------
     @property
     def concepts(self) -> list[str]:
         return ["target_color", "manner", "action_direction", "action_speed", "target_dx", "target_dy"]
@@ -339,11 +321,7 @@ class RoboticsAdapter(DomainAdapter):
         return "episode"
 
     def baseline_features(self, examples: Examples) -> dict[str, np.ndarray]:
-        """Bag of words of the instruction, and the image average-pooled to 8x8x3 pixels.
-
-        Words alone give the colour and manner but not where the block is; pixels alone show the
-        blocks but not which one is meant. The activations have to bind the two.
-        """
+        """Bag of words and 8x8x3 pooled pixels (:func:`.env.baseline_features`): neither alone binds colour to place."""
         return _env.baseline_features(examples.inputs)
 
     @property
@@ -356,8 +334,8 @@ class RoboticsAdapter(DomainAdapter):
         """``rollout_metrics(displacements, live, to_target, success, steps, max_step)``."""
         return {"rollout_metrics": _env.rollout_metrics}
 
-    # -- evaluation -----------------------------------------------------------------------------------
-    def rollout(self, policy: nn.Module, scenes: _env.Scenes | None = None, *, instructions: Sequence[str] | str | None = None) -> Rollout:
+    def rollout(self, policy: nn.Module, scenes: _env.Scenes | None = None, *,
+                instructions: Sequence[str] | str | None = None) -> _env.Rollout:
         """Closed-loop rollouts of ``policy`` on held-out scenes (neutral instructions by default).
 
         ``instructions``: one text for every scene (its colour must be in each scene) or one per
@@ -370,29 +348,18 @@ class RoboticsAdapter(DomainAdapter):
         self._apply_threads()
         return rollout(_as_policy(policy), scenes, self.env_spec)
 
-    def evaluate(self, policy: nn.Module, scenes: _env.Scenes | None = None) -> dict[str, float]:
-        """:meth:`rollout`'s metrics (success rate, displacement, dx, dy, alignment, clipped ...)."""
-        return self.rollout(policy, scenes).metrics
-
-    def expert_rollout(self, scenes: _env.Scenes) -> dict[str, float]:
-        """The scripted expert (noise-free) closed loop on ``scenes``: the same metrics."""
-        return _env.scripted_rollout(scenes, self.env_spec, "expert")
-
-    def random_rollout(self, scenes: _env.Scenes) -> dict[str, float]:
-        """Uniform random actions in [-1, 1]^2 on ``scenes`` (the chance level of success)."""
-        return _env.scripted_rollout(scenes, self.env_spec, "random", seed=self.config["seed"])
+    def scripted_rollout(self, scenes: _env.Scenes, kind: str = "expert") -> dict[str, float]:
+        """Closed-loop metrics of the noise-free expert (``"expert"``) or of uniform random actions
+        in [-1, 1]^2 (``"random"``, the chance level of success) on ``scenes``."""
+        return _env.scripted_rollout(scenes, self.env_spec, kind, seed=self.config["seed"])
 
     def manner_scenes(self, scenes: _env.Scenes, word: str) -> _env.Scenes:
         """The same scenes with ``word`` put before each instruction (a prompt modifier)."""
         return scenes.with_instructions([f"{word} {t}" if word else t for t in scenes.instruction])
 
-    # -- lens and clusters ------------------------------------------------------------------------------
     def lens_tables(self, policy: nn.Module) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-        """``(top tokens per neuron, per-neuron categories, per-layer summary)`` (kept per policy).
-
-        The per-layer summary sits beside the same lens on untrained weights of the same shape
-        (seeded initialisation) and the vocabulary's action share.
-        """
+        """``(top tokens per neuron, per-neuron categories, per-layer summary)`` (kept per policy); the summary
+        sits beside the same lens on seeded untrained weights of the same shape and the vocabulary's action share."""
         p = _as_policy(policy)
         if self._lens is not None and self._lens[0] is p:
             return self._lens[1]
@@ -414,11 +381,8 @@ class RoboticsAdapter(DomainAdapter):
         _, neurons, _ = self.lens_tables(policy)
         return select_clusters(neurons, self.rule, self.config["clusters"] if names is None else names)
 
-    # -- what the stages run ------------------------------------------------------------------------
     def analyses(self) -> list[Analysis]:
-        """Examples: expert success and clipped actions; model: policy success, displacement by
-        manner, action-token lens; features: SAE features vs action semantics; steering: cluster
-        members and trajectory figures (see :mod:`.report`)."""
+        """One analysis per stage (see :mod:`.report`)."""
         return [Analysis("expert_and_demonstrations", "examples", _report.examples_rows),
                 Analysis("policy_and_lens", "model", _report.model_rows),
                 Analysis("action_semantics", "features", _report.feature_rows),
@@ -470,20 +434,10 @@ class RoboticsAdapter(DomainAdapter):
         return plans
 
 
-# ------------------------------------------------------------------------------------------------
-# Helpers
-# ------------------------------------------------------------------------------------------------
-
-
 def _as_policy(model: nn.Module) -> VLAPolicy:
     if not isinstance(model, VLAPolicy):
         raise AdapterError(f"robotics: expected a VLAPolicy (from RoboticsAdapter.model()), got {type(model).__name__}")
     return model
-
-
-def _env_spec(c: dict[str, Any]) -> _env.EnvSpec:
-    return _env.EnvSpec(image_size=c["image_size"], n_blocks=c["n_blocks"], max_steps=c["max_steps"], camera=c["camera"],
-                        view_size=c["view_size"])
 
 
 def _rule(c: dict[str, Any]) -> ClusterRule:
@@ -493,7 +447,6 @@ def _rule(c: dict[str, Any]) -> ClusterRule:
 
 
 def _config_layers(c: dict[str, Any]) -> int:
-    """Decoder layers of the configured policy (read from a user checkpoint's config.json)."""
     cfg = Path(str(c["model"])).expanduser() / "config.json"
     if c["model"] and cfg.is_file():
         return int(json.loads(cfg.read_text()).get("num_hidden_layers", c["n_layers"]))

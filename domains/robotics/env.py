@@ -1,6 +1,6 @@
 """A small, fast, seeded planar reaching task with language instructions and a scripted expert.
 
-The scene is the unit square seen from above: a gripper (end effector, a white cross) and
+The scene is the unit square seen from above: a gripper (end effector, a white square) and
 ``n_blocks`` blocks of distinct colours. An instruction names one block and, optionally, a manner
 ("reach the red block", "quickly go to the blue cube"); the episode succeeds when the gripper
 comes within ``success_radius`` of the named block. Actions are planar displacements
@@ -18,8 +18,8 @@ Coordinates: ``x`` to the right, ``y`` up, both in ``[0, 1]``; the image puts ``
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 import numpy as np
 import pandas as pd
@@ -27,28 +27,10 @@ import pandas as pd
 from sciscope.core.errors import ConfigError, NonFiniteError, ShapeError
 
 __all__ = [
-    "COLORS",
-    "MANNERS",
-    "MANNER_SPEED",
-    "VOCAB_WORDS",
-    "DEFAULT_TEMPLATES",
-    "EnvSpec",
-    "ReachEnv",
-    "Scenes",
-    "check_instruction",
-    "expert_action",
-    "make_scenes",
-    "parse_instruction",
-    "render",
-    "render_scene",
-    "render_states",
-    "episode_metrics",
-    "baseline_features",
-    "demo_table",
-    "rollout_metrics",
-    "scripted_rollout",
-    "simulate_demos",
-    "split_words",
+    "COLORS", "MANNERS", "MANNER_SPEED", "VOCAB_WORDS", "DEFAULT_TEMPLATES", "EnvSpec", "ReachEnv", "Rollout", "Scenes",
+    "baseline_features", "check_instruction", "closed_loop", "demo_table", "episode_metrics", "expert_action",
+    "make_scenes", "parse_instruction", "render", "render_scene", "render_states", "rollout_metrics", "scripted_rollout",
+    "simulate_demos", "split_words",
 ]
 
 #: Block colours (RGB, uint8). Blocks of one scene always have distinct colours.
@@ -135,14 +117,6 @@ def check_templates(templates: Sequence[str]) -> list[str]:
     return out
 
 
-def compose_instruction(template: str, color: str, manner: str, before: bool) -> str:
-    """The instruction text: template with the colour, the manner word first or last."""
-    text = template.format(color=color)
-    if not manner:
-        return text
-    return f"{manner} {text}" if before else f"{text} {manner}"
-
-
 @dataclass(frozen=True)
 class EnvSpec:
     """Geometry and dynamics of the reaching task."""
@@ -159,21 +133,6 @@ class EnvSpec:
     camera: str = "ego"  # ego: top-down camera moving with the gripper (wrist-style); world: the whole workspace
     view_size: float = 1.6  # side of the ego camera's field of view (workspace units)
     gripper_size: float = 0.05  # side of the gripper's white square
-
-    def validate(self) -> None:
-        if not 8 <= self.image_size <= 256:
-            raise ConfigError(f"robotics: image_size must lie in [8, 256], got {self.image_size}")
-        if not 1 <= self.n_blocks <= len(COLORS):
-            raise ConfigError(f"robotics: n_blocks must lie in [1, {len(COLORS)}], got {self.n_blocks}")
-        if self.camera not in ("ego", "world"):
-            raise ConfigError(f"robotics: camera must be 'ego' or 'world', got {self.camera!r}")
-        if not 0.2 <= self.view_size <= 4.0:
-            raise ConfigError(f"robotics: view_size must lie in [0.2, 4], got {self.view_size}")
-        if not 0 < self.max_step <= 0.5 or not 0 < self.success_radius < 0.5 or self.max_steps < 1:
-            raise ConfigError(
-                f"robotics: need 0 < max_step <= 0.5, 0 < success_radius < 0.5 and max_steps >= 1, got "
-                f"{self.max_step}, {self.success_radius}, {self.max_steps}"
-            )
 
 
 @dataclass
@@ -214,10 +173,8 @@ class Scenes:
         return [names[int(c)] for c in self.colors[np.arange(len(self)), self.target]]
 
     def with_instructions(self, instructions: Sequence[str]) -> "Scenes":
-        """The same scenes with other instructions; the target follows each instruction's colour.
-
-        A colour that is not in a scene is a :class:`ConfigError` naming the episode.
-        """
+        """The same scenes with other instructions; the target follows each instruction's colour
+        (a colour that is not in a scene is a :class:`ConfigError` naming the episode)."""
         if len(instructions) != len(self):
             raise ShapeError(f"robotics: {len(instructions)} instructions for {len(self)} scenes")
         names = list(COLORS)
@@ -231,18 +188,11 @@ class Scenes:
                 raise ConfigError(f"robotics: episode {int(self.episode[i])} has no {color} block (it has {present})")
             target[i] = int(hits[0])
             manners.append(manner)
-        return Scenes(self.episode.copy(), self.gripper.copy(), self.blocks.copy(), self.colors.copy(), target,
-                      list(instructions), manners, list(self.template))
+        return replace(self, target=target, instruction=list(instructions), manner=manners)
 
 
-def make_scenes(
-    episodes: Sequence[int] | np.ndarray,
-    *,
-    seed: int,
-    spec: EnvSpec,
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
-    manners: Sequence[str] = tuple(MANNERS),
-) -> Scenes:
+def make_scenes(episodes: Sequence[int] | np.ndarray, *, seed: int, spec: EnvSpec,
+                templates: Sequence[str] = DEFAULT_TEMPLATES, manners: Sequence[str] = tuple(MANNERS)) -> Scenes:
     """Seeded initial scenes: block positions and colours, gripper start, instruction.
 
     Each scene draws from its own generator ``default_rng([seed, episode])``, so a scene does not
@@ -277,7 +227,10 @@ def make_scenes(
         template = templates[int(rng.integers(len(templates)))]
         manner = manners[int(rng.integers(len(manners)))]
         before = bool(rng.integers(2))
-        texts.append(compose_instruction(template, names[colors[i, target[i]]], manner, before))
+        text = template.format(color=names[colors[i, target[i]]])
+        if manner:  # the manner word first or last
+            text = f"{manner} {text}" if before else f"{text} {manner}"
+        texts.append(text)
         mans.append(manner)
         temps.append(template)
     return Scenes(episodes, gripper, blocks, colors, target, texts, mans, temps)
@@ -342,14 +295,7 @@ def expert_action(gripper: np.ndarray, target: np.ndarray, speed: np.ndarray, ma
 
 
 class ReachEnv:
-    """A batch of reaching episodes stepped together.
-
-    Parameters
-    ----------
-    scenes
-        Initial scenes (one per environment).
-    spec
-        Geometry and dynamics.
+    """A batch of reaching episodes (one per scene) stepped together.
 
     Attributes
     ----------
@@ -364,11 +310,9 @@ class ReachEnv:
         self.scenes, self.spec = scenes, spec
         self.position = scenes.gripper.astype(np.float64).copy()
         n = len(scenes)
-        self.done = np.zeros(n, dtype=bool)
-        self.success = np.zeros(n, dtype=bool)
+        self.done, self.success = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         self.steps = np.zeros(n, dtype=np.int64)
-        self.n_clipped = 0
-        self.n_wall = 0
+        self.n_clipped = self.n_wall = 0
         self.target_pos = scenes.target_pos
         self._check_success()
 
@@ -409,9 +353,50 @@ class ReachEnv:
         return disp
 
 
-def simulate_demos(
-    scenes: Scenes, spec: EnvSpec, *, noise: float = 0.0, seed: int = 0
-) -> tuple[pd.DataFrame, dict[str, Any]]:
+@dataclass
+class Rollout:
+    """Closed-loop rollouts of a batch of scenes (:func:`closed_loop`).
+
+    Attributes
+    ----------
+    metrics : dict
+        :func:`rollout_metrics` plus ``n_clipped`` (action components clipped by the environment)
+        and ``n_wall``; a policy's :func:`~.model.rollout` adds ``non_action_rate``.
+    paths : (T + 1, N, 2) gripper positions (NaN after an episode ended)
+    success : (N,) bool
+    episodes : dict
+        :func:`episode_metrics`: the same quantities per episode, ``(N,)`` arrays.
+    """
+
+    metrics: dict[str, float]
+    paths: np.ndarray
+    success: np.ndarray
+    episodes: dict[str, np.ndarray]
+
+
+def closed_loop(scenes: Scenes, spec: EnvSpec, act: Callable[[ReachEnv, np.ndarray], np.ndarray]) -> Rollout:
+    """Step ``scenes`` with ``act(env, running rows) -> (N, 2) actions`` until every episode succeeds or times out."""
+    env = ReachEnv(scenes, spec)
+    T, n = spec.max_steps, len(scenes)
+    disp, live_m, to_t = np.zeros((T, n, 2)), np.zeros((T, n), dtype=bool), np.zeros((T, n, 2))
+    paths = np.full((T + 1, n, 2), np.nan)
+    paths[0] = env.position
+    for t in range(T):
+        live = np.flatnonzero(~env.done)
+        if live.size == 0:
+            break
+        actions = act(env, live)
+        live_m[t, live] = True
+        to_t[t] = env.target_pos - env.position
+        disp[t] = env.step(actions)
+        paths[t + 1, live] = env.position[live]
+    metrics = rollout_metrics(disp, live_m, to_t, env.success, env.steps, spec.max_step)
+    metrics.update({"n_clipped": float(env.n_clipped), "n_wall": float(env.n_wall)})
+    return Rollout(metrics, paths, env.success.copy(), episode_metrics(disp, live_m, to_t, env.success, spec.max_step))
+
+
+def simulate_demos(scenes: Scenes, spec: EnvSpec, *, noise: float = 0.0,
+                   seed: int = 0) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Roll the expert out on ``scenes``: one row per visited state with the expert's label.
 
     With ``noise > 0`` the *executed* action is the expert's plus Gaussian noise (DART-style
@@ -429,27 +414,27 @@ def simulate_demos(
         ``n_episodes``, ``n_success``, ``n_clipped`` (action components), ``n_wall``, and per
         scene ``success`` (bool) and ``steps`` arrays.
     """
-    env = ReachEnv(scenes, spec)
     rng = np.random.default_rng([seed, 0xDE40])
     speed = np.array([MANNER_SPEED[MANNERS[m]] for m in scenes.manner])
     chunks = []
-    while not env.done.all():
-        live = np.flatnonzero(~env.done)
+
+    def act(env: ReachEnv, live: np.ndarray) -> np.ndarray:
         a = expert_action(env.position, env.target_pos, speed, spec.max_step)
         executed = a + noise * rng.standard_normal(a.shape) if noise > 0 else a
-        clipped = (np.abs(executed) > 1.0).any(1)
         chunks.append(pd.DataFrame({
             "scene": live, "episode": scenes.episode[live], "step": env.steps[live],
             "gripper_x": env.position[live, 0], "gripper_y": env.position[live, 1],
-            "action_x": a[live, 0], "action_y": a[live, 1], "clipped": clipped[live],
+            "action_x": a[live, 0], "action_y": a[live, 1], "clipped": (np.abs(executed[live]) > 1.0).any(1),
         }))
-        env.step(executed)
+        return executed
+
+    r = closed_loop(scenes, spec, act)
     cols = ["scene", "episode", "step", "gripper_x", "gripper_y", "action_x", "action_y", "clipped"]
     states = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame(columns=cols)
     # rows were made step-major; order them episode-major (stable: steps stay in order)
     states = states.sort_values(["scene", "step"], kind="stable").reset_index(drop=True)
-    counts = {"n_episodes": len(scenes), "n_success": int(env.success.sum()), "n_clipped": env.n_clipped,
-              "n_wall": env.n_wall, "success": env.success.copy(), "steps": env.steps.copy()}
+    counts = {"n_episodes": len(scenes), "n_success": int(r.success.sum()), "n_clipped": int(r.metrics["n_clipped"]),
+              "n_wall": int(r.metrics["n_wall"]), "success": r.success, "steps": r.episodes["steps"].astype(np.int64)}
     return states, counts
 
 
@@ -465,6 +450,16 @@ def render_scene(gripper: np.ndarray, blocks: np.ndarray, colors: np.ndarray, sp
     """:func:`render` with the geometry and camera of ``spec``."""
     return render(gripper, blocks, colors, spec.image_size, spec.block_size, camera=spec.camera,
                   view_size=spec.view_size, gripper_size=spec.gripper_size)
+
+
+def _step_terms(displacements: np.ndarray, live: np.ndarray, to_target: np.ndarray, max_step: float) -> tuple:
+    """Steps in units of ``max_step``, their norms, cosines to the target, running and moving masks."""
+    d = displacements / max_step
+    mag = np.linalg.norm(d, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = (d * to_target).sum(-1) / np.maximum(mag * np.linalg.norm(to_target, axis=-1), 1e-12)
+    m = live.astype(bool)
+    return d, mag, cos, m, m & (mag > 1e-9)
 
 
 def rollout_metrics(
@@ -489,13 +484,8 @@ def rollout_metrics(
         per-step displacement, same units); ``alignment`` (mean cosine between step and
         direction to the target); ``steps_to_success`` (mean over successes; NaN without any).
     """
-    d = displacements / max_step
-    mag = np.linalg.norm(d, axis=-1)
-    m = live.astype(bool)
+    d, mag, cos, m, moving = _step_terms(displacements, live, to_target, max_step)
     n_live = max(int(m.sum()), 1)
-    tt = np.linalg.norm(to_target, axis=-1)
-    cos = (d * to_target).sum(-1) / np.maximum(mag * tt, 1e-12)
-    moving = m & (mag > 1e-9)
     return {
         "success_rate": float(np.mean(success)),
         "displacement": float(mag[m].sum() / n_live),
@@ -514,57 +504,30 @@ def episode_metrics(displacements: np.ndarray, live: np.ndarray, to_target: np.n
     steps (NaN for an episode with none); ``success_rate`` is 0/1 per episode. Their means weigh
     every episode alike (:func:`rollout_metrics` pools the steps of every episode instead).
     """
-    d = displacements / max_step
-    mag = np.linalg.norm(d, axis=-1)
-    m = live.astype(bool)
-    n = m.sum(0).astype(np.float64)
+    d, mag, cos, m, moving = _step_terms(displacements, live, to_target, max_step)
     with np.errstate(invalid="ignore", divide="ignore"):
-        cos = (d * to_target).sum(-1) / np.maximum(mag * np.linalg.norm(to_target, axis=-1), 1e-12)
-        moving = m & (mag > 1e-9)
         per = lambda x, mask: np.where(mask.any(0), (x * mask).sum(0) / mask.sum(0), np.nan)  # noqa: E731
         return {"success_rate": np.asarray(success, dtype=np.float64), "displacement": per(mag, m),
                 "dx": per(d[..., 0], m), "dy": per(d[..., 1], m), "alignment": per(cos, moving),
-                "steps": n}
-
-
-def scene_table(scenes: Scenes) -> pd.DataFrame:
-    """One row per scene: episode, instruction, target colour, manner word and class."""
-    return pd.DataFrame({
-        "episode": scenes.episode,
-        "instruction": scenes.instruction,
-        "template": scenes.template or [""] * len(scenes),
-        "target_color": scenes.target_color,
-        "manner_word": [m or "none" for m in scenes.manner],
-        "manner": [MANNERS[m] for m in scenes.manner],
-        "target_x": scenes.target_pos[:, 0],
-        "target_y": scenes.target_pos[:, 1],
-    })
+                "steps": m.sum(0).astype(np.float64)}
 
 
 def scripted_rollout(scenes: Scenes, spec: EnvSpec, kind: str, seed: int = 0) -> dict[str, float]:
-    """Closed-loop :func:`rollout_metrics` of the noise-free expert (``kind="expert"``) or of
-    uniform random actions in [-1, 1]^2 (``"random"``, the chance level), plus clipped and wall counts."""
-    env = ReachEnv(scenes, spec)
+    """:func:`closed_loop` metrics of the noise-free expert (``kind="expert"``) or of uniform
+    random actions in [-1, 1]^2 (``"random"``, the chance level)."""
     speed = np.array([MANNER_SPEED[MANNERS[m]] for m in scenes.manner])
     rng = np.random.default_rng([seed, 0xA11])
-    T, n = spec.max_steps, len(scenes)
-    disp, live_m, to_t = np.zeros((T, n, 2)), np.zeros((T, n), bool), np.zeros((T, n, 2))
-    for t in range(T):
-        if env.done.all():
-            break
+
+    def act(env: ReachEnv, _: np.ndarray) -> np.ndarray:
         if kind == "expert":
-            a = expert_action(env.position, env.target_pos, speed, spec.max_step)
-        else:
-            a = rng.uniform(-1, 1, size=(n, 2))
-        live_m[t] = ~env.done
-        to_t[t] = env.target_pos - env.position
-        disp[t] = env.step(a)
-    m = rollout_metrics(disp, live_m, to_t, env.success, env.steps, spec.max_step)
-    m.update({"n_clipped": float(env.n_clipped), "n_wall": float(env.n_wall)})
-    return m
+            return expert_action(env.position, env.target_pos, speed, spec.max_step)
+        return rng.uniform(-1, 1, size=(len(scenes), 2))
+
+    return closed_loop(scenes, spec, act).metrics
 
 
-def demo_table(scenes: Scenes, spec: EnvSpec, *, noise: float, seed: int, test_fraction: float) -> tuple[pd.DataFrame, dict[str, Any]]:
+def demo_table(scenes: Scenes, spec: EnvSpec, *, noise: float, seed: int,
+               test_fraction: float) -> tuple[pd.DataFrame, dict[str, Any]]:
     """``(states, counts)`` of the expert demonstrations of ``scenes`` (deterministic).
 
     ``states`` has one row per visited state: ``scene, episode, step, split, instruction,
@@ -575,7 +538,13 @@ def demo_table(scenes: Scenes, spec: EnvSpec, *, noise: float, seed: int, test_f
     episodes too); ``counts`` add the noise-free expert's success and clipping on the same scenes.
     """
     states, counts = simulate_demos(scenes, spec, noise=noise, seed=seed)
-    obs = states.merge(scene_table(scenes), on="episode", how="left", validate="many_to_one")
+    per_scene = pd.DataFrame({
+        "episode": scenes.episode, "instruction": scenes.instruction, "template": scenes.template or [""] * len(scenes),
+        "target_color": scenes.target_color, "manner_word": [m or "none" for m in scenes.manner],
+        "manner": [MANNERS[m] for m in scenes.manner], "target_x": scenes.target_pos[:, 0],
+        "target_y": scenes.target_pos[:, 1],
+    })
+    obs = states.merge(per_scene, on="episode", how="left", validate="many_to_one")
     obs["target_dx"] = obs["target_x"] - obs["gripper_x"]
     obs["target_dy"] = obs["target_y"] - obs["gripper_y"]
     ax, ay = obs["action_x"].to_numpy(), obs["action_y"].to_numpy()

@@ -18,11 +18,8 @@ its top tokens per *action category*:
 ``min_share`` of its top-``k`` tokens fall in C; members are ranked by that share, then by their
 mean lens score over C's tokens, and at most ``max_size`` are kept. Clusters span all layers.
 
-**Clamping** a cluster is a core :class:`~sciscope.core.interventions.Clamp` on the
-down-projection inputs of its layers (:func:`cluster_clamp`); the steering stage runs it over the
-clamp values with its matched random controls (as many random neurons in each layer). The
-per-layer action-token share is read beside the same lens on the untrained (initial) weights and
-beside the vocabulary share.
+**Clamping** a cluster: :func:`cluster_clamp`. The per-layer action-token share is read beside the
+same lens on the untrained (initial) weights and beside the vocabulary share.
 """
 
 from __future__ import annotations
@@ -39,17 +36,8 @@ from sciscope.core.lens import ffn_value_vectors, lens
 
 from .model import VLAPolicy
 
-__all__ = [
-    "CATEGORIES",
-    "CLAMP_POSITIONS",
-    "ClusterRule",
-    "CLUSTER_METRIC",
-    "action_lens",
-    "cluster_clamp",
-    "layer_summary",
-    "neuron_categories",
-    "select_clusters",
-]
+__all__ = ["CATEGORIES", "CLAMP_POSITIONS", "ClusterRule", "CLUSTER_METRIC", "action_lens", "cluster_clamp", "layer_summary",
+           "neuron_categories", "select_clusters"]
 
 CATEGORIES: tuple[str, ...] = ("fast", "slow", "right", "left", "up", "down")
 #: The rollout metric each cluster is meant to move (up for fast/right/up, down for slow/left/down).
@@ -59,11 +47,6 @@ CLUSTER_METRIC: dict[str, str] = {"fast": "displacement", "slow": "displacement"
 
 def down_proj_path(layer: int) -> str:
     return f"llm.model.layers.{layer}.mlp.down_proj"
-
-
-def neuron_site(layer: int) -> str:
-    """The FFN neurons of a layer: the input of its down-projection."""
-    return f"{down_proj_path(layer)}:input"
 
 
 @dataclass(frozen=True)
@@ -99,21 +82,19 @@ class ClusterRule:
         return pd.DataFrame({"token_id": token_info["token_id"], "action": act, **cats})
 
 
-def action_lens(policy: VLAPolicy, *, k: int = 10, layers: Sequence[int] | None = None, final_norm: bool = True) -> pd.DataFrame:
-    """Top-``k`` tokens of every FFN value vector of every layer.
+def action_lens(policy: VLAPolicy, *, k: int = 10, layers: Sequence[int] | None = None) -> pd.DataFrame:
+    """Top-``k`` tokens of every FFN value vector of every layer, through the final norm and the LM head.
 
     Returns the tidy table of :func:`sciscope.core.lens.lens` with ``layer`` and ``neuron``
     columns and each token's ``kind``, ``dim`` and ``value`` (action bins).
     """
     info = policy.vocab.token_info()
     W = policy.get_output_embeddings().weight.detach()  # (V, d)
-    norm = policy.llm.model.norm if final_norm else None
     frames = []
     for layer in (range(policy.n_layers) if layers is None else layers):
         values = ffn_value_vectors(policy, down_proj_path(layer))  # (d_ff, d)
-        t = lens(values, W, tokens=policy.vocab, k=k, norm=norm)
+        t = lens(values, W, tokens=policy.vocab, k=k, norm=policy.llm.model.norm).rename(columns={"vector": "neuron"})
         t.insert(0, "layer", int(layer))
-        t = t.rename(columns={"vector": "neuron"})
         frames.append(t)
     out = pd.concat(frames, ignore_index=True)
     return out.merge(info[["token_id", "kind", "dim", "value"]], on="token_id", how="left")
@@ -147,10 +128,8 @@ def neuron_categories(table: pd.DataFrame, rule: ClusterRule, token_info: pd.Dat
 
 
 def select_clusters(neurons: pd.DataFrame, rule: ClusterRule, categories: Sequence[str] = CATEGORIES) -> dict[str, pd.DataFrame]:
-    """Clusters by the stated rule.
+    """Clusters by the stated rule (see the module docstring).
 
-    A neuron qualifies for category C when at least ``min_share`` of its top-k tokens are in C.
-    Qualifying neurons are ranked by that share, then by their mean lens score over C's tokens.
     The speed clusters (``fast``, ``slow``) take them round-robin over the four directions
     (``dx+``, ``dx-``, ``dy+``, ``dy-``) their tokens point, so that the cluster says "faster",
     not "faster downward" (each neuron's top tokens are neighbouring bins of one dimension and
@@ -194,12 +173,7 @@ def layer_summary(neurons: pd.DataFrame, init_neurons: pd.DataFrame | None, rule
 
     out = per_layer(neurons)
     if init_neurons is not None:
-        init = per_layer(init_neurons)
-        out["share_neurons_mostly_action_untrained"] = init["share_neurons_mostly_action"]
-        out["mean_action_share_top_k_untrained"] = init["mean_action_share_top_k"]
-        out["share_neurons_coherent_untrained"] = init["share_neurons_coherent"]
-        for c in CATEGORIES:
-            out[f"n_{c}_untrained"] = init[f"n_{c}"]
+        out = out.join(per_layer(init_neurons).drop(columns="neurons").add_suffix("_untrained"))
     out["vocabulary_action_share"] = vocab_share
     return out.reset_index()
 
@@ -218,5 +192,6 @@ def cluster_clamp(cluster: pd.DataFrame, *, positions: str = "all") -> Clamp:
     """
     if positions not in CLAMP_POSITIONS:
         raise ConfigError(f"robotics: clamp positions must be one of {list(CLAMP_POSITIONS)}, got {positions!r}")
-    units = {neuron_site(int(layer)): g["neuron"].astype(int).tolist() for layer, g in cluster.groupby("layer", sort=True)}
+    units = {f"{down_proj_path(int(layer))}:input": g["neuron"].astype(int).tolist()
+             for layer, g in cluster.groupby("layer", sort=True)}
     return Clamp(units, positions=CLAMP_POSITIONS[positions])

@@ -24,10 +24,7 @@ user's checkpoint of the same layout and shape loads the same way.
 from __future__ import annotations
 
 import json
-import logging
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,24 +35,13 @@ import torch
 from torch import nn
 
 from sciscope.core.errors import ConfigError, ShapeError
+from sciscope.core.io import atomic_path
 from sciscope.core.training import fit_lightning, loss_module
 
-from .env import VOCAB_WORDS, EnvSpec, ReachEnv, Scenes, check_instruction, episode_metrics, rollout_metrics
+from .env import VOCAB_WORDS, EnvSpec, ReachEnv, Rollout, Scenes, check_instruction, closed_loop
 
-__all__ = [
-    "ActionCodec",
-    "PatchEmbed",
-    "PolicySpec",
-    "VLAPolicy",
-    "VLAVocab",
-    "build_policy",
-    "load_policy",
-    "rollout",
-    "save_policy",
-    "train_policy",
-]
-
-log = logging.getLogger("sciscope.robotics")
+__all__ = ["ActionCodec", "PatchEmbed", "PolicySpec", "VLAPolicy", "VLAVocab", "build_policy", "load_policy", "rollout",
+           "save_policy", "train_policy"]
 
 SPECIALS: tuple[str, ...] = ("<pad>", "<bos>", "<act>")
 PAD, BOS, ACT = 0, 1, 2
@@ -65,17 +51,9 @@ TRAINING_FILE = "training.json"
 DIMS: tuple[str, ...] = ("dx", "dy")
 
 
-# ------------------------------------------------------------------------------------------------
-# Vocabulary and action bins
-# ------------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class ActionCodec:
-    """Uniform bins over ``[low, high]`` per action dimension; bin centres decode.
-
-    ``encode`` clips first, so an out-of-range value lands in the edge bin.
-    """
+    """Uniform bins over ``[low, high]`` per action dimension; bin centres decode; ``encode`` clips first."""
 
     n_bins: int = 256
     low: float = -1.0
@@ -99,10 +77,8 @@ class ActionCodec:
 
 
 class VLAVocab:
-    """Token ids: specials, instruction words, then ``len(DIMS) * n_bins`` action tokens last.
-
-    Action token strings read as their value, ``"<dx:+0.996>"``, so lens tables are legible.
-    """
+    """Token ids: specials, instruction words, then ``len(DIMS) * n_bins`` action tokens last, whose
+    strings read as their value (``"<dx:+0.996>"``) so lens tables are legible."""
 
     def __init__(self, words: Sequence[str] = VOCAB_WORDS, n_bins: int = 256) -> None:
         words = list(dict.fromkeys(str(w) for w in words))
@@ -114,18 +90,10 @@ class VLAVocab:
         self.n_bins = n_bins
         self.text_tokens = [*SPECIALS, *words]
         self._ids = {t: i for i, t in enumerate(self.text_tokens)}
-        cents = self.codec.centres
-        self.action_tokens = [f"<{d}:{c:+.3f}>" for d in DIMS for c in cents]
+        self.action_tokens = [f"<{d}:{c:+.3f}>" for d in DIMS for c in self.codec.centres]
         self.tokens = self.text_tokens + self.action_tokens
-
-    @property
-    def size(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def action_offset(self) -> int:
-        """Id of the first action token (``dx`` bin 0)."""
-        return len(self.text_tokens)
+        self.size = len(self.tokens)
+        self.action_offset = len(self.text_tokens)  # id of the first action token (dx bin 0)
 
     def dim_slice(self, dim: int) -> slice:
         """Ids of dimension ``dim``'s bins."""
@@ -139,16 +107,12 @@ class VLAVocab:
         """One row per token: ``token_id, token, kind`` (special/word/action), ``dim``, ``value``."""
         import pandas as pd
 
-        rows = []
-        for i, t in enumerate(self.tokens):
-            if i < len(SPECIALS):
-                rows.append((i, t, "special", "", np.nan))
-            elif i < self.action_offset:
-                rows.append((i, t, "word", "", np.nan))
-            else:
-                k = i - self.action_offset
-                rows.append((i, t, "action", DIMS[k // self.n_bins], float(self.codec.centres[k % self.n_bins])))
-        return pd.DataFrame(rows, columns=["token_id", "token", "kind", "dim", "value"])
+        n_text, n_act = len(self.text_tokens), len(self.action_tokens)
+        kind = ["special"] * len(SPECIALS) + ["word"] * len(self.words) + ["action"] * n_act
+        dim = [""] * n_text + [d for d in DIMS for _ in range(self.n_bins)]
+        value = np.concatenate([np.full(n_text, np.nan), np.tile(self.codec.centres, len(DIMS))])
+        return pd.DataFrame({"token_id": np.arange(self.size), "token": self.tokens, "kind": kind, "dim": dim,
+                             "value": value})
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         """Token strings (the lens' tokenizer interface)."""
@@ -160,11 +124,8 @@ class VLAVocab:
         return [BOS, *(self._ids[w] for w in words), ACT]
 
     def prompt_ids(self, instructions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids and their mask, ``(N, L)`` each.
-
-        Left padding keeps ``<act>`` last in every row, so the last position is always the one
-        that predicts ``dx`` (and "last" pooling needs no mask).
-        """
+        """Left-padded prompt ids and their mask, ``(N, L)`` each: ``<act>`` is last in every row, so the
+        last position always predicts ``dx`` (and "last" pooling needs no mask)."""
         seqs = [self.encode_instruction(t) for t in instructions]
         L = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), L), PAD, dtype=torch.long)
@@ -184,11 +145,6 @@ class VLAVocab:
             raise ConfigError(f"robotics: {VLA_FILE} has specials {d.get('specials')} / dims {d.get('dims')}; "
                               f"this adapter needs {list(SPECIALS)} / {list(DIMS)}")
         return cls(d["words"], int(d["n_bins"]))
-
-
-# ------------------------------------------------------------------------------------------------
-# The policy
-# ------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -211,10 +167,8 @@ class PolicySpec:
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
-    """``(grid * grid, dim)`` fixed 2-D sine-cosine position embeddings, unit variance per column.
-
-    Half of the channels encode the row, half the column, each with geometric frequencies.
-    """
+    """``(grid * grid, dim)`` fixed 2-D sine-cosine positions (half the channels the row, half the column),
+    geometric frequencies, unit variance per column."""
     if dim % 4:
         raise ConfigError(f"robotics: hidden size {dim} must be a multiple of 4 for 2-D positions")
     quarter = dim // 4
@@ -319,13 +273,8 @@ class VLAPolicy(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.llm.get_output_embeddings()
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
-        text_mask: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
-    ) -> Any:
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> Any:
         """Logits over the vocabulary at every position (or the last ``logits_to_keep``).
 
         Parameters
@@ -393,28 +342,9 @@ def build_policy(spec: PolicySpec, vocab: VLAVocab) -> VLAPolicy:
     return VLAPolicy(llm, vision, vocab)
 
 
-# ------------------------------------------------------------------------------------------------
-# Behaviour cloning
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainResult:
-    """What training produced (also written as ``training.json``)."""
-
-    steps: int
-    seconds: float
-    final_loss: float
-    final_bin_accuracy: float
-    n_train: int
-    history: list[dict[str, float]]
-
-
 def soft_targets(actions: torch.Tensor, codec: ActionCodec, sigma: float) -> torch.Tensor:
-    """``(B, D)`` continuous actions -> ``(B, D, n_bins)`` Gaussian targets over the bin centres.
-
-    ``sigma`` in action units; 0 gives one-hot targets on the action's bin.
-    """
+    """``(B, D)`` actions -> ``(B, D, n_bins)`` Gaussian targets over the bin centres (``sigma`` in action
+    units; 0: one-hot on the action's bin)."""
     cents = torch.as_tensor(codec.centres, dtype=torch.float32)  # (n_bins,)
     a = actions.float().clamp(codec.low, codec.high).unsqueeze(-1)  # (B, D, 1)
     if sigma <= 0:
@@ -449,23 +379,13 @@ def bc_loss(policy: VLAPolicy, images: torch.Tensor, ids: torch.Tensor, mask: to
     return loss / len(DIMS), torch.stack(acc).mean()
 
 
-def _lightning_module(policy: VLAPolicy, spec: PolicySpec) -> Any:
-    """Behaviour cloning, bin accuracy logged beside the loss (AdamW, warmup then cosine decay to 5%)."""
-
-    def bc_step(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images, ids, mask, actions = batch
-        loss, acc = bc_loss(policy, images, ids, mask, actions, spec.label_sigma)
-        return loss, {"bin_accuracy": acc}
-
-    return loss_module(policy, bc_step, lr=spec.lr, steps=spec.steps, warmup=spec.warmup, floor=0.05, betas=(0.9, 0.98))
-
-
-def train_policy(
-    spec: PolicySpec, vocab: VLAVocab, images: np.ndarray | Callable[[np.ndarray], np.ndarray],
-    instructions: Sequence[str], actions: np.ndarray, *, progress: bool = False,
-    trainer_options: dict[str, Any] | None = None,
-) -> tuple[VLAPolicy, TrainResult]:
+def train_policy(spec: PolicySpec, vocab: VLAVocab, images: np.ndarray | Callable[[np.ndarray], np.ndarray],
+                 instructions: Sequence[str], actions: np.ndarray, *, progress: bool = False,
+                 trainer_options: dict[str, Any] | None = None) -> tuple[VLAPolicy, dict[str, Any]]:
     """Behaviour-clone a fresh policy of ``spec`` on ``(image, instruction) -> expert action`` pairs.
+
+    Returns the policy and ``steps, seconds, final_loss, final_bin_accuracy`` (means of the last 4
+    logged steps), ``n_train`` and ``history`` (written as ``training.json``).
 
     Parameters
     ----------
@@ -498,20 +418,18 @@ def train_policy(
     loader = DataLoader(list(range(n)), batch_size=min(spec.batch_size, n), sampler=sampler, drop_last=True,
                         collate_fn=collate)
     policy = build_policy(spec, vocab)
-    module = _lightning_module(policy, spec)
+
+    def bc_step(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, acc = bc_loss(policy, *batch, spec.label_sigma)
+        return loss, {"bin_accuracy": acc}
+
+    # AdamW, warmup then cosine decay to 5%; bin accuracy logged beside the loss
+    module = loss_module(policy, bc_step, lr=spec.lr, steps=spec.steps, warmup=spec.warmup, floor=0.05, betas=(0.9, 0.98))
     seconds = fit_lightning(module, loader, max_steps=spec.steps, progress=progress, trainer_options=trainer_options)
     policy.eval()
-    hist = module.history
-    tail = hist[-4:]
-    return policy, TrainResult(
-        spec.steps, round(seconds, 2), float(np.mean([h["loss"] for h in tail])) if tail else float("nan"),
-        float(np.mean([h["bin_accuracy"] for h in tail])) if tail else float("nan"), n, hist,
-    )
-
-
-# ------------------------------------------------------------------------------------------------
-# Saving and loading
-# ------------------------------------------------------------------------------------------------
+    tail = module.history[-4:]
+    final = {f"final_{k}": float(np.mean([h[k] for h in tail])) if tail else float("nan") for k in ("loss", "bin_accuracy")}
+    return policy, {"steps": spec.steps, "seconds": round(seconds, 2), **final, "n_train": n, "history": module.history}
 
 
 def save_policy(directory: str | Path, policy: VLAPolicy, *, extra: Mapping[str, Any] | None = None,
@@ -523,10 +441,7 @@ def save_policy(directory: str | Path, policy: VLAPolicy, *, extra: Mapping[str,
     """
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-vla-", dir=directory.parent))
-    try:
+    with atomic_path(directory) as tmp:
         policy.llm.save_pretrained(tmp)
         state = {k: v.detach().contiguous() for k, v in policy.vision.state_dict().items()}
         save_file(state, str(tmp / VISION_FILE))
@@ -535,18 +450,11 @@ def save_policy(directory: str | Path, policy: VLAPolicy, *, extra: Mapping[str,
         (tmp / VLA_FILE).write_text(json.dumps(meta, indent=1))
         if extra is not None:
             (tmp / TRAINING_FILE).write_text(json.dumps(dict(extra), indent=1, default=str))
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
-def load_policy(
-    directory: str | Path, *, image_size: int | None = None, camera: Mapping[str, Any] | None = None
-) -> tuple[VLAPolicy, dict[str, Any]]:
+def load_policy(directory: str | Path, *, image_size: int | None = None,
+                camera: Mapping[str, Any] | None = None) -> tuple[VLAPolicy, dict[str, Any]]:
     """Load a policy directory (this package's, or a user's of the same layout), offline.
 
     ``image_size`` and ``camera`` (``{"camera": ..., "view_size": ...}``) are checked against what
@@ -608,74 +516,32 @@ def load_policy(
     return policy, info
 
 
-# ------------------------------------------------------------------------------------------------
-# Closed-loop rollouts
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Rollout:
-    """Closed-loop rollouts of a batch of scenes.
-
-    Attributes
-    ----------
-    metrics : dict
-        :func:`~.env.rollout_metrics` plus ``n_clipped`` (action components clipped by the
-        environment), ``n_wall`` and ``non_action_rate`` (share of decoding steps whose
-        unrestricted argmax was not an action token of the dimension decoded).
-    episodes : dict
-        :func:`~.env.episode_metrics`: the same quantities per episode, ``(N,)`` arrays.
-    paths : (T + 1, N, 2) gripper positions (NaN after an episode ended)
-    success : (N,) bool
-    """
-
-    metrics: dict[str, float]
-    paths: np.ndarray
-    success: np.ndarray
-    episodes: dict[str, np.ndarray]
-
-
 @torch.no_grad()
 def rollout(policy: VLAPolicy, scenes: Scenes, spec: EnvSpec, *, batch_size: int = 256) -> Rollout:
-    """Run the policy closed-loop on ``scenes`` until every episode succeeds or times out.
+    """Run the policy closed-loop on ``scenes`` (:func:`~.env.closed_loop`), greedy action tokens.
 
     Only the running episodes are fed to the model at each step. Hooks placed on the policy
-    (steering, clamping) act on every forward pass inside, as they would on a robot.
+    (steering, clamping) act on every forward pass inside, as they would on a robot. The metrics
+    add ``non_action_rate`` (share of decodes whose unrestricted argmax was off the dimension's bins).
     """
     was_training = policy.training
     policy.eval()
-    env = ReachEnv(scenes, spec)
     ids, mask = policy.vocab.prompt_ids(scenes.instruction)
-    n = len(scenes)
-    T = spec.max_steps
-    disp = np.zeros((T, n, 2))
-    live_m = np.zeros((T, n), dtype=bool)
-    to_t = np.zeros((T, n, 2))
-    paths = np.full((T + 1, n, 2), np.nan)
-    paths[0] = env.position
-    non_action, decodes = 0, 0
+    count = {"non_action": 0, "decodes": 0}
+
+    def act(env: ReachEnv, live: np.ndarray) -> np.ndarray:
+        images, actions = env.observe(), np.zeros((len(scenes), 2))
+        for s in range(0, live.size, batch_size):
+            idx = live[s: s + batch_size]
+            bins, diag = policy.act(images[idx], ids[idx], mask[idx])
+            actions[idx] = policy.vocab.codec.decode(bins)
+            count["non_action"] += diag["n_non_action"]
+            count["decodes"] += idx.size * len(DIMS)
+        return actions
+
     try:
-        for t in range(T):
-            live = np.flatnonzero(~env.done)
-            if live.size == 0:
-                break
-            images = env.observe()
-            actions = np.zeros((n, 2))
-            for s in range(0, live.size, batch_size):
-                idx = live[s: s + batch_size]
-                bins, diag = policy.act(images[idx], ids[idx], mask[idx])
-                actions[idx] = policy.vocab.codec.decode(bins)
-                non_action += diag["n_non_action"]
-                decodes += idx.size * len(DIMS)
-            live_m[t, live] = True
-            to_t[t] = env.target_pos - env.position
-            disp[t] = env.step(actions)
-            paths[t + 1, live] = env.position[live]
+        out = closed_loop(scenes, spec, act)
     finally:
         policy.train(was_training)
-    metrics = rollout_metrics(disp, live_m, to_t, env.success, env.steps, spec.max_step)
-    metrics.update({"n_clipped": float(env.n_clipped), "n_wall": float(env.n_wall),
-                    "non_action_rate": non_action / max(decodes, 1)})
-    episodes = episode_metrics(disp, live_m, to_t, env.success, spec.max_step)
-    return Rollout(metrics, paths, env.success.copy(), episodes)
-
+    out.metrics["non_action_rate"] = count["non_action"] / max(count["decodes"], 1)
+    return out

@@ -1,8 +1,8 @@
-"""Figures of the robotics adapter: trajectories, lens per layer, training (each returns the figure)."""
+"""Figures of the robotics adapter: trajectories and the lens per layer (each returns the figure)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -10,15 +10,7 @@ import pandas as pd
 
 from .env import COLORS, Scenes
 
-__all__ = ["plot_layer_lens", "plot_trajectories", "plot_training"]
-
-def _mpl() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+__all__ = ["plot_layer_lens", "plot_trajectories"]
 
 
 def plot_trajectories(
@@ -30,7 +22,8 @@ def plot_trajectories(
     grey (the baseline), the others in colour. Blocks are squares in their colour, the target
     ringed by its success radius.
     """
-    plt = _mpl()
+    import matplotlib.pyplot as plt
+
     n = min(n, len(scenes))
     cols = min(n, 3)
     rows = int(np.ceil(n / cols))
@@ -65,16 +58,16 @@ def plot_trajectories(
 
 def plot_layer_lens(summary: pd.DataFrame) -> Any:
     """Share of FFN neurons whose top tokens are mostly action tokens, per layer, vs the controls."""
-    plt = _mpl()
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     x = summary["layer"].to_numpy()
     ax = axes[0]
-    ax.plot(x, summary["share_neurons_mostly_action"], "o-", color="C0", label="mostly action tokens")
-    ax.plot(x, summary["share_neurons_coherent"], "o-", color="C1", label="one coherent action meaning")
-    if "share_neurons_coherent_untrained" in summary:
-        ax.plot(x, summary["share_neurons_mostly_action_untrained"], "s--", color="C0", alpha=0.5,
-                label="mostly action, untrained")
-        ax.plot(x, summary["share_neurons_coherent_untrained"], "s--", color="C1", alpha=0.5, label="coherent, untrained")
+    for col, color, label in (("share_neurons_mostly_action", "C0", "mostly action tokens"),
+                              ("share_neurons_coherent", "C1", "one coherent action meaning")):
+        ax.plot(x, summary[col], "o-", color=color, label=label)
+        if f"{col}_untrained" in summary:
+            ax.plot(x, summary[f"{col}_untrained"], "s--", color=color, alpha=0.5, label=f"{label}, untrained")
     ax.axhline(float(summary["vocabulary_action_share"].iloc[0]), color="0.6", lw=0.8, ls=":", label="vocabulary action share")
     ax.set_xlabel("layer"), ax.set_ylabel("share of FFN neurons"), ax.set_ylim(-0.02, 1.02)
     ax.set_xticks(x), ax.legend(fontsize=7, frameon=False)
@@ -85,16 +78,4 @@ def plot_layer_lens(summary: pd.DataFrame) -> Any:
         ax.bar(x + (i - len(cats) / 2) * width, summary[f"n_{c}"], width, label=c)
     ax.set_xlabel("layer"), ax.set_ylabel("neurons meeting the cluster rule"), ax.set_xticks(x)
     ax.legend(fontsize=7, frameon=False, ncol=2)
-    return fig
-
-
-def plot_training(history: Sequence[Mapping[str, float]]) -> Any:
-    """Behaviour-cloning loss and bin accuracy vs step."""
-    plt = _mpl()
-    h = pd.DataFrame(list(history))
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    axes[0].plot(h["step"], h["loss"], lw=1)
-    axes[0].set_xlabel("step"), axes[0].set_ylabel("BC loss (soft cross-entropy)")
-    axes[1].plot(h["step"], h["bin_accuracy"], lw=1, color="C1")
-    axes[1].set_xlabel("step"), axes[1].set_ylabel("exact-bin accuracy (teacher forced)")
     return fig

@@ -1,10 +1,5 @@
-"""The robotics adapter's analyses: tables, figures and headline rows of each pipeline stage.
-
-Each function is the ``compute`` of an :class:`~sciscope.core.experiment.Analysis` (see
-:meth:`.adapter.RoboticsAdapter.analyses`): it writes the tables its headline numbers are read
-from through the run context (``source`` of every row) and returns the rows; every number sits
-beside its control. The clamped clusters themselves are steering plans the core runs.
-"""
+"""The robotics adapter's analyses (one ``Analysis.compute`` per stage): tables, figures and headline rows,
+every number beside its control. The clamped clusters themselves are steering plans the core runs."""
 
 from __future__ import annotations
 
@@ -13,9 +8,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from sciscope.core.plotting import save_training_history
+
 from . import env as _env
 from .lens import CATEGORIES, cluster_clamp
-from .plots import plot_layer_lens, plot_trajectories, plot_training
+from .plots import plot_layer_lens, plot_trajectories
 
 if TYPE_CHECKING:  # pragma: no cover
     from sciscope.core.context import RunContext
@@ -29,11 +26,6 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-# ------------------------------------------------------------------------------------------------
-# examples
-# ------------------------------------------------------------------------------------------------
-
-
 def examples_rows(ctx: "RunContext") -> Rows:
     """Expert success (noise-free, held-out scenes) vs random actions; clipped demo actions; notes.md."""
     ad = ctx.adapter
@@ -45,7 +37,7 @@ def examples_rows(ctx: "RunContext") -> Rows:
     per_ep["success"] = counts["success"][per_ep["episode"].to_numpy()]
     episodes = ctx.write_table("episodes.csv", per_ep)
     scenes = ad.eval_scenes(manners=None)
-    expert, rand = ad.expert_rollout(scenes), ad.random_rollout(scenes)
+    expert, rand = ad.scripted_rollout(scenes), ad.scripted_rollout(scenes, "random")
     table = pd.DataFrame([{"agent": "expert (noise-free)", **expert}, {"agent": "random actions", **rand}])
     table.insert(1, "scenes", f"{len(scenes)} held-out scenes, mixed manners")
     source = ctx.write_table("expert_vs_random.csv", table)
@@ -81,21 +73,15 @@ def examples_rows(ctx: "RunContext") -> Rows:
     ]
 
 
-# ------------------------------------------------------------------------------------------------
-# model
-# ------------------------------------------------------------------------------------------------
-
-
 def model_rows(ctx: "RunContext") -> Rows:
     """Closed-loop success and displacement by manner (policy vs expert), and the lens per layer."""
     ad, model = ctx.adapter, ctx.model()
     info = ad.training_info
-    if info.get("history"):
-        ctx.write_table("training_history.csv", pd.DataFrame(info["history"]))
-        ctx.save_figure("training.png", plot_training(info["history"]))
+    save_training_history(info.get("history", []), ctx.output("training_history.png"), ylabel="BC loss (soft cross-entropy)",
+                          title="behaviour cloning")  # and training_history.csv (with the bin accuracy)
     scenes = ad.eval_scenes(manners=None)
     pol = ad.rollout(model, scenes).metrics
-    expert, rand = ad.expert_rollout(scenes), ad.random_rollout(scenes)
+    expert, rand = ad.scripted_rollout(scenes), ad.scripted_rollout(scenes, "random")
     closed = pd.DataFrame([{"agent": "policy", **pol}, {"agent": "expert (noise-free)", **expert},
                            {"agent": "random actions", **rand}])
     closed_src = ctx.write_table("closed_loop.csv", closed)
@@ -104,7 +90,7 @@ def model_rows(ctx: "RunContext") -> Rows:
     rows = []
     for word in ("slowly", "", "quickly"):
         sc = ad.manner_scenes(neutral, word)
-        p, e = ad.rollout(model, sc).metrics, ad.expert_rollout(sc)
+        p, e = ad.rollout(model, sc).metrics, ad.scripted_rollout(sc)
         rows.append({"manner_word": word or "none", "policy_displacement": p["displacement"],
                      "expert_displacement": e["displacement"], "policy_success": p["success_rate"],
                      "expert_success": e["success_rate"]})
@@ -135,26 +121,13 @@ def model_rows(ctx: "RunContext") -> Rows:
          "note": f"action tokens decode to bin centres inside [-1, 1]; wall contacts {int(pol['n_wall'])}; "
                  f"unrestricted argmax outside the action bins in {_pct(pol['non_action_rate'])} of decodes",
          "source": closed_src},
-        {"name": f"last-layer FFN neurons whose top-{ad.rule.k} tokens are mostly action tokens",
-         "value": float(last["share_neurons_mostly_action"]),
-         "control": float(last.get("share_neurons_mostly_action_untrained", np.nan)),
-         "control_label": "same lens on untrained weights",
-         "note": "per layer: " + ", ".join(f"{v:.2f}" for v in layers["share_neurons_mostly_action"])
-                 + f"; vocabulary action share {float(last['vocabulary_action_share']):.2f}",
-         "source": lens_src},
-        {"name": "last-layer FFN neurons with one coherent action meaning",
-         "value": float(last["share_neurons_coherent"]),
-         "control": float(last.get("share_neurons_coherent_untrained", np.nan)),
-         "control_label": "same lens on untrained weights",
-         "note": f">= {ad.rule.min_share:.0%} of the top-{ad.rule.k} tokens in one of {list(CATEGORIES)}; per layer: "
-                 + ", ".join(f"{v:.2f}" for v in layers["share_neurons_coherent"]),
-         "source": lens_src},
-    ]
-
-
-# ------------------------------------------------------------------------------------------------
-# features
-# ------------------------------------------------------------------------------------------------
+    ] + [{"name": name, "value": float(last[col]), "control": float(last.get(f"{col}_untrained", np.nan)),
+          "control_label": "same lens on untrained weights", "source": lens_src,
+          "note": note.format("per layer: " + ", ".join(f"{v:.2f}" for v in layers[col]))} for name, col, note in (
+        (f"last-layer FFN neurons whose top-{ad.rule.k} tokens are mostly action tokens", "share_neurons_mostly_action",
+         f"{{}}; vocabulary action share {float(last['vocabulary_action_share']):.2f}"),
+        ("last-layer FFN neurons with one coherent action meaning", "share_neurons_coherent",
+         f">= {ad.rule.min_share:.0%} of the top-{ad.rule.k} tokens in one of {list(CATEGORIES)}; {{}}"))]
 
 
 def feature_rows(ctx: "RunContext") -> Rows:
@@ -163,7 +136,7 @@ def feature_rows(ctx: "RunContext") -> Rows:
     action tokens (only meaningful when the SAE sits on the last layer)."""
     ad, analysis = ctx.adapter, ctx.features()
     a, ctrl = analysis.associations, analysis.control_associations
-    rows = []
+    rows, heads, source = [], [], ctx.source("action_semantics.csv")
     decoder_share = _decoder_lens_share(ctx)
     for concept in ("action_direction", "manner", "target_color"):
         t = a[(a["concept"] == concept) & (a["stat"] == "auroc")]
@@ -177,24 +150,20 @@ def feature_rows(ctx: "RunContext") -> Rows:
             if ctrl is not None:
                 cc = ctrl[(ctrl["concept"] == concept) & (ctrl["stat"] == "auroc") & (ctrl["value"].astype(str) == str(value))]
                 row["auroc_shuffled"] = float(np.nanmax(cc["statistic"].to_numpy(dtype=np.float64))) if len(cc) else np.nan
-            if decoder_share is not None and concept == "action_direction" and value in CATEGORIES:
+            rows.append(row)
+            if concept != "action_direction":
+                continue
+            note = f"feature {row['best_feature']}, q = {row['q']:.2g}"
+            if decoder_share is not None and value in CATEGORIES:
                 shares, mean_share = decoder_share
                 row["decoder_top_share_in_direction"] = float(shares.loc[int(best["feature"]), value])
                 row["decoder_top_share_all_features"] = float(mean_share[value])
-            rows.append(row)
-    table = pd.DataFrame(rows)
-    source = ctx.write_table("action_semantics.csv", table)
-    heads = []
-    for r in table.itertuples():
-        if r.concept != "action_direction":
-            continue
-        note = f"feature {r.best_feature}, q = {r.q:.2g}"
-        if np.isfinite(getattr(r, "decoder_top_share_in_direction", np.nan)):
-            note += (f"; its decoder row's top-{ad.rule.k} lens tokens: {r.decoder_top_share_in_direction:.0%} '{r.value}' "
-                     f"tokens (all features: {r.decoder_top_share_all_features:.0%})")
-        heads.append({"name": f"best SAE feature for action '{r.value}' (AUROC)", "value": r.auroc,
-                      "control": getattr(r, "auroc_shuffled", None), "control_label": "best AUROC on shuffled labels",
-                      "note": note, "source": source})
+                note += (f"; its decoder row's top-{ad.rule.k} lens tokens: {row['decoder_top_share_in_direction']:.0%} "
+                         f"'{value}' tokens (all features: {row['decoder_top_share_all_features']:.0%})")
+            heads.append({"name": f"best SAE feature for action '{value}' (AUROC)", "value": row["auroc"],
+                          "control": row.get("auroc_shuffled"), "control_label": "best AUROC on shuffled labels",
+                          "note": note, "source": source})
+    ctx.write_table("action_semantics.csv", pd.DataFrame(rows))
     return heads
 
 
@@ -214,11 +183,6 @@ def _decoder_lens_share(ctx: "RunContext") -> tuple[pd.DataFrame, pd.Series] | N
     t = lens(W_dec.float(), policy.get_output_embeddings().weight.detach(), k=ad.rule.k, norm=policy.llm.model.norm)
     shares = t.join(cats, on="token_id").groupby("vector")[list(CATEGORIES)].mean()
     return shares, shares.mean()
-
-
-# ------------------------------------------------------------------------------------------------
-# steering: the clusters (the clamping itself is one core steering plan per cluster)
-# ------------------------------------------------------------------------------------------------
 
 
 def cluster_rows(ctx: "RunContext") -> Rows:
@@ -250,7 +214,6 @@ def cluster_rows(ctx: "RunContext") -> Rows:
             scenes, paths, n=c["n_trajectory_plots"], title=f"unclamped vs {name} cluster clamped to {a_max:g}",
             success_radius=ad.env_spec.success_radius))
     empty = [k for k, v in clusters.items() if v.empty]
-    if not empty:
-        return []
-    return [{"name": "clusters left empty by the rule", "value": len(empty), "source": source,
-             "note": f"{empty}: no neuron has >= {ad.rule.min_share:.0%} of its top-{ad.rule.k} tokens there"}]
+    note = f"{empty}: no neuron has >= {ad.rule.min_share:.0%} of its top-{ad.rule.k} tokens there"
+    row = {"name": "clusters left empty by the rule", "value": len(empty), "source": source, "note": note}
+    return [row] if empty else []

@@ -340,11 +340,12 @@ def test_steering_plans_and_analyses_write_through_the_context(tiny) -> None:
     from sciscope.core.context import RunContext
 
     ad, model = tiny
-    ctx = RunContext(ad, {"steer_alphas": [-0.5, 0.5], "steer_n_random": 2, "transfer_alphas": [-0.2, 0.2]})
+    ctx = RunContext(ad, {"steer_alphas": [-0.5, 0.5], "steer_n_random": 2})
     plans = {p.name: p for p in ad.steering_plans(ctx)}
     assert set(plans) == {"recipe_gray_scott", "recipe_flow", "transfer_gray_scott_to_flow", "transfer_flow_to_gray_scott"}
     plan = plans["transfer_gray_scott_to_flow"]
-    assert plan.n_controls == 2 and plan.alphas == [-0.2, 0.2] and plan.scorer.target[0] == "p_vortex_from_laminar"
+    assert plan.n_controls == 2 and plan.alphas == [-0.4, -0.2, -0.1, 0.1, 0.2, 0.4]  # the adapter's transfer_alphas
+    assert plans["recipe_flow"].alphas == [-0.5, 0.5] and plan.scorer.target[0] == "p_vortex_from_laminar"
     iv = plan.intervention(ctx)
     assert iv.relative_to == "example" and iv.vector.meta["system"] == "gray_scott" and iv.site == ad.steer_site
     assert np.allclose(iv.vector.vector.numpy(), ad.regime_vector(model, "gray_scott").vector.numpy())

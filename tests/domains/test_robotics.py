@@ -112,12 +112,12 @@ def test_render_puts_colours_where_they_are_and_y_up() -> None:
 def test_expert_reaches_and_speed_follows_the_manner() -> None:
     ad = RoboticsAdapter({**TINY, "max_steps": 50, "n_eval_episodes": 40})
     base = ad.eval_scenes()
-    res = {w: ad.expert_rollout(ad.manner_scenes(base, w)) for w in ("slowly", "", "quickly")}
+    res = {w: ad.scripted_rollout(ad.manner_scenes(base, w)) for w in ("slowly", "", "quickly")}
     for w, r in res.items():
         assert r["success_rate"] == 1.0, (w, r)
         assert r["alignment"] > 0.9 and r["n_clipped"] == 0
     assert res["slowly"]["displacement"] < res[""]["displacement"] < res["quickly"]["displacement"]
-    assert ad.random_rollout(base)["success_rate"] < 0.5  # the chance level is well below the expert
+    assert ad.scripted_rollout(base, "random")["success_rate"] < 0.5  # the chance level is well below the expert
 
 
 def test_env_clips_and_counts_out_of_range_actions() -> None:
@@ -246,7 +246,7 @@ def test_behaviour_cloning_learns_the_expert() -> None:
     pred = vocab.codec.decode(policy.act(images, ids, mask)[0])
     fitted = [float(np.corrcoef(pred[:, d], acts[:, d])[0, 1]) for d in range(2)]
     assert min(fitted) > 0.7, fitted  # it fits its demonstrations
-    assert result.history[-1]["loss"] < result.history[0]["loss"] - 1.0
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"] - 1.0
     loss_untrained, _ = bc_loss(untrained, torch.from_numpy(images).permute(0, 3, 1, 2), ids, mask,
                                 torch.as_tensor(acts, dtype=torch.float32), ps.label_sigma)
     loss_trained, _ = bc_loss(policy, torch.from_numpy(images).permute(0, 3, 1, 2), ids, mask,

@@ -82,7 +82,7 @@ def test_controls_and_outputs_are_there(run_dir):
         assert plan["intervention"]["n_units"] == len(members)  # its random controls draw as many per layer
         sweep = pd.read_csv(run_dir / "steering" / f"clamp_{name}" / "sweep.csv")
         assert set(sweep.condition) == {"steer", "random-0"} and set(sweep.alpha) == {0.0, 2.0}
-    for f in ("model/lens_by_layer.png", "model/training.png"):
+    for f in ("model/lens_by_layer.png", "model/training_history.png", "model/training_history.csv"):
         assert (run_dir / f).is_file(), f
     assert list((run_dir / "steering").glob("clamp_*/alpha_sweep.png"))
     assert list((run_dir / "steering").glob("trajectories_*.png"))
