@@ -20,8 +20,8 @@ compared with random directions, beside the read-out of real northern and southe
 from __future__ import annotations
 
 import warnings
-from functools import partial
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,13 +34,12 @@ from sciscope.core.adapter import DomainAdapter, Examples
 from sciscope.core.config import Key
 from sciscope.core.errors import AdapterError, ConfigError, ShapeError
 from sciscope.core.experiment import Analysis, Scorer, SteeringPlan, contrast_plan
+from sciscope.core.capture import pooled_activations
 from sciscope.core.loading import (auto_model_class, checkpoint_dir, checkpoint_layer_stack, find_layer_stack,
-                                   layer_aliases, layer_index)
-
-from . import data as _data
+                                   layer_aliases, layer_index, load_tokenizer)
 from sciscope.core.spatial import morans_i_table
 
-from .data import median_error_km
+from . import data as _data
 
 if TYPE_CHECKING:
     from sciscope.core.context import RunContext
@@ -67,8 +66,6 @@ class GeospatialAdapter(DomainAdapter):
     --------
     >>> ad = GeospatialAdapter({"n_places": 500, "continent": "EU"})   # doctest: +SKIP
     >>> ex = ad.examples("all"); model = ad.model()                     # doctest: +SKIP
-    >>> store = collect(model, ad.batches(ex, model), ad.sites, out="acts", obs=ex.obs,
-    ...                 aliases=ad.aliases)                               # doctest: +SKIP
     """
 
     name = "geospatial"
@@ -141,7 +138,7 @@ class GeospatialAdapter(DomainAdapter):
         c["countries"] = _data.normalise_countries(c["countries"])
         c["continent"] = _data.normalise_continent(c["continent"])
         _data.check_prompt(c["prompt"])
-        need = max(2 * c["knn_k"] + 2, 10)
+        need = _min_places(c)
         if c["n_places"] < need:
             raise ConfigError(f"geospatial: config 'n_places' = {c['n_places']} is too small for KNN weights with "
                               f"knn_k={c['knn_k']}; use at least {need}")
@@ -161,7 +158,7 @@ class GeospatialAdapter(DomainAdapter):
         if self._obs is None:
             c = self.config
             pool = _data.load_places(min_population=c["min_population"], countries=c["countries"], continent=c["continent"])
-            need = max(2 * c["knn_k"] + 2, 10)
+            need = _min_places(c)
             if len(pool) < need:
                 raise ConfigError(
                     f"geospatial: the filters (min_population={c['min_population']}, countries={c['countries'] or 'all'}, "
@@ -202,14 +199,14 @@ class GeospatialAdapter(DomainAdapter):
             model = cls.from_pretrained(path, **kwargs)
         except Exception as e:
             raise ConfigError(f"geospatial: cannot load the model weights in {path} ({cls.__name__}): {e}") from e
-        self.tokenizer = _load_tokenizer(path)
+        self.tokenizer = load_tokenizer(path)
         model.to(_device(self.config["device"])).eval()
         self._stack = find_layer_stack(model)
         return model
 
     def _tokenizer(self) -> Any:
         if self.tokenizer is None:
-            self.tokenizer = _load_tokenizer(_model_dir(self.config["model"]))
+            self.tokenizer = load_tokenizer(_model_dir(self.config["model"]))
         return self.tokenizer
 
     def batches(self, examples: Examples, model: nn.Module, *, batch_size: int = 32) -> Iterator[dict[str, torch.Tensor]]:
@@ -300,18 +297,14 @@ class GeospatialAdapter(DomainAdapter):
             p, t = np.asarray(pred_latlon, dtype=np.float64), np.asarray(true_latlon, dtype=np.float64)
             if p.shape != t.shape or p.ndim != 2 or p.shape[1] != 2:
                 raise ShapeError(f"median_error_km: expects two (n, 2) lat/lon arrays, got {p.shape} and {t.shape}")
-            return median_error_km(pd.DataFrame({"lat": t[:, 0], "lon": t[:, 1]}), p[:, 0], p[:, 1])
+            return _data.median_error_km(pd.DataFrame({"lat": t[:, 0], "lon": t[:, 1]}), p[:, 0], p[:, 1])
 
         return {"median_error_km": median_error}
 
     @property
     def feature_statistics(self) -> dict[str, Callable[[np.ndarray, pd.DataFrame], pd.DataFrame]]:
-        """Moran's I of every feature (with permutation p-values), and the shuffled-coordinates control.
-
-        ``morans_i`` gives I, EI, z, p_rand, p_sim per feature (vectorised; see
-        :mod:`.spatial`); ``morans_i_shuffled`` the I of the same feature with the coordinates
-        permuted among the places (should be ~0).
-        """
+        """``morans_i`` (I, EI, z, p_rand, p_sim per feature) and ``morans_i_shuffled`` (the I of the same
+        feature with the coordinates permuted among the places: the control, should be ~0)."""
 
         def morans(chunk: np.ndarray, obs: pd.DataFrame) -> pd.DataFrame:
             return self.morans_i_table(chunk, obs)[["I", "EI", "z", "p_rand", "p_sim"]]
@@ -323,7 +316,7 @@ class GeospatialAdapter(DomainAdapter):
         return {"morans_i": morans, "morans_i_shuffled": morans_shuffled}
 
     def morans_i_table(self, acts: Any, obs: pd.DataFrame, **kw: Any) -> pd.DataFrame:
-        """:func:`.spatial.morans_i_table` with this adapter's k, coordinates, permutations and seed."""
+        """:func:`sciscope.core.spatial.morans_i_table` with this adapter's k, coordinates, permutations and seed."""
         c = self.config
         opts = dict(k=c["knn_k"], coords=c["knn_coords"], permutations=c["permutations"], seed=c["seed"],
                     permute_min_i=c["permute_min_i"])
@@ -372,7 +365,7 @@ class GeospatialAdapter(DomainAdapter):
             kw = dict(cv=min(5, n_groups), split="group", groups=blocks) if n_groups >= 2 else dict(cv=2, split="kfold")
             probes = {t: fit_probe(X[train], obs[t].to_numpy(dtype=np.float64)[train], kind="ridge", control=False,
                                    fit_direction=True, seed=self.config["seed"], name=t, **kw) for t in ("lat", "lon")}
-            groups = {"held-out northern places": obs["north"].to_numpy()[test], "held-out southern places": obs["south"].to_numpy()[test]}
+            groups = {f"held-out {side}ern places": obs[side].to_numpy()[test] for side in ("north", "south")}
             reference = {label: {f"predicted_{t}": float(p.predict(X[test[rows]]).mean()) for t, p in probes.items()}
                          for label, rows in groups.items() if rows.any()}
             return {"test": test, "reference": reference, **probes}
@@ -400,7 +393,7 @@ class GeospatialAdapter(DomainAdapter):
         south = obs["south"].to_numpy(dtype=bool)
 
         def score(model: nn.Module) -> dict[str, np.ndarray]:
-            X = _pooled(model, batches, readout, aliases)
+            X = pooled_activations(model, batches, readout, aliases=aliases)
             lat = probes["lat"].predict(X)
             return {"predicted_lat": lat, **({"predicted_lat_south": lat[south]} if south.any() else {}),
                     "predicted_lon": probes["lon"].predict(X)}
@@ -416,29 +409,13 @@ def _index(site: str) -> int:
     return int(site.split(".")[1])
 
 
+def _min_places(c: Mapping[str, Any]) -> int:
+    return max(2 * c["knn_k"] + 2, 10)  # KNN weights need a few more places than neighbours
+
+
 def _model_dir(spec: str | Path | None) -> Path:
     """The directory of a model spec ("" = bundled MiniLM); a ConfigError naming a bad path."""
     return checkpoint_dir(spec) if spec is not None and str(spec).strip() else default_model_dir()
-
-
-def _load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except Exception as e:
-        raise ConfigError(f"geospatial: cannot load a tokenizer from {path}: {e}") from e
-    if tok.pad_token is None:
-        # Decoder tokenizers (GPT-2, Llama) have no pad token; padded positions are masked out of
-        # the mean anyway, so any existing token id will do. Adding a token would change the vocab.
-        fallback = tok.eos_token or tok.unk_token or tok.bos_token
-        if fallback is None:
-            raise ConfigError(f"geospatial: the tokenizer in {path} has no pad, eos, unk or bos token to pad with")
-        tok.pad_token = fallback
-    # Right padding: real tokens keep their positions (absolute position embeddings) and, in a
-    # causal model, never attend to padding.
-    tok.padding_side = "right"
-    return tok
 
 
 def _device(spec: str) -> torch.device:
@@ -454,19 +431,3 @@ def _tokenise(tok: Any, prompts: list[str], batch_size: int, max_length: int) ->
     for i in range(0, len(prompts), batch_size):
         enc = tok(prompts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         yield {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-
-
-def _pooled(model: nn.Module, batches: Any, site: str, aliases: dict[str, str]) -> np.ndarray:
-    """Mean-pooled (attention-masked) activations of one site over ``batches`` as the store pools
-    them: the steering scorer's measurement of the (steered) model."""
-    from sciscope.core.capture import capture, pool
-
-    device = next(model.parameters(), torch.empty(0)).device
-    rows = []
-    with capture(model, [site], aliases=aliases) as cap, torch.inference_mode():
-        for b in batches:
-            cap.clear()
-            model(**{k: v.to(device) for k, v in b.items()})
-            pooled, _ = pool(cap.records[site][0], "mean", attention_mask=b["attention_mask"].cpu(), site=site)
-            rows.append(pooled.numpy().astype(np.float64))
-    return np.concatenate(rows)

@@ -1,13 +1,5 @@
-"""The geospatial analyses the pipeline's stages run (declared by :meth:`GeospatialAdapter.analyses`).
-
-* after the probes: the median great-circle error of out-of-fold lat/lon probes, beside the same
-  probes fitted to coordinates shuffled among places (``probes/median_error_km.csv``);
-* after the features: Moran's I of the live SAE latents (with its shuffled-coordinates control)
-  beside that of the raw neurons at the SAE's site (``features/morans_i_summary.csv``), and maps
-  of the most spatial latents, a LISA map of the top one and the I histogram.
-
-Each ``compute(adapter, ctx)`` reads the run through its context and writes through it.
-"""
+"""The geospatial analyses (declared by :meth:`GeospatialAdapter.analyses`): each
+``compute(adapter, ctx)`` reads the run through its context and writes through it."""
 
 from __future__ import annotations
 
@@ -19,6 +11,7 @@ import pandas as pd
 from sciscope.core.spatial import lisa_clusters
 
 from .data import median_error_km
+from .plots import plot_feature_maps, plot_lisa_map, plot_morans_hist
 
 if TYPE_CHECKING:
     from sciscope.core.context import RunContext
@@ -29,12 +22,13 @@ __all__ = ["feature_maps", "median_error", "median_error_rows", "morans_i_rows",
 
 
 def median_error(adapter: "GeospatialAdapter", ctx: "RunContext") -> dict[str, Any]:
-    """Out-of-fold lat/lon predictions (ridge, spatial-block folds) at each target's best probe site.
+    """Median great-circle error of out-of-fold lat/lon ridge probes (spatial-block folds) at each
+    target's best probe site, beside the same probes fitted to coordinates shuffled among places.
 
     Returns
     -------
     dict: ``table`` (conditions ``probe`` and ``shuffled coordinates``: median error in km, the
-    sites, the folds) and its ``source``.
+    sites, the folds) and its ``source`` (``probes/median_error_km.csv``).
     """
     from sklearn.linear_model import RidgeCV
     from sklearn.model_selection import GroupKFold, cross_val_predict
@@ -69,7 +63,8 @@ def median_error_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def morans_i_summary(adapter: "GeospatialAdapter", ctx: "RunContext") -> dict[str, Any]:
-    """Moran's I of the live SAE latents (features stage) and of the raw neurons at the SAE's site.
+    """Moran's I of the live SAE latents (features stage, with its shuffled-coordinates control) and
+    of the raw neurons at the SAE's site.
 
     Returns
     -------
@@ -105,14 +100,9 @@ def morans_i_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def feature_maps(adapter: "GeospatialAdapter", ctx: "RunContext") -> list[str]:
-    """Maps of the top latents by Moran's I, a LISA map of the top one, I beside its control.
-
-    Writes ``feature_maps.png`` (top ``n_map_features`` latents), ``lisa_top_feature.png`` and
-    ``morans_i_hist.png``, reading Moran's I from the features stage's statistics and the
-    activations from the SAE latents; returns their sources.
+    """Maps of the top ``n_map_features`` latents by Moran's I (``feature_maps.png``), a LISA map of the
+    top one (``lisa_top_feature.png``) and I beside its control (``morans_i_hist.png``); returns their sources.
     """
-    from .plots import plot_feature_maps, plot_lisa_map, plot_morans_hist
-
     c, extra, latents = adapter.config, ctx.features().extra, ctx.latents()
     A, obs = np.asarray(latents.array("latents")), latents.obs.reset_index(drop=True)
     feats = extra["feature"].to_numpy(dtype=np.int64)
@@ -122,7 +112,8 @@ def feature_maps(adapter: "GeospatialAdapter", ctx: "RunContext") -> list[str]:
     sources = []
     if top.size:
         titles = [f"feature {feats[i]}: I = {I[i]:.2f}" + (f", p = {p[i]:.3g}" if np.isfinite(p[i]) else "") for i in top]
-        sources.append(ctx.save_figure("feature_maps.png", plot_feature_maps(A, obs, [int(feats[i]) for i in top], titles=titles)))
+        fig = plot_feature_maps(A, obs, [int(feats[i]) for i in top], titles=titles)
+        sources.append(ctx.save_figure("feature_maps.png", fig))
         best = int(feats[top[0]])
         lisa = lisa_clusters(A[:, best], obs, k=c["knn_k"], coords=c["knn_coords"], permutations=c["lisa_permutations"],
                              alpha=c["lisa_alpha"], seed=c["seed"])

