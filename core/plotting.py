@@ -35,8 +35,12 @@ def label_sites(ax: Any, sites: Sequence[str], *, max_labels: int = 40) -> None:
     ax.set_xlim(-0.5, n - 0.5)
 
 
-def save_figure(fig: Any, path: Any, *, dpi: int = 110) -> Any:
-    """Write ``fig`` as a PNG atomically (temp file + rename), close it, return the path."""
+def save_figure(fig: Any, path: Any, *, dpi: int = 110, tight_bbox: bool = False) -> Any:
+    """Write ``fig`` as a PNG atomically (temp file + rename), close it, return the path.
+
+    ``tight_bbox`` crops the canvas to what is drawn (figures with a suptitle over panels of
+    fixed aspect, such as UMAPs, otherwise keep empty margins).
+    """
     from pathlib import Path
 
     import matplotlib.pyplot as plt
@@ -46,7 +50,7 @@ def save_figure(fig: Any, path: Any, *, dpi: int = 110) -> Any:
     path = Path(path)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight" if tight_bbox else None)
     plt.close(fig)
     return path
 

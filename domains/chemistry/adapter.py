@@ -24,6 +24,8 @@ Analyses and their controls:
 
 from __future__ import annotations
 
+import functools
+import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -39,29 +41,25 @@ from sciscope.core.adapter import DomainAdapter, Examples
 from sciscope.core.config import Key
 from sciscope.core.errors import AdapterError, ConfigError
 from sciscope.core.experiment import Analysis, ProbeSet, Scorer, SteeringPlan
-from sciscope.core.loading import checkpoint_dir, checkpoint_layer_stack, is_causal, layer_aliases, load_checkpoint
+from sciscope.core.loading import checkpoint_dir, checkpoint_layer_stack, is_causal, layer_aliases
 
 from . import data as _data
 from . import encodings, features
 from .data import PROPERTY_SCORES, morgan_fingerprints, score_molecules
 from .model import ARCHITECTURES, ModelSpec, generate, load_trained, save_trained, train_model
-from .tokenize import ENCODINGS, TOKENIZER_FILE, MoleculeTokenizer, selfies_tokens
+from .tokenize import ENCODINGS, MoleculeTokenizer, selfies_tokens
 
 if TYPE_CHECKING:
     from sciscope.core.context import RunContext
 
-__all__ = ["ChemistryAdapter", "morgan_fingerprints", "score_molecules"]
+__all__ = ["ChemistryAdapter"]
 
 #: Default probe targets (continuous RDKit properties + the Lipinski counts).
 DEFAULT_PROBE_TARGETS = ("logp", "tpsa", "mol_wt", "qed", "hbd", "hba", "n_rings")
-#: Config keys that determine the molecules (the data cache key).
-_DATA_KEYS = ("source", "smiles_column", "n_molecules", "max_heavy_atoms", "isomeric", "test_fraction",
-              "functional_groups", "seed")
 
 
 class ChemistryAdapter(DomainAdapter):
-    """Molecules read by a SMILES/SELFIES language model: property probes, functional-group
-    features, steered generation.
+    """The ``chemistry`` domain (see the module docstring).
 
     Examples
     --------
@@ -121,11 +119,6 @@ class ChemistryAdapter(DomainAdapter):
         "compare_encodings": False,
     }
 
-    def __init__(self, config: dict[str, Any] | None = None) -> None:
-        super().__init__(config)
-        self._stack: tuple[str, int] | None = None
-        self._molecules: dict[str, Any] | None = None
-
     # -- configuration ----------------------------------------------------------------------------
     @classmethod
     def check_config(cls, config: dict[str, Any]) -> None:
@@ -150,16 +143,15 @@ class ChemistryAdapter(DomainAdapter):
         return _data.load_functional_groups(self.config["functional_groups"] or None)
 
     # -- data ---------------------------------------------------------------------------------------
-    def _data(self) -> dict[str, Any]:
-        """``{"obs", "invalid", "notes"}`` built once per data config (``ctx.cached``: in a pipeline run
-        kept under the run's cache, so the later stages, each its own process, do not rebuild it)."""
-        if self._molecules is None:
-            c = self.config
-            src = Path(str(c["source"])).expanduser()
-            stamp = [src.stat().st_mtime_ns, src.stat().st_size] if src.is_file() else None
-            key = [{k: c[k] for k in _DATA_KEYS}, stamp, self.groups.to_csv()]
-            self._molecules = self.ctx.cached("molecules", key, self._build_molecules, save=_save_data, load=_load_data)
-        return self._molecules
+    @functools.cached_property
+    def _mols(self) -> dict[str, Any]:
+        """``{"obs", "invalid", "notes"}``, built once per data config (``ctx.cached``: later stages reload it)."""
+        c = self.config
+        src = Path(str(c["source"])).expanduser()
+        stamp = [src.stat().st_mtime_ns, src.stat().st_size] if src.is_file() else None
+        key = [{k: c[k] for k, stage in self.config_stages.items() if stage == "examples"}, stamp, self.groups.to_csv()]
+        return self.ctx.cached("molecules", key, self._build_molecules,
+                               save=_save_molecules, load=_load_molecules)
 
     def _build_molecules(self) -> dict[str, Any]:
         from rdkit import Chem
@@ -189,12 +181,12 @@ class ChemistryAdapter(DomainAdapter):
     @property
     def molecules(self) -> pd.DataFrame:
         """The full obs table (every split): SMILES, properties, groups, scaffold, split."""
-        return self._data()["obs"]
+        return self._mols["obs"]
 
     @property
     def invalid_molecules(self) -> pd.DataFrame:
         """Inputs RDKit could not parse: ``line``, ``smiles``, ``reason`` (user files: file line numbers)."""
-        return self._data()["invalid"]
+        return self._mols["invalid"]
 
     def examples(self, split: str = "train") -> Examples:
         """Molecules of one split (``train``/``test`` are whole scaffolds; ``all`` is both); inputs are SMILES."""
@@ -202,7 +194,7 @@ class ChemistryAdapter(DomainAdapter):
 
     def _data_notes(self, ctx: "RunContext") -> list[dict[str, Any]]:
         """``notes.md`` (data counts) and ``invalid_molecules.csv`` (bad inputs with their line numbers)."""
-        n, inv = self._data()["notes"], self.invalid_molecules
+        n, inv = self._mols["notes"], self.invalid_molecules
         if len(inv):
             ctx.write_table("invalid_molecules.csv", inv)
         lines = [
@@ -223,51 +215,28 @@ class ChemistryAdapter(DomainAdapter):
                  "source": "examples/invalid_molecules.csv"}]
 
     # -- models -------------------------------------------------------------------------------------
-    def model_spec(self) -> ModelSpec:
-        c = self.config
-        return ModelSpec(architecture=c["architecture"], n_layers=c["n_layers"], hidden=c["hidden"], n_heads=c["n_heads"],
-                         max_length=c["max_length"], steps=c["train_steps"], batch_size=c["train_batch_size"],
-                         lr=c["lr"], seed=c["seed"])
-
     def model(self, spec: str | None = None) -> nn.Module:
         """The default model (trained here, or reloaded from the run's cache) or a local HF checkpoint.
 
         Default: a ``GPT2LMHeadModel`` or ``RobertaForMaskedLM`` trained on the train split with
-        :func:`.model.train_model` (kept by ``ctx.cached``: in a run under its cache folder, reused
-        by every later stage while the config and molecules are unchanged). A checkpoint directory
-        loads offline with its own tokenizer (``sciscope_tokenizer.json`` of this package, or a
-        Hugging Face tokenizer). Either way the model carries its tokenizer as ``model.tokenizer``.
+        :func:`.model.train_model` (kept by ``ctx.cached``, so later stages reuse it while the config and
+        molecules are unchanged). A checkpoint directory loads offline with :func:`.model.load_trained`.
+        Either way the model carries its tokenizer as ``model.tokenizer``.
         """
         path = self.config["model"] if spec is None else spec
-        return self._load_checkpoint(checkpoint_dir(path)) if path else self._default_model(self.config["encoding"])
+        return load_trained(checkpoint_dir(path)) if path else self._default_model(self.config["encoding"])
 
     def _default_model(self, encoding: str) -> nn.Module:
-        train = self.examples("train").obs["smiles"].tolist()
-        spec = self.model_spec()
+        train, c = self.examples("train").obs["smiles"].tolist(), self.config
+        spec = ModelSpec(architecture=c["architecture"], n_layers=c["n_layers"], hidden=c["hidden"], n_heads=c["n_heads"],
+                         max_length=c["max_length"], steps=c["train_steps"], batch_size=c["train_batch_size"],
+                         lr=c["lr"], seed=c["seed"])
 
         def build() -> nn.Module:
-            tok = MoleculeTokenizer.build(encoding, train, max_length=self.config["max_length"])
-            return train_model(spec, tok, train, progress=False, trainer_options=self.trainer_options)[0]
+            tok = MoleculeTokenizer.build(encoding, train, max_length=c["max_length"])
+            return train_model(spec, tok, train, trainer_options=self.trainer_options)[0]
 
         return self.ctx.cached(f"lm-{encoding}", [encoding, asdict(spec), train], build, save=save_trained, load=load_trained)
-
-    @staticmethod
-    def _load_checkpoint(path: Path) -> nn.Module:
-        model = load_checkpoint(path)
-        if (path / TOKENIZER_FILE).is_file():
-            model.tokenizer = MoleculeTokenizer.load(path)
-            return model
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        except Exception as e:
-            raise ConfigError(f"chemistry: cannot load a tokenizer from {path}: {e}") from e
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token or tok.unk_token
-        tok.padding_side = "right"
-        model.tokenizer = tok
-        return model
 
     @property
     def variants(self) -> list[str]:
@@ -291,53 +260,38 @@ class ChemistryAdapter(DomainAdapter):
             chunk = smiles[i: i + batch_size]
             if isinstance(tok, MoleculeTokenizer):
                 yield tok(chunk, max_length=ml)
-                continue
-            # a Hugging Face tokenizer (SELFormer reads SELFIES, ChemBERTa SMILES: config 'encoding')
-            if self.config["encoding"] == "selfies":
-                chunk = ["".join(selfies_tokens(s)) for s in chunk]
-            enc = tok(chunk, padding=True, truncation=True, max_length=ml, return_tensors="pt")
-            yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            else:  # a Hugging Face tokenizer (SELFormer reads SELFIES, ChemBERTa SMILES: config 'encoding')
+                chunk = ["".join(selfies_tokens(s)) for s in chunk] if self.config["encoding"] == "selfies" else chunk
+                enc = tok(chunk, padding=True, truncation=True, max_length=ml, return_tensors="pt")
+                yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     # -- sites --------------------------------------------------------------------------------------
+    @functools.cached_property
     def _structure(self) -> tuple[str, int]:
         """(block-list path, n layers) without training or loading weights."""
-        if self._stack is None:
-            if self.config["model"]:
-                self._stack = checkpoint_layer_stack(self.config["model"])
-            else:
-                stack = "transformer.h" if self.config["architecture"] == "gpt" else "roberta.encoder.layer"
-                self._stack = (stack, self.config["n_layers"])
-        return self._stack
+        if self.config["model"]:
+            return checkpoint_layer_stack(self.config["model"])
+        return "transformer.h" if self.config["architecture"] == "gpt" else "roberta.encoder.layer", self.config["n_layers"]
 
     @property
     def n_layers(self) -> int:
-        return self._structure()[1]
+        return self._structure[1]
 
     @property
     def aliases(self) -> dict[str, str]:
         """``{"layer.{i}": "<block list>.{i}"}`` (``transformer.h`` for GPT-2, ``roberta.encoder.layer``)."""
-        return layer_aliases(self._structure()[0])
+        return layer_aliases(self._structure[0])
 
     @property
     def sites(self) -> list[str]:
         """Every layer's output."""
         return [f"layer.{i}" for i in range(self.n_layers)]
 
-    @property
-    def sae_site(self) -> str:
-        return f"layer.{self.n_layers // 2}"
-
-    @property
-    def pooling(self) -> str:
-        """Mean over the molecule's tokens (attention-masked), as SELFormer's embeddings."""
-        return "mean"
-
     # -- concepts, probes, baselines ------------------------------------------------------------------
     @property
     def group_names(self) -> list[str]:
         """Functional groups present on both sides (>= ``min_group_count`` molecules each)."""
-        obs = self.molecules
-        k = self.config["min_group_count"]
+        obs, k = self.molecules, self.config["min_group_count"]
         return [g for g in self.groups["name"] if k <= int(obs[g].sum()) <= len(obs) - k]
 
     @property
@@ -349,7 +303,7 @@ class ChemistryAdapter(DomainAdapter):
         if missing:
             raise ConfigError(f"chemistry: config 'probe_targets' names {missing}, not columns of the molecules; "
                               f"choose from {[c for c in obs.columns if pd.api.types.is_numeric_dtype(obs[c])]}")
-        targets += [m for m in self._data()["notes"]["measured"] if m not in targets]
+        targets += [m for m in self._mols["notes"]["measured"] if m not in targets]
         # a target constant over the sample (e.g. no ring anywhere) has nothing to probe
         return [t for t in targets if obs[t].nunique(dropna=True) > 1 and obs[t].notna().all()]
 
@@ -382,11 +336,6 @@ class ChemistryAdapter(DomainAdapter):
         present = set(self.group_names)
         return {g: (f"{g} == True", f"{g} == False") for g in self.config["steer_groups"] if g in present}
 
-    @property
-    def metrics(self) -> dict[str, Any]:
-        """``score_molecules(generated, train_smiles, group_smarts)``: validity, uniqueness, novelty ..."""
-        return {"score_molecules": score_molecules}
-
     # -- analyses -------------------------------------------------------------------------------------
     def analyses(self) -> list[Analysis]:
         """Data notes; training of both encodings; the encoding comparison of probes and of unsteered
@@ -415,32 +364,27 @@ class ChemistryAdapter(DomainAdapter):
         return rows
 
     # -- steering -------------------------------------------------------------------------------------
-    def steering_scorer(self, ctx: "RunContext", contrast: str) -> Scorer | None:
-        """Generate ``n_generate`` molecules under steering and score them (causal LMs trained here only).
+    def sample_scores(self, model: nn.Module, smarts: str | None = None, *, per_molecule: bool = False) -> dict[str, Any]:
+        """:func:`.data.score_molecules` of ``n_generate`` molecules sampled from ``model`` (the run's temperature
+        and seed, so every alpha, direction and model draws alike), novelty against the training molecules."""
+        c, obs = self.config, self.molecules
+        mols = generate(model, model.tokenizer, c["n_generate"], temperature=c["temperature"], seed=c["seed"])
+        train = set(obs.loc[obs["split"] == "train", "smiles"])
+        return score_molecules(mols, train, smarts, per_molecule=per_molecule)
 
-        Target: the frequency of the contrast's group; off target: mean logP, QED, weight, heavy
-        atoms; damage: validity and uniqueness (per-sample arrays where there are, so intervals
-        are bootstrapped over samples). The same sampling seed is used under every alpha and
-        direction, so differences come from the intervention, not from sampling noise. Masked LMs
-        (no generation) and checkpoints without this package's tokenizer are not steered.
-        """
+    def steering_scorer(self, ctx: "RunContext", contrast: str) -> Scorer | None:
+        """Steered generation scored by :meth:`sample_scores` (per-sample arrays: intervals are bootstrapped over
+        samples); causal LMs with this package's tokenizer only (masked LMs do not generate)."""
         model = ctx.model()
         if not is_causal(model.config) or contrast not in set(self.groups["name"]):
             return None
-        tok = model.tokenizer
-        if not isinstance(tok, MoleculeTokenizer):
+        if not isinstance(model.tokenizer, MoleculeTokenizer):
             warnings.warn("chemistry: steered generation needs a model trained by sciscope (its tokenizer); "
                           "skipping steering for this checkpoint", stacklevel=2)
             return None
-        obs, c = self.molecules, self.config
-        train = set(obs.loc[obs["split"] == "train", "smiles"])
         smarts = self.groups.set_index("name").loc[contrast, "smarts"]
-
-        def score(m: nn.Module) -> dict[str, Any]:
-            mols = generate(m, tok, c["n_generate"], temperature=c["temperature"], seed=c["seed"])
-            return score_molecules(mols, train, smarts, per_molecule=True)
-
-        return Scorer(score, target=["group_frequency"], off_target=list(PROPERTY_SCORES), damage=["validity", "uniqueness"])
+        return Scorer(lambda m: self.sample_scores(m, smarts, per_molecule=True), target=["group_frequency"],
+                      off_target=list(PROPERTY_SCORES), damage=["validity", "uniqueness"])
 
     def steering_plans(self, ctx: "RunContext") -> list[SteeringPlan]:
         """The default delta-vector plans, each with the training molecules as reference condition."""
@@ -452,21 +396,13 @@ class ChemistryAdapter(DomainAdapter):
         return plans
 
 
-# ------------------------------------------------------------------------------------------------
-# Helpers
-# ------------------------------------------------------------------------------------------------
-
-
-def _save_data(d: dict[str, Any], folder: Path) -> None:
-    import json
-
+def _save_molecules(d: dict[str, Any], folder: Path) -> None:
+    """Parquet tables and JSON notes (never a pickle: loading one can run code)."""
     d["obs"].to_parquet(folder / "molecules.parquet")
     d["invalid"].to_parquet(folder / "invalid.parquet")
     (folder / "notes.json").write_text(json.dumps(d["notes"]))
 
 
-def _load_data(folder: Path) -> dict[str, Any]:
-    import json
-
+def _load_molecules(folder: Path) -> dict[str, Any]:
     return {"obs": pd.read_parquet(folder / "molecules.parquet"), "invalid": pd.read_parquet(folder / "invalid.parquet"),
             "notes": json.loads((folder / "notes.json").read_text())}

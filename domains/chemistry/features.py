@@ -1,10 +1,4 @@
-"""Sparse-autoencoder features vs functional groups (after the features stage).
-
-For each functional group present on both sides, the SAE feature with the highest AUROC for "has
-the group", beside the best AUROC any feature reaches on shuffled labels (the core's control
-associations); the top molecules of the best-matched groups' features are drawn with RDKit, the
-group's atoms highlighted.
-"""
+"""Sparse-autoencoder features vs functional groups (after the features stage)."""
 
 from __future__ import annotations
 
@@ -22,7 +16,8 @@ __all__ = ["draw_top_molecules", "functional_groups", "group_auroc_table"]
 
 
 def group_auroc_table(adapter: "ChemistryAdapter", analysis: Any) -> pd.DataFrame:
-    """Per functional group: its best SAE feature by AUROC, beside the best on shuffled labels."""
+    """Per functional group present on both sides: its best SAE feature by AUROC for "has the group", beside
+    the best AUROC any feature reaches on shuffled labels (the core's control associations)."""
     obs = adapter.molecules
     smarts = adapter.groups.set_index("name")["smarts"]
     a = analysis.associations
@@ -60,22 +55,17 @@ def functional_groups(ctx: "RunContext") -> list[dict[str, Any]]:
             for r in table.itertuples()]
 
 
-def draw_top_molecules(ctx: "RunContext", table: pd.DataFrame, acts: np.ndarray, obs: pd.DataFrame) -> list[str]:
-    """RDKit drawings of the top ``n_draw_molecules`` molecules of each row's best feature.
-
-    Matches of the group's SMARTS are highlighted; legends give the activation and whether the
-    molecule has the group. Returns the sources written.
-    """
+def draw_top_molecules(ctx: "RunContext", table: pd.DataFrame, acts: np.ndarray, obs: pd.DataFrame) -> None:
+    """RDKit drawings (``top_molecules_<group>.png``) of the top ``n_draw_molecules`` molecules of each
+    row's best feature; matches of the group's SMARTS are highlighted, legends give the activation and
+    whether the molecule has the group."""
     from rdkit import Chem
     from rdkit.Chem import Draw
 
     from sciscope.core.io import atomic_path
 
-    smarts = ctx.adapter.groups.set_index("name")["smarts"]
-    written = []
     for r in table.itertuples():
-        f = int(r.best_feature)
-        patt = Chem.MolFromSmarts(smarts[r.group])
+        f, patt = int(r.best_feature), Chem.MolFromSmarts(r.smarts)
         mols, legends, highlights = [], [], []
         for i in np.argsort(-acts[:, f], kind="stable")[: ctx.adapter.config["n_draw_molecules"]]:
             m = Chem.MolFromSmiles(str(obs["smiles"].iloc[i]))
@@ -89,5 +79,3 @@ def draw_top_molecules(ctx: "RunContext", table: pd.DataFrame, acts: np.ndarray,
             img = Draw.MolsToGridImage(mols, molsPerRow=4, subImgSize=(260, 200), legends=legends, highlightAtomLists=highlights)
             with atomic_path(ctx.output(f"top_molecules_{r.group}.png")) as tmp:
                 img.save(str(tmp), format="PNG")
-            written.append(ctx.source(f"top_molecules_{r.group}.png"))
-    return written

@@ -1,14 +1,8 @@
 """Small molecule language models: a RoBERTa masked LM (SELFormer-style) and a GPT-2 causal LM.
 
 Both are Hugging Face models built from a config (random init) and trained here with PyTorch
-Lightning on the training molecules, within minutes on a CPU. A trained model is saved as a
-Hugging Face directory (``config.json`` + weights) with its :class:`MoleculeTokenizer`
-(``sciscope_tokenizer.json``) and training log, so it reloads without retraining and other tools
-can open it with ``from_pretrained``. A model trained or loaded here carries its tokenizer as
-``model.tokenizer``.
-
-:func:`generate` samples molecules from the causal LM (temperature, max length, seeded) and
-decodes them back to SMILES; SELFIES decoding always gives a molecule string.
+Lightning on the training molecules, within minutes on a CPU; saved as Hugging Face directories
+(:func:`save_trained`) that other tools can open with ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -26,9 +20,9 @@ from torch import nn
 
 from sciscope.core.training import fit_lightning, loss_module
 
-from .tokenize import BOS, EOS, MASK, PAD, SPECIAL_TOKENS, MoleculeTokenizer, pad_batch
+from .tokenize import BOS, EOS, MASK, PAD, SPECIAL_TOKENS, TOKENIZER_FILE, MoleculeTokenizer, pad_batch
 
-__all__ = ["ModelSpec", "TrainResult", "build_model", "generate", "load_trained", "save_trained", "train_model"]
+__all__ = ["ModelSpec", "TrainResult", "generate", "load_trained", "save_trained", "train_model"]
 
 ARCHITECTURES = ("roberta", "gpt")
 
@@ -102,8 +96,7 @@ def mask_tokens(ids: torch.Tensor, attention: torch.Tensor, *, prob: float, voca
     # every molecule gets at least one target, so no batch row is wasted
     none = chosen.sum(1) == 0
     if none.any():
-        scores = torch.rand(ids.shape, generator=generator) * real
-        pick = scores.argmax(1)
+        pick = (torch.rand(ids.shape, generator=generator) * real).argmax(1)
         rows = torch.nonzero(none & real.any(1)).reshape(-1)
         chosen[rows, pick[rows]] = True
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
@@ -146,25 +139,8 @@ class LengthGroupedBatches:
             yield batches[k].tolist()
 
 
-def _lightning_module(model: nn.Module, spec: ModelSpec, vocab_size: int) -> Any:
-    """Masked or causal LM loss on padded id batches (AdamW, warmup then cosine decay to 10%)."""
-    gen = torch.Generator().manual_seed(spec.seed + 1)
-
-    def lm_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ids, att = batch["input_ids"], batch["attention_mask"]
-        if spec.architecture == "roberta":
-            inputs, labels = mask_tokens(ids, att, prob=spec.mask_prob, vocab_size=vocab_size, generator=gen)
-        else:
-            inputs, labels = ids, ids.masked_fill(att == 0, -100)  # shifted inside the model
-        return model(input_ids=inputs, attention_mask=att, labels=labels).loss
-
-    return loss_module(model, lm_loss, lr=spec.lr, steps=spec.steps, warmup=spec.warmup, floor=0.1, betas=(0.9, 0.98))
-
-
-def train_model(
-    spec: ModelSpec, tokenizer: MoleculeTokenizer, smiles: Sequence[str], *, progress: bool = False,
-    trainer_options: dict[str, Any] | None = None,
-) -> tuple[nn.Module, TrainResult]:
+def train_model(spec: ModelSpec, tokenizer: MoleculeTokenizer, smiles: Sequence[str], *, progress: bool = False,
+                trainer_options: dict[str, Any] | None = None) -> tuple[nn.Module, TrainResult]:
     """Train a fresh model of ``spec`` on ``smiles`` for ``spec.steps`` optimiser steps (CPU).
 
     The model carries its ``tokenizer`` and ``training_info`` (spec and :class:`TrainResult`), which
@@ -186,7 +162,18 @@ def train_model(
     if not seqs:
         raise ValueError("no molecule could be tokenised for training")
     model = build_model(spec, tokenizer.vocab_size)
-    module = _lightning_module(model, spec, tokenizer.vocab_size)
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+
+    def lm_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:  # masked or causal LM loss on padded id batches
+        ids, att = batch["input_ids"], batch["attention_mask"]
+        if spec.architecture == "roberta":
+            inputs, labels = mask_tokens(ids, att, prob=spec.mask_prob, vocab_size=tokenizer.vocab_size, generator=gen)
+        else:
+            inputs, labels = ids, ids.masked_fill(att == 0, -100)  # shifted inside the model
+        return model(input_ids=inputs, attention_mask=att, labels=labels).loss
+
+    # AdamW, warmup then cosine decay to 10%
+    module = loss_module(model, lm_loss, lr=spec.lr, steps=spec.steps, warmup=spec.warmup, floor=0.1, betas=(0.9, 0.98))
     loader = DataLoader(seqs, batch_sampler=LengthGroupedBatches([len(s) for s in seqs], spec.batch_size, spec.seed),
                         collate_fn=pad_batch)
     seconds = fit_lightning(module, loader, max_steps=spec.steps, progress=progress, trainer_options=trainer_options)
@@ -208,43 +195,41 @@ def save_trained(model: nn.Module, directory: str | Path) -> None:
 
 
 def load_trained(directory: str | Path) -> nn.Module:
-    """Reload a directory written by :func:`save_trained` (offline), with ``tokenizer`` and ``training_info``."""
-    from sciscope.core.loading import load_checkpoint
+    """A local Hugging Face model directory (offline), with ``tokenizer`` and ``training_info``.
+
+    The tokenizer is this package's (``sciscope_tokenizer.json``, as :func:`save_trained` writes
+    it) or else the directory's Hugging Face tokenizer; ``training_info`` is ``{}`` without
+    ``training.json``.
+    """
+    from sciscope.core.loading import load_checkpoint, load_tokenizer
 
     directory = Path(directory)
     model = load_checkpoint(directory)
-    model.tokenizer = MoleculeTokenizer.load(directory)
+    has_own = (directory / TOKENIZER_FILE).is_file()
+    model.tokenizer = MoleculeTokenizer.load(directory) if has_own else load_tokenizer(directory)
     info = directory / "training.json"
     model.training_info = json.loads(info.read_text()) if info.is_file() else {}
     return model
 
 
 @torch.no_grad()
-def generate(
-    model: nn.Module,
-    tokenizer: MoleculeTokenizer,
-    n: int,
-    *,
-    max_length: int | None = None,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 128,
-) -> list[str]:
+def generate(model: nn.Module, tokenizer: MoleculeTokenizer, n: int, *, max_length: int | None = None,
+             temperature: float = 1.0, seed: int = 0, batch_size: int = 128) -> list[str]:
     """Sample ``n`` molecules from a causal LM, decoded to SMILES (``""`` when empty).
 
     Sampling starts at ``<bos>`` and stops at ``<eos>`` or ``max_length`` tokens; the first
     token is always an atom (``<eos>``, bonds, branches and ring tokens are masked there, as
-    nothing can start a molecule with them). Each batch uses
-    its own seeded generator, so the same seed gives the same molecules, also under a steering
-    hook (which then changes only what the hook changes). SMILES outputs are returned as
-    sampled (they may be invalid); SELFIES outputs are decoded, which always gives a molecule.
+    nothing can start a molecule with them). Each batch uses its own seeded generator, so the same
+    seed gives the same molecules, also under a steering hook (which then changes only what the hook
+    changes). SMILES outputs are returned as sampled (they may be invalid); SELFIES outputs are
+    decoded, which always gives a molecule.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     limit = min(max_length or tokenizer.max_length, getattr(model.config, "n_positions", 10**9))
-    # transformers 5 renamed the key/value cache argument ``past_key_values`` -> ``cache``
     first_banned = tokenizer.non_atom_ids
+    # transformers 5 renamed the key/value cache argument ``past_key_values`` -> ``cache``
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out: list[str] = []
     try:
@@ -253,8 +238,7 @@ def generate(
             g = torch.Generator().manual_seed(seed * 100_003 + b0)
             ids = torch.full((bs, 1), BOS, dtype=torch.long, device=device)
             done = torch.zeros(bs, dtype=torch.bool, device=device)
-            past = None
-            step_in = ids
+            past, step_in = None, ids
             for t in range(limit - 1):
                 att = torch.ones(bs, ids.shape[1], dtype=torch.long, device=device)  # no padding while sampling
                 res = model(input_ids=step_in, attention_mask=att, use_cache=True, **{cache_arg: past})
@@ -266,8 +250,7 @@ def generate(
                 if temperature <= 0:
                     nxt = logits.argmax(-1)
                 else:
-                    probs = torch.softmax(logits / temperature, dim=-1)
-                    nxt = torch.multinomial(probs, 1, generator=g).reshape(-1)
+                    nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=g).reshape(-1)
                 nxt = torch.where(done.cpu(), torch.full_like(nxt, PAD), nxt).to(device)
                 ids = torch.cat([ids, nxt[:, None]], dim=1)
                 done |= nxt == EOS

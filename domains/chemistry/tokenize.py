@@ -17,7 +17,6 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -37,11 +36,8 @@ SMILES_REGEX = re.compile(
 
 
 def smiles_tokens(smiles: str) -> list[str]:
-    """Atom-level SMILES tokens; a :class:`ValueError` when a character is not covered.
-
-    Raising (rather than skipping) keeps tokenisation lossless: a token list always joins back to
-    the input.
-    """
+    """Atom-level SMILES tokens; a :class:`ValueError` (not a skip, so tokens always join back) when a character
+    is not covered."""
     tokens = SMILES_REGEX.findall(smiles)
     if "".join(tokens) != smiles:
         covered = set("".join(tokens))
@@ -112,45 +108,24 @@ class MoleculeTokenizer:
         return smiles_tokens(smiles) if encoding == "smiles" else selfies_tokens(smiles)
 
     # -- text <-> tokens <-> ids ---------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.vocab)
-
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
 
-    def tokenize(self, smiles: str) -> list[str]:
-        """Tokens of a SMILES string in this tokenizer's encoding."""
-        return self._split(self.encoding, smiles)
-
-    def encode(self, smiles: str, *, add_special_tokens: bool = True, truncate: bool = True) -> list[int]:
-        """Ids of ``smiles`` (``<bos> ... <eos>``); unknown tokens become ``<unk>``."""
-        ids = [self.index.get(t, UNK) for t in self.tokenize(smiles)]
-        if add_special_tokens:
-            ids = [BOS, *ids, EOS]
-        if truncate and len(ids) > self.max_length:
-            ids = ids[: self.max_length - 1] + [EOS] if add_special_tokens else ids[: self.max_length]
-        return ids
-
-    def tokens_of(self, ids: Iterable[int], *, stop_at_eos: bool = True) -> list[str]:
-        """Tokens of ``ids`` without special tokens (stopping at the first ``<eos>``)."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == EOS and stop_at_eos:
-                break
-            if i < len(SPECIAL_TOKENS):
-                continue
-            out.append(self.vocab[i] if 0 <= i < len(self.vocab) else "")
-        return out
+    def encode(self, smiles: str) -> list[int]:
+        """Ids of ``smiles`` (``<bos> ... <eos>``, cut to ``max_length``); unknown tokens become ``<unk>``."""
+        ids = [BOS, *(self.index.get(t, UNK) for t in self._split(self.encoding, smiles)), EOS]
+        return ids if len(ids) <= self.max_length else ids[: self.max_length - 1] + [EOS]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """SMILES of ``ids``: tokens joined (SMILES), or joined and decoded by ``selfies``.
+        """SMILES of ``ids`` up to the first ``<eos>``: tokens joined (SMILES), or joined and decoded by ``selfies``.
 
-        SELFIES decoding always yields a molecule string (possibly ``""`` for an empty or
-        degenerate sequence); SMILES decoding returns the joined string, valid or not.
+        Special tokens are skipped. SELFIES decoding always yields a molecule string (possibly ``""``
+        for an empty or degenerate sequence); SMILES decoding returns the joined string, valid or not.
         """
-        text = "".join(self.tokens_of(ids))
+        ids = [int(i) for i in ids]
+        ids = ids[: ids.index(EOS)] if EOS in ids else ids
+        text = "".join(self.vocab[i] if i < len(self.vocab) else "" for i in ids if i >= len(SPECIAL_TOKENS))
         if self.encoding == "smiles":
             return text
         import selfies as sf
@@ -167,48 +142,38 @@ class MoleculeTokenizer:
         A molecule cannot start with one: generation masks them at the first position, so a
         sampled sequence never decodes to an empty string for lack of a first atom.
         """
-        out = []
-        for i, t in enumerate(self.vocab[len(SPECIAL_TOKENS):], start=len(SPECIAL_TOKENS)):
-            if self.encoding == "selfies":
-                if "Branch" in t or "Ring" in t or t == "[nop]":
-                    out.append(i)
-            elif not (t.startswith("[") or t[0].isalpha() or t == "*"):
-                out.append(i)
-        return out
+        tokens = list(enumerate(self.vocab))[len(SPECIAL_TOKENS):]
+        if self.encoding == "selfies":
+            return [i for i, t in tokens if "Branch" in t or "Ring" in t or t == "[nop]"]
+        return [i for i, t in tokens if not (t.startswith("[") or t[0].isalpha() or t == "*")]
 
     def __call__(self, smiles: Sequence[str], *, max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Right-padded ``input_ids`` and ``attention_mask`` for a batch of SMILES."""
-        ml = max_length or self.max_length
-        seqs = [self.encode(s)[:ml] for s in smiles]
-        return pad_batch(seqs)
+        return pad_batch([self.encode(s)[: max_length or self.max_length] for s in smiles])
 
     # -- persistence ----------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "sciscope.MoleculeTokenizer", "encoding": self.encoding, "max_length": self.max_length,
-                "vocab": self.vocab}
-
     def save(self, directory: str | Path) -> Path:
         """Write ``sciscope_tokenizer.json`` into ``directory``."""
         path = Path(directory) / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
+        path.write_text(json.dumps({"kind": "sciscope.MoleculeTokenizer", "encoding": self.encoding,
+                                    "max_length": self.max_length, "vocab": self.vocab}, indent=1))
         return path
 
     @classmethod
     def load(cls, directory: str | Path) -> "MoleculeTokenizer":
         path = Path(directory)
-        path = path / TOKENIZER_FILE if path.is_dir() else path
-        d = json.loads(path.read_text())
+        d = json.loads((path / TOKENIZER_FILE if path.is_dir() else path).read_text())
         return cls(d["encoding"], d["vocab"], max_length=d.get("max_length", 128))
 
     def __repr__(self) -> str:
-        return f"MoleculeTokenizer({self.encoding!r}, {len(self)} tokens, max_length={self.max_length})"
+        return f"MoleculeTokenizer({self.encoding!r}, {self.vocab_size} tokens, max_length={self.max_length})"
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = PAD) -> dict[str, torch.Tensor]:
+def pad_batch(seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
     """Right-pad id lists into ``input_ids`` / ``attention_mask`` long tensors."""
     n = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    ids = torch.full((len(seqs), n), PAD, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)

@@ -2,20 +2,17 @@
 
 Follows Geneformer (rank-value gene tokens, BERT masked-gene pretraining; cell embedding = mean of
 gene embeddings) and the SAE studies of single-cell models (EVA; TopK SAEs on Geneformer/scGPT
-layers, features that carry biology *and* technical signal), at laptop scale: a 4-layer BERT
-masked-gene model is trained here on scanpy's bundled ``pbmc68k_reduced`` (or any user
-``.h5ad``) in a few minutes on a CPU; a local Geneformer-style checkpoint with a JSON token
-dictionary can be given instead (config ``model``).
+layers), at laptop scale: a 4-layer BERT masked-gene model is trained on scanpy's bundled
+``pbmc68k_reduced`` (raw counts or log-normalised user ``.h5ad``, detected) in minutes on a CPU, or a
+local Geneformer-style checkpoint with a JSON token dictionary is loaded (config ``model``).
 
 What it declares (the core's stages run each with its controls):
 
-* per-layer cell-type probes (macro-F1) beside shuffled labels, a PCA-50 + logistic baseline on
-  the log-normalised expression, the 2,000 most variable genes and the untrained architecture;
-  the technical covariates (log10 library size, genes detected) probed the same way;
-* SAE features against every cell type and technical covariate, against genes (each gene token's
-  exact share of a feature's pre-activation, :mod:`.features`), and the recovery of canonical
-  markers (CD3E, MS4A1, NKG7, ...) by the driver genes of cell-type-specific features beside
-  random genes in the markers' place;
+* per-layer cell-type and technical-covariate probes beside shuffled labels and three baselines
+  (:meth:`ImmunologyAdapter.baseline_features`);
+* SAE features against every cell type and technical covariate, against genes (:mod:`.features`),
+  and the recovery of canonical markers (CD3E, MS4A1, NKG7, ...) by the driver genes of
+  cell-type-specific features beside random genes in the markers' place;
 * a delta vector between two cell types (default CD14+ monocytes -> CD19+ B cells) at a middle
   layer, scored on source cells by the masked-gene head's mass on the target's markers and a
   read-out probe's target-type probability, against random directions and beside real target cells;
@@ -37,17 +34,19 @@ import torch
 from torch import nn
 
 from sciscope.core.adapter import DomainAdapter, Examples
+from sciscope.core.capture import pooled_activations
 from sciscope.core.config import Key
 from sciscope.core.context import RunContext, stable_key
 from sciscope.core.errors import ConfigError
-from sciscope.core.experiment import Analysis, Scorer, SteeringPlan, contrast_plan
-from sciscope.core.loading import checkpoint_layer_stack, find_layer_stack, layer_aliases, layer_index
+from sciscope.core.experiment import Analysis, SteeringPlan, contrast_plan
+from sciscope.core.loading import (auto_model_class, checkpoint_dir, checkpoint_layer_stack, find_layer_stack, layer_aliases,
+                                   layer_index)
 
 from . import analyses as _a
 from . import data as _data
 from . import features as _f
 from .markers import _B, _MONO, match_types
-from .model import ModelSpec, last_layer_embeddings, load_checkpoint, save_trained, train_model
+from .model import ModelSpec, build_model, load_checkpoint, save_trained, train_model
 from .tokenize import GeneVocab, collate, rank_value_encode
 
 __all__ = ["ImmunologyAdapter"]
@@ -61,8 +60,7 @@ def _slug(text: str) -> str:
 
 
 class ImmunologyAdapter(DomainAdapter):
-    """Cells read by a masked-gene transformer: cell-type probes, SAE features vs cell types and
-    marker genes, steering between cell states.
+    """Cells read by a masked-gene transformer (what it declares: the module docstring).
 
     Examples
     --------
@@ -152,12 +150,9 @@ class ImmunologyAdapter(DomainAdapter):
     def cells(self) -> _data.CellData:
         """The checked, filtered cells of the configured source (read once)."""
         if self._cells is None:
-            c = self.config
-            self._cells = _data.load_cells(
-                c["source"], matrix=c["matrix"], input_type=c["input_type"], gene_column=c["gene_column"],
-                cell_type_column=c["cell_type_column"], library_size_column=c["library_size_column"],
-                min_genes=c["min_genes"], min_cells_per_type=c["min_cells_per_type"], n_cells=c["n_cells"], seed=c["seed"],
-            )
+            keys = ("matrix", "input_type", "gene_column", "cell_type_column", "library_size_column", "min_genes",
+                    "min_cells_per_type", "n_cells", "seed")
+            self._cells = _data.load_cells(self.config["source"], **{k: self.config[k] for k in keys})
         return self._cells
 
     @property
@@ -173,22 +168,17 @@ class ImmunologyAdapter(DomainAdapter):
         return self.vocab
 
     def _prepare(self) -> tuple[pd.DataFrame, list[list[str]], dict[str, Any]]:
-        """obs table, ranked gene lists and data notes (built once).
-
-        Genes unknown to the vocabulary are dropped before ranking (as Geneformer does), counted
-        and listed; cells left without a known gene are dropped and counted.
-        """
+        """obs table, ranked gene lists and data notes (built once). Genes unknown to the vocabulary are
+        dropped before ranking (as Geneformer does) and listed; cells left without one are dropped."""
         if self._table is not None:
             return self._table
         cd, vocab, c = self.cells, self.vocabulary, self.config
         known = np.array([g in vocab.ids for g in cd.genes])
         unknown = [g for g, k in zip(cd.genes, known) if not k]
         if not known.any():
-            raise ConfigError(
-                f"immunology: none of the {len(cd.genes)} genes of the data is in the model's vocabulary "
-                f"({vocab.vocab_size} tokens, e.g. {vocab.genes[:3]}); data genes look like {cd.genes[:3]}: "
-                "set config gene_column to the var column holding the vocabulary's identifiers"
-            )
+            raise ConfigError(f"immunology: none of the {len(cd.genes)} genes of the data is in the model's vocabulary "
+                              f"({vocab.vocab_size} tokens, e.g. {vocab.genes[:3]}); data genes look like {cd.genes[:3]}: "
+                              "set config gene_column to the var column holding the vocabulary's identifiers")
         X_norm = _data.normalised_expression(cd.X, cd.input_type)
         data_medians = _data.gene_nonzero_medians(X_norm)
         if c["model"] and vocab.medians:
@@ -252,12 +242,8 @@ class ImmunologyAdapter(DomainAdapter):
                          seed=c["seed"])
 
     def model(self, spec: str | None = None) -> nn.Module:
-        """The default masked-gene BERT (trained here once per config and data) or a checkpoint.
-
-        Default: ``BertForMaskedLM`` trained on the train-split cells by :func:`.model.train_model`,
-        kept by the run context (``ctx.cached``: on disk in a run, so every later stage reloads it;
-        in memory otherwise). A directory (config ``model``) loads offline with its own vocabulary.
-        """
+        """The default masked-gene BERT, trained on the train-split cells once per config and data
+        (kept by ``ctx.cached``), or the checkpoint of config ``model`` with its own vocabulary."""
         path = self.config["model"] if spec is None else spec
         if path and path != self.config["model"]:
             raise ConfigError("immunology: give a checkpoint through config 'model' (its vocabulary decides the tokens)")
@@ -269,7 +255,7 @@ class ImmunologyAdapter(DomainAdapter):
 
             def build() -> tuple[nn.Module, GeneVocab, dict[str, Any]]:
                 m, result = train_model(ms, vocab, train, trainer_options=self.trainer_options)
-                return m, vocab, {"spec": asdict(ms), **asdict(result)}
+                return m, vocab, {"spec": asdict(ms), **result}
 
             model, self.vocab, self.training_info = self.ctx.cached(
                 "immunology-model", stable_key(asdict(ms), vocab.tokens, train), build,
@@ -325,8 +311,7 @@ class ImmunologyAdapter(DomainAdapter):
 
     @property
     def sae_site(self) -> str:
-        """``sae_layer``, default the penultimate layer: Geneformer's default for cell embeddings
-        (the last layer specialises in the masked-gene objective)."""
+        """``sae_layer``, default the penultimate layer (Geneformer's cell-embedding default)."""
         return self.layer_site("sae_layer") or f"layer.{max(0, self.n_layers - 2)}"
 
     @property
@@ -339,10 +324,8 @@ class ImmunologyAdapter(DomainAdapter):
         """Where the steering read-out probe reads: ``readout_layer`` (default: the last layer)."""
         return self.layer_site("readout_layer") or f"layer.{self.n_layers - 1}"
 
-    @property
-    def pooling(self) -> str:
-        """Mean over gene tokens (``position_mask``; not ``<cls>``/``<eos>``), Geneformer's cell embedding."""
-        return "masked"
+    #: mean over gene tokens (``position_mask``; not ``<cls>``/``<eos>``), Geneformer's cell embedding
+    pooling = "masked"
 
     # -- concepts, probes, baselines ------------------------------------------------------------------
     @property
@@ -362,14 +345,9 @@ class ImmunologyAdapter(DomainAdapter):
         return [t for t in wanted if obs[t].notna().all() and obs[t].nunique() > 1]
 
     def baseline_features(self, examples: Examples) -> dict[str, np.ndarray]:
-        """Three bars the model's embeddings are read against, probed through the same folds.
-
-        * ``pca<k>_logexpr``: PCA (50 components) of the log-normalised expression, the standard
-          single-cell view (fitted on all cells given, label-free);
-        * ``logexpr_genes``: the log-expression of the 2,000 most variable genes (config ``gene_baseline``);
-        * ``untrained_model``: the same architecture with random weights, same tokens, mean over
-          gene tokens at the last layer -- what the rank-value tokens give without any training.
-        """
+        """Bars the model's embeddings are read against, probed through the same folds: ``pca<k>_logexpr``
+        (PCA-50 of the log-normalised expression, label-free), ``logexpr_genes`` (the 2,000 most variable
+        genes; config ``gene_baseline``) and ``untrained_model`` (random weights, same tokens, last layer)."""
         dense, pcs = self.expression_views(examples.obs)
         out = {f"pca{pcs.shape[1]}_logexpr": pcs}
         if self.config["gene_baseline"]:
@@ -390,18 +368,17 @@ class ImmunologyAdapter(DomainAdapter):
 
     def _untrained_embeddings(self, examples: Examples) -> np.ndarray:
         """Last-layer cell embeddings (mean over gene tokens) of a randomly initialised model."""
-        vocab = self.vocabulary
         if self.config["model"]:
-            from transformers import AutoConfig, AutoModelForMaskedLM
+            from transformers import AutoConfig
 
             cfg = AutoConfig.from_pretrained(_model_dir(self.config["model"]), local_files_only=True, trust_remote_code=False)
             torch.manual_seed(self.config["seed"])
-            model = AutoModelForMaskedLM.from_config(cfg).eval()
+            model = auto_model_class(cfg).from_config(cfg).eval()
         else:
-            from .model import build_model
-
-            model = build_model(self.model_spec(), vocab).eval()
-        return last_layer_embeddings(model, self.batches(examples, model, batch_size=64))
+            model = build_model(self.model_spec(), self.vocabulary).eval()
+        batches = self.batches(examples, model, batch_size=64)
+        last = f"layer.{self.n_layers - 1}"
+        return pooled_activations(model, batches, last, pooling="masked", aliases=self.aliases).astype(np.float32)
 
     def log_expression(self, obs: pd.DataFrame) -> Any:
         """``log1p`` normalised expression of the cells of ``obs`` (by ``cell_id``), csr float32."""
@@ -410,11 +387,8 @@ class ImmunologyAdapter(DomainAdapter):
         return _data.log_expression(cd.X[pos.loc[obs["cell_id"].to_numpy()].to_numpy()], cd.input_type)
 
     def type_markers(self, n: int | None = None) -> dict[str, list[str]]:
-        """Top ``n`` data-driven markers per cell type (scanpy Wilcoxon, one vs rest, vocabulary genes).
-
-        Read from the log-normalised expression of every kept cell; used to score steering and
-        as context for canonical-marker recovery.
-        """
+        """Top ``n`` data-driven markers per cell type (scanpy Wilcoxon, one vs rest, vocabulary genes,
+        log-normalised expression of every kept cell): steering scores, context for marker recovery."""
         n = int(n or self.config["n_markers"])
         if n not in self._markers:
             import anndata as ad
@@ -451,31 +425,21 @@ class ImmunologyAdapter(DomainAdapter):
         """``{source_to_target: (target query, source query)}``: the vector points source -> target."""
         return {f"{_slug(s)}_to_{_slug(t)}": (f"cell_type == {t!r}", f"cell_type == {s!r}") for s, t in self.steer_pairs()}
 
-    def steering_scorer(self, ctx: RunContext, contrast: str) -> Scorer | None:
-        """Masked-gene predictions and a read-out probe on the contrast's source cells (:func:`.analyses.steering`)."""
-        return self._steering(ctx, contrast)[0]
-
     def steering_plans(self, ctx: RunContext) -> list[SteeringPlan]:
-        """One difference-of-means plan per steer pair at :attr:`steer_site`, beside the real target cells."""
+        """One difference-of-means plan per steer pair at :attr:`steer_site`, scored on the source cells
+        beside the real target cells (:func:`.analyses.steering`)."""
         plans = []
-        for name, (a, b) in self.contrasts.items():
-            scorer, reference = self._steering(ctx, name)
+        for s, t in self.steer_pairs():
+            name = f"{_slug(s)}_to_{_slug(t)}"
+            scorer, reference = _a.steering(self, ctx, s, t)
             if scorer is not None:
-                plans.append(contrast_plan(ctx, name, a, b, scorer, site=self.steer_site, headline="p_target_type",
-                                           reference=reference))
+                plans.append(contrast_plan(ctx, name, *self.contrasts[name], scorer, site=self.steer_site,
+                                           headline="p_target_type", reference=reference))
         return plans
-
-    def _steering(self, ctx: RunContext, contrast: str) -> tuple[Scorer | None, Any]:
-        """(scorer on the source cells, ``reference(ctx)``: the same scores of real target cells, unsteered)."""
-        pairs = {f"{_slug(s)}_to_{_slug(t)}": (s, t) for s, t in self.steer_pairs()}
-        if contrast not in pairs:
-            return None, None
-        return _a.steering(self, ctx, *pairs[contrast])
 
     # -- analyses the stages run ----------------------------------------------------------------------
     def analyses(self) -> list[Analysis]:
-        """Data notes (examples), masked-gene accuracy (model), cell-type macro-F1 vs PCA (probes),
-        cell-type features, marker recovery, technical features, the .h5ad and UMAPs (features)."""
+        """One per stage (examples, model, probes, features): the functions of :mod:`.analyses`."""
         return [Analysis("data notes", "examples", lambda ctx: _a.data_notes(self, ctx)),
                 Analysis("masked-gene accuracy", "model", lambda ctx: _a.masked_gene_rows(self, ctx)),
                 Analysis("cell-type macro-F1", "probes", _a.cell_type_f1),
@@ -484,9 +448,6 @@ class ImmunologyAdapter(DomainAdapter):
 
 def _model_dir(spec: str | Path) -> Path:
     """A local Hugging Face model directory (config ``model``); ConfigError otherwise."""
-    path = Path(str(spec)).expanduser()
-    if not path.exists():
-        raise ConfigError(f"immunology: model path {str(path)!r} does not exist (config 'model')")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise ConfigError(f"immunology: {str(path)!r} is not a Hugging Face model directory (no config.json)")
-    return path
+    if not Path(str(spec)).expanduser().exists():
+        raise ConfigError(f"immunology: model path {str(spec)!r} does not exist (config 'model')")
+    return checkpoint_dir(spec)

@@ -4,7 +4,7 @@
 * :func:`masked_gene_rows` (model): held-out masked-gene accuracy beside a rank-position baseline;
 * :func:`cell_type_f1` (probes): cell-type macro-F1 of the best layer beside the PCA baseline;
 * :func:`feature_rows` (features): cell-type and technical features, marker recovery, ``cells.h5ad``, UMAPs;
-* :func:`cell_scorer`: masked-gene and read-out-probe scores of cells, for the steering plans.
+* :func:`steering`: masked-gene and read-out-probe scores of cells, for the steering plans.
 """
 
 from __future__ import annotations
@@ -20,17 +20,8 @@ from torch import nn
 
 from sciscope.core.experiment import Scorer
 
-from .features import (
-    TECHNICAL,
-    cell_type_feature_table,
-    gene_drivers,
-    marker_recovery,
-    plain_frame,
-    results_anndata,
-    technical_feature_table,
-    top_driver_genes,
-    write_h5ad,
-)
+from .features import (TECHNICAL, cell_type_feature_table, gene_drivers, marker_recovery, results_anndata,
+                       technical_feature_table, top_driver_genes, write_h5ad)
 from .markers import marker_table
 from .model import masked_gene_accuracy
 from .tokenize import collate
@@ -129,8 +120,8 @@ def feature_rows(adapter: "ImmunologyAdapter", ctx: "RunContext") -> list[dict[s
     tech = technical_feature_table(analysis, [t for t in TECHNICAL if t in adapter.concepts], c["technical_rho"], ct)
     rec, control = marker_recovery(adapter, analysis, drivers, ct)
     top = top_driver_genes(drivers, c["top_genes"])
-    adata = results_anndata(adapter, store, A, analysis, drivers)
-    adata.uns.update(technical_features=plain_frame(tech), marker_recovery=plain_frame(rec), gene_drivers_top=plain_frame(top))
+    adata = results_anndata(adapter, store, A, drivers, sae_features=analysis.features, cell_type_features=ct,
+                            technical_features=tech, marker_recovery=rec, gene_drivers_top=top)
     umap_figures(adata, A, ct, site=adapter.sae_site, n_features=c["n_umap_features"], seed=c["seed"], output=ctx.output)
     write_h5ad(adata, ctx.output("cells.h5ad"))
     src = {name: ctx.write_table(f"{name}.csv", t) for name, t in
@@ -169,34 +160,39 @@ def pick_cells(adapter: "ImmunologyAdapter", ctx: "RunContext", cell_type: str) 
     return cells
 
 
-def cell_scorer(adapter: "ImmunologyAdapter", ctx: "RunContext", src: str, tgt: str) -> Any:
-    """``score(cells) -> fn(model) -> per-cell scores`` for steering ``src`` -> ``tgt``; None when the
-    read-out probe never saw ``tgt``. ``score.has_head``: whether the model predicts masked genes.
+def steering(adapter: "ImmunologyAdapter", ctx: "RunContext", src: str, tgt: str) -> tuple[Scorer | None, Any]:
+    """(:class:`Scorer` of the held-out ``src`` cells when steering ``src`` -> ``tgt``, ``reference(ctx)``:
+    the same scores of real ``tgt`` cells, unsteered); ``(None, None)`` when the read-out probe never saw ``tgt``.
 
     Scores, one value per cell:
 
-    * ``target_marker_prob`` / ``source_marker_prob``: at 15% masked gene positions (seeded: the
-      same under every alpha and control, at least one per cell), the probability the masked-gene
-      head puts on the target (source) type's top ``n_markers`` Wilcoxon markers (softmax over
-      gene tokens; genes on both lists left out), averaged over the cell's masked positions;
+    * ``target_marker_prob`` / ``source_marker_prob`` (target / off target): at 15% masked gene
+      positions (seeded: the same under every alpha and control, at least one per cell), the
+      probability the masked-gene head puts on the target (source) type's top ``n_markers`` Wilcoxon
+      markers (softmax over gene tokens; genes on both lists left out), averaged over the cell's masked positions;
     * ``masked_gene_accuracy`` (damage): the share of those positions whose gene it gets right;
-    * ``p_target_type`` / ``frac_classified_target``: a logistic probe of cell type on the
+    * ``p_target_type`` (target) / ``frac_classified_target``: a logistic probe of cell type on the
       read-out layer, fitted on the unsteered, pooled training cells of the run's store -- its
       probability of the target type and whether it assigns the cell to it.
+
+    Checkpoints without a masked-gene head are scored by the probe only.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from sciscope.core.capture import capture, pool
+    from sciscope.core.capture import pooled_activations
 
+    if int(adapter.steer_site.split(".")[-1]) > int(adapter.readout_site.split(".")[-1]):
+        warnings.warn(f"immunology: steering site {adapter.steer_site!r} is after the read-out layer "
+                      f"{adapter.readout_site!r}; the probe cannot see the injected vector", stacklevel=2)
     vocab, c, readout, store = adapter.vocabulary, adapter.config, adapter.readout_site, ctx.store()
     train = store.obs["split"].to_numpy() == "train"
     train = np.flatnonzero(train) if train.sum() >= 10 else np.arange(store.n_obs)
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0, random_state=c["seed"]))
     probe.fit(np.asarray(store.array(readout), dtype=np.float64)[train], store.obs["cell_type"].astype(str).to_numpy()[train])
     if tgt not in probe.classes_:
-        return None
+        return None, None
     t_idx = list(probe.classes_).index(tgt)
     markers = adapter.type_markers()
     tm, sm = set(markers.get(tgt, [])), set(markers.get(src, []))
@@ -206,7 +202,7 @@ def cell_scorer(adapter: "ImmunologyAdapter", ctx: "RunContext", src: str, tgt: 
     t_cols, s_cols = (col[torch.as_tensor([vocab.ids[g] for g in sorted(a - b) if g in vocab.ids], dtype=torch.long)]
                       for a, b in ((tm, sm), (sm, tm)))
     seqs = [vocab.encode(list(g)) for g in ctx.examples().inputs]
-    has_head = hasattr(ctx.model(), "cls")
+    head = int(hasattr(ctx.model(), "cls"))  # whether the model predicts masked genes
 
     def score(cells: np.ndarray) -> Callable[[nn.Module], dict[str, np.ndarray]]:
         batches = [collate([seqs[i] for i in cells[j:j + 64]], vocab) for j in range(0, cells.size, 64)]
@@ -223,14 +219,10 @@ def cell_scorer(adapter: "ImmunologyAdapter", ctx: "RunContext", src: str, tgt: 
             was = m.training
             m.eval()
             try:
-                with capture(m, [readout], aliases=adapter.aliases) as cap, torch.inference_mode():
-                    for b, chosen in zip(batches, masks):
-                        cap.clear()
-                        m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                        out.setdefault("h", []).append(pool(cap.records[readout][0], "masked", position_mask=b["position_mask"],
-                                                            site=readout)[0].double())
-                        if not has_head:
-                            continue
+                h = pooled_activations(m, batches, readout, pooling="masked", aliases=adapter.aliases)
+                proba = probe.predict_proba(h)
+                with torch.inference_mode():
+                    for b, chosen in zip(batches if head else [], masks):
                         logits = m(input_ids=b["input_ids"].masked_fill(chosen, vocab.special["mask"]),
                                    attention_mask=b["attention_mask"]).logits
                         prob = torch.softmax(logits[..., gene_ids].float(), dim=-1)  # (B, P, G)
@@ -241,29 +233,11 @@ def cell_scorer(adapter: "ImmunologyAdapter", ctx: "RunContext", src: str, tgt: 
                             out.setdefault(key, []).append((v * w).sum(1))
             finally:
                 m.train(was)
-            proba = probe.predict_proba(torch.cat(out.pop("h")).numpy())
             res = {k: torch.cat(v).numpy().astype(np.float64) for k, v in out.items()}
             return {**res, "p_target_type": proba[:, t_idx], "frac_classified_target": (proba.argmax(1) == t_idx).astype(float)}
 
         return fn
 
-    score.has_head = has_head  # type: ignore[attr-defined]
-    return score
-
-
-def steering(adapter: "ImmunologyAdapter", ctx: "RunContext", src: str, tgt: str) -> tuple[Scorer | None, Any]:
-    """(:class:`Scorer` of the ``src`` cells, ``reference(ctx)``: the same scores of real ``tgt`` cells, unsteered).
-
-    Targets: ``target_marker_prob`` and ``p_target_type``; off target: ``source_marker_prob``;
-    damage: ``masked_gene_accuracy`` (checkpoints without a masked-gene head: the probe only).
-    """
-    if int(adapter.steer_site.split(".")[-1]) > int(adapter.readout_site.split(".")[-1]):
-        warnings.warn(f"immunology: steering site {adapter.steer_site!r} is after the read-out layer "
-                      f"{adapter.readout_site!r}; the probe cannot see the injected vector", stacklevel=2)
-    score = cell_scorer(adapter, ctx, src, tgt)
-    if score is None:
-        return None, None
-    head = score.has_head
     scorer = Scorer(score(pick_cells(adapter, ctx, src)), target=["target_marker_prob"] * head + ["p_target_type"],
                     off_target=["source_marker_prob"] * head, damage=["masked_gene_accuracy"] * head)
 

@@ -1,21 +1,12 @@
 """Single-cell data for the immunology adapter: read, check, detect the input type, filter.
 
-Sources
--------
-``"pbmc68k_reduced"`` (the default) is the file scanpy ships in its package
-(``scanpy/datasets/10x_pbmc68k_reduced.h5ad``, what ``sc.datasets.pbmc68k_reduced()`` reads):
-700 PBMCs x 765 genes. Its ``.X`` is z-scored (negative values, unusable for ranking); its ``.raw``
-holds ``log1p(counts / n_counts * 1e4)`` of the same 765 genes (checked: every cell's ``expm1``
-values are integer multiples of ``1e4 / n_counts`` to within the 3-decimal rounding of the file),
-so the default reads ``.raw`` as log-normalised data. Labels are ``obs['bulk_labels']`` (10 types
-assigned by correlation with FACS-sorted reference profiles, not by hand).
-
-Any other value is a path to a user ``.h5ad``: raw counts or log-normalised values in ``.X``,
-``.raw`` or a layer (config ``matrix``), gene symbols in ``var_names`` or a named ``var`` column.
-
-Every problem with a user file is a :class:`~sciscope.core.errors.ConfigError` naming it: a path
-that does not exist or is not an h5ad file, a missing column, NaN or negative values (with the
-first offending cell and gene), or no cell left after filtering.
+``"pbmc68k_reduced"`` (the default) is the file scanpy ships (``scanpy/datasets/10x_pbmc68k_reduced.h5ad``):
+700 PBMCs x 765 genes. Its ``.X`` is z-scored (unusable for ranking); its ``.raw`` holds
+``log1p(counts / n_counts * 1e4)`` of the same genes (checked: every cell's ``expm1`` values are
+integer multiples of ``1e4 / n_counts`` to within the file's 3-decimal rounding), so the default
+reads ``.raw`` as log-normalised data. Labels are ``obs['bulk_labels']`` (10 types assigned by
+correlation with FACS-sorted reference profiles). Any other source is a path to a user ``.h5ad``.
+Every problem with a user file is a :class:`~sciscope.core.errors.ConfigError` naming it.
 """
 
 from __future__ import annotations
@@ -45,21 +36,9 @@ _MAX_LOG_VALUE = 25.0
 
 @dataclass
 class CellData:
-    """Cells x genes after checks and filters, with what was detected about them.
-
-    Attributes
-    ----------
-    X : csr_matrix
-        ``(n_cells, n_genes)`` float32, as read (counts, log-normalised or normalised), >= 0.
-    genes : list[str]
-        Gene identifiers (symbols from ``var_names`` or the ``gene_column``), unique.
-    obs : DataFrame
-        One row per cell: ``cell_id``, ``cell_type`` and the file's own obs columns.
-    input_type : str
-        ``"counts"``, ``"lognorm"`` or ``"normalized"`` (detected or given).
-    notes : dict
-        Source, matrix used, how the input type was decided, filter counts, duplicates.
-    """
+    """Cells x genes after checks and filters: ``X`` ``(n_cells, n_genes)`` csr float32 as read (>= 0),
+    unique gene identifiers, ``obs`` (``cell_id``, ``cell_type``, the file's columns), the detected
+    ``input_type`` and ``notes`` (source, matrix, how the type was decided, filter counts)."""
 
     X: sp.csr_matrix
     genes: list[str]
@@ -68,24 +47,9 @@ class CellData:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def bundled_path() -> Path:
-    """The ``pbmc68k_reduced`` file inside the installed scanpy package (no download)."""
-    spec = importlib.util.find_spec("scanpy")
-    if spec is None or spec.origin is None:
-        raise ConfigError("immunology: source 'pbmc68k_reduced' needs scanpy (pip install 'sciscope[immunology]')")
-    path = Path(spec.origin).parent / "datasets" / "10x_pbmc68k_reduced.h5ad"
-    if not path.is_file():
-        raise ConfigError(f"immunology: scanpy's bundled dataset is missing at {path}")
-    return path
-
-
 def read_h5ad(path: str | Path) -> Any:
-    """Read an ``.h5ad`` file with anndata; a clear :class:`ConfigError` when it is not one.
-
-    The file's first bytes are checked for the HDF5 signature before anndata opens it, so a CSV,
-    a loom-less text file or a truncated download is named as "not an h5ad file", not as an
-    h5py traceback.
-    """
+    """Read an ``.h5ad`` file with anndata; a :class:`ConfigError` when it is not one (the HDF5
+    signature is checked first, so a CSV or a truncated download is named, not an h5py traceback)."""
     import anndata as ad
 
     p = Path(str(path)).expanduser()
@@ -96,10 +60,8 @@ def read_h5ad(path: str | Path) -> Any:
     with open(p, "rb") as f:
         head = f.read(len(_HDF5_MAGIC))
     if head != _HDF5_MAGIC:
-        raise ConfigError(
-            f"immunology: {str(p)!r} is not an h5ad file (no HDF5 signature; starts with {head[:8]!r}); "
-            "save AnnData objects with adata.write_h5ad(path)"
-        )
+        raise ConfigError(f"immunology: {str(p)!r} is not an h5ad file (no HDF5 signature; starts with {head[:8]!r}); "
+                          "save AnnData objects with adata.write_h5ad(path)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # old-format notices of anndata
@@ -111,12 +73,7 @@ def read_h5ad(path: str | Path) -> Any:
 def _select_matrix(adata: Any, matrix: str) -> tuple[Any, list[str], pd.DataFrame, str]:
     """(matrix, gene names, var table, description) for config ``matrix``."""
     if matrix == "auto":
-        if "counts" in adata.layers:
-            matrix = "counts"
-        elif adata.raw is not None:
-            matrix = "raw"
-        else:
-            matrix = "X"
+        matrix = "counts" if "counts" in adata.layers else "raw" if adata.raw is not None else "X"
     if matrix == "X":
         return adata.X, list(adata.var_names), adata.var, ".X"
     if matrix == "raw":
@@ -125,10 +82,8 @@ def _select_matrix(adata: Any, matrix: str) -> tuple[Any, list[str], pd.DataFram
         return adata.raw.X, list(adata.raw.var_names), adata.raw.var, ".raw.X"
     if matrix in adata.layers:
         return adata.layers[matrix], list(adata.var_names), adata.var, f".layers[{matrix!r}]"
-    raise ConfigError(
-        f"immunology: config matrix={matrix!r} is not 'auto', 'X', 'raw' or a layer of the file; "
-        f"layers: {list(adata.layers) or 'none'}"
-    )
+    raise ConfigError(f"immunology: config matrix={matrix!r} is not 'auto', 'X', 'raw' or a layer of the file; "
+                      f"layers: {list(adata.layers) or 'none'}")
 
 
 def _check_values(X: sp.csr_matrix, genes: list[str], cells: pd.Index, where: str) -> None:
@@ -141,19 +96,16 @@ def _check_values(X: sp.csr_matrix, genes: list[str], cells: pd.Index, where: st
             row = int(np.searchsorted(X.indptr, k, side="right") - 1)
             col = int(X.indices[k])
             hint = " (z-scored data, e.g. after sc.pp.scale? give counts or log-normalised values)" if what == "negative" else ""
-            raise ConfigError(
-                f"immunology: {where} holds {n_bad} {what} value(s); first at cell {str(cells[row])!r}, "
-                f"gene {genes[col]!r} ({float(data[k])!r}){hint}"
-            )
+            raise ConfigError(f"immunology: {where} holds {n_bad} {what} value(s); first at cell {str(cells[row])!r}, "
+                              f"gene {genes[col]!r} ({float(data[k])!r}){hint}")
 
 
 def detect_input_type(X: sp.csr_matrix, declared: str = "auto") -> tuple[str, str]:
     """Decide whether non-negative expression is raw counts, log-normalised or normalised.
 
-    Rules (on the stored non-zero values): all integers -> ``"counts"``; otherwise a maximum at
-    most 25 (``log1p`` of 7e10) -> ``"lognorm"``; otherwise ``"normalized"`` (per-cell scaled but
-    not logged). A declared type other than ``"auto"`` is kept, but a declared ``"counts"`` with
-    non-integer values is an error (it would be ranked wrongly).
+    On the stored non-zero values: all integers -> ``"counts"``; else a maximum <= 25 (``log1p`` of
+    7e10) -> ``"lognorm"``; else ``"normalized"``. A declared type other than ``"auto"`` is kept, but
+    a declared ``"counts"`` with non-integer values is an error (it would be ranked wrongly).
 
     Returns
     -------
@@ -178,12 +130,8 @@ def detect_input_type(X: sp.csr_matrix, declared: str = "auto") -> tuple[str, st
 
 
 def normalised_expression(X: sp.csr_matrix, input_type: str, target_sum: float = 1e4) -> sp.csr_matrix:
-    """Per-cell normalised expression on a linear scale (what rank-value encoding ranks).
-
-    Counts are scaled to ``target_sum`` per cell (Geneformer normalises by each cell's total
-    count); log-normalised values are ``expm1``'d back; normalised values are used as they are.
-    Ranks within a cell do not depend on the cell's scale factor, only on the gene medians.
-    """
+    """Per-cell normalised expression on a linear scale (what rank-value encoding ranks): counts
+    scaled to ``target_sum`` per cell (as Geneformer), log-normalised values ``expm1``'d back."""
     X = sp.csr_matrix(X, dtype=np.float64, copy=True)
     if input_type == "counts":
         totals = np.asarray(X.sum(1)).ravel()
@@ -204,10 +152,7 @@ def log_expression(X: sp.csr_matrix, input_type: str) -> sp.csr_matrix:
 
 
 def gene_nonzero_medians(X_norm: sp.csr_matrix) -> np.ndarray:
-    """Median of each gene's non-zero normalised values over cells (Geneformer's normaliser).
-
-    Genes never expressed get NaN (they never enter a cell's ranking).
-    """
+    """Median of each gene's non-zero normalised values over cells (Geneformer's normaliser); NaN if never expressed."""
     C = sp.csc_matrix(X_norm)
     out = np.full(C.shape[1], np.nan)
     for j in range(C.shape[1]):
@@ -224,78 +169,48 @@ def stratified_split(labels: pd.Series, test_fraction: float, seed: int) -> np.n
     split = np.full(len(labels), "train", dtype=object)
     for _, idx in pd.Series(np.arange(len(labels))).groupby(labels.to_numpy()):
         idx = idx.to_numpy()
-        n_test = int(round(test_fraction * idx.size))
-        n_test = min(n_test, idx.size - 1)
+        n_test = min(int(round(test_fraction * idx.size)), idx.size - 1)
         if n_test > 0:
             split[rng.choice(idx, n_test, replace=False)] = "test"
     return split
 
 
 def _find_cell_type_column(obs: pd.DataFrame, column: str, source: str) -> str:
-    if column:
-        if column not in obs.columns:
-            raise ConfigError(
-                f"immunology: config cell_type_column={column!r} is not an obs column of {source}; "
-                f"obs columns: {list(obs.columns)}"
-            )
-        return column
-    for c in _CELL_TYPE_CANDIDATES:
-        if c in obs.columns:
-            return c
-    raise ConfigError(
-        f"immunology: cannot tell which obs column of {source} holds cell types; set config cell_type_column "
-        f"to one of {list(obs.columns)}"
-    )
+    if column and column not in obs.columns:
+        raise ConfigError(f"immunology: config cell_type_column={column!r} is not an obs column of {source}; "
+                          f"obs columns: {list(obs.columns)}")
+    found = column or next((c for c in _CELL_TYPE_CANDIDATES if c in obs.columns), None)
+    if found:
+        return found
+    raise ConfigError(f"immunology: cannot tell which obs column of {source} holds cell types; set config cell_type_column "
+                      f"to one of {list(obs.columns)}")
 
 
-def load_cells(
-    source: str = BUNDLED,
-    *,
-    matrix: str = "auto",
-    input_type: str = "auto",
-    gene_column: str = "",
-    cell_type_column: str = "",
-    library_size_column: str = "n_counts",
-    min_genes: int = 10,
-    min_cells_per_type: int = 5,
-    n_cells: int = 0,
-    seed: int = 0,
-) -> CellData:
+def load_cells(source: str = BUNDLED, *, matrix: str = "auto", input_type: str = "auto", gene_column: str = "",
+               cell_type_column: str = "", library_size_column: str = "n_counts", min_genes: int = 10,
+               min_cells_per_type: int = 5, n_cells: int = 0, seed: int = 0) -> CellData:
     """Read, check and filter cells; detect raw counts vs log-normalised input.
 
     Parameters
     ----------
-    source
-        ``"pbmc68k_reduced"`` or a path to an ``.h5ad`` file.
-    matrix
-        ``"auto"`` (a ``counts`` layer, else ``.raw``, else ``.X``), ``"X"``, ``"raw"`` or a layer name.
-    input_type
-        ``"auto"`` (detected) or ``"counts"`` / ``"lognorm"`` / ``"normalized"``.
-    gene_column
-        ``var`` column with gene identifiers ("" = ``var_names``), e.g. Ensembl ids for a
-        Geneformer token dictionary.
-    cell_type_column
-        ``obs`` column of cell-type labels ("" = the first of cell_type, celltype, bulk_labels ...).
+    source, matrix, input_type, gene_column, cell_type_column, min_genes, min_cells_per_type, n_cells, seed
+        As the adapter's config keys of the same names (see their help).
     library_size_column
-        ``obs`` column of total counts per cell; "" or missing: computed from counts, or left
-        out (NaN) for normalised input, where it cannot be recovered in general.
-    min_genes
-        Cells with fewer expressed genes are dropped.
-    min_cells_per_type
-        Cell types with fewer cells (after ``min_genes``) are dropped (cross-validated probes need
-        several cells per class).
-    n_cells
-        Seeded subsample of this many cells, stratified by type (0 = all).
-    seed
-        For the subsample.
+        ``obs`` column of total counts per cell; "" or missing: computed from counts, or NaN for
+        normalised input, where it cannot be recovered in general.
 
     Raises
     ------
     ConfigError
         Bad path or file, missing column, NaN/inf/negative values, no cells left after filtering.
     """
-    if source == BUNDLED:
-        adata = read_h5ad(bundled_path())
+    if source == BUNDLED:  # the file inside the installed scanpy package (no download)
+        spec = importlib.util.find_spec("scanpy")
+        path = Path(spec.origin).parent / "datasets" / "10x_pbmc68k_reduced.h5ad" if spec and spec.origin else None
+        if path is None or not path.is_file():
+            raise ConfigError(f"immunology: source 'pbmc68k_reduced' needs scanpy's bundled dataset (pip install "
+                              f"'sciscope[immunology]'); not found at {path}")
+        adata = read_h5ad(path)
         src = "scanpy's bundled pbmc68k_reduced (10x PBMC 68k, 700-cell subsample)"
         if not cell_type_column:
             cell_type_column = "bulk_labels"
@@ -307,10 +222,8 @@ def load_cells(
     X, genes, var, where = _select_matrix(adata, matrix)
     if gene_column:
         if gene_column not in var.columns:
-            raise ConfigError(
-                f"immunology: config gene_column={gene_column!r} is not a var column of {src} ({where}); "
-                f"var columns: {list(var.columns)}"
-            )
+            raise ConfigError(f"immunology: config gene_column={gene_column!r} is not a var column of {src} ({where}); "
+                              f"var columns: {list(var.columns)}")
         genes = [str(g) for g in var[gene_column]]
     genes = [str(g) for g in genes]
     X = sp.csr_matrix(X, dtype=np.float32)
@@ -319,8 +232,7 @@ def load_cells(
     kind, reason = detect_input_type(X, input_type)
 
     # duplicate gene identifiers (e.g. symbols shared by two Ensembl ids): keep the first
-    ser = pd.Series(genes)
-    dup = ser.duplicated().to_numpy()
+    dup = pd.Series(genes).duplicated().to_numpy()
     n_dup = int(dup.sum())
     if n_dup:
         X = X[:, np.flatnonzero(~dup)]

@@ -1,11 +1,6 @@
-"""What the immunology adapter reads off SAE features: cell types, technical covariates, genes.
-
-* :func:`cell_type_feature_table` / :func:`technical_feature_table`: features specific to a cell
-  type, or tracking a technical covariate, each beside the same rule on shuffled labels;
-* :func:`gene_drivers` (via :func:`token_shares`): which gene tokens a feature reads;
-  :func:`marker_recovery`: canonical markers among the drivers of cell-type-specific features;
-* :func:`results_anndata`: the cells with embeddings, SAE activations and driver scores attached.
-"""
+"""What the immunology adapter reads off SAE features: cell types and technical covariates (each
+beside the same rule on shuffled labels), the gene tokens a feature reads, canonical markers among
+them, and the results AnnData."""
 
 from __future__ import annotations
 
@@ -23,8 +18,6 @@ from sciscope.core.io import atomic_path
 from .markers import marker_table
 
 if TYPE_CHECKING:
-    from sciscope.core.context import RunContext
-
     from .adapter import ImmunologyAdapter
 
 __all__ = ["cell_type_feature_table", "gene_drivers", "marker_recovery", "results_anndata",
@@ -39,20 +32,19 @@ def cell_type_feature_table(analysis: Any, threshold: float) -> pd.DataFrame:
     A feature is *specific* when that AUROC >= ``threshold`` and q < 0.05; the same rule on the
     shuffled-label associations gives ``specific_shuffled`` (the control).
     """
-    def best(assoc: pd.DataFrame | None) -> pd.DataFrame:
-        if assoc is None or assoc.empty:
-            return pd.DataFrame(columns=["feature", "cell_type", "auroc", "q", "significant"])
-        a = assoc[(assoc["concept"] == "cell_type") & (assoc["stat"] == "auroc")]
-        a = a[np.isfinite(a["statistic"].to_numpy(dtype=np.float64))]
-        a = a.sort_values(["feature", "statistic"], ascending=[True, False], kind="stable").drop_duplicates("feature")
-        return a.rename(columns={"value": "cell_type", "statistic": "auroc"})[["feature", "cell_type", "auroc", "q", "significant"]]
+    cols = ["feature", "cell_type", "auroc", "q", "significant"]
 
-    obs_best = best(analysis.associations)
-    obs_best["specific"] = obs_best["significant"].astype(bool) & (obs_best["auroc"] >= threshold)
-    ctrl = best(analysis.control_associations).rename(columns={
-        "cell_type": "cell_type_shuffled", "auroc": "auroc_shuffled", "q": "q_shuffled", "significant": "significant_shuffled"})
-    ctrl["specific_shuffled"] = ctrl["significant_shuffled"].astype(bool) & (ctrl["auroc_shuffled"] >= threshold)
-    out = obs_best.merge(ctrl, on="feature", how="left")
+    def best(assoc: pd.DataFrame | None, suffix: str = "") -> pd.DataFrame:
+        a = pd.DataFrame(columns=cols) if assoc is None or assoc.empty else assoc
+        if len(a):
+            a = a[(a["concept"] == "cell_type") & (a["stat"] == "auroc")]
+            a = a[np.isfinite(a["statistic"].to_numpy(dtype=np.float64))]
+            a = a.sort_values(["feature", "statistic"], ascending=[True, False], kind="stable").drop_duplicates("feature")
+            a = a.rename(columns={"value": "cell_type", "statistic": "auroc"})[cols]
+        a = a.assign(specific=a["significant"].astype(bool) & (a["auroc"] >= threshold))
+        return a.rename(columns={c: c + suffix for c in [*cols[1:], "specific"]})
+
+    out = best(analysis.associations).merge(best(analysis.control_associations, "_shuffled"), on="feature", how="left")
     return analysis.density[["feature", "density"]].merge(out, on="feature", how="left").reset_index(drop=True)
 
 
@@ -62,21 +54,16 @@ def technical_feature_table(analysis: Any, covariates: list[str], threshold: flo
     specific = set(ct.loc[ct["specific"].fillna(False).astype(bool), "feature"])
     rows = []
     for cov in covariates:
-        def of(a: pd.DataFrame | None) -> pd.DataFrame:
-            return a[a["concept"] == cov] if a is not None and not a.empty else pd.DataFrame(columns=["feature", "effect", "significant"])
-
-        def hits(a: pd.DataFrame) -> set[int]:
-            return set(a.loc[a["significant"].astype(bool) & (a["effect"].abs() >= threshold), "feature"].astype(int))
-
-        def max_rho(a: pd.DataFrame) -> float:
+        hits, rho = [], []  # observed, shuffled
+        for a in (analysis.associations, analysis.control_associations):
+            empty = a is None or a.empty
+            a = pd.DataFrame(columns=["feature", "effect", "significant"]) if empty else a[a["concept"] == cov]
             e = a["effect"].abs().to_numpy(dtype=np.float64)
-            return float(e[np.isfinite(e)].max()) if np.isfinite(e).any() else float("nan")
-
-        obs, ctrl = of(analysis.associations), of(analysis.control_associations)
-        found = hits(obs)
-        rows.append({"covariate": cov, "n_features": len(found), "n_features_shuffled": len(hits(ctrl)),
-                     "max_abs_rho": max_rho(obs), "max_abs_rho_shuffled": max_rho(ctrl),
-                     "n_also_cell_type_specific": len(found & specific),
+            hits.append(set(a.loc[a["significant"].astype(bool).to_numpy() & (e >= threshold), "feature"].astype(int)))
+            rho.append(float(e[np.isfinite(e)].max()) if np.isfinite(e).any() else float("nan"))
+        found = hits[0]
+        rows.append({"covariate": cov, "n_features": len(found), "n_features_shuffled": len(hits[1]), "max_abs_rho": rho[0],
+                     "max_abs_rho_shuffled": rho[1], "n_also_cell_type_specific": len(found & specific),
                      "features": " ".join(str(f) for f in sorted(found)[:50])})
     return pd.DataFrame(rows)
 
@@ -108,13 +95,11 @@ def token_shares(sae: Any, h: torch.Tensor, position_mask: torch.Tensor) -> tupl
 
 
 def gene_drivers(adapter: "ImmunologyAdapter", model: nn.Module, sae: Any, site: str | None = None) -> pd.DataFrame:
-    """Gene x feature driver scores: each gene token's mean share of a feature's pre-activation.
+    """Gene x feature driver scores: gene ``g``'s share of feature ``f``'s pre-activation
+    (:func:`token_shares`) summed over the cells where ``f`` fires, divided by how many cells that is.
 
-    A cell's pre-activation of feature ``f`` is exactly the sum of its tokens' shares
-    (:func:`token_shares`); the driver score of gene ``g`` for ``f`` is ``g``'s share summed over
-    the cells where ``f`` fires, divided by how many cells that is. It says which gene tokens the
-    feature reads at its layer (not which input genes cause it through earlier layers). The
-    store holds pooled embeddings only, so this runs the model once more for per-token ones.
+    It says which gene tokens the feature reads at its layer (not which input genes cause it through
+    earlier layers). The store holds pooled embeddings only, so this runs the model once more.
 
     Returns
     -------
@@ -159,10 +144,9 @@ def marker_recovery(adapter: "ImmunologyAdapter", analysis: Any, drivers: pd.Dat
                     n_random: int = 50) -> tuple[pd.DataFrame, float]:
     """Canonical markers recovered by the driver genes of a cell-type-specific feature.
 
-    A testable marker (gene in the vocabulary, cell type in the data) is *recovered* when a
-    feature specific to one of its cell types (``ct``) has the marker among its top ``top_genes``
-    driver genes. Also listed: the best feature for the marker's types, the marker's driver rank
-    there, and its Wilcoxon rank among the type's markers (is it a marker *in this data* at all?).
+    A testable marker (gene in the vocabulary, cell type in the data) is *recovered* when a feature
+    specific to one of its cell types (``ct``) has it among its top ``top_genes`` driver genes. Also
+    listed: the best feature for its types, its driver rank there, and its Wilcoxon rank in the type.
 
     Returns
     -------
@@ -207,15 +191,13 @@ def marker_recovery(adapter: "ImmunologyAdapter", analysis: Any, drivers: pd.Dat
     return pd.DataFrame(rows), float(np.mean(counts)) if counts else float("nan")
 
 
-def results_anndata(adapter: "ImmunologyAdapter", store: Any, latents: np.ndarray, analysis: Any | None = None,
-                    drivers: pd.DataFrame | None = None) -> Any:
+def results_anndata(adapter: "ImmunologyAdapter", store: Any, latents: np.ndarray, drivers: pd.DataFrame | None = None,
+                    **tables: pd.DataFrame) -> Any:
     """An AnnData of the kept cells with the run's results attached.
 
     ``X``: log-normalised expression (``var['in_vocabulary']``, ``var['median']``); ``obs``: the
-    store's obs; ``obsm``: ``X_<site>`` cell embeddings of every captured site, ``X_sae`` the SAE
-    feature activations, ``X_pca`` of the expression; ``varm['sae_driver']``: gene x feature driver
-    scores (0 for genes the vocabulary lacks); ``uns``: the feature tables. ``sc.pp.neighbors(adata,
-    use_rep="X_layer.2")`` then ``sc.tl.umap`` / ``sc.pl.umap`` work on any of them.
+    store's obs; ``obsm``: ``X_<site>`` embeddings of every captured site, ``X_sae``, ``X_pca``;
+    ``varm['sae_driver']``: gene x feature driver scores (0 off the vocabulary); ``uns``: ``tables``.
     """
     import anndata as ad
 
@@ -240,9 +222,7 @@ def results_anndata(adapter: "ImmunologyAdapter", store: Any, latents: np.ndarra
     adata.uns["sciscope"] = {"domain": adapter.name, "sae_site": adapter.sae_site, "sites": list(store.sites),
                              "pooling": adapter.pooling, **{k: n[k] for k in ("input_type", "input_type_reason", "matrix",
                                                                                "source", "n_genes_unknown", "max_genes")}}
-    if analysis is not None:
-        adata.uns["sae_features"] = plain_frame(analysis.features)
-        adata.uns["cell_type_features"] = plain_frame(cell_type_feature_table(analysis, adapter.config["specific_auroc"]))
+    adata.uns.update({name: plain_frame(t) for name, t in tables.items()})
     return adata
 
 

@@ -1,15 +1,12 @@
 """Canonical PBMC marker genes and the cell types each one marks.
 
-The table is the textbook panel for peripheral blood (the Seurat/scanpy PBMC tutorials, and the
-markers the issue names): a marker is "recovered" when an SAE feature that is specific to one of
-its cell types is driven by that gene's token (see :func:`ImmunologyAdapter.marker_recovery`).
-
-Cell types are matched by regular expressions on the label text (case-insensitive), so the same
-table works for ``pbmc68k_reduced``'s ``bulk_labels`` ("CD19+ B", "CD14+ Monocyte", "CD56+ NK",
-"CD8+ Cytotoxic T" ...) and for common annotations of user data ("B cells", "CD14 Mono", "NK").
-A marker whose cell type is absent from the data (PPBP: platelets) or whose gene is absent from
-the data (CD14, CD34 and PPBP are not among the 765 genes of ``pbmc68k_reduced``) is reported as such,
-never dropped silently.
+The textbook panel for peripheral blood (the Seurat/scanpy PBMC tutorials); a marker is
+"recovered" when an SAE feature specific to one of its cell types is driven by that gene's token
+(:func:`.features.marker_recovery`). Cell types are matched by case-insensitive regular expressions
+on the label text, so the table fits ``pbmc68k_reduced``'s ``bulk_labels`` ("CD19+ B", "CD14+
+Monocyte" ...) and common annotations of user data ("B cells", "CD14 Mono", "NK"). A marker whose
+cell type or gene is absent from the data (PPBP: platelets; CD14, CD34 and PPBP are not among the
+765 genes of ``pbmc68k_reduced``) is reported as such, never dropped silently.
 """
 
 from __future__ import annotations

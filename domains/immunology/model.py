@@ -1,20 +1,16 @@
 """A small BERT masked-gene model (Geneformer's recipe at laptop scale), trained with Lightning.
 
-Geneformer is a BERT encoder pretrained by masked-gene prediction on rank-value encoded cells:
-15% of each cell's gene tokens are hidden and the model predicts which gene sat at that rank.
-:func:`train_model` does the same with ``transformers.BertForMaskedLM`` built from a small
-``BertConfig`` (random init), trained on the training cells with PyTorch Lightning on the CPU.
-
-A trained model is saved as a Hugging Face directory (``config.json`` + safetensors weights) with
-its :class:`~.tokenize.GeneVocab` (``sciscope_gene_vocab.json``) and ``training.json``, so it
-reloads without retraining (``from_pretrained``, offline, no remote code). A Geneformer checkpoint
-directory with a JSON token dictionary loads the same way (:func:`load_checkpoint`).
+Geneformer pretrains a BERT encoder by masked-gene prediction on rank-value encoded cells (15% of
+each cell's gene tokens hidden, the model predicts which gene sat at that rank). A trained model is
+saved as a Hugging Face directory with its :class:`~.tokenize.GeneVocab` and ``training.json``; a
+Geneformer checkpoint with a JSON token dictionary loads the same way (:func:`load_checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +24,8 @@ from sciscope.core.training import fit_lightning, loss_module
 
 from .tokenize import GeneVocab, collate
 
-__all__ = ["ModelSpec", "TrainResult", "build_model", "last_layer_embeddings", "load_checkpoint", "mask_genes", "masked_gene_accuracy",
-           "save_trained", "train_model"]
+__all__ = ["ModelSpec", "build_model", "load_checkpoint", "mask_genes", "masked_gene_accuracy", "save_trained",
+           "train_model"]
 
 
 @dataclass
@@ -49,30 +45,15 @@ class ModelSpec:
     seed: int = 0
 
 
-@dataclass
-class TrainResult:
-    """What training produced (also written as ``training.json``)."""
-
-    steps: int
-    seconds: float
-    steps_per_second: float
-    final_loss: float
-    n_train: int
-    history: list[dict[str, float]]
-
-
 def build_model(spec: ModelSpec, vocab: GeneVocab) -> nn.Module:
     """A randomly initialised ``BertForMaskedLM`` of the spec's size over ``vocab``."""
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(spec.seed)
-    cfg = BertConfig(
-        vocab_size=vocab.vocab_size, hidden_size=spec.hidden, num_hidden_layers=spec.n_layers,
-        num_attention_heads=spec.n_heads, intermediate_size=4 * spec.hidden,
-        max_position_embeddings=spec.max_genes + (2 if vocab.use_cls else 0), type_vocab_size=1,
-        pad_token_id=vocab.special["pad"], hidden_dropout_prob=spec.dropout,
-        attention_probs_dropout_prob=spec.dropout,
-    )
+    cfg = BertConfig(vocab_size=vocab.vocab_size, hidden_size=spec.hidden, num_hidden_layers=spec.n_layers,
+                     num_attention_heads=spec.n_heads, intermediate_size=4 * spec.hidden, type_vocab_size=1,
+                     max_position_embeddings=spec.max_genes + (2 if vocab.use_cls else 0), pad_token_id=vocab.special["pad"],
+                     hidden_dropout_prob=spec.dropout, attention_probs_dropout_prob=spec.dropout)
     return BertForMaskedLM(cfg)
 
 
@@ -135,13 +116,12 @@ class _CellBatches:
             yield batches[k].tolist()
 
 
-def train_model(
-    spec: ModelSpec, vocab: GeneVocab, seqs: Sequence[Sequence[int]], *, progress: bool = False,
-    trainer_options: dict[str, Any] | None = None,
-) -> tuple[nn.Module, TrainResult]:
-    """Train a fresh masked-gene BERT on token sequences for ``spec.steps`` optimiser steps (CPU).
+def train_model(spec: ModelSpec, vocab: GeneVocab, seqs: Sequence[Sequence[int]], *, progress: bool = False,
+                trainer_options: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a fresh masked-gene ``BertForMaskedLM`` on token sequences for ``spec.steps`` optimiser steps.
 
-    The loader cycles over the cells until ``steps`` (a few hundred cells are many epochs).
+    The loader cycles over the cells until ``steps``. Returns the model and what training produced
+    (steps, seconds, steps_per_second, final_loss, n_train, history; written as ``training.json``).
     """
     from torch.utils.data import DataLoader
 
@@ -156,13 +136,12 @@ def train_model(
     model.eval()
     hist = module.history
     final = float(np.mean([h["loss"] for h in hist[-4:]])) if hist else float("nan")
-    return model, TrainResult(spec.steps, round(seconds, 2), round(spec.steps / max(seconds, 1e-9), 2), final,
-                              len(seqs), hist)
+    return model, {"steps": spec.steps, "seconds": round(seconds, 2), "final_loss": final, "n_train": len(seqs),
+                   "steps_per_second": round(spec.steps / max(seconds, 1e-9), 2), "history": hist}
 
 
 def save_trained(directory: str | Path, model: nn.Module, vocab: GeneVocab, info: dict[str, Any]) -> Path:
-    """Write a Hugging Face directory + vocabulary + ``training.json`` (the run context's cache
-    makes it appear atomically)."""
+    """Write a Hugging Face directory + vocabulary + ``training.json`` (``ctx.cached`` makes it atomic)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
@@ -172,9 +151,8 @@ def save_trained(directory: str | Path, model: nn.Module, vocab: GeneVocab, info
 
 
 def load_checkpoint(directory: str | Path) -> tuple[nn.Module, GeneVocab, dict[str, Any]]:
-    """Load a masked-gene model directory (sciscope-trained or Geneformer-style), offline, with its
-    vocabulary and ``training.json`` (:func:`sciscope.core.loading.load_checkpoint`: masked-LM
-    checkpoints keep their head, needed for masked-gene predictions under steering; no remote code).
+    """A masked-gene model directory (sciscope-trained or Geneformer-style; masked-LM checkpoints keep
+    their head) with its vocabulary and ``training.json``, via :func:`sciscope.core.loading.load_checkpoint`.
 
     Raises
     ------
@@ -198,33 +176,14 @@ def load_checkpoint(directory: str | Path) -> tuple[nn.Module, GeneVocab, dict[s
     return model, vocab, info
 
 
-def last_layer_embeddings(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> np.ndarray:
-    """Cell embeddings (mean over gene tokens) at the last block of ``model``, in batch order."""
-    from sciscope.core.capture import capture, pool
-    from sciscope.core.loading import find_layer_stack
-
-    stack, n = find_layer_stack(model)
-    site, rows = f"{stack}.{n - 1}", []
-    with capture(model, [site]) as cap, torch.inference_mode():
-        for b in batches:
-            cap.clear()
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-            rows.append(pool(cap.records[site][0], "masked", position_mask=b["position_mask"], site=site)[0].numpy())
-    return np.concatenate(rows).astype(np.float32)
-
-
 @torch.no_grad()
 def masked_gene_accuracy(
     model: nn.Module, vocab: GeneVocab, seqs: Sequence[Sequence[int]], train_seqs: Sequence[Sequence[int]],
     *, prob: float = 0.15, seed: int = 0, batch_size: int = 64,
 ) -> dict[str, float]:
-    """Held-out masked-gene top-1 accuracy beside a rank-position frequency baseline.
-
-    Masks ``prob`` of each cell's gene tokens (every position replaced by ``<mask>``, seeded) and
-    asks the model for the gene. The baseline predicts, for each rank position, the gene most often
-    seen at that position in ``train_seqs``: what knowing "which genes tend to rank high" gives
-    without reading the cell.
-    """
+    """Held-out masked-gene top-1 accuracy (``prob`` of each cell's gene tokens replaced by ``<mask>``,
+    seeded) beside the gene most often seen at each rank position in ``train_seqs``: what knowing
+    "which genes tend to rank high" gives without reading the cell."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
     if head is None:  # an encoder without a masked-gene head predicts nothing
         return {}
@@ -232,10 +191,9 @@ def masked_gene_accuracy(
     gene_ids = torch.as_tensor(vocab.gene_ids())
     # most frequent gene per position in the training cells
     n_pos = max(len(s) for s in list(seqs) + list(train_seqs))
-    counts: dict[int, dict[int, int]] = {}
+    counts: dict[int, Counter] = defaultdict(Counter)
     for s in train_seqs:
         for p, t in enumerate(s):
-            counts.setdefault(p, {}).setdefault(t, 0)
             counts[p][t] += 1
     baseline = torch.full((n_pos,), -1, dtype=torch.long)
     for p, c in counts.items():
@@ -246,8 +204,7 @@ def masked_gene_accuracy(
     try:
         for i in range(0, len(seqs), batch_size):
             b = collate(seqs[i:i + batch_size], vocab)
-            ids = b["input_ids"]
-            real = b["position_mask"]
+            ids, real = b["input_ids"], b["position_mask"]
             chosen = (torch.rand(ids.shape, generator=gen) < prob) & real
             inputs = ids.masked_fill(chosen, vocab.special["mask"])
             logits = model(input_ids=inputs, attention_mask=b["attention_mask"]).logits  # (B, P, V)

@@ -1,8 +1,5 @@
-"""UMAP figures through scanpy: cells coloured by type, library size and SAE feature activations.
-
-Each figure is computed with ``sc.pp.neighbors`` + ``sc.tl.umap`` on a representation stored in
-``adata.obsm`` (seeded), drawn with ``sc.pl.umap`` and written atomically.
-"""
+"""UMAP figures through scanpy (seeded ``sc.pp.neighbors`` + ``sc.tl.umap`` on an ``adata.obsm``
+representation): cells coloured by type, library size and SAE feature activations."""
 
 from __future__ import annotations
 
@@ -13,54 +10,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sciscope.core.io import atomic_path
+from sciscope.core.plotting import save_figure
 
-__all__ = ["compute_umap", "plot_umap", "save_figure", "umap_figures"]
+__all__ = ["compute_umap", "plot_umap", "umap_figures"]
 
 
 def compute_umap(adata: Any, rep: str, *, key: str, n_neighbors: int = 15, seed: int = 0) -> np.ndarray:
-    """UMAP of ``adata.obsm[rep]`` (cosine kNN graph), stored as ``adata.obsm[key]``; returns it.
-
-    The neighbour graph of each representation is kept under ``adata.uns[f"neighbors_{rep}"]``
-    (scanpy's ``key_added``), so several UMAPs live side by side in one AnnData.
-    """
+    """UMAP of ``adata.obsm[rep]`` (cosine kNN graph, kept as ``uns[f"neighbors_{rep}"]``), stored as
+    ``adata.obsm[key]``; returns it. Several UMAPs live side by side in one AnnData."""
     import scanpy as sc
 
     n_neighbors = max(2, min(n_neighbors, adata.n_obs - 1))
     sc.pp.neighbors(adata, use_rep=rep, n_neighbors=n_neighbors, metric="cosine", random_state=seed,
                     key_added=f"neighbors_{rep}")
-    # sc.tl.umap writes obsm["X_umap"]; keep the previous one (if any) and move the new one to ``key``
-    previous = adata.obsm["X_umap"].copy() if "X_umap" in adata.obsm else None
-    sc.tl.umap(adata, random_state=seed, neighbors_key=f"neighbors_{rep}")
-    coords = np.asarray(adata.obsm["X_umap"], dtype=np.float32)
-    if key != "X_umap":
-        if previous is not None:
-            adata.obsm["X_umap"] = previous
-        else:
-            del adata.obsm["X_umap"]
-    adata.obsm[key] = coords
+    sc.tl.umap(adata, random_state=seed, neighbors_key=f"neighbors_{rep}", key_added=None if key == "X_umap" else key)
+    adata.obsm[key] = coords = np.asarray(adata.obsm[key], dtype=np.float32)
     return coords
 
 
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Write a matplotlib figure as PNG atomically (``bbox_inches="tight"`` for legends outside); closes it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def plot_umap(
-    adata: Any, basis: str, color: Sequence[str], path: str | Path, *, titles: Sequence[str] | None = None,
-    suptitle: str = "", ncols: int = 3, wspace: float = 0.7,
-) -> Path:
-    """``sc.pl.umap`` of ``adata.obsm[basis]`` coloured by obs columns or var names; saved to ``path``.
-
-    ``wspace`` leaves room between panels for a categorical legend (use less for colour bars only).
-    """
+def plot_umap(adata: Any, basis: str, color: Sequence[str], path: str | Path, *, titles: Sequence[str] | None = None,
+              suptitle: str = "", ncols: int = 3, wspace: float = 0.7) -> Path:
+    """``sc.pl.umap`` of ``adata.obsm[basis]`` coloured by obs columns or var names; saved to ``path``
+    (``wspace``: room between panels for a categorical legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,8 +42,8 @@ def plot_umap(
                           show=False, return_fig=True, ncols=ncols, frameon=False, size=max(8.0, 12000 / max(adata.n_obs, 1)),
                           wspace=wspace, color_map="viridis")
     if suptitle:
-        fig.suptitle(suptitle, y=1.02)
-    return save_figure(fig, path)
+        fig.suptitle(suptitle)
+    return save_figure(fig, path, tight_bbox=True)
 
 
 def umap_figures(adata: Any, latents: np.ndarray, ct: pd.DataFrame, *, site: str, n_features: int, seed: int,

@@ -1,16 +1,11 @@
 """Geneformer-style rank-value encoding of cells, and the gene vocabulary saved with a model.
 
-A cell becomes the sequence of its expressed genes ordered by *normalised* expression, highest
-first: each gene's per-cell normalised value divided by that gene's non-zero median over the
-corpus (Theodoris et al. 2023). Dividing by the median lowers ubiquitous housekeeping genes and
-raises genes that are rarely this high, so a cell's first tokens are the genes that distinguish
-it. Only the top ``max_genes`` genes are kept; the position of a gene is its rank.
-
-Special tokens follow Geneformer: ``<pad>`` = 0, ``<mask>`` = 1, and (as in Geneformer V2)
-``<cls>`` / ``<eos>`` around the genes. :class:`GeneVocab` is written beside the model as
-``sciscope_gene_vocab.json`` (tokens, medians, max_genes); a Geneformer checkpoint's own token
-dictionary is read from JSON (``token_dictionary.json``, optional ``gene_median_dictionary.json``).
-Pickled dictionaries (Geneformer ships ``.pkl``) are never unpickled: unpickling runs code.
+A cell becomes its expressed genes ordered by normalised expression divided by each gene's
+non-zero median over the corpus (Theodoris et al. 2023): ubiquitous housekeeping genes drop, genes
+rarely this high rise, so a cell's first tokens are the genes that distinguish it. Only the top
+``max_genes`` are kept; a gene's position is its rank. Special tokens follow Geneformer: ``<pad>`` = 0,
+``<mask>`` = 1, and (as in V2) ``<cls>`` / ``<eos>`` around the genes. Pickled dictionaries
+(Geneformer ships ``.pkl``) are never unpickled: unpickling runs code.
 """
 
 from __future__ import annotations
@@ -42,11 +37,9 @@ class GeneVocab:
     Attributes
     ----------
     tokens : list[str]
-        Token strings by id (``tokens[i]`` has id ``i``) for sciscope models; for a Geneformer
-        dictionary ids come from ``ids``.
+        Token strings by id for sciscope models; for a Geneformer dictionary ids come from ``ids``.
     medians : dict[str, float]
-        Non-zero median of each gene's normalised expression in the corpus the model was trained
-        on (empty: compute from the data at hand, and say so).
+        Each gene's non-zero median in the model's training corpus (empty: use the data's, and say so).
     max_genes : int
         Genes per cell (sequence length without ``<cls>``/``<eos>``).
     use_cls : bool
@@ -80,10 +73,6 @@ class GeneVocab:
         return max(self.ids.values()) + 1
 
     @property
-    def n_special(self) -> int:
-        return len(SPECIAL_TOKENS) if self.source == "sciscope" else len(self.special)
-
-    @property
     def genes(self) -> list[str]:
         """Gene tokens (no special tokens)."""
         specials = set(self.special.values())
@@ -95,10 +84,7 @@ class GeneVocab:
 
     def special_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """True where ``ids`` is a special token."""
-        out = torch.zeros_like(ids, dtype=torch.bool)
-        for v in self.special.values():
-            out |= ids == v
-        return out
+        return torch.isin(ids, torch.as_tensor(list(self.special.values()), dtype=ids.dtype))
 
     def encode(self, genes: Sequence[str]) -> list[int]:
         """Ids of a ranked gene list, truncated to ``max_genes``, with ``<cls>``/``<eos>`` if used."""
@@ -118,11 +104,9 @@ class GeneVocab:
 
     @classmethod
     def load(cls, directory: str | Path) -> "GeneVocab":
-        """Read the vocabulary of a model directory.
-
-        ``sciscope_gene_vocab.json`` (a model trained here) or a Geneformer-style
-        ``token_dictionary.json`` (``{gene_id: token_id}`` with ``<pad>`` and ``<mask>``, and
-        ``<cls>``/``<eos>`` in V2) plus optional ``gene_median_dictionary.json``. The sequence
+        """Read the vocabulary of a model directory: ``sciscope_gene_vocab.json`` (trained here) or a
+        Geneformer-style ``token_dictionary.json`` (``{gene_id: token_id}`` with ``<pad>``, ``<mask>``
+        and in V2 ``<cls>``/``<eos>``) plus optional ``gene_median_dictionary.json``; the sequence
         length comes from the checkpoint's ``max_position_embeddings``.
 
         Raises
@@ -139,8 +123,7 @@ class GeneVocab:
                            max_genes=int(p["max_genes"]), use_cls=bool(p.get("use_cls", True)))
             except (KeyError, ValueError, TypeError) as e:
                 raise ConfigError(f"immunology: {f} is not a valid gene vocabulary: {e}") from None
-        g = d / GENEFORMER_TOKENS
-        if g.is_file():
+        if (d / GENEFORMER_TOKENS).is_file():
             return cls._load_geneformer(d)
         pickles = sorted(p.name for p in d.glob("*.pkl"))
         hint = ""
@@ -163,10 +146,8 @@ class GeneVocab:
         use_cls = "<cls>" in ids and "<eos>" in ids
         if use_cls:
             special.update(cls=ids["<cls>"], eos=ids["<eos>"])
-        medians: dict[str, float] = {}
         m = d / GENEFORMER_MEDIANS
-        if m.is_file():
-            medians = {str(k): float(v) for k, v in json.loads(m.read_text()).items()}
+        medians = {str(k): float(v) for k, v in json.loads(m.read_text()).items()} if m.is_file() else {}
         max_genes = 2048
         cfg = d / "config.json"
         if cfg.is_file():
@@ -185,14 +166,10 @@ def rank_value_encode(
     Parameters
     ----------
     X_norm
-        ``(n_cells, n_genes)`` per-cell normalised expression (linear scale).
-    genes
-        Gene identifiers of the columns.
+        ``(n_cells, n_genes)`` per-cell normalised expression (linear scale); columns are ``genes``.
     medians
-        ``(n_genes,)`` non-zero medians; genes with a non-finite or zero median are skipped
-        (unknown to the vocabulary, or never expressed).
-    max_genes
-        Genes kept per cell.
+        ``(n_genes,)`` non-zero medians; genes with a non-finite or zero median (unknown to the
+        vocabulary, or never expressed) are skipped.
 
     Returns
     -------
