@@ -41,8 +41,10 @@ Rows = list[dict[str, Any]]
 class Scorer:
     """Scores a model under an intervention: ``fn(model) -> {score: value}``.
 
-    A value is a number or a 1-D array of per-example values (its mean is the score; the
-    examples are then resampled for bootstrap intervals). The names say what each score is:
+    A value is a number or a 1-D array of per-example values (its NaN-ignoring mean is the score;
+    the examples are then resampled for bootstrap intervals, so an array must hold the same
+    examples in the same order under every alpha -- NaN marks one that could not be scored, e.g. an
+    invalid molecule). The names say what each score is:
 
     Attributes
     ----------
