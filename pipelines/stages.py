@@ -147,6 +147,9 @@ def stage_activations(run: Run) -> dict[str, Any]:
     note = f"{len(store.sites)} sites, pooling {run.adapter.pooling}" + (f", {n_shards} shards merged" if n_shards > 1 else "")
     rows = [{"stage": "activations", "name": "captured rows x sites", "value": store.n_obs,
              "note": note, "source": "activations/store/manifest.json"}]
+    import shutil
+
+    shutil.rmtree(out / "variants", ignore_errors=True)  # a rerun captures the variants afresh, as the main store
     for variant in run.adapter.variants:  # each model variant's store, probed like the main one
         vstore = run.ctx.store(variant)
         rows.append({"stage": "activations", "name": f"captured rows x sites ({variant})", "value": vstore.n_obs,
