@@ -151,6 +151,8 @@ class ProbeSet:
     cv: int | None = None
     variant: str | None = None
     baseline: bool = False
+    #: False when an analysis of the adapter reports this set's rows itself (no duplicate rows)
+    headline: bool = True
 
 
 # ------------------------------------------------------------------------------------------------

@@ -251,7 +251,7 @@ def _probe_sets(run: Run) -> list[dict[str, Any]]:
         write_table(stage_dir(run.dir, "probes") / f"{ps.name}.csv", summary)
         run.ctx.live[f"probes:{ps.name}"] = res
         layers = summary[summary["site"].notna() & (summary["site"].astype(str) != "")]
-        for target, t in layers.groupby("target", sort=False):
+        for target, t in layers.groupby("target", sort=False) if ps.headline else ():
             best = t.loc[t["score_mean"].idxmax()]
             rows.append({"stage": "probes", "name": f"{ps.name}: {target} ({best.metric})", "value": float(best.score_mean),
                          "control": float(best.control_mean), "control_label": "shuffled labels",

@@ -319,7 +319,8 @@ class ChemistryAdapter(DomainAdapter):
 
     def probe_sets(self, ctx: "RunContext") -> list[ProbeSet]:
         """The encoding variant's layers, probed for the same targets over the same scaffold folds."""
-        return [ProbeSet("encoding_comparison", self.probe_targets, groups="scaffold", variant=v) for v in self.variants]
+        return [ProbeSet("encoding_comparison", self.probe_targets, groups="scaffold", variant=v, headline=False)
+                for v in self.variants]  # the encoding_comparison analysis reports them (old row names)
 
     def baseline_features(self, examples: Examples) -> dict[str, np.ndarray]:
         """ECFP4: Morgan fingerprints, radius 2, ``ecfp_bits`` bits (the bar frozen embeddings must clear).
