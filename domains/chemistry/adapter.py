@@ -208,7 +208,9 @@ class ChemistryAdapter(DomainAdapter):
             "- splits hold whole Murcko scaffolds (the model trains on `train`; probes cross-validate over scaffold groups)",
         ]
         if len(inv):
-            shown = ", ".join(f"line {r.line}: `{r.smiles}`" for r in inv.head(10).itertuples())
+            # long inputs are shortened here; invalid_molecules.csv keeps them whole
+            shown = ", ".join(f"line {r.line}: `{_data.shorten(r.smiles)}`"
+                              + ("" if r.reason.startswith("RDKit") else f" ({r.reason})") for r in inv.head(10).itertuples())
             lines.append(f"- first invalid inputs: {shown}" + (" ..." if len(inv) > 10 else ""))
         ctx.write_text("notes.md", "\n".join(lines) + "\n")
         return [{"name": "invalid SMILES skipped", "value": n["n_invalid"], "note": f"source {n['source']}",

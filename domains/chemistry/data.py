@@ -307,21 +307,65 @@ def _find_smiles_column(columns: Sequence[str], requested: str, path: Path) -> s
     )
 
 
-def _read_table_file(path: Path, smiles_column: str) -> pd.DataFrame:
-    """CSV/TSV rows with their 1-based line numbers in the file (the header is line 1)."""
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
+def shorten(text: str, n: int = 60) -> str:
+    """``text`` as it may appear in a message: at most ``n`` characters, then ``… (N chars)``.
+
+    Parameters
+    ----------
+    text
+        Any input echoed back to a user (a SMILES, a line of a file).
+    n
+        Characters kept.
+
+    Returns
+    -------
+    str
+        ``text`` itself when it is short; else its start and its full length.
+    """
+    text = str(text)
+    return text if len(text) <= n else f"{text[:n]}… ({len(text)} chars)"
+
+
+def _split_line(line: str, delim: str) -> list[str]:
+    """One physical line split by csv on its own, so an unclosed quote cannot swallow later lines.
+
+    Raises ``csv.Error`` for a quote that does not close on the line (or text after a closing quote).
+    """
+    return next(csv.reader([line], delimiter=delim, strict=True), [])
+
+
+def _read_table_file(path: Path, smiles_column: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """CSV/TSV rows with their physical 1-based line numbers (the header is line 1), and the bad lines.
+
+    SMILES never hold quotes or newlines, so each line is one record: a line csv cannot split (an
+    unclosed quote) is skipped and listed like an invalid SMILES (``line``, ``smiles`` = the line's
+    text, ``reason``), and every other line is kept.
+    """
+    # read_text's universal newlines make "\r\n" and "\r" one "\n": split("\n") counts physical lines
+    lines = path.read_text(encoding="utf-8-sig", errors="replace").split("\n")
     delim = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    reader = csv.reader(io.StringIO(text), delimiter=delim)
+    if not lines[0].strip():
+        raise ConfigError(f"chemistry: {str(path)!r} is empty or its line 1 (the header) is blank")
     try:
-        header = next(reader)
-    except StopIteration:
-        raise ConfigError(f"chemistry: {str(path)!r} is empty") from None
+        header = _split_line(lines[0], delim)
+    except csv.Error as e:
+        raise ConfigError(f"chemistry: {str(path)!r} line 1 (the header) cannot be split into columns: {e} "
+                          f"(a quote must close on its own line): {shorten(lines[0])!r}") from None
     col = _find_smiles_column(header, smiles_column, path)
-    # non-blank records with the line where each ends (= starts, for one-line rows)
-    recs = [(reader.line_num, rec) for rec in reader if any(x.strip() for x in rec)]
+    recs, bad = [], []
+    for num, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            rec = _split_line(line, delim)
+        except csv.Error as e:
+            bad.append((num, line, f"cannot split the line into columns: {e} (a quote must close on its own line)"))
+            continue
+        if any(x.strip() for x in rec):
+            recs.append((num, rec))
     df = pd.DataFrame([(rec + [""] * len(header))[: len(header)] for _, rec in recs], columns=header)
     out = pd.DataFrame({"input_smiles": df[col].astype(str).str.strip(), "line": [n for n, _ in recs]})
-    return _with_measured(out, df.drop(columns=[col]))
+    return _with_measured(out, df.drop(columns=[col])), pd.DataFrame(bad, columns=["line", "smiles", "reason"])
 
 
 def _with_measured(out: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
@@ -390,8 +434,9 @@ def read_molecule_file(path: str | Path, *, smiles_column: str = "", isomeric: b
     if not p.is_file():
         raise ConfigError(f"chemistry: molecule file {str(p)!r} does not exist (config 'source')")
     ext = p.suffix.lower()
+    unreadable = pd.DataFrame(columns=["line", "smiles", "reason"])  # lines no column could be read from
     if ext in (".csv", ".tsv", ".tab"):
-        raw = _read_table_file(p, smiles_column)
+        raw, unreadable = _read_table_file(p, smiles_column)
     elif ext in (".smi", ".smiles", ".txt"):
         raw = _read_smi_file(p)
     elif ext in (".sdf", ".sd"):
@@ -399,10 +444,14 @@ def read_molecule_file(path: str | Path, *, smiles_column: str = "", isomeric: b
     else:
         raise ConfigError(f"chemistry: cannot read {str(p)!r}: expected a .csv, .tsv, .smi or .sdf file")
     table, invalid, n_dup = _canonical_table(raw.assign(source=str(p)), isomeric=isomeric)
+    if len(unreadable):
+        invalid = pd.concat([unreadable, invalid], ignore_index=True).sort_values("line", kind="stable")
+        invalid = invalid.astype({"line": "int64"}).reset_index(drop=True)
     if table.empty:
         raise ConfigError(
-            f"chemistry: {str(p)!r} holds no valid molecule ({len(raw)} rows read, {len(invalid)} invalid SMILES"
-            + (f", e.g. line {invalid.line.iloc[0]}: {invalid.smiles.iloc[0]!r}" if len(invalid) else "") + ")"
+            f"chemistry: {str(p)!r} holds no valid molecule ({len(raw)} rows read, {len(invalid)} invalid inputs"
+            + (f", e.g. line {invalid.line.iloc[0]}: {shorten(invalid.smiles.iloc[0])!r} ({invalid.reason.iloc[0]})"
+               if len(invalid) else "") + ")"
         )
     measured = [c for c in table.columns if c not in ("input_smiles", "smiles", "source", "line")]
     return MoleculeSet(table, invalid, n_dup, str(p), measured)

@@ -180,6 +180,43 @@ def test_csv_invalid_smiles_are_counted_with_line_numbers(tmp_path: Path) -> Non
     assert "pic50" in ms.measured  # numeric columns become probe targets
 
 
+def test_csv_unclosed_quote_costs_only_its_own_line(tmp_path: Path) -> None:
+    # 300 molecules on lines 2-301; line 20 opens a quote it never closes; line 302 is a bad SMILES.
+    # Python's csv reader swallowed lines 20-302 into one field (18 molecules kept, "line 302").
+    rows = [f"m{k},{'C' * k},{k / 10}" for k in range(1, 301)]
+    rows[18] = 'm19,"CCCC,1.9'
+    f = tmp_path / "mols.csv"
+    f.write_text("name,smiles,value\n" + "\n".join(rows) + "\nbad,C1CC,0.5\n")
+    ms = read_molecule_file(f)
+    assert len(ms.table) == 299
+    assert ms.invalid["line"].tolist() == [20, 302]
+    assert "quote" in ms.invalid["reason"].iloc[0] and ms.invalid["smiles"].iloc[0] == 'm19,"CCCC,1.9'
+    assert ms.invalid["reason"].iloc[1] == "RDKit could not parse the SMILES"
+    assert ms.table["line"].iloc[-1] == 301  # physical line numbers of the kept rows
+    g = tmp_path / "badheader.csv"
+    g.write_text('name,"smiles\na,CCO\n')
+    with pytest.raises(ConfigError, match=r"badheader\.csv.*line 1.*quote"):
+        read_molecule_file(g)
+
+
+def test_long_invalid_smiles_is_shortened_in_notes_and_errors(tmp_path: Path) -> None:
+    long = "C(" * 2500  # 5,000 characters, unparsable
+    f = tmp_path / "mols.smi"
+    f.write_text("smiles\nCCO\nCC(=O)O\nc1ccccc1\n" + long + "\n")
+    ad = ChemistryAdapter({"source": str(f), "n_molecules": 0, "min_group_count": 1})
+    ctx = RunContext(ad, run_dir=tmp_path / "run")
+    _analysis(ad, "molecules").run(ctx)
+    notes = (tmp_path / "run" / "examples" / "notes.md").read_text()
+    assert "line 5" in notes and "(5000 chars)" in notes and len(notes) < 2000
+    listed = pd.read_csv(tmp_path / "run" / "examples" / "invalid_molecules.csv")
+    assert listed["smiles"].tolist() == [long]  # the listing keeps the whole input
+    g = tmp_path / "allbad.smi"
+    g.write_text(long + "\n")
+    with pytest.raises(ConfigError, match=r"\(5000 chars\)") as err:
+        read_molecule_file(g)
+    assert len(str(err.value)) < 500
+
+
 def _analysis(ad: ChemistryAdapter, name: str):
     return next(a for a in ad.analyses() if a.name == name)
 
