@@ -149,7 +149,8 @@ class ChemistryAdapter(DomainAdapter):
         c = self.config
         src = Path(str(c["source"])).expanduser()
         stamp = [src.stat().st_mtime_ns, src.stat().st_size] if src.is_file() else None
-        key = [{k: c[k] for k, stage in self.config_stages.items() if stage == "examples"}, stamp, self.groups.to_csv()]
+        # "reader 2": tables cached by the reader that let an unclosed quote swallow later lines are not reused
+        key = [{k: c[k] for k, stage in self.config_stages.items() if stage == "examples"}, stamp, self.groups.to_csv(), "reader 2"]
         return self.ctx.cached("molecules", key, self._build_molecules,
                                save=_save_molecules, load=_load_molecules)
 
