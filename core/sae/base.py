@@ -8,7 +8,9 @@ An SAE maps an activation ``x`` (``d_in``) to a sparse code ``f`` (``d_sae``) an
 
 Each architecture is a config dataclass plus a module subclass, registered by name with
 :func:`register_sae`; the name is written into ``cfg.json`` so :func:`load_sae` rebuilds the same
-class (a TopK SAE reloads as TopK).  Weights live in ``sae.safetensors``: no pickle, ever.
+class (a TopK SAE reloads as TopK).  Weights live in ``sae.safetensors``: no pickle, ever.  Its
+metadata records a SHA-256 of the tensors (``sha256_tensors``) that :func:`load_sae` checks, and
+neither side accepts NaN/inf weights.
 
 Conventions
 -----------
@@ -23,6 +25,7 @@ Conventions
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -33,7 +36,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from sciscope.core.errors import (
@@ -48,6 +52,8 @@ from sciscope.core.io import atomic_path
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
 FORMAT_VERSION = 1
+# Safetensors metadata key of the weights' content hash; files written before it existed load unchecked.
+CHECKSUM_KEY = "sha256_tensors"
 
 NormalizeMethod = Literal["none", "scalar", "standardize"]
 _NORMALIZE_METHODS = ("none", "scalar", "standardize")
@@ -260,23 +266,83 @@ def load_sae(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
 
     The class comes from ``cfg.json``'s ``architecture`` through the registry.  Only safetensors
     and JSON are read (no pickle, no ``torch.load``).
+
+    Raises
+    ------
+    SciscopeError
+        A file is missing or unreadable, the tensors are not the architecture's, or the weights
+        differ from the checksum recorded when they were written (files without one still load).
+    ShapeError
+        A tensor's shape disagrees with ``cfg.json`` (the message names both shapes).
+    NonFiniteError
+        A tensor holds NaN or inf.
     """
     path = Path(path)
     cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise SciscopeError(f"{p} does not exist: not a saved SAE directory")
-    cfg = config_from_dict(json.loads(cfg_path.read_text()))
+    try:
+        cfg_dict = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SciscopeError(f"{cfg_path} is not valid JSON ({exc})") from None
+    try:
+        cfg = config_from_dict(cfg_dict)
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg_path}: {exc}") from None
     sae = create_sae(cfg, seed=0)
-    state = load_file(weights_path, device=str(device))
-    expected = set(sae.state_dict())
-    if set(state) != expected:
+    try:
+        # CPU first: the checksum reads host memory; the module moves to ``device`` at the end.
+        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SciscopeError(f"{weights_path} cannot be read as safetensors ({exc})") from None
+    expected = sae.state_dict()
+    if set(state) != set(expected):
         raise SciscopeError(
             f"{weights_path}: tensors {sorted(set(state))} do not match a {cfg.architecture!r} SAE "
             f"(expects {sorted(expected)})"
         )
+    recorded = meta.get(CHECKSUM_KEY)
+    if recorded is not None and recorded != tensors_sha256(state):
+        raise SciscopeError(
+            f"{weights_path} changed since it was written: its tensors no longer match the "
+            f"{CHECKSUM_KEY} recorded at save (corrupted or edited file)"
+        )
+    for name, want in expected.items():  # the module's own order: W_enc first
+        if state[name].shape != want.shape:
+            raise ShapeError(
+                f"{weights_path}: tensor {name!r} has shape {tuple(state[name].shape)}, but {CONFIG_FILE} "
+                f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) expects {tuple(want.shape)}"
+            )
+    _check_finite(state, str(weights_path))
     sae.load_state_dict(state, strict=True)
     return sae.to(device).eval()
+
+
+def tensors_sha256(state: Mapping[str, Tensor]) -> str:
+    """SHA-256 over name, dtype, shape and bytes of every tensor, in name order (hex digest).
+
+    Independent of the file layout and of metadata, so it tells whether the *weights* are the ones
+    that were written.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _check_finite(state: Mapping[str, Tensor], where: str, hint: str = "") -> None:
+    """Raise :class:`NonFiniteError` naming the first floating tensor that holds NaN or inf."""
+    for name in sorted(state):
+        t = state[name]
+        if t.is_floating_point():
+            n_bad = int((~torch.isfinite(t)).sum())
+            if n_bad:
+                raise NonFiniteError(f"{where}: tensor {name!r} has {n_bad} NaN/inf values{hint}")
 
 
 # ------------------------------------------------------------------------------------- modules
@@ -528,17 +594,39 @@ class SparseAutoencoder(nn.Module):
         -------
         Path
             The directory written.
+
+        Raises
+        ------
+        NonFiniteError
+            A weight holds NaN or inf (training diverged); nothing is written.
         """
         path = Path(path)
         with atomic_path(path) as tmp:
             tmp.mkdir()
-            self.write_files(tmp)
+            self.write_files(tmp, name=path)
         return path
 
-    def write_files(self, directory: Path) -> None:
-        """Write ``sae.safetensors`` and ``cfg.json`` into an existing directory (not atomic)."""
+    def write_files(self, directory: Path, *, name: str | os.PathLike[str] | None = None) -> None:
+        """Write ``sae.safetensors`` and ``cfg.json`` into an existing directory (not atomic).
+
+        The safetensors metadata records ``architecture``, ``format_version`` and
+        ``sha256_tensors`` (see :func:`tensors_sha256`), which :func:`load_sae` verifies.
+
+        Parameters
+        ----------
+        directory
+            Where the files go.
+        name
+            The directory to name in error messages (the final one when ``directory`` is a
+            temporary folder).
+        """
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        meta = {"architecture": self.cfg.architecture, "format_version": str(FORMAT_VERSION)}
+        _check_finite(state, f"SAE for {name or directory}", "; refusing to save (training diverged?)")
+        meta = {
+            "architecture": self.cfg.architecture,
+            "format_version": str(FORMAT_VERSION),
+            CHECKSUM_KEY: tensors_sha256(state),
+        }
         save_file(state, directory / WEIGHTS_FILE, metadata=meta)
         (directory / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
 

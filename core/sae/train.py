@@ -80,7 +80,7 @@ class SAETrainResult:
         path = Path(path)
         with atomic_path(path) as tmp:
             tmp.mkdir()
-            self.sae.write_files(tmp)
+            self.sae.write_files(tmp, name=path)
             self.history.to_csv(tmp / "history.csv", index=False)
             info = {"params": self.params, "normalization": self.normalization, "steps": self.steps}
             (tmp / "train.json").write_text(json.dumps(info, indent=2) + "\n")
