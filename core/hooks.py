@@ -52,8 +52,32 @@ def _replace(obj: Any, index: int, new: torch.Tensor) -> Any:
     raise TypeError(type(obj))
 
 
+def _register_first(module: nn.Module, hook: Callable[..., Any], *, pre: bool) -> torch.utils.hooks.RemovableHandle:
+    """Register ``hook`` ahead of every hook that is not sciscope's, behind sciscope's earlier ones.
+
+    A model's own hooks must see our edit: transformers 5 records ``hidden_states`` with forward
+    hooks it adds on the first ``output_hidden_states=True`` call, and an edit running after them
+    would be missing from what it reports.  Among our hooks, registration order still holds, so
+    ``with steer(...), capture(...)`` captures the steered tensor.
+    """
+    if pre:
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+        table = module._forward_pre_hooks
+    else:
+        handle = module.register_forward_hook(hook, prepend=True)
+        table = module._forward_hooks
+    earlier = [k for k, fn in table.items() if k != handle.id and getattr(fn, "_sciscope_hook", False)]
+    for k in reversed(earlier):  # torch keeps hooks in an OrderedDict, run in its order
+        table.move_to_end(k, last=False)
+    return handle
+
+
 class HookSet:
-    """A set of forward hooks removed together when the ``with`` block ends (error or not)."""
+    """A set of forward hooks removed together when the ``with`` block ends (error or not).
+
+    Its hooks run before any hook the model registered itself (and after the set's earlier ones),
+    so what the model records of a site is the edited tensor.
+    """
 
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -76,7 +100,7 @@ class HookSet:
                 return None if new is None else _replace(output, site.index, new)
 
             out_hook._sciscope_hook = True  # type: ignore[attr-defined]
-            self._handles.append(module.register_forward_hook(out_hook))
+            self._handles.append(_register_first(module, out_hook, pre=False))
         else:
 
             def in_hook(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -93,7 +117,7 @@ class HookSet:
                 return args, {**kwargs, key: new}
 
             in_hook._sciscope_hook = True  # type: ignore[attr-defined]
-            self._handles.append(module.register_forward_pre_hook(in_hook, with_kwargs=True))
+            self._handles.append(_register_first(module, in_hook, pre=True))
 
     def remove(self) -> None:
         """Remove every hook of this set (idempotent)."""
