@@ -34,6 +34,18 @@ if TYPE_CHECKING:
 Rows = list[dict[str, Any]]
 
 
+def _renamed(n: int, examples: list[str], what: str) -> str:
+    """``"N repeated <what> made unique ..."`` for notes.md, or ``"all <what> unique"``."""
+    if not n:
+        return f"all {what} unique"
+    return (f"**{n} repeated {what} made unique** with -1, -2 suffixes, e.g. "
+            + ", ".join(repr(_short(e)) for e in examples))
+
+
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else f"{text[:n]}… ({len(text)} chars)"
+
+
 def data_notes(adapter: "ImmunologyAdapter", ctx: "RunContext") -> Rows:
     """``unknown_genes.csv`` and a ``notes.md`` saying what was read, detected and dropped."""
     n = adapter.data_notes
@@ -50,8 +62,9 @@ def data_notes(adapter: "ImmunologyAdapter", ctx: "RunContext") -> Rows:
         f"{n['n_cells_no_known_gene']} cells without a known gene dropped"
         + (f"; stratified subsample of n_cells={n['n_cells_subsample']}" if n["n_cells_subsample"] else "")
         + f"; **{n['n_cells_final']} cells kept**",
-        f"- cell types from obs[`{n['cell_type_column']}`]; library size from {n['library_size']}",
-        f"- genes: {n['n_genes']} in the data ({n['n_duplicate_genes']} duplicate ids dropped), "
+        f"- cell types from obs[`{n['cell_type_column']}`]; library size from {n['library_size']}; "
+        + _renamed(n["n_cell_ids_renamed"], n["repeated_cell_ids"], "cell ids"),
+        f"- genes: {n['n_genes']} in the data ({_renamed(n['n_duplicate_genes'], n['repeated_genes'], 'gene ids')}), "
         f"**{n['n_genes_unknown']} unknown to the vocabulary** ({n['vocabulary']})"
         + (" (listed in `unknown_genes.csv`)" if genes else ""),
         f"- rank-value encoding: top {n['max_genes']} genes per cell, normalised by {n['median_source']}",

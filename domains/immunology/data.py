@@ -175,6 +175,12 @@ def stratified_split(labels: pd.Series, test_fraction: float, seed: int) -> np.n
     return split
 
 
+def _repeated(ids: pd.Index) -> dict[str, int]:
+    """``{id: extra occurrences}`` of every id that occurs more than once, in first-seen order."""
+    counts = pd.Series(ids.astype(str)).value_counts(sort=False)
+    return {str(k): int(v) - 1 for k, v in counts[counts > 1].items()}
+
+
 def _find_cell_type_column(obs: pd.DataFrame, column: str, source: str) -> str:
     if column and column not in obs.columns:
         raise ConfigError(f"immunology: config cell_type_column={column!r} is not an obs column of {source}; "
@@ -190,6 +196,9 @@ def load_cells(source: str = BUNDLED, *, matrix: str = "auto", input_type: str =
                cell_type_column: str = "", library_size_column: str = "n_counts", min_genes: int = 10,
                min_cells_per_type: int = 5, n_cells: int = 0, seed: int = 0) -> CellData:
     """Read, check and filter cells; detect raw counts vs log-normalised input.
+
+    Repeated cell ids (``obs_names``) and gene ids get anndata's ``-1``, ``-2`` suffixes (the first
+    keeps its name), counted in ``notes`` (``n_cell_ids_renamed``, ``n_duplicate_genes``) with examples.
 
     Parameters
     ----------
@@ -219,6 +228,14 @@ def load_cells(source: str = BUNDLED, *, matrix: str = "auto", input_type: str =
         src = f"{Path(source).name}"
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ConfigError(f"immunology: {src} is empty ({adata.n_obs} cells x {adata.n_vars} genes)")
+    # cells are looked up by id later (expression of probe/steering cells): a repeated id (scanpy's
+    # krumsiek11 has 160 ids for 640 cells) would return several rows for one cell, so repeats get
+    # anndata's "-1", "-2" suffixes here, before any training, and are counted in the notes
+    cell_repeats = _repeated(adata.obs_names)
+    if cell_repeats:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # anndata's notice that it renames
+            adata.obs_names_make_unique()
     X, genes, var, where = _select_matrix(adata, matrix)
     if gene_column:
         if gene_column not in var.columns:
@@ -231,12 +248,15 @@ def load_cells(source: str = BUNDLED, *, matrix: str = "auto", input_type: str =
     _check_values(X, genes, adata.obs_names, f"{src} {where}")
     kind, reason = detect_input_type(X, input_type)
 
-    # duplicate gene identifiers (e.g. symbols shared by two Ensembl ids): keep the first
-    dup = pd.Series(genes).duplicated().to_numpy()
-    n_dup = int(dup.sum())
-    if n_dup:
-        X = X[:, np.flatnonzero(~dup)]
-        genes = [g for g, d in zip(genes, dup) if not d]
+    # repeated gene identifiers (e.g. symbols shared by two Ensembl ids) are tokens of their own:
+    # made unique like cell ids (the first keeps its name), so no gene's column is lost
+    gene_repeats = _repeated(pd.Index(genes))
+    if gene_repeats:
+        from anndata.utils import make_index_unique
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            genes = [str(g) for g in make_index_unique(pd.Index(genes))]
 
     cell_col = _find_cell_type_column(adata.obs, cell_type_column, src)
     obs = adata.obs.copy()
@@ -293,7 +313,8 @@ def load_cells(source: str = BUNDLED, *, matrix: str = "auto", input_type: str =
         "cell_type_column": cell_col, "library_size": lib_note, "n_cells_in_file": int(n_in),
         "n_cells_low_genes": n_low, "n_cells_unlabelled": int(unlabelled.sum()), "rare_types_dropped": rare,
         "n_cells": int(X.shape[0]), "n_cells_filtered": n_filtered, "n_cells_subsample": int(n_cells) if subsample else 0,
-        "n_genes": len(genes), "n_duplicate_genes": n_dup,
+        "n_genes": len(genes), "n_duplicate_genes": sum(gene_repeats.values()), "repeated_genes": list(gene_repeats)[:5],
+        "n_cell_ids_renamed": sum(cell_repeats.values()), "repeated_cell_ids": list(cell_repeats)[:5],
         "n_genes_unexpressed": n_unexpressed, "min_genes": min_genes, "min_cells_per_type": min_cells_per_type,
     }
     return CellData(X=X, genes=genes, obs=obs, input_type=kind, notes=notes)

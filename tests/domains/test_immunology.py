@@ -127,6 +127,31 @@ def test_user_counts_file_detected_and_library_size_computed(tmp_path: Path) -> 
     assert np.mean([f in genes[:5] for f in firsts]) > 0.9
 
 
+@pytest.mark.filterwarnings("ignore:.*names are not unique:UserWarning")  # anndata's, on writing and reading the file
+def test_repeated_cell_and_gene_ids_are_made_unique_and_noted(tmp_path: Path) -> None:
+    # as scanpy's krumsiek11 (160 ids for 640 cells): 60 cells under 15 ids; two genes share a name.
+    # Before: the repeats reached the model; ``log_expression`` (probes, markers) then returned the
+    # wrong number of rows, and the second "G1" column was dropped.
+    X, genes, labels = _counts()
+    genes[7] = "G1"
+    a = anndata.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame({"cell_type": labels}, index=[f"c{i % 15}" for i in range(60)]),
+                        var=pd.DataFrame(index=genes))
+    a.write_h5ad(tmp_path / "repeats.h5ad")
+    ad = ImmunologyAdapter({"source": str(tmp_path / "repeats.h5ad"), "max_genes": 16})
+    n = ad.data_notes
+    assert n["n_cell_ids_renamed"] == 45 and n["n_duplicate_genes"] == 1 and n["n_genes"] == 40
+    assert ad.obs["cell_id"].is_unique and len(ad.obs) == 60
+    assert ad.log_expression(ad.obs).shape[0] == len(ad.obs)
+    assert ad.cells.genes.count("G1") == 1 and len(set(ad.cells.genes)) == 40
+    # the renamed gene keeps its own column
+    j = next(k for k, g in enumerate(ad.cells.genes) if g.startswith("G1-"))
+    assert np.array_equal(ad.cells.X[:, j].toarray().ravel(), X[:, 7])
+    ctx = RunContext(ad, run_dir=tmp_path / "run", stage="examples")
+    next(x for x in ad.analyses() if x.name == "data notes").run(ctx)
+    notes = (tmp_path / "run" / "examples" / "notes.md").read_text()
+    assert "45 repeated cell ids made unique" in notes and "'c0'" in notes and "'G1'" in notes
+
+
 def test_rank_value_encoding_divides_by_gene_median() -> None:
     # gene H is high everywhere (housekeeping); gene S is lower but far above its own median
     X = sp.csr_matrix(np.array([[100.0, 10.0, 1.0], [100.0, 1.0, 1.0], [100.0, 1.0, 0.0]]))
