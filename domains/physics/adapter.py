@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from functools import cached_property
@@ -137,19 +138,22 @@ class PhysicsAdapter(DomainAdapter):
             raise ConfigError(f"physics: config 'patch_size' ({c['patch_size']}) must divide 'grid' ({c['grid']})")
         if c["hidden"] % c["n_heads"]:
             raise ConfigError(f"physics: config 'hidden' ({c['hidden']}) must be a multiple of 'n_heads' ({c['n_heads']})")
-        if not 0.0 < float(c["test_fraction"]) < 1.0:
+        if not 0.0 < float(c["test_fraction"]) < 1.0:  # NaN fails too
             raise ConfigError(f"physics: config 'test_fraction' must lie in (0, 1), got {c['test_fraction']!r}")
         if c["rollout_start"] + c["context_frames"] + c["rollout_steps"] > c["n_frames"]:
             raise ConfigError(
                 f"physics: config 'rollout_steps' = {c['rollout_steps']} runs past the simulated frames: rollout_start "
                 f"({c['rollout_start']}) + context_frames ({c['context_frames']}) + rollout_steps must be <= n_frames ({c['n_frames']})")
-        if not (float(c["lr"]) > 0 and float(c["blowup"]) > 0):
-            raise ConfigError("physics: config 'lr' and 'blowup' must be > 0")
+        for key in ("lr", "blowup"):
+            if not (math.isfinite(float(c[key])) and float(c[key]) > 0):
+                raise ConfigError(f"physics: config {key!r} must be a finite number > 0, got {c[key]!r}")
         for key in ("transfer_alphas", "strip_alpha"):
             try:
-                np.asarray(c[key], dtype=np.float64)
+                finite = np.isfinite(np.asarray(c[key], dtype=np.float64)).all()
             except (TypeError, ValueError):
-                raise ConfigError(f"physics: config {key!r} must be numbers, got {c[key]!r}") from None
+                finite = False
+            if not finite:
+                raise ConfigError(f"physics: config {key!r} must be finite numbers, got {c[key]!r}")
         _data.check_config(c)  # ranges and the simulators' stability limits (CFL, explicit diffusion)
 
     def threads(self) -> contextlib.AbstractContextManager[None]:

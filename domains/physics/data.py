@@ -26,23 +26,33 @@ PARAMETERS: dict[str, tuple[str, ...]] = {"gray_scott": ("feed", "kill"), "flow"
 _DIAGNOSTIC_COLUMNS = [*dict.fromkeys(c for cols in DIAGNOSTICS.values() for c in cols), *SHARED_DIAGNOSTICS]
 
 
-def _range(config: Mapping[str, Any], key: str) -> tuple[float, float]:
-    """A ``[low, high]`` config range as floats; a ConfigError naming the key otherwise."""
+def _range(config: Mapping[str, Any], key: str, low: float = -np.inf, high: float = np.inf) -> tuple[float, float]:
+    """A ``[lo, hi]`` config range as finite floats with ``low < lo <= hi <= high``; a ConfigError naming the key otherwise."""
     value = config[key]
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
         raise ConfigError(f"physics: config {key!r} must be two numbers [low, high], got {value!r}") from None
-    if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
         raise ConfigError(f"physics: config {key!r} must be a finite range with low <= high, got {value!r}")
+    if not (low < lo and hi <= high):
+        bounds = f"> {low:g}" if high == np.inf else f"in ({low:g}, {high:g}]"
+        raise ConfigError(f"physics: config {key!r} must lie {bounds}, got {value!r}")
     return lo, hi
 
 
 def system_spec(system: str, config: Mapping[str, Any]) -> Any:
     """The simulator numerics of a config: ``grid``, ``n_frames`` and the ``gs_*`` (or ``flow_*``) keys of its spec."""
     cls, prefix = (GrayScottSpec, "gs_") if system == "gray_scott" else (FlowSpec, "flow_")
-    kw = {f.name: type(f.default)(config[prefix + f.name]) for f in fields(cls) if f.name not in ("n", "n_frames")}
-    return cls(n=int(config["grid"]), n_frames=int(config["n_frames"]), **kw)
+    kw = {}
+    for f in fields(cls):
+        key = {"n": "grid", "n_frames": "n_frames"}.get(f.name, prefix + f.name)
+        try:
+            kw[f.name] = type(f.default)(config[key])
+        except (TypeError, ValueError, OverflowError):  # e.g. int(nan), int("x")
+            raise ConfigError(f"physics: config {key!r} must be a number ({type(f.default).__name__}), "
+                              f"got {config[key]!r}") from None
+    return cls(**kw)
 
 
 def _parameters(config: Mapping[str, Any], system: str, regime: str, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -62,21 +72,21 @@ def check_config(config: Mapping[str, Any]) -> None:
     """Every stability check of the simulators on the extreme corners of the parameter ranges.
 
     Runs before any simulation, so a bad ``gs_dt`` or ``flow_dt`` fails at once, naming the key.
+    Each range is checked here first, so that its message names its own key; every comparison
+    is written so that NaN fails it.
     """
     systems = list(config["systems"])
     if "gray_scott" in systems:
         spec = system_spec("gray_scott", config)
         for regime in REGIMES["gray_scott"]:
-            f = _range(config, f"gs_feed_{regime}")
-            k = _range(config, f"gs_kill_{regime}")
+            f = _range(config, f"gs_feed_{regime}", low=0.0, high=0.2)
+            k = _range(config, f"gs_kill_{regime}", low=0.0, high=0.2)
             check_gray_scott(spec, np.array([f[0], f[1], f[0], f[1]]), np.array([k[0], k[0], k[1], k[1]]))
     if "flow" in systems:
         spec = system_spec("flow", config)
         u = _range(config, "flow_velocity")
         for regime in REGIMES["flow"]:
-            nus = np.array(_range(config, f"flow_viscosity_{regime}"))
-            if (nus <= 0).any():
-                raise ConfigError(f"physics: config 'flow_viscosity_{regime}' must be positive, got {list(nus)}")
+            nus = np.array(_range(config, f"flow_viscosity_{regime}", low=0.0))
             nu, uu = np.meshgrid(nus, np.array(u))
             forcing = uu * (nu * spec.k_forcing**2 + spec.drag)
             check_flow(spec, nu.ravel(), forcing.ravel())

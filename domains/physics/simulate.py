@@ -31,6 +31,13 @@ __all__ = ["FlowSpec", "GrayScottSpec", "SimulationError", "check_flow", "check_
 CFL_MAX = 0.5
 
 
+def _key(prefix: str, field: str) -> str:
+    """The config key of a spec field: in a config the grid size is ``grid`` and ``n_frames`` is shared (no prefix)."""
+    if prefix and field in ("n", "n_frames"):
+        return "grid" if field == "n" else "n_frames"
+    return prefix + field
+
+
 class SimulationError(NonFiniteError):
     """A simulation that turned NaN/inf although its parameters passed the stability checks."""
 
@@ -58,30 +65,31 @@ def check_gray_scott(spec: GrayScottSpec, feed: Sequence[float] | np.ndarray, ki
 
     Forward Euler with the 5-point Laplacian is stable for ``dt <= dx^2 / (4 D)``; the linear decay
     rates ``F`` and ``F + k`` need ``dt * (F + k) < 1``. ``prefix`` is how config keys are spelt
-    (``gs_dt``, ``gs_du`` ...), so the message names the key to change.
+    (``gs_dt``, ``gs_du`` ...), so the message names the key to change. Every comparison is
+    written so that NaN fails it.
     """
     feed, kill = np.asarray(feed, dtype=np.float64), np.asarray(kill, dtype=np.float64)
     for key, val in (("n", spec.n), ("burn_in", spec.burn_in), ("frame_every", spec.frame_every), ("n_frames", spec.n_frames)):
         if int(val) < (8 if key == "n" else 0 if key == "burn_in" else 1):
-            raise ConfigError(f"physics: Gray-Scott '{prefix}{key}' = {val!r} is too small")
+            raise ConfigError(f"physics: Gray-Scott '{_key(prefix, key)}' = {val!r} is too small")
     for key, val in (("du", spec.du), ("dv", spec.dv), ("dt", spec.dt)):
         if not np.isfinite(val) or val <= 0:
             raise ConfigError(f"physics: Gray-Scott '{prefix}{key}' must be a positive number, got {val!r}")
     d_max = max(spec.du, spec.dv)
     limit = 1.0 / (4.0 * d_max)
-    if spec.dt > limit:
+    if not spec.dt <= limit:
         which = "du" if spec.du >= spec.dv else "dv"
         raise ConfigError(
             f"physics: Gray-Scott '{prefix}dt' = {spec.dt:g} exceeds the explicit diffusion limit "
             f"dt <= dx^2 / (4 D) = {limit:.4g} set by '{prefix}{which}' = {d_max:g}; lower '{prefix}dt' or the diffusion"
         )
     for name, arr in (("feed", feed), ("kill", kill)):
-        bad = ~np.isfinite(arr) | (arr <= 0) | (arr > 0.2)
+        bad = ~((arr > 0) & (arr <= 0.2))  # NaN is bad too
         if bad.any():
-            raise ConfigError(f"physics: Gray-Scott {name} rate {arr[bad][0]!r} is outside (0, 0.2] "
-                              f"(config '{prefix}{name}_*' ranges)")
+            # from a config the ranges are checked (naming their keys) before this is reached
+            raise ConfigError(f"physics: Gray-Scott {name} rate {float(arr[bad][0])!r} is outside (0, 0.2]")
     rate = float((feed + kill).max()) * spec.dt
-    if rate >= 1.0:
+    if not rate < 1.0:
         raise ConfigError(f"physics: Gray-Scott dt * (feed + kill) = {rate:.3g} >= 1 is unstable; lower '{prefix}dt'")
 
 
@@ -179,31 +187,36 @@ def check_flow(spec: FlowSpec, viscosity: Sequence[float] | np.ndarray, forcing:
 
     The velocity bound is the laminar amplitude ``A / (nu k_f^2 + mu)`` plus three times the rms
     of the initial perturbation (its Gaussian peak), which bounds what the forced, damped flow
-    reaches from its initial state. ``dt * U / dx`` must not exceed :data:`CFL_MAX`.
+    reaches from its initial state. ``dt * U / dx`` must not exceed :data:`CFL_MAX`. Every
+    comparison is written so that NaN fails it (a NaN amplitude must not pass the CFL check).
     """
     nu = np.asarray(viscosity, dtype=np.float64)
     amp = np.asarray(forcing, dtype=np.float64)
     if spec.n < 8 or spec.n % 2:
-        raise ConfigError(f"physics: flow '{prefix}n' must be an even grid size >= 8, got {spec.n!r}")
+        raise ConfigError(f"physics: flow '{_key(prefix, 'n')}' must be an even grid size >= 8, got {spec.n!r}")
     if not 1 <= spec.k_forcing <= spec.n // 3:
         raise ConfigError(f"physics: flow '{prefix}k_forcing' = {spec.k_forcing!r} must lie in 1..{spec.n // 3} "
                           "(below the de-aliasing cut-off)")
     for key, val, lo in (("dt", spec.dt, 0.0), ("frame_every", spec.frame_every, 0.0)):
         if not np.isfinite(val) or val <= lo:
             raise ConfigError(f"physics: flow '{prefix}{key}' must be a positive number, got {val!r}")
-    if spec.drag < 0 or spec.init_amplitude < 0 or spec.burn_in < 0 or spec.n_frames < 1:
-        raise ConfigError(f"physics: flow '{prefix}drag', '{prefix}init_amplitude' and '{prefix}burn_in' must be >= 0 "
-                          f"and '{prefix}n_frames' >= 1")
-    bad = ~np.isfinite(nu) | (nu <= 0)
+    for key, val in (("drag", spec.drag), ("init_amplitude", spec.init_amplitude), ("burn_in", spec.burn_in)):
+        if not (np.isfinite(val) and val >= 0):
+            raise ConfigError(f"physics: flow '{prefix}{key}' must be a finite number >= 0, got {val!r}")
+    if not spec.n_frames >= 1:
+        raise ConfigError(f"physics: flow '{_key(prefix, 'n_frames')}' must be >= 1, got {spec.n_frames!r}")
+    bad = ~(nu > 0) | ~np.isfinite(nu)
     if bad.any():
-        raise ConfigError(f"physics: flow viscosity {nu[bad][0]!r} must be a positive number (config '{prefix}viscosity_*')")
-    if (~np.isfinite(amp)).any():
-        raise ConfigError(f"physics: flow forcing amplitude must be finite (config '{prefix}forcing_*')")
+        # from a config the viscosity ranges are checked (naming their keys) before this is reached
+        raise ConfigError(f"physics: flow viscosity {float(nu[bad][0])!r} must be a positive number")
+    if not np.isfinite(amp).all():
+        raise ConfigError(f"physics: flow forcing amplitude {float(amp[~np.isfinite(amp)][0])!r} must be finite "
+                          f"(a config derives it from '{prefix}velocity', '{prefix}drag' and the viscosity ranges)")
     dx = 2 * np.pi / spec.n
     u_max = laminar_velocity(nu, amp, spec) + 3.0 * spec.init_amplitude
     cfl = spec.dt * u_max / dx
-    worst = int(np.argmax(cfl))
-    if cfl[worst] > CFL_MAX:
+    worst = int(np.argmax(np.where(np.isnan(cfl), np.inf, cfl)))
+    if not (cfl <= CFL_MAX).all():  # NaN fails
         raise ConfigError(
             f"physics: flow CFL number dt * U / dx = {cfl[worst]:.3g} exceeds {CFL_MAX} "
             f"('{prefix}dt' = {spec.dt:g}, U = {u_max[worst]:.3g} from viscosity {nu[worst]:g} and forcing "

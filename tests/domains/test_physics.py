@@ -121,6 +121,50 @@ def test_unstable_parameters_are_config_errors_before_simulating(monkeypatch: py
         simulate_gray_scott([0.04], [0.06], spec=GrayScottSpec(du=0.5, dt=1.0))
 
 
+def _config_error(**override: object) -> str:
+    """The ConfigError message of ``PhysicsAdapter.check_config`` on the defaults plus ``override``.
+
+    The adapter's own checks are called directly: the core's Key checks (which reject NaN for
+    float keys too) stand in front of them in a run, and must not be what makes them safe.
+    """
+    with pytest.raises(ConfigError) as err:
+        PhysicsAdapter.check_config({**PhysicsAdapter.default_config, **override})
+    return str(err.value)
+
+
+NAN = float("nan")
+#: bad values for the simulators' keys; each message must name a real config key (before: a NaN
+#: amplitude or drag passed the CFL check, and messages named 'flow_forcing_*', 'flow_n', ...)
+_BAD_PHYSICS = [
+    ({"flow_init_amplitude": NAN}, "flow_init_amplitude"), ({"flow_drag": NAN}, "flow_drag"),
+    ({"flow_drag": float("inf")}, "flow_drag"), ({"flow_drag": -1.0}, "flow_drag"),
+    ({"flow_init_amplitude": -1.0}, "flow_init_amplitude"), ({"flow_burn_in": NAN}, "flow_burn_in"),
+    ({"flow_dt": NAN}, "flow_dt"), ({"flow_frame_every": NAN}, "flow_frame_every"),
+    ({"flow_dt": 5.0}, "flow_dt"), ({"flow_k_forcing": 99}, "flow_k_forcing"), ({"grid": 10}, "grid"),
+    ({"flow_viscosity_vortex": [NAN, 0.04]}, "flow_viscosity_vortex"), ({"flow_velocity": [0.8, NAN]}, "flow_velocity"),
+    ({"gs_du": NAN}, "gs_du"), ({"gs_dt": NAN}, "gs_dt"), ({"gs_dt": 10.0}, "gs_dt"),
+    ({"gs_feed_spots": [0.03, 0.3]}, "gs_feed_spots"), ({"gs_kill_stripes": [NAN, 0.06]}, "gs_kill_stripes"),
+    ({"gs_burn_in": -1}, "gs_burn_in"), ({"n_frames": 0, "rollout_start": 0, "context_frames": 0, "rollout_steps": 0}, "n_frames"),
+    ({"test_fraction": NAN}, "test_fraction"), ({"lr": NAN}, "lr"), ({"blowup": NAN}, "blowup"),
+]
+
+
+@pytest.mark.parametrize(("override", "key"), _BAD_PHYSICS, ids=[k for _, k in _BAD_PHYSICS])
+def test_nan_and_unstable_values_fail_naming_real_config_keys(override: dict, key: str) -> None:
+    import re
+
+    msg = _config_error(**override)
+    named = set(re.findall(r"'([a-z][a-z0-9_*]*)'", msg))
+    assert key in named, msg
+    assert named <= set(PhysicsAdapter.config_keys), f"{sorted(named - set(PhysicsAdapter.config_keys))} in: {msg}"
+
+
+def test_nan_amplitude_does_not_switch_off_the_cfl_check() -> None:
+    assert "CFL" in _config_error(flow_dt=5.0)
+    msg = _config_error(flow_init_amplitude=NAN, flow_dt=5.0)
+    assert "flow_init_amplitude" in msg
+
+
 def test_cli_rejects_an_unstable_time_step_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from sciscope.pipelines.cli import main
 
