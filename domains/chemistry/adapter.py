@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -122,13 +123,16 @@ class ChemistryAdapter(DomainAdapter):
     # -- configuration ----------------------------------------------------------------------------
     @classmethod
     def check_config(cls, config: dict[str, Any]) -> None:
-        """Heads divide the width; the test fraction is inside (0, 1); steering groups are in the table."""
+        """Heads divide the width; the test fraction is inside (0, 1); lr and temperature are finite; steering
+        groups are in the table. Comparisons are written so that NaN fails them."""
         if config["hidden"] % config["n_heads"]:
             raise ConfigError(f"chemistry: config 'hidden' ({config['hidden']}) must be a multiple of 'n_heads' ({config['n_heads']})")
         if not 0.0 < config["test_fraction"] < 1.0:
             raise ConfigError(f"chemistry: config 'test_fraction' must lie in (0, 1), got {config['test_fraction']!r}")
-        if config["lr"] <= 0:
-            raise ConfigError(f"chemistry: config 'lr' must be > 0, got {config['lr']!r}")
+        if not (math.isfinite(config["lr"]) and config["lr"] > 0):
+            raise ConfigError(f"chemistry: config 'lr' must be a finite number > 0, got {config['lr']!r}")
+        if not (math.isfinite(config["temperature"]) and config["temperature"] >= 0):  # 0 = greedy
+            raise ConfigError(f"chemistry: config 'temperature' must be a finite number >= 0, got {config['temperature']!r}")
         groups = _data.load_functional_groups(config["functional_groups"] or None)  # validates the SMARTS table
         unknown = [g for g in config["steer_groups"] if g not in set(groups["name"])]
         if unknown:

@@ -292,6 +292,11 @@ def test_config_errors_name_the_key() -> None:
         ChemistryAdapter({"test_fraction": 1.0})
     with pytest.raises(ConfigError, match="n_generate"):
         ChemistryAdapter({"n_generate": 0})
+    # the adapter's own checks fail NaN too (they must not lean on the core's Key checks)
+    nan = float("nan")
+    for key in ("lr", "temperature", "test_fraction"):
+        with pytest.raises(ConfigError, match=key):
+            ChemistryAdapter.check_config({**ChemistryAdapter.default_config, key: nan})
     assert ChemistryAdapter.config_stages["steer_groups"] == "steering" and ChemistryAdapter.config_stages["hidden"] == "model"
 
 
