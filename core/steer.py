@@ -14,6 +14,7 @@ Both interventions are context managers: nothing stays registered after the bloc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,19 +46,33 @@ class SteeringVector:
     vector : Tensor
         ``(d,)`` float32.
     site : str
-        The site it was read from (and is meant to be injected at).
+        The site it was read from (and is meant to be injected at), as text (``"path"`` or
+        ``"path:input"``, or an alias).  A :class:`Site` given here is split into this text and
+        the two fields below.
     method : str
         ``"mean_diff"``, ``"pca"``, ``"probe"``, ``"random"`` or ``"custom"``.
     meta : dict
         Group definitions and sizes, seed, source store.
+    layout : str or None
+        The site's axis names (``"b c h w"``) when its tensor is not ``(batch, [positions,]
+        features)``; :func:`steer` applies it, so the vector is placed without repeating the site.
+    index : int
+        Which element of a tuple output (or input) the site names.
     """
 
     vector: torch.Tensor
-    site: str
+    site: "str | Site"
     method: str = "custom"
     meta: dict[str, Any] = field(default_factory=dict)
+    layout: str | None = None
+    index: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.site, Site):
+            # Kept as text + fields so the site stays a plain string wherever it is reported (JSON).
+            self.layout = self.site.layout if self.layout is None else self.layout
+            self.index = self.site.index if self.index == 0 else self.index
+            self.site = str(self.site)
         self.vector = torch.as_tensor(self.vector, dtype=torch.float32).detach().reshape(-1)
         if not torch.isfinite(self.vector).all():
             raise NonFiniteError(f"steering vector for site {self.site!r} holds NaN or inf")
@@ -79,13 +94,18 @@ class SteeringVector:
         """A random direction of the same norm (the control for every steering claim)."""
         g = torch.Generator().manual_seed(seed)
         r = torch.randn(self.dim, generator=g)
-        return SteeringVector(r * (self.norm / float(r.norm())), self.site, "random", {"seed": seed, "like": self.method})
+        return SteeringVector(r * (self.norm / float(r.norm())), self.site, "random", {"seed": seed, "like": self.method},
+                              layout=self.layout, index=self.index)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write as safetensors; site, method and meta go into the file's metadata."""
+        """Write as safetensors; site (with layout and index), method and meta go into the metadata."""
         from safetensors.torch import save_file
 
         meta = {"site": self.site, "method": self.method, "meta": json.dumps(self.meta, default=str)}
+        if self.layout is not None:
+            meta["layout"] = self.layout
+        if self.index:
+            meta["index"] = str(self.index)
         with atomic_path(path) as tmp:
             save_file({"vector": self.vector.contiguous()}, str(tmp), metadata=meta)
 
@@ -97,7 +117,20 @@ class SteeringVector:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             vec = f.get_tensor("vector")
-        return cls(vec, meta.get("site", ""), meta.get("method", "custom"), json.loads(meta.get("meta", "{}")))
+        return cls(vec, meta.get("site", ""), meta.get("method", "custom"), json.loads(meta.get("meta", "{}")),
+                   layout=meta.get("layout"), index=int(meta.get("index", 0)))
+
+    def placed(self, model: nn.Module, site: "str | Site | None" = None,
+               aliases: Aliases | None = None) -> tuple[Site, nn.Module]:
+        """The :class:`Site` to inject at and its module: ``site`` if given, else the vector's own.
+
+        A text ``site`` equal to the vector's takes the vector's layout and index.
+        """
+        site = self.site if site is None else site
+        parsed, module = resolve_site(model, site, aliases)
+        if isinstance(site, str) and site == self.site:
+            parsed = dataclasses.replace(parsed, layout=self.layout, index=self.index)
+        return parsed, module
 
 
 def _group_mask(store: ActivationStore, spec: Any, label: str) -> np.ndarray:
@@ -127,7 +160,7 @@ def _group_mask(store: ActivationStore, spec: Any, label: str) -> np.ndarray:
 
 def contrast_vector(
     store: ActivationStore,
-    site: str,
+    site: "str | Site",
     *,
     a: Any,
     b: Any,
@@ -141,7 +174,9 @@ def contrast_vector(
     store
         Activations with obs.
     site
-        Which site's activations.
+        Which site's activations (the store's name for it).  The returned vector carries the
+        site's layout and index as captured (from a :class:`Site`, or the store's manifest), so
+        :func:`steer` places it without being told again.
     a, b
         The two groups: a pandas query on obs (``"lat > 50"``), a boolean mask, or
         ``{column: value or list of values}``.
@@ -154,6 +189,11 @@ def contrast_vector(
     seed
         For the probe's solver.
     """
+    if isinstance(site, Site):
+        layout, index, site = site.layout, site.index, str(site)  # capture names a Site by str(site)
+    else:  # the store's manifest remembers how each site was captured
+        captured = store.manifest.get("sites_requested", {}).get(site, {})
+        layout, index = captured.get("layout"), captured.get("index", 0)
     mask_a = _group_mask(store, a, "a")
     mask_b = _group_mask(store, b, "b")
     overlap = int((mask_a & mask_b).sum())
@@ -166,8 +206,9 @@ def contrast_vector(
         raise NonFiniteError(f"site {site!r}: NaN or inf activations in the contrast groups")
     diff = xa.mean(0) - xb.mean(0)
     meta = {"a": str(a), "b": str(b), "n_a": int(mask_a.sum()), "n_b": int(mask_b.sum()), "store": str(store.path)}
+    where = {"layout": layout, "index": int(index or 0)}
     if method == "mean_diff":
-        return SteeringVector(torch.from_numpy(diff), site, method, meta)
+        return SteeringVector(torch.from_numpy(diff), site, method, meta, **where)
     if method == "pca":
         pooled = np.concatenate([xa, xb])
         pooled -= pooled.mean(0)
@@ -189,7 +230,7 @@ def contrast_vector(
     if proj < 0:
         direction, proj = -direction, -proj
     meta["cosine_with_mean_diff"] = float(proj / (np.linalg.norm(diff) + 1e-12))
-    return SteeringVector(torch.from_numpy(direction * proj), site, method, meta)
+    return SteeringVector(torch.from_numpy(direction * proj), site, method, meta, **where)
 
 
 def _position_mask(positions: Any, h: torch.Tensor) -> torch.Tensor | None:
@@ -237,8 +278,8 @@ def steer(
     model
         The model to steer.
     vector
-        A :class:`SteeringVector` (its ``site`` is used unless ``site`` is given) or a ``(d,)``
-        tensor.
+        A :class:`SteeringVector` (its site, with layout and index, is used unless ``site`` is
+        given) or a ``(d,)`` tensor.
     alpha
         Strength; negative values steer the other way; 0 leaves outputs bit-identical.
     site
@@ -248,13 +289,13 @@ def steer(
         ``(P,)`` or ``(B, P)`` tensor, or ``callable(h_bpd) -> bool (B, P)``.
     """
     if isinstance(vector, SteeringVector):
-        site = site if site is not None else vector.site
+        parsed, module = vector.placed(model, site, aliases)
         v = vector.vector
     else:
+        if site is None:
+            raise ShapeError("steer() needs a site (give one, or a SteeringVector that names one)")
+        parsed, module = resolve_site(model, site, aliases)
         v = torch.as_tensor(vector, dtype=torch.float32).reshape(-1)
-    if site is None:
-        raise ShapeError("steer() needs a site (give one, or a SteeringVector that names one)")
-    parsed, module = resolve_site(model, site, aliases)
     v_norm = float(v.norm())
     if scale == "relative" and v_norm == 0:
         raise ShapeError("relative steering with a zero vector is undefined")
@@ -429,7 +470,8 @@ def alpha_sweep(
         for metric, value in result.items():
             rows.append({"alpha": alpha, "condition": cond, "metric": metric, "value": float(value)})
     params = {
-        "site": site or vector.site,
+        "site": str(site or vector.site),
+        "layout": site.layout if isinstance(site, Site) else vector.layout if site in (None, vector.site) else None,
         "scale": scale,
         "relative_to": relative_to,
         "alphas": alphas,

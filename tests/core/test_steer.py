@@ -159,3 +159,44 @@ def test_vector_save_load(tmp_path, store):
     v.save(tmp_path / "v.safetensors")
     w = SteeringVector.load(tmp_path / "v.safetensors")
     assert torch.equal(v.vector, w.vector) and w.site == "layer" and w.meta["n_a"] == 20
+
+
+def test_vector_from_a_layout_site_steers_and_round_trips(conv, tmp_path):
+    """A store captured at Site(path, layout=...) gives a vector that steer places unaided."""
+    from sciscope.core import Site, capture, collect
+    from sciscope.core.interventions import AddVector
+
+    site = Site("conv1", layout="b c h w")
+    x = torch.randn(8, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    x[:4] += 1.0
+    obs = pd.DataFrame({"g": ["a"] * 4 + ["b"] * 4})
+    st = collect(conv, [x[:4], x[4:]], [site], out=tmp_path / "acts", obs=obs, progress=False)
+    v = contrast_vector(st, "conv1", a={"g": "a"}, b={"g": "b"})
+    assert (v.site, v.layout) == ("conv1", "b c h w")
+    v2 = contrast_vector(st, site, a={"g": "a"}, b={"g": "b"})  # the Site itself names the store's site
+    assert (v2.site, v2.layout) == ("conv1", "b c h w") and torch.equal(v2.vector, v.vector)
+    with torch.no_grad(), capture(conv, [site]) as plain:
+        base = conv(x)
+    expected = plain["conv1"] + 1.5 * v.vector  # canonical (B, H*W, C): v added at every pixel
+
+    def steered(vec, **kw):
+        with torch.no_grad(), steer(conv, vec, 1.5, **kw), capture(conv, [site]) as cap:
+            out = conv(x)
+        torch.testing.assert_close(cap["conv1"], expected)
+        return out
+
+    out = steered(v)
+    assert not torch.allclose(out, base)
+    torch.testing.assert_close(steered(v, site="conv1"), out)  # naming the site again changes nothing
+    v.save(tmp_path / "v.safetensors")
+    w = SteeringVector.load(tmp_path / "v.safetensors")
+    assert (w.site, w.layout, w.index) == ("conv1", "b c h w", 0) and torch.equal(w.vector, v.vector)
+    torch.testing.assert_close(steered(w), out)
+    assert v.random_like(3).layout == "b c h w"
+    with torch.no_grad(), AddVector(v).apply(conv, 1.5):
+        torch.testing.assert_close(conv(x), out)
+    # a vector made directly from a Site keeps it too, and saves
+    u = SteeringVector(v.vector, Site("conv1", layout="b c h w"))
+    assert (u.site, u.layout) == ("conv1", "b c h w")
+    u.save(tmp_path / "u.safetensors")
+    assert SteeringVector.load(tmp_path / "u.safetensors").layout == "b c h w"
