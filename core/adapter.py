@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
@@ -24,7 +25,7 @@ import pandas as pd
 from torch import nn
 
 from .config import Key, check_keys
-from .errors import AdapterError, ConfigError, close_matches
+from .errors import AdapterError, ConfigError, UnknownDomainError, close_matches
 from .experiment import Analysis, ProbeSet, Scorer, SteeringPlan, contrast_plan
 
 if TYPE_CHECKING:
@@ -291,7 +292,16 @@ def merge_config(source: str, defaults: Mapping[str, Any], overrides: Mapping[st
                 + (f"; did you mean {hint}?" if hint else f"; known keys: {sorted(defaults)}")
             )
         config[key] = _coerce(source, key, value, defaults[key])
+        _check_finite(source, key, config[key])
     return config
+
+
+def _check_finite(source: str, key: str, value: Any) -> None:
+    """NaN and inf are no configuration: NaN fails every range check silently (``nan < 0`` is False)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for v in items:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{source}: config key {key!r} must be a finite number, got {v!r}")
 
 
 def _coerce(domain: str, key: str, value: Any, default: Any) -> Any:
@@ -387,7 +397,7 @@ def get_domain(name: str, config: Mapping[str, Any] | None = None) -> DomainAdap
     domains = available_domains()
     if name not in domains:
         hint = close_matches(name, domains)
-        raise AdapterError(
+        raise UnknownDomainError(
             f"unknown domain {name!r}"
             + (f"; did you mean {hint}?" if hint else f"; registered: {sorted(domains) or 'none'}")
         )

@@ -16,6 +16,7 @@ so a key is declared once::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,8 @@ class Key:
             return
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         for v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{source}: config key {name!r} must be a finite number, got {v!r}")
             if self.choices is not None and v not in self.choices:
                 raise ConfigError(f"{source}: config key {name!r} must be one of {list(self.choices)}, got {v!r}")
             if (self.min is not None or self.max is not None) and not isinstance(v, (int, float)):

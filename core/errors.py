@@ -46,6 +46,10 @@ class AdapterError(SciscopeError, RuntimeError):
     """A domain adapter that is missing, broken or does not follow the contract."""
 
 
+class UnknownDomainError(AdapterError, ConfigError):
+    """A domain name that no adapter is registered under (a usage error: the CLI exits 2)."""
+
+
 def close_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """Return up to ``n`` candidates that look like ``name`` (for "did you mean" messages)."""
     candidates = list(candidates)

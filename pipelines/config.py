@@ -14,7 +14,7 @@ from typing import Any
 from sciscope.core.adapter import DomainAdapter, available_domains, merge_config
 from sciscope.core.config import PIPELINE_KEYS as CORE_PIPELINE_KEYS
 from sciscope.core.config import check_keys, pipeline_defaults
-from sciscope.core.errors import AdapterError, ConfigError, close_matches
+from sciscope.core.errors import AdapterError, ConfigError, UnknownDomainError, close_matches
 
 #: The pipeline's keys (default, range, first stage it affects) live in the core's key table.
 PIPELINE_KEYS = CORE_PIPELINE_KEYS
@@ -45,7 +45,7 @@ def load_adapter_class(domain: str) -> type[DomainAdapter]:
         domain = local[domain]
     if ":" not in domain:
         hint = close_matches(domain, domains)
-        raise AdapterError(
+        raise UnknownDomainError(
             f"unknown domain {domain!r}"
             + (f"; did you mean {hint}?" if hint else f"; registered: {sorted(domains) or 'none'}")
             + " (or give module:Class / path/to/adapter.py:Class)"
