@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -103,22 +104,39 @@ def checkpoint_dir(spec: str | os.PathLike[str], *, key: str = "model") -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, key: str = "model") -> nn.Module:
-    """A local Hugging Face checkpoint in the class its ``architectures`` ask for, in eval mode
-    (``trust_remote_code`` off, no download)."""
+def checkpoint_config(path: str | os.PathLike[str], *, key: str = "model") -> Any:
+    """The ``transformers`` config of a local model directory; a :class:`ConfigError` naming the file
+    when ``config.json`` is not valid JSON, names an unknown ``model_type`` or needs custom code
+    (``trust_remote_code`` stays off)."""
     from transformers import AutoConfig
 
     path = checkpoint_dir(path, key=key)
-    cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config {key!r}: {path / 'config.json'} is not valid JSON ({e})") from None
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        why = (" it needs the model folder's own code (auto_map), and sciscope keeps trust_remote_code off;"
+               if isinstance(raw, dict) and "auto_map" in raw else "")
+        raise ConfigError(f"config {key!r}: cannot read {path / 'config.json'}:{why} {first}") from None
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, key: str = "model") -> nn.Module:
+    """A local Hugging Face checkpoint in the class its ``architectures`` ask for, in eval mode
+    (``trust_remote_code`` off, no download)."""
+    path = checkpoint_dir(path, key=key)
+    cfg = checkpoint_config(path, key=key)
     return auto_model_class(cfg).from_pretrained(path, local_files_only=True, trust_remote_code=False).eval()
 
 
 def checkpoint_layer_stack(path: str | os.PathLike[str], *, key: str = "model") -> tuple[str, int]:
     """:func:`find_layer_stack` of a local checkpoint without loading its weights (meta device)."""
     import torch
-    from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(checkpoint_dir(path, key=key), local_files_only=True, trust_remote_code=False)
+    cfg = checkpoint_config(path, key=key)
     with torch.device("meta"):
         return find_layer_stack(auto_model_class(cfg).from_config(cfg))
 

@@ -9,13 +9,16 @@
 ``sciscope demo [--out DIR]``   run the core walkthrough on a small locally trained model
 
 Errors that sciscope raises on purpose print one line and exit with status 1; usage errors (bad
-arguments, unknown config keys or ill-typed values) exit 2.
+arguments, an unknown domain, unknown config keys, ill-typed, out-of-range or non-finite values, a
+model directory that cannot be read) exit 2 before anything is written. ``run`` holds the run
+folder's lock (:mod:`sciscope.pipelines.lock`) while it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from sciscope.core.errors import ConfigError, SciscopeError
 from sciscope.pipelines.layout import STAGES
@@ -39,17 +42,13 @@ def _cmd_domains(args: argparse.Namespace) -> int:
 
 
 def _cmd_sites(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
     from sciscope.core import list_sites
+    from sciscope.core.loading import checkpoint_config
 
-    path = Path(args.model)
-    if not (path / "config.json").is_file():
-        raise SciscopeError(f"{path} is not a Hugging Face model directory (no config.json)")
     # Build the architecture from its config only: listing sites needs no weights and runs no remote code.
-    model = AutoModel.from_config(AutoConfig.from_pretrained(path, trust_remote_code=False))
+    model = AutoModel.from_config(checkpoint_config(args.model, key="MODEL_DIR"))
     for site in list_sites(model, leaves_only=args.leaves):
         print(site)
     return 0
@@ -61,44 +60,100 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(["--out", args.out] + (["--quiet"] if args.quiet else []))
 
 
+def run_folder(out: str, domain: str, run: str) -> Path:
+    """``OUT/DOMAIN/RUN``, checked before anything is written: ``run`` is one plain path component
+    (no separators, not ``.``/``..``, not hidden) and ``out`` is a folder or does not exist yet."""
+    if not run or run in (".", "..") or run.startswith(".") or "/" in run or "\\" in run or Path(run).is_absolute():
+        raise ConfigError(f"--run {run!r}: a run name is one folder name (letters, digits, '-', '_', '.'; "
+                          "no '/', not starting with '.'); use --out to choose where runs go")
+    base = Path(out)
+    for parent in (base, *base.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"--out {out!r}: {parent} is a file, not a folder")
+    return base / domain / run
+
+
+def _failure_line(run_dir: Path) -> str:
+    """The failed stage's one-line summary and its log (stages log ``stage X failed: ...`` last)."""
+    logs = sorted((run_dir / "logs").glob("*.log"), key=lambda p: p.stat().st_mtime)
+    for log in reversed(logs):  # stages may run side by side: the newest log that says it failed
+        failed = [line for line in log.read_text(errors="replace").splitlines() if " failed: " in line]
+        if failed:
+            return f": {failed[-1].split(' failed: ', 1)[1]} (log: {log})"
+    return f"; see {logs[-1]}" if logs else ""
+
+
+def lost_stages(run_dir: Path, target: str = "report", *, steering_uses_features: bool = False) -> list[str]:
+    """Stages needed for ``target`` whose ``done.json`` is gone while a later stage's is still there.
+
+    Snakemake treats such a marker like an intermediate file whose consumers are up to date and
+    would not rerun the stage; deleting a stage's ``done.json`` is how a user asks for it (and
+    what depends on it) to run again, so these stages are forced.
+    """
+    from sciscope.pipelines.layout import DONE_FILE, upstream
+
+    needed = upstream(target, steering_uses_features=steering_uses_features)
+    done = [i for i, s in enumerate(STAGES) if (run_dir / s / DONE_FILE).is_file()]
+    return [s for i, s in enumerate(STAGES) if s in needed and i not in done and done and max(done) > i]
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import json
     import os
     import subprocess
+    import tempfile
     import time
-    from pathlib import Path
 
     from sciscope.core.io import write_json
     from sciscope.pipelines.config import load_adapter_class, parse_sets, resolve_adapter_spec, resolve_config
     from sciscope.pipelines.layout import RUN_FILE, read_run_info
+    from sciscope.pipelines.lock import describe_holder, run_lock
 
+    # everything is checked before the run folder is touched: a bad input writes nothing
     cls = load_adapter_class(args.domain)
     config = resolve_config(cls, profile=args.profile, overrides=parse_sets(args.set or []))
     adapter_spec = resolve_adapter_spec(args.domain)
-    run_dir = Path(args.out) / cls.name / (args.run or args.profile)
+    run_dir = run_folder(args.out, cls.name, args.run or args.profile)
+    if args.cores < 1:
+        raise ConfigError(f"--cores must be >= 1, got {args.cores}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    old = read_run_info(run_dir)
-    if old.get("adapter") != adapter_spec or old.get("config") != json.loads(json.dumps(config, default=str)):
-        write_json(run_dir / RUN_FILE, {"domain": cls.name, "adapter": adapter_spec, "run": run_dir.name,
-                                        "config": config, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    snakefile = Path(__file__).with_name("Snakefile")
-    # a Snakemake target first (before the options that take several values): stop after a stage
-    target = [f"{args.until}/done.json"] if args.until else []
-    cmd = [sys.executable, "-m", "snakemake", *target, "--snakefile", str(snakefile), "--directory", str(run_dir.resolve()),
-           "--cores", str(args.cores), "--rerun-incomplete", "--nolock", "--config", f"run_dir={run_dir.resolve()}",
-           f"progress={not args.quiet}", f"cores={args.cores}", "--quiet", "rules"]
-    if args.dry_run:
-        cmd.append("--dry-run")
-    cmd += args.snakemake_arg or []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    print(f"sciscope: {cls.name} run -> {run_dir}", flush=True)
-    t0 = time.time()
-    proc = subprocess.run(cmd, env=env)
+    with run_lock(run_dir, command=f"sciscope run {args.domain}") as stale, tempfile.TemporaryDirectory() as tmp:
+        if stale:
+            print(f"sciscope: note: the previous run here ({describe_holder(stale)}) was stopped before it ended; "
+                  "resuming", flush=True)
+        info = {"domain": cls.name, "adapter": adapter_spec, "run": run_dir.name, "config": config,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        old = read_run_info(run_dir)
+        if args.dry_run:  # a dry run shows what the new config would rerun and leaves run.json as it was
+            run_file = Path(tmp) / RUN_FILE
+            write_json(run_file, info)
+        else:
+            run_file = run_dir / RUN_FILE
+            if old.get("adapter") != adapter_spec or old.get("config") != json.loads(json.dumps(config, default=str)):
+                write_json(run_file, info)
+        snakefile = Path(__file__).with_name("Snakefile")
+        # a Snakemake target first (before the options that take several values): stop after a stage
+        target = [f"{args.until}/done.json"] if args.until else []
+        # --nolock: the run lock above is ours (Snakemake's own would need --unlock after a kill)
+        cmd = [sys.executable, "-m", "snakemake", *target, "--snakefile", str(snakefile),
+               "--directory", str(run_dir.resolve()), "--cores", str(args.cores), "--rerun-incomplete", "--nolock",
+               "--config", f"run_dir={run_dir.resolve()}", f"run_file={run_file.resolve()}",
+               f"progress={not args.quiet}", f"cores={args.cores}", "--quiet", "rules"]
+        if lost := lost_stages(run_dir, args.until or "report", steering_uses_features=cls.steering_uses_features):
+            cmd += ["--forcerun", *lost]
+        if args.dry_run:
+            cmd.append("--dry-run")
+        cmd += args.snakemake_arg or []
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        print(f"sciscope: {cls.name} run -> {run_dir}", flush=True)
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
-        logs = sorted((run_dir / "logs").glob("*.log"), key=lambda p: p.stat().st_mtime)
-        where = f"; see {logs[-1]}" if logs else ""
-        print(f"sciscope: error: the {cls.name} pipeline failed{where}", file=sys.stderr)
+        print(f"sciscope: error: the {cls.name} pipeline failed{_failure_line(run_dir)}", file=sys.stderr)
         return 1
+    if args.dry_run:
+        print(f"sciscope: dry run: nothing ran; {run_dir} is unchanged", flush=True)
+        return 0
     if args.until and args.until != "report":
         print(f"sciscope: stages up to {args.until} done in {time.time() - t0:.1f} s -> {run_dir}", flush=True)
         return 0

@@ -27,6 +27,13 @@ from typing import Any
 from sciscope.core.io import write_json
 
 STAGES: tuple[str, ...] = ("examples", "model", "activations", "probes", "sae", "features", "steering", "report")
+#: The stages each stage reads (the Snakefile's rule inputs; steering also reads features when the
+#: adapter's plans steer with SAE features).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "examples": (), "model": ("examples",), "activations": ("model",), "probes": ("activations",),
+    "sae": ("activations",), "features": ("sae",), "steering": ("activations",),
+    "report": ("probes", "features", "steering"),
+}
 RUN_FILE = "run.json"
 HEADLINE_FILE = "headline.json"
 DONE_FILE = "done.json"
@@ -37,6 +44,18 @@ def stage_dir(run_dir: str | os.PathLike[str], stage: str) -> Path:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
     return Path(run_dir) / stage
+
+
+def upstream(stage: str, *, steering_uses_features: bool = False) -> set[str]:
+    """``stage`` and every stage it needs, directly or not."""
+    inputs = dict(STAGE_INPUTS, steering=("activations", "features") if steering_uses_features else ("activations",))
+    seen, todo = set(), [stage]
+    while todo:
+        s = todo.pop()
+        if s not in seen:
+            seen.add(s)
+            todo.extend(inputs[s])
+    return seen
 
 
 def write_headline(directory: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> None:

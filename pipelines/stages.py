@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ class Run:
     def __init__(self, run_dir: str | Path, *, progress: bool = True) -> None:
         from sciscope.core.context import RunContext
 
-        self.dir = Path(run_dir)
+        self.dir = Path(run_dir).resolve()  # rules pass "." (the run folder is their working directory)
         self.info = read_run_info(self.dir)
         if not self.info:
             from sciscope.core.errors import SciscopeError
@@ -491,6 +492,15 @@ def run_stage(stage: str, run_dir: str | Path, *, progress: bool = True, shard: 
     return result
 
 
+def _innermost_frame(exc: BaseException) -> str:
+    """``file.py:LINE in function`` where ``exc`` was raised: a one-line pointer for the summary."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "unknown place"
+    f = frames[-1]
+    return f"{Path(f.filename).name}:{f.lineno} in {f.name}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from sciscope.core.errors import SciscopeError
 
@@ -519,9 +529,15 @@ def main(argv: list[str] | None = None) -> int:
     log.info("stage %s of %s (threads: %s)", args.stage, args.run_dir, args.threads or "library defaults")
     try:
         result = run_stage(args.stage, args.run_dir, progress=not args.no_progress, shard=args.shard)
-    except SciscopeError as e:
+    except SciscopeError as e:  # a deliberate error names what to fix: one line is enough
         log.error("stage %s failed: %s", args.stage, e)
         print(f"sciscope: error in stage {args.stage}: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug or an unforeseen input: the traceback goes into the log, then one line
+        log.error("traceback of stage %s:\n%s", args.stage, traceback.format_exc().rstrip())
+        summary = f"{type(e).__name__}: {e}".splitlines()[0][:300] + (f" (at {_innermost_frame(e)})")
+        log.error("stage %s failed: %s", args.stage, summary)
+        print(f"sciscope: error in stage {args.stage}: {summary}", file=sys.stderr)
         return 1
     log.info("stage %s done: %s", args.stage, json.dumps(result, default=str)[:500])
     return 0

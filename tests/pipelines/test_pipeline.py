@@ -106,7 +106,7 @@ def test_bad_config_is_a_usage_error(project):
     bad = sciscope("run", "toyscience", "--set", "sae_stepz=3", cwd=project)
     assert bad.returncode == 2 and "sae_stepz" in bad.stderr and "sae_steps" in bad.stderr
     unknown = sciscope("run", "no_such_domain", cwd=project)
-    assert unknown.returncode == 1 and "no_such_domain" in unknown.stderr
+    assert unknown.returncode == 2 and "no_such_domain" in unknown.stderr
 
 
 def test_skeleton_passes_conformance(project, tmp_path):
@@ -143,3 +143,54 @@ def test_sharded_capture_jobs_merge_to_the_same_store(project):
     metrics = json.loads((runs / "three-shards" / "sae" / "metrics.json").read_text())
     assert load_sae(runs / "three-shards" / "sae" / "model").cfg.d_in == b.dim(metrics["site"])
     assert 0.0 < metrics["explained_variance"] <= 1.0
+
+
+def finished_run(project) -> Path:
+    run = project / "runs" / "toyscience" / "quick"
+    if not (run / "report" / "done.json").is_file():
+        assert sciscope("run", "toyscience", "--quiet", "--set", "sae_steps=150", cwd=project).returncode == 0
+    return run
+
+
+def same_config(run: Path) -> list[str]:
+    """The --set arguments that reproduce the run's config (earlier tests change sae_steps)."""
+    return ["--set", f"sae_steps={json.loads((run / 'run.json').read_text())['config']['sae_steps']}"]
+
+
+def test_copied_and_moved_run_folders_do_not_rerun(project):
+    import shutil
+
+    run = finished_run(project)
+    stages = ["examples", "model", "activations", "probes", "sae", "features", "steering", "report"]
+    shutil.copytree(run, run.with_name("copied"))
+    shutil.copytree(run, run.with_name("to-move"))
+    (run.with_name("to-move")).rename(run.with_name("moved"))
+    for name in ("copied", "moved"):
+        before = mtimes(run.with_name(name), stages)
+        again = sciscope("run", "toyscience", "--run", name, "--quiet", *same_config(run), cwd=project)
+        assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stderr[-2000:]
+        assert mtimes(run.with_name(name), stages) == before
+
+
+def test_deleting_a_done_marker_reruns_that_stage_and_what_needs_it(project):
+    import shutil
+
+    run = finished_run(project).with_name("marker")
+    shutil.copytree(finished_run(project), run)
+    before = mtimes(run, ["activations", "probes", "sae", "features", "steering", "report"])
+    (run / "probes" / "done.json").unlink()
+    again = sciscope("run", "toyscience", "--run", "marker", "--quiet", *same_config(run), cwd=project)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = mtimes(run, list(before))
+    assert after["probes"] > before["probes"] and after["report"] > before["report"]
+    assert all(after[s] == before[s] for s in ("activations", "sae", "features", "steering"))
+
+
+def test_dry_run_leaves_the_run_as_it_was(project):
+    run = finished_run(project)
+    info = (run / "run.json").read_text()
+    dry = sciscope("run", "toyscience", "--quiet", "--set", "sae_steps=999", "--dry-run", cwd=project)
+    assert "sae_steps=999" not in same_config(run)
+    assert dry.returncode == 0 and "nothing ran" in dry.stdout and "report:" not in dry.stdout
+    assert "sae" in dry.stdout  # it shows that the SAE stage would rerun
+    assert (run / "run.json").read_text() == info
