@@ -103,7 +103,9 @@ class AddVector(Intervention):
                           positions=self.positions) for i in range(n)]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "site": self.site, "scale": self.scale, "relative_to": self.relative_to,
+        site = self.site if isinstance(self.site, str) else f"{self.site.path}:{self.site.side}"  # a Site object
+        layout = getattr(self.site, "layout", None) or self.vector.layout
+        return {"kind": self.kind, "site": site, "layout": layout, "scale": self.scale, "relative_to": self.relative_to,
                 "vector_norm": self.vector.norm, "vector_method": self.vector.method, "vector_meta": self.vector.meta,
                 "positions": None if self.positions is None else repr(self.positions)}
 

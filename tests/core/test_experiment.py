@@ -179,3 +179,16 @@ def test_plan_and_analysis_validation():
     a = Analysis("count", "model", compute=lambda ctx: 3, headline=lambda r: [{"name": "n", "value": r}])
     rows, seconds = a.run(None)  # type: ignore[arg-type]
     assert rows == [{"name": "n", "value": 3}] and seconds >= 0
+
+
+def test_add_vector_at_a_site_object_describes_itself_as_json():
+    import json
+
+    from sciscope.core.sites import Site
+
+    iv = AddVector(torch.ones(4), Site("1", layout="b d"))
+    described = json.loads(json.dumps(iv.describe()))
+    assert described["site"] == "1:output" and described["layout"] == "b d"
+    model = _mlp()
+    with iv.apply(model, 1.0):
+        assert count_hooks(model) == 1
