@@ -32,10 +32,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .errors import SciscopeError, ShapeError
+from .errors import ConfigError, SciscopeError, ShapeError
 from .hooks import HookSet
 from .sites import Aliases, Site, resolve_sites, to_canonical
-from .store import ActivationStore, StoreWriter
+from .store import ActivationStore, StoreWriter, check_replaceable
 
 Pooling = Literal["none", "mean", "last", "first", "masked"]
 POOLINGS: tuple[str, ...] = ("none", "mean", "last", "first", "masked")
@@ -139,7 +139,15 @@ def pool(
         ``(B, D)``, or ``(n_valid, D)`` for ``"none"``.
     kept : Tensor or None
         For ``"none"``: the ``(n_valid, 2)`` (example, position) index of each row.
+
+    Raises
+    ------
+    ConfigError
+        ``pooling`` is not one of :data:`POOLINGS` (the message lists them).
+    ShapeError
+        ``"masked"`` without a fitting ``position_mask``.
     """
+    _check_pooling(pooling)
     b, p, d = acts.shape
     mask = attention_mask
     if mask is not None and tuple(mask.shape) != (b, p):
@@ -165,12 +173,16 @@ def pool(
             return acts.mean(1), None
         w = mask.to(acts.dtype).unsqueeze(-1)  # (B, P, 1)
         return (acts * w).sum(1) / w.sum(1).clamp_min(1.0), None
-    if pooling == "none":
-        if mask is None:
-            mask = torch.ones(b, p, dtype=torch.bool)
-        kept = mask.bool().nonzero()  # (n_valid, 2): example, position
-        return acts[kept[:, 0], kept[:, 1]], kept
-    raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+    # "none" (the only pooling left after _check_pooling)
+    if mask is None:
+        mask = torch.ones(b, p, dtype=torch.bool)
+    kept = mask.bool().nonzero()  # (n_valid, 2): example, position
+    return acts[kept[:, 0], kept[:, 1]], kept
+
+
+def _check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ConfigError(f"unknown pooling {pooling!r}; choose one of {', '.join(map(repr, POOLINGS))}")
 
 
 def model_identity(model: nn.Module, *, max_full_hash_params: int = 200_000_000) -> dict[str, Any]:
@@ -259,7 +271,8 @@ def collect(
         Where to read (see :func:`capture`).
     out
         Store folder. It appears only when capture finishes; an earlier store there survives an
-        error.
+        error. An existing file or non-empty folder there that is not a store is refused
+        (:class:`SciscopeError`) before anything runs.
     obs
         One row per example, in batch order (metadata and concept columns). With
         ``pooling="none"`` each row is repeated for every valid position and ``example`` /
@@ -286,12 +299,12 @@ def collect(
     """
     from tqdm.auto import tqdm
 
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+    _check_pooling(pooling)
+    check_replaceable(out)  # before any model hashing or forward pass: refuse early, lose nothing
     if shard is not None:
         shard_index, shard_count = (int(v) for v in shard)
         if shard_count < 1 or not 0 <= shard_index < shard_count:
-            raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+            raise ConfigError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
     resolved = resolve_sites(model, list(sites) if not isinstance(sites, (str, Site)) else sites, aliases)
     names = [n for n, _, _ in resolved]
     device = next(model.parameters(), torch.empty(0)).device
@@ -404,8 +417,9 @@ def pooled_activations(
     are the adapter's (an ``attention_mask`` / ``position_mask`` in a dict batch is used for
     pooling, as in a capture). Pooling ``"none"`` is refused: it has no one row per example.
     """
+    _check_pooling(pooling)
     if pooling == "none":
-        raise ValueError("pooled_activations needs a pooling that gives one row per example")
+        raise ConfigError("pooled_activations needs a pooling that gives one row per example")
     device = next(model.parameters(), torch.empty(0)).device
     name = str(site)
     rows = []

@@ -10,11 +10,18 @@ A store is a folder::
 Arrays are written in chunks while capturing (:class:`StoreWriter`), so memory does not grow with
 the number of examples, and read back memory-mapped, so a store larger than RAM streams.
 The folder appears atomically: a crash leaves either no store or a complete one.
+
+Nothing is lost and nothing is silently wrong: a store is written only over nothing, an empty folder
+or another store; the manifest records the sha256 of every file (``manifest["sha256"]``, keyed by
+the file's path inside the store, as ``sha256sum`` prints it), and :meth:`ActivationStore.open`
+checks every file's size and hash before anything is read from it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,11 +32,63 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import NonFiniteError, SciscopeError, ShapeError, SiteError, close_matches
+from .errors import ConfigError, NonFiniteError, SciscopeError, ShapeError, SiteError, close_matches
 
 _HEADER_BYTES = 256  # fixed .npy header size, so the final shape can be written after streaming
 _MANIFEST = "manifest.json"
 _OBS = "obs.parquet"
+_log = logging.getLogger(__name__)
+_warned_unverified = False  # say once per process that stores without checksums are not verified
+
+
+class StoreIntegrityError(SciscopeError):
+    """A store file that is missing, truncated or changed since the store was written."""
+
+
+def _sha256(path: Path) -> str:
+    # file_digest reads through one small buffer: memory stays flat for any file size
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _is_store(path: Path) -> bool:
+    try:
+        manifest = json.loads((path / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "sites" in manifest
+
+
+def check_replaceable(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`SciscopeError` unless a store may be written at ``path``.
+
+    Allowed: nothing there, an empty folder, or an activation store (reruns replace their store).
+    Anything else -- a folder of other files, a regular file -- would be lost, so it is refused.
+    """
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_dir() and (_is_store(path) or not any(path.iterdir())):
+        return
+    raise SciscopeError(f"{path} exists and is not an activation store; choose another path or delete it")
+
+
+def _remove_stale_temp(path: Path) -> None:
+    """Remove ``.<name>.writing-<pid>`` folders beside ``path`` left by writers that were killed."""
+    if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
+        return
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.writing-(\d+)")
+    for tmp in path.parent.iterdir():
+        m = pattern.fullmatch(tmp.name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # a live writer, not ours: leave it alone
+        except PermissionError:
+            continue  # alive, another user's
+        except (ProcessLookupError, OverflowError):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def site_filename(site: str) -> str:
@@ -87,7 +146,8 @@ class StoreWriter:
     ----------
     path
         Destination folder. An existing store there is replaced only when this writer closes
-        successfully.
+        successfully; anything else there (files, a non-empty folder) is refused
+        (:class:`SciscopeError`). Temporary folders of killed writers beside it are removed.
     sites
         The sites whose arrays will be written.
     dtype
@@ -114,10 +174,12 @@ class StoreWriter:
         self.sites = list(sites)
         if len(set(self.sites)) != len(self.sites):
             raise SiteError(f"duplicate sites in {self.sites}")
+        check_replaceable(self.path)
         self.dtype = np.dtype(dtype)
         self.check_finite = check_finite
         self.manifest: dict[str, Any] = dict(manifest or {})
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp(self.path)
         self._tmp = self.path.with_name(f".{self.path.name}.writing-{os.getpid()}")
         if self._tmp.exists():
             shutil.rmtree(self._tmp)
@@ -161,13 +223,16 @@ class StoreWriter:
         )
         _write_obs(obs, self._tmp / _OBS)
         manifest = dict(self.manifest)
+        files = {s: f"arrays/{site_filename(s)}" for s in self.sites}
         manifest.update(
             n_obs=self.n_obs,
             dtype=self.dtype.name,
-            sites={s: {"file": f"arrays/{site_filename(s)}", "d": a.width} for s, a in self._arrays.items()},
+            sites={s: {"file": files[s], "d": a.width} for s, a in self._arrays.items()},
+            sha256={rel: _sha256(self._tmp / rel) for rel in [_OBS, *files.values()]},
         )
         manifest.setdefault("sciscope_version", _version())
         (self._tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        check_replaceable(self.path)  # again: something else may have appeared there while we wrote
         if self.path.exists():
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
             os.replace(self.path, old)
@@ -176,7 +241,7 @@ class StoreWriter:
         else:
             os.replace(self._tmp, self.path)
         self._closed = True
-        return ActivationStore.open(self.path)
+        return ActivationStore.open(self.path, verify=False)  # hashed a moment ago
 
     def abort(self) -> None:
         """Drop everything written so far; an existing store at ``path`` stays untouched."""
@@ -193,7 +258,11 @@ class StoreWriter:
         if self._closed:
             return
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:
+                self.abort()  # a failed close leaves no temporary folder behind either
+                raise
         else:
             self.abort()
 
@@ -273,29 +342,59 @@ class ActivationStore:
         return cls(obs, arrays, manifest)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "ActivationStore":
-        """Reopen a store written to ``path``; arrays are memory-mapped (read-only)."""
+    def open(cls, path: str | os.PathLike[str], *, verify: bool = True) -> "ActivationStore":
+        """Reopen a store written to ``path``; arrays are memory-mapped (read-only).
+
+        Parameters
+        ----------
+        path
+            The store folder.
+        verify
+            Check every file against the sha256 the manifest recorded when the store was written
+            (reads each file once). Stores written before checksums were recorded open unchecked.
+            Array file sizes are checked either way.
+
+        Raises
+        ------
+        StoreIntegrityError
+            A file is missing, truncated, or changed since the store was written (the message
+            names the file).
+        """
+        global _warned_unverified
         path = Path(path)
         manifest_file = path / _MANIFEST
         if not manifest_file.is_file():
             raise SciscopeError(f"{path} is not an activation store (no {_MANIFEST})")
         manifest = json.loads(manifest_file.read_text())
+        # sizes first: a truncated file is named as such, not as merely 'changed'
+        arrays = {site: _open_array(path / info["file"]) for site, info in manifest.get("sites", {}).items()}
+        sums = manifest.get("sha256") if verify else None
+        if verify and sums is None and not _warned_unverified:
+            _log.warning("store %s has no checksums (written by an older sciscope): its files are not verified", path)
+            _warned_unverified = True
+        for rel, expected in (sums or {}).items():
+            if not (path / rel).is_file():
+                raise StoreIntegrityError(f"store file {path / rel} is missing")
+            if _sha256(path / rel) != expected:
+                raise StoreIntegrityError(
+                    f"store file {path / rel} changed since the store was written (sha256 differs from "
+                    "the manifest's: rows shuffled, edited or overwritten?); recapture the store"
+                )
         obs = pd.read_parquet(path / _OBS) if (path / _OBS).exists() else pd.DataFrame()
-        arrays = {
-            site: np.load(path / info["file"], mmap_mode="r", allow_pickle=False)
-            for site, info in manifest.get("sites", {}).items()
-        }
         if len(obs.columns) == 0:
             obs = pd.DataFrame(index=pd.RangeIndex(manifest.get("n_obs", 0)))
         return cls(obs, arrays, manifest, path=path)
 
     def save(self, path: str | os.PathLike[str], *, chunk_rows: int = 65536) -> "ActivationStore":
-        """Write this store (or this selection of one) to ``path`` and return the reopened store."""
+        """Write this store (or this selection of one) to ``path`` and return the reopened store.
+
+        ``path`` may hold nothing, an empty folder or a store (replaced); anything else is refused.
+        """
         with StoreWriter(path, self.sites, dtype=self.dtype, manifest=self.manifest, check_finite=False) as w:
             for start in range(0, self.n_obs, chunk_rows):
                 stop = min(start + chunk_rows, self.n_obs)
                 w.append({s: self.array(s, slice(start, stop)) for s in self.sites}, self.obs.iloc[start:stop])
-        return ActivationStore.open(path)
+            return w.close()
 
     # -- access ---------------------------------------------------------------------------------
     @property
@@ -405,7 +504,7 @@ class ActivationStore:
             Cast to this dtype (default float32).
         """
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         arr = self._array(site)
         order = np.arange(self.n_obs) if self._rows is None else self._rows.copy()
         if shuffle:
@@ -465,6 +564,27 @@ class ActivationStore:
         return f"ActivationStore: {self.n_obs} obs x [{sites}]{where}\n  obs: {list(self.obs.columns)}"
 
 
+def _open_array(file: Path) -> np.memmap:
+    """Memory-map one store array, first checking that the file holds all the bytes its header says."""
+    try:
+        with open(file, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(fh)
+            expected = fh.tell() + int(np.prod(shape)) * dtype.itemsize
+    except FileNotFoundError:
+        raise StoreIntegrityError(f"store file {file} is missing") from None
+    except ValueError as e:  # no .npy magic or header: not (or no longer) an array file
+        raise StoreIntegrityError(f"store file {file} is damaged: {e}") from None
+    actual = file.stat().st_size
+    if actual != expected:
+        raise StoreIntegrityError(
+            f"store file {file} is truncated or damaged: expected {expected} bytes for a {tuple(shape)} "
+            f"{dtype} array, found {actual} bytes"
+        )
+    return np.load(file, mmap_mode="r", allow_pickle=False)
+
+
 def _as_numpy(a: Any) -> np.ndarray:
     if hasattr(a, "detach"):
         a = a.detach().cpu().numpy()
@@ -487,7 +607,8 @@ def merge_shards(
     shards
         The ``n`` shard stores (folders or opened stores), in any order.
     out
-        Folder of the merged store; it appears atomically when complete.
+        Folder of the merged store; it appears atomically when complete. It may hold nothing, an
+        empty folder or a store (replaced); anything else is refused before a shard is read.
     remove
         Delete the shard folders once the merged store is in place.
 
@@ -501,7 +622,9 @@ def merge_shards(
     SciscopeError
         A shard is missing or duplicated, or the shards disagree on sites, widths, dtype, pooling
         or model (the message names the shard).
+        Also when ``out`` exists and is not a store.
     """
+    check_replaceable(out)
     stores = [s if isinstance(s, ActivationStore) else ActivationStore.open(s) for s in shards]
     if not stores:
         raise SciscopeError("merge_shards: no shard stores given")
@@ -547,7 +670,7 @@ def merge_shards(
         for _, st, start, rows in pieces:
             sl = slice(start, start + rows)
             w.append({s: st.array(s, sl) for s in first.sites}, st.obs.iloc[sl])
-    merged = ActivationStore.open(out)
+        merged = w.close()
     if remove:
         for st in stores:
             if st.path is not None and Path(st.path).resolve() != Path(out).resolve():

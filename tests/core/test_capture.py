@@ -199,3 +199,44 @@ def test_merge_shards_names_missing_and_foreign_shards(gpt2, token_batches, tmp_
     assert not (tmp_path / "m").exists()
     with pytest.raises(ValueError, match="shard must be"):
         collect(gpt2, token_batches, ["transformer.h.0"], out=tmp_path / "x", progress=False, shard=(2, 2))
+
+
+def test_collect_refuses_to_replace_what_is_not_a_store(mlp, tmp_path):
+    """An existing folder or file at ``out`` that is not a store is kept; no batch is run."""
+    from sciscope.core import SciscopeError
+
+    ran = []
+
+    def batches():
+        ran.append(1)
+        yield torch.randn(4, 8)
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    afile = tmp_path / "acts.npy"
+    afile.write_bytes(b"data")
+    for out in (folder, afile):
+        with pytest.raises(SciscopeError, match="exists and is not an activation store; choose another path or delete it"):
+            collect(mlp, batches(), ["layers.0"], out=out, progress=False)
+    assert ran == [] and (folder / "thesis.tex").read_text() == "years of work" and afile.read_bytes() == b"data"
+    collect(mlp, batches(), ["layers.0"], out=tmp_path / "s", progress=False)
+    assert collect(mlp, batches(), ["layers.1"], out=tmp_path / "s", progress=False).sites == ["layers.1"]  # a rerun
+
+
+def test_bad_arguments_are_config_errors(mlp, tmp_path):
+    from sciscope.core import ConfigError
+    from sciscope.core.capture import pooled_activations
+
+    acts = torch.zeros(2, 3, 4)
+    with pytest.raises(ConfigError, match=r"'maen'.*'none', 'mean', 'last', 'first', 'masked'"):
+        pool(acts, "maen")
+    with pytest.raises(ConfigError, match="'avg'"):
+        collect(mlp, [torch.randn(4, 8)], ["layers.0"], out=tmp_path / "s", pooling="avg", progress=False)
+    with pytest.raises(ConfigError, match="shard must be"):
+        collect(mlp, [torch.randn(4, 8)], ["layers.0"], out=tmp_path / "s", shard=(0, 0), progress=False)
+    with pytest.raises(ConfigError, match="one row per example"):
+        pooled_activations(mlp, [torch.randn(4, 8)], "layers.0", pooling="none")
+    store = ActivationStore.from_arrays(None, {"a": np.zeros((3, 2))})
+    with pytest.raises(ConfigError, match="batch_size"):
+        next(store.iter_batches("a", batch_size=0))
