@@ -46,6 +46,11 @@ class AdapterError(SciscopeError, RuntimeError):
     """A domain adapter that is missing, broken or does not follow the contract."""
 
 
+class IntegrityError(SciscopeError):
+    """A file that is truncated or changed since sciscope wrote it (a store array, an SAE's weights
+    or config): its checksum or size no longer matches the one recorded at write time."""
+
+
 class UnknownDomainError(AdapterError, ConfigError):
     """A domain name that no adapter is registered under (a usage error: the CLI exits 2)."""
 

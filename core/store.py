@@ -32,17 +32,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, NonFiniteError, SciscopeError, ShapeError, SiteError, close_matches
+from .errors import ConfigError, IntegrityError, NonFiniteError, SciscopeError, ShapeError, SiteError, close_matches
 
 _HEADER_BYTES = 256  # fixed .npy header size, so the final shape can be written after streaming
 _MANIFEST = "manifest.json"
 _OBS = "obs.parquet"
 _log = logging.getLogger(__name__)
 _warned_unverified = False  # say once per process that stores without checksums are not verified
-
-
-class StoreIntegrityError(SciscopeError):
-    """A store file that is missing, truncated or changed since the store was written."""
 
 
 def _sha256(path: Path) -> str:
@@ -356,7 +352,7 @@ class ActivationStore:
 
         Raises
         ------
-        StoreIntegrityError
+        IntegrityError
             A file is missing, truncated, or changed since the store was written (the message
             names the file).
         """
@@ -374,9 +370,9 @@ class ActivationStore:
             _warned_unverified = True
         for rel, expected in (sums or {}).items():
             if not (path / rel).is_file():
-                raise StoreIntegrityError(f"store file {path / rel} is missing")
+                raise IntegrityError(f"store file {path / rel} is missing")
             if _sha256(path / rel) != expected:
-                raise StoreIntegrityError(
+                raise IntegrityError(
                     f"store file {path / rel} changed since the store was written (sha256 differs from "
                     "the manifest's: rows shuffled, edited or overwritten?); recapture the store"
                 )
@@ -573,12 +569,12 @@ def _open_array(file: Path) -> np.memmap:
             shape, _, dtype = read_header(fh)
             expected = fh.tell() + int(np.prod(shape)) * dtype.itemsize
     except FileNotFoundError:
-        raise StoreIntegrityError(f"store file {file} is missing") from None
+        raise IntegrityError(f"store file {file} is missing") from None
     except ValueError as e:  # no .npy magic or header: not (or no longer) an array file
-        raise StoreIntegrityError(f"store file {file} is damaged: {e}") from None
+        raise IntegrityError(f"store file {file} is damaged: {e}") from None
     actual = file.stat().st_size
     if actual != expected:
-        raise StoreIntegrityError(
+        raise IntegrityError(
             f"store file {file} is truncated or damaged: expected {expected} bytes for a {tuple(shape)} "
             f"{dtype} array, found {actual} bytes"
         )

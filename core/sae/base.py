@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from sciscope.core.errors import (
     ConfigError,
+    IntegrityError,
     NonFiniteError,
     SciscopeError,
     ShapeError,
@@ -54,6 +55,8 @@ CONFIG_FILE = "cfg.json"
 FORMAT_VERSION = 1
 # Safetensors metadata key of the weights' content hash; files written before it existed load unchecked.
 CHECKSUM_KEY = "sha256_tensors"
+# ... and of cfg.json's content (an edited ``k`` keeps every shape, so the tensors' hash cannot see it).
+CONFIG_CHECKSUM_KEY = "sha256_config"
 
 NormalizeMethod = Literal["none", "scalar", "standardize"]
 _NORMALIZE_METHODS = ("none", "scalar", "standardize")
@@ -306,7 +309,7 @@ def load_sae(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
         )
     recorded = meta.get(CHECKSUM_KEY)
     if recorded is not None and recorded != tensors_sha256(state):
-        raise SciscopeError(
+        raise IntegrityError(
             f"{weights_path} changed since it was written: its tensors no longer match the "
             f"{CHECKSUM_KEY} recorded at save (corrupted or edited file)"
         )
@@ -316,9 +319,19 @@ def load_sae(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
                 f"{weights_path}: tensor {name!r} has shape {tuple(state[name].shape)}, but {CONFIG_FILE} "
                 f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) expects {tuple(want.shape)}"
             )
+    # after the shapes: a d_sae edit is better told as the shape it breaks
+    recorded = meta.get(CONFIG_CHECKSUM_KEY)
+    if recorded is not None and recorded != config_sha256(cfg_dict):
+        raise IntegrityError(f"{cfg_path} changed since it was written: it no longer matches the "
+                            f"{CONFIG_CHECKSUM_KEY} recorded in {weights_path.name} (edited or swapped config)")
     _check_finite(state, str(weights_path))
     sae.load_state_dict(state, strict=True)
     return sae.to(device).eval()
+
+
+def config_sha256(cfg: Mapping[str, Any]) -> str:
+    """SHA-256 of a ``cfg.json`` mapping in canonical JSON (sorted keys), independent of its formatting."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
 def tensors_sha256(state: Mapping[str, Tensor]) -> str:
@@ -609,8 +622,8 @@ class SparseAutoencoder(nn.Module):
     def write_files(self, directory: Path, *, name: str | os.PathLike[str] | None = None) -> None:
         """Write ``sae.safetensors`` and ``cfg.json`` into an existing directory (not atomic).
 
-        The safetensors metadata records ``architecture``, ``format_version`` and
-        ``sha256_tensors`` (see :func:`tensors_sha256`), which :func:`load_sae` verifies.
+        The safetensors metadata records ``architecture``, ``format_version``, ``sha256_tensors``
+        (see :func:`tensors_sha256`) and ``sha256_config``, which :func:`load_sae` verifies.
 
         Parameters
         ----------
@@ -626,6 +639,7 @@ class SparseAutoencoder(nn.Module):
             "architecture": self.cfg.architecture,
             "format_version": str(FORMAT_VERSION),
             CHECKSUM_KEY: tensors_sha256(state),
+            CONFIG_CHECKSUM_KEY: config_sha256(self.cfg.to_dict()),
         }
         save_file(state, directory / WEIGHTS_FILE, metadata=meta)
         (directory / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sciscope.core.errors import ConfigError, NonFiniteError, SciscopeError, ShapeError
+from sciscope.core.errors import ConfigError, IntegrityError, NonFiniteError, SciscopeError, ShapeError
 from sciscope.core.sae import SAETrainResult, create_sae, load_sae, sae_config
 from sciscope.core.sae.base import CONFIG_FILE, WEIGHTS_FILE
 
@@ -66,7 +66,16 @@ def test_checksum_is_recorded_and_a_changed_file_is_caught(saved: Path) -> None:
     raw = bytearray((saved / WEIGHTS_FILE).read_bytes())
     raw[-12] ^= 0x01  # one low-order bit of the tensor data: still finite, still the right shape
     (saved / WEIGHTS_FILE).write_bytes(bytes(raw))
-    with pytest.raises(SciscopeError, match=r"sae\.safetensors.*changed since it was written"):
+    with pytest.raises(IntegrityError, match=r"sae\.safetensors.*changed since it was written"):
+        load_sae(saved)
+
+
+def test_an_edited_config_that_keeps_the_shapes_is_caught(saved: Path) -> None:
+    cfg = json.loads((saved / "cfg.json").read_text())
+    key = "k" if "k" in cfg else "l1_coefficient"
+    cfg[key] = cfg[key] + 1 if isinstance(cfg[key], int) else cfg[key] * 2
+    (saved / "cfg.json").write_text(json.dumps(cfg, indent=4))  # formatting alone is not a change
+    with pytest.raises(IntegrityError, match=r"cfg\.json changed since it was written"):
         load_sae(saved)
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from sciscope.core import ActivationStore, StoreWriter
-from sciscope.core.errors import SciscopeError
+from sciscope.core.errors import IntegrityError, SciscopeError
 
 
 def _write(path, rows=12, seed=0):
@@ -86,7 +86,7 @@ def test_manifest_records_checksums_and_open_verifies_them(tmp_path):
     arr[:] = arr[np.random.default_rng(1).permutation(len(arr))]
     arr.flush()
     del arr
-    with pytest.raises(SciscopeError, match=r"arrays/a\.npy.*changed since the store was written"):
+    with pytest.raises(IntegrityError, match=r"arrays/a\.npy.*changed since the store was written"):
         ActivationStore.open(tmp_path / "s")
     shuffled = ActivationStore.open(tmp_path / "s", verify=False)  # a caller may skip the check
     assert not np.array_equal(shuffled["a"], before)
