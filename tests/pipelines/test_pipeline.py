@@ -194,3 +194,23 @@ def test_dry_run_leaves_the_run_as_it_was(project):
     assert dry.returncode == 0 and "nothing ran" in dry.stdout and "report:" not in dry.stdout
     assert "sae" in dry.stdout  # it shows that the SAE stage would rerun
     assert (run / "run.json").read_text() == info
+
+
+def test_a_store_array_changed_after_capture_stops_the_next_stage_naming_the_file(project):
+    """Rows shuffled in place (same size): the probes stage refuses the store instead of fitting it."""
+    import shutil
+
+    import numpy as np
+
+    run = finished_run(project).with_name("shuffled")
+    shutil.copytree(finished_run(project), run)
+    array = sorted((run / "activations" / "store" / "arrays").glob("*.npy"))[0]
+    rows = np.load(array, mmap_mode="r+")
+    rows[:] = rows[::-1].copy()
+    rows.flush()
+    del rows
+    (run / "probes" / "done.json").unlink()
+    again = sciscope("run", "toyscience", "--run", "shuffled", "--quiet", *same_config(run), cwd=project)
+    assert again.returncode == 1
+    last = again.stderr.strip().splitlines()[-1]
+    assert "changed since the store was written" in last and array.name in last and "probes.log" in last
