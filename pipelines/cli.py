@@ -62,15 +62,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def run_folder(out: str, domain: str, run: str) -> Path:
     """``OUT/DOMAIN/RUN``, checked before anything is written: ``run`` is one plain path component
-    (no separators, not ``.``/``..``, not hidden) and ``out`` is a folder or does not exist yet."""
+    (no separators, not ``.``/``..``, not hidden); no part of the path is a file, and an existing
+    folder there is a run folder (``run.json``) or empty: sciscope never writes into what is not its own."""
     if not run or run in (".", "..") or run.startswith(".") or "/" in run or "\\" in run or Path(run).is_absolute():
         raise ConfigError(f"--run {run!r}: a run name is one folder name (letters, digits, '-', '_', '.'; "
                           "no '/', not starting with '.'); use --out to choose where runs go")
-    base = Path(out)
-    for parent in (base, *base.parents):
+    run_dir = Path(out) / domain / run
+    for parent in (run_dir, *run_dir.parents):
         if parent.exists() and not parent.is_dir():
             raise ConfigError(f"--out {out!r}: {parent} is a file, not a folder")
-    return base / domain / run
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "run.json").is_file():
+        raise ConfigError(f"{run_dir} exists and is not a sciscope run folder (no run.json); "
+                          "choose another --run or --out")
+    return run_dir
 
 
 def _failure_line(run_dir: Path) -> str:

@@ -71,6 +71,15 @@ def test_out_naming_a_file_is_one_line(tmp_path, capsys):
     assert err.count("is a file") == 2 and (tmp_path / "file").read_text() == "mine"
 
 
+def test_a_folder_that_is_not_a_run_is_left_alone(tmp_path, capsys):
+    mine = tmp_path / "runs" / "toy" / "thesis"
+    mine.mkdir(parents=True)
+    (mine / "chapter1.tex").write_text("mine")
+    assert main(["run", TOY, "--out", str(tmp_path / "runs"), "--run", "thesis"]) == 2
+    assert "not a sciscope run folder" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["chapter1.tex"]
+
+
 def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(tmp_path, capsys):
     import os
 
