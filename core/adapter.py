@@ -29,6 +29,7 @@ from .errors import AdapterError, ConfigError, UnknownDomainError, close_matches
 from .experiment import Analysis, ProbeSet, Scorer, SteeringPlan, contrast_plan
 
 if TYPE_CHECKING:
+    from .fidelity import TaskLoss
     from .context import RunContext
 
 ENTRY_POINT_GROUP = "sciscope.domains"
@@ -272,6 +273,19 @@ class DomainAdapter(ABC):
     def analyses(self) -> list[Analysis]:
         """Domain analyses the stages run after their own work (:class:`Analysis`)."""
         return []
+
+    def task_loss(self, ctx: "RunContext") -> "TaskLoss | None":
+        """The model's own task on held-out examples (:class:`~sciscope.core.fidelity.TaskLoss`).
+
+        With it, the core's fidelity analysis splices the SAE's reconstruction (and PCA at equal
+        L0) into the model at :attr:`sae_site` and reports the loss recovered. None: no fidelity.
+        """
+        return None
+
+    @property
+    def fidelity_positions(self) -> Any:
+        """The positions the fidelity splice replaces (None: all; see :func:`sciscope.core.steer.steer`)."""
+        return None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}: {self.description}>"

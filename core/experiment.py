@@ -136,6 +136,14 @@ class Analysis:
         return list(rows), time.perf_counter() - t0
 
 
+def core_analyses() -> list[Analysis]:
+    """The analyses the core runs for every adapter (each skips itself where the adapter supplies
+    nothing it needs): fidelity of the SAE spliced into the model (:mod:`sciscope.core.fidelity`)."""
+    from .fidelity import fidelity_analysis
+
+    return [fidelity_analysis()]
+
+
 @dataclass
 class ProbeSet:
     """Extra probes the probe stage fits: ``targets`` on the rows selected by ``query``.

@@ -22,6 +22,8 @@ from .adapter import DomainAdapter, Examples
 from .capture import POOLINGS, collect
 from .config import STAGE_ORDER
 from .errors import ConfigError
+from .experiment import core_analyses
+from .fidelity import fidelity
 from .sites import resolve_site
 
 
@@ -78,7 +80,7 @@ def check_adapter(adapter: DomainAdapter, tmp_path: str | Path, *, max_examples:
             rows = int(np.asarray(full.eval(q), dtype=bool).sum()) if isinstance(q, str) else None
             assert rows is None or rows > 0, f"{cls.__name__}: contrast {name!r} group {label} ({q!r}) selects no example"
     analyses = adapter.analyses()
-    names = [a.name for a in analyses]
+    names = [a.name for a in [*core_analyses(), *analyses]]
     assert len(set(names)) == len(names), f"{cls.__name__}: analysis names repeat: {names}"
     for a in analyses:
         assert a.stage in STAGE_ORDER, f"{cls.__name__}: analysis {a.name!r} runs after unknown stage {a.stage!r}"
@@ -94,8 +96,16 @@ def check_adapter(adapter: DomainAdapter, tmp_path: str | Path, *, max_examples:
             assert isinstance(r, dict) and r.get("name") and "value" in r, (
                 f"{cls.__name__}: analysis {a.name!r} returned a row without name/value: {r!r}")
         ran.append(a.name)
+    task = adapter.task_loss(ctx)
+    if task is not None:  # the task runs, and splicing the site's own activations back changes nothing
+        table = fidelity(model, adapter.sae_site, task, {"identity": lambda h: h},
+                         positions=adapter.fidelity_positions, aliases=adapter.aliases).set_index("condition")
+        assert np.isfinite(table.loss).all(), f"{cls.__name__}: task_loss is not finite: {table.loss.to_dict()}"
+        assert abs(table.loss["identity"] - table.loss["clean"]) <= 1e-4 * max(1.0, abs(table.loss["clean"])), (
+            f"{cls.__name__}: task_loss changes when the site's own activations are spliced back "
+            f"({table.loss['clean']} -> {table.loss['identity']}): is it deterministic (eval mode, fixed masks)?")
     return {"n_examples": len(examples), "sites": sites, "store_rows": store.n_obs, "analyses": names,
-            "analyses_run": ran}
+            "analyses_run": ran, "task_loss": None if task is None else task.name}
 
 
 def _head(inputs: object, n: int) -> object:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from sciscope.core.experiment import core_analyses
 from sciscope.core.io import write_json, write_table
 from sciscope.core.plotting import save_figure
 from sciscope.core.threads import use_threads
@@ -76,7 +77,7 @@ class Run:
         """Run the adapter's analyses declared for ``stage`` (timed); their headline rows."""
         rows: list[dict[str, Any]] = []
         timings = {}
-        for analysis in self.adapter.analyses():
+        for analysis in [*core_analyses(), *self.adapter.analyses()]:
             if analysis.stage != stage:
                 continue
             self.ctx.stage, self.ctx.subfolder = stage, ""

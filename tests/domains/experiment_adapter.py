@@ -1,9 +1,10 @@
-"""A whole domain in under 150 lines: data, a locally trained model, two steering plans, an analysis.
+"""A whole domain in about 150 lines: data, a locally trained model, two steering plans, an analysis.
 
 Points in 8-D carry a planted class direction; a small MLP is trained here to classify them. The
 adapter declares what to run -- a delta-vector plan (``AddVector``) and a neuron-clamping plan
 (``Clamp`` on the hidden units that push class 1 most) scored by the class-1 logit margin, and an
-analysis of the probes -- and the core's stages run them with their controls.
+analysis of the probes -- and its task loss, so the core splices the SAE back in (fidelity); the
+core's stages run them with their controls.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sciscope.core import DomainAdapter, Examples
 from sciscope.core.config import Key
 from sciscope.core.context import RunContext
 from sciscope.core.experiment import Analysis, Scorer, SteeringPlan, contrast_plan
+from sciscope.core.fidelity import TaskLoss
 from sciscope.core.interventions import AblateFeatures, Clamp, SteerFeature
 
 
@@ -127,6 +129,14 @@ class PlantedAdapter(DomainAdapter):
         with torch.no_grad():
             logits = ctx.model()(x)
         return float((logits[:, 1] - logits[:, 0]).mean())
+
+    def task_loss(self, ctx: RunContext) -> TaskLoss:
+        """Cross-entropy of the training points (the tiny MLP overfits: held-out, zeroing its hidden
+        layer would beat it): what the core's fidelity analysis splices the SAE into."""
+        ex = self.examples("train")
+        x, y = torch.from_numpy(np.stack(ex.inputs)), torch.as_tensor(ex.obs.label.to_numpy(), dtype=torch.long)
+        return TaskLoss(lambda m: float(nn.functional.cross_entropy(m(x), y)), "cross-entropy of the training points",
+                        log_probs=lambda m: torch.log_softmax(m(x), -1))
 
     def analyses(self) -> list[Analysis]:
         return [Analysis("label_probe_gap", "probes", self._probe_gap, self._probe_gap_rows)]

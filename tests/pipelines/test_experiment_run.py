@@ -60,3 +60,15 @@ def test_the_declared_analysis_ran_after_its_stage_and_reached_the_report(run_di
     assert row["stage"] == "probes" and row["source"] == "probes/label_probe_gap.csv"
     html = (run_dir / "report" / "report.html").read_text()
     assert "label probe: best gap over shuffled labels" in html and "clamp_class1_units: change in margin" in html
+
+
+def test_the_core_fidelity_analysis_spliced_the_sae_into_the_model(run_dir: Path):
+    table = pd.read_csv(run_dir / "sae" / "fidelity.csv").set_index("condition")
+    assert list(table.index) == ["clean", "sae", "pca_at_l0", "zero_ablation", "mean_ablation"]
+    assert table.loss["zero_ablation"] > table.loss["clean"] and table.loss_recovered["zero_ablation"] == 0
+    assert table.loss_recovered["sae"] > table.loss_recovered["mean_ablation"]  # the SAE keeps what the head reads
+    assert table.kl["clean"] == 0 and table.kl["sae"] >= 0
+    rows = json.loads((run_dir / "sae" / "headline.json").read_text())
+    row = next(r for r in rows if r["name"] == "loss recovered (SAE spliced in)")
+    assert row["value"] == pytest.approx(table.loss_recovered["sae"]) and row["control_label"].startswith("PCA")
+    assert "fidelity" in json.loads((run_dir / "sae" / "analyses.json").read_text())

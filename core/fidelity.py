@@ -1,0 +1,259 @@
+"""Fidelity of a reconstruction to the model: splice it in at its site and measure the model's own task.
+
+An SAE can explain 99% of a site's variance and still break the model, because the residual it
+drops may be what the next layers read. The field's measure ("loss recovered", SAELens' CE loss
+score) splices the reconstruction back in and compares the task loss with the clean model and with
+the site zero-ablated::
+
+    loss recovered = (L_zero - L_spliced) / (L_zero - L_clean)
+
+1 is a reconstruction the model cannot tell from its own activations, 0 is no better than zeroing
+the site. Mean ablation (every position replaced by the mean activation) is the gentler floor.
+Where the model has a distribution over outputs, the KL divergence from the clean outputs is
+reported beside it. The same splice applied to the top principal components (as many as the
+SAE's L0) is the baseline a sparse dictionary must beat.
+
+The task is the adapter's (:meth:`~sciscope.core.adapter.DomainAdapter.task_loss`): next-token or
+masked-token cross-entropy, masked-gene cross-entropy, next-frame MSE, action-token NLL ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .errors import NonFiniteError, ShapeError
+from .hooks import HookSet
+from .sites import Aliases, Site, resolve_site, to_canonical
+
+if TYPE_CHECKING:
+    from .context import RunContext
+    from .experiment import Analysis
+
+#: ``(N, D) -> (N, D)``: what replaces the site's activation vectors.
+Reconstruction = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TaskLoss:
+    """The model's own task, as the adapter measures it on held-out examples.
+
+    Parameters
+    ----------
+    fn
+        ``fn(model) -> float``: the mean task loss over a fixed evaluation set (lower is better),
+        run once per condition under ``torch.no_grad``.
+    name
+        What the loss is (``"masked-token cross-entropy"``, ``"next-frame MSE"``).
+    log_probs
+        Optional ``log_probs(model) -> (N, C)`` log-probabilities over the model's outputs on the
+        same evaluation set; the KL divergence of each condition from the clean model is reported.
+    """
+
+    fn: Callable[[nn.Module], float]
+    name: str = "task loss"
+    log_probs: Callable[[nn.Module], torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def splice(model: nn.Module, site: "str | Site", replace: Reconstruction, *, positions: Any = None,
+           aliases: Aliases | None = None) -> Iterator[None]:
+    """Replace the activation at ``site`` by ``replace(h)`` for every forward pass inside the block.
+
+    Parameters
+    ----------
+    model
+        The model.
+    site
+        Where (a module path, ``Site`` or alias); its layout says which axis is the feature axis.
+    replace
+        ``(N, D) -> (N, D)``, applied to every position's vector (in float32).
+    positions
+        Which positions to replace (see :func:`sciscope.core.steer.steer`); None = all.
+    aliases
+        Site aliases of the model.
+    """
+    from .steer import _position_mask
+
+    parsed, module = resolve_site(model, site, aliases)
+
+    def swap(t: torch.Tensor) -> torch.Tensor:
+        h, back = to_canonical(t, parsed)  # (B, P, D)
+        new = replace(h.reshape(-1, h.shape[-1]).float())
+        if tuple(new.shape) != (h.shape[0] * h.shape[1], h.shape[-1]):
+            raise ShapeError(f"splice at {str(parsed)!r}: the reconstruction has shape {tuple(new.shape)}, "
+                             f"the site gives {h.shape[0] * h.shape[1]} vectors of width {h.shape[-1]}")
+        new = new.to(h.dtype).reshape(h.shape)
+        mask = _position_mask(positions, h)
+        if mask is not None:
+            new = h + (new - h) * mask
+        return back(new)
+
+    with HookSet() as hooks:
+        hooks.edit(module, parsed, swap)
+        yield
+
+
+@contextlib.contextmanager
+def _site_mean(model: nn.Module, site: "str | Site", aliases: Aliases | None) -> Iterator[list[torch.Tensor]]:
+    """Collect the mean activation vector of the site over every position seen inside the block."""
+    parsed, module = resolve_site(model, site, aliases)
+    sums: list[torch.Tensor] = []
+
+    def record(t: torch.Tensor) -> None:
+        h, _ = to_canonical(t.detach(), parsed)
+        flat = h.reshape(-1, h.shape[-1]).double()
+        if sums:
+            sums[0] += torch.cat([flat.sum(0), flat.new_tensor([len(flat)])])
+        else:
+            sums.append(torch.cat([flat.sum(0), flat.new_tensor([len(flat)])]))
+        return None
+
+    out: list[torch.Tensor] = []
+    with HookSet() as hooks:
+        hooks.edit(module, parsed, record)
+        yield out
+    if sums:
+        out.append((sums[0][:-1] / sums[0][-1]).float())
+
+
+def sae_reconstruction(sae: nn.Module) -> Reconstruction:
+    """``h -> decode(encode(h))`` of an SAE."""
+    def reconstruct(h: torch.Tensor) -> torch.Tensor:
+        return sae.decode(sae.encode(h.to(next(sae.parameters()).device))).to(h.device)
+
+    return reconstruct
+
+
+def pca_reconstruction(rows: np.ndarray, k: int) -> Reconstruction:
+    """``h -> mean + (h - mean) V_k V_k^T`` with the top ``k`` principal components of ``rows`` ``(N, D)``."""
+    x = torch.as_tensor(np.asarray(rows, dtype=np.float64))
+    mean = x.mean(0)
+    k = int(max(0, min(k, x.shape[1], x.shape[0])))
+    if k:
+        _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
+        basis = vt[:k].float()  # (k, D)
+    else:
+        basis = torch.zeros(0, x.shape[1])
+    mean = mean.float()
+
+    def reconstruct(h: torch.Tensor) -> torch.Tensor:
+        b = basis.to(h.device)
+        centred = h - mean.to(h.device)
+        return mean.to(h.device) + centred @ b.T @ b
+
+    return reconstruct
+
+
+def fidelity(
+    model: nn.Module,
+    site: "str | Site",
+    task: TaskLoss,
+    reconstructions: Mapping[str, Reconstruction],
+    *,
+    positions: Any = None,
+    aliases: Aliases | None = None,
+) -> pd.DataFrame:
+    """The task loss with each reconstruction spliced in, beside clean, zero- and mean-ablated.
+
+    Parameters
+    ----------
+    model
+        The model (its parameters are not changed).
+    site
+        The site the reconstructions are of.
+    task
+        The model's task loss (and optionally its output log-probabilities).
+    reconstructions
+        ``{name: (N, D) -> (N, D)}``, e.g. ``{"sae": sae_reconstruction(sae), "pca": ...}``.
+    positions
+        Splice only these positions (None: all).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per condition (``clean``, each reconstruction, ``zero_ablation``,
+        ``mean_ablation``): ``loss``, ``loss_recovered`` = (L_zero - L) / (L_zero - L_clean),
+        ``kl`` (mean KL divergence from the clean outputs, NaN without ``log_probs``).
+    """
+    with torch.no_grad():
+        with _site_mean(model, site, aliases) as mean:
+            clean = float(task.fn(model))
+        clean_lp = task.log_probs(model) if task.log_probs is not None else None
+        if not mean:
+            raise ShapeError(f"fidelity: the task's forward passes never reached site {str(site)!r}")
+        site_mean = mean[0]
+        conditions: dict[str, Reconstruction] = {
+            **reconstructions,
+            "zero_ablation": torch.zeros_like,
+            "mean_ablation": lambda h: site_mean.to(h.device).expand_as(h),
+        }
+        rows = [{"condition": "clean", "loss": clean, "kl": 0.0 if clean_lp is not None else np.nan}]
+        for name, fn in conditions.items():
+            with splice(model, site, fn, positions=positions, aliases=aliases):
+                loss = float(task.fn(model))
+                kl = np.nan
+                if clean_lp is not None:
+                    lp = task.log_probs(model)
+                    kl = float((clean_lp.exp() * (clean_lp - lp)).sum(-1).mean())
+            rows.append({"condition": name, "loss": loss, "kl": kl})
+    table = pd.DataFrame(rows)
+    if not np.isfinite(table.loss).all():
+        bad = table.condition[~np.isfinite(table.loss)].tolist()
+        raise NonFiniteError(f"fidelity: the task loss is NaN/inf under {bad}")
+    zero = float(table.loc[table.condition == "zero_ablation", "loss"].iloc[0])
+    gap = zero - clean
+    table["loss_recovered"] = (zero - table.loss) / gap if gap != 0 else np.nan
+    return table
+
+
+def fidelity_analysis() -> "Analysis":
+    """The core's fidelity analysis, run after the sae stage for every adapter with a task loss.
+
+    Splices the run's SAE and PCA with as many components as the SAE's L0 (fitted on the same
+    training rows) at the SAE's site; writes ``sae/fidelity.csv``; headline: the SAE's loss
+    recovered beside PCA's.
+    """
+    from .experiment import Analysis
+
+    return Analysis("fidelity", "sae", _compute_fidelity, _fidelity_rows)
+
+
+def _compute_fidelity(ctx: "RunContext") -> dict[str, Any] | None:
+    adapter = ctx.adapter
+    task = adapter.task_loss(ctx)
+    if task is None:
+        return None
+    site = adapter.sae_site
+    sae = ctx.live["sae"] if "sae" in ctx.live else ctx.sae()
+    metrics = ctx.sae_metrics()
+    store = ctx.store()
+    rows = store.query("split != 'test'") if "split" in store.obs.columns and (store.obs.split != "test").sum() >= 2 else store
+    k = int(round(metrics["l0"]))
+    table = fidelity(ctx.model(), site, task,
+                     {"sae": sae_reconstruction(sae), "pca_at_l0": pca_reconstruction(rows.array(site), k)},
+                     positions=adapter.fidelity_positions, aliases=adapter.aliases)
+    table.insert(1, "task", task.name)
+    ctx.write_table("fidelity.csv", table)
+    return {"table": table, "task": task.name, "k": k, "site": site}
+
+
+def _fidelity_rows(result: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if result is None:
+        return []
+    t = result["table"].set_index("condition")
+    note = (f"{result['task']} with the reconstruction spliced in at {result['site']}: clean {t.loss['clean']:.4g}, "
+            f"SAE {t.loss['sae']:.4g}, PCA-{result['k']} {t.loss['pca_at_l0']:.4g}, mean-ablated "
+            f"{t.loss['mean_ablation']:.4g}, zero-ablated {t.loss['zero_ablation']:.4g}")
+    if np.isfinite(t.kl["sae"]):
+        note += f"; KL from clean outputs: SAE {t.kl['sae']:.3g}, PCA {t.kl['pca_at_l0']:.3g}"
+    return [{"name": "loss recovered (SAE spliced in)", "value": float(t.loss_recovered["sae"]),
+             "control": float(t.loss_recovered["pca_at_l0"]), "control_label": "PCA with as many components as the SAE's L0",
+             "note": note, "source": "sae/fidelity.csv"}]
