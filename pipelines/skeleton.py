@@ -40,6 +40,7 @@ from sciscope.core import DomainAdapter, Examples
 from sciscope.core.config import Key
 from sciscope.core.context import RunContext
 from sciscope.core.experiment import Analysis, Scorer, SteeringPlan
+from sciscope.core.fidelity import TaskLoss
 from sciscope.core.interventions import Clamp
 
 
@@ -136,6 +137,14 @@ class {cls}(DomainAdapter):
         plans.append(SteeringPlan("clamp_label_units", Clamp({{"4:input": units}}), self.steering_scorer(ctx, "label"),
                                   alphas=[1.0, 2.0, 4.0], n_controls=ctx.config["steer_n_random"], seed=ctx.seed))
         return plans
+
+    def task_loss(self, ctx: RunContext) -> TaskLoss:
+        """The model's own loss: the core splices the SAE back in and reports the loss recovered."""
+        train = self.examples("train")
+        x = torch.from_numpy(np.asarray(train.inputs))
+        y = torch.as_tensor(train.obs.label.to_numpy(), dtype=torch.long)
+        return TaskLoss(lambda m: float(nn.functional.cross_entropy(m(x), y)), "cross-entropy",
+                        log_probs=lambda m: torch.log_softmax(m(x), -1))
 
     def analyses(self) -> list[Analysis]:
         return [Analysis("label_balance", "examples", self._label_balance)]
