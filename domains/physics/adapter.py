@@ -33,6 +33,7 @@ from sciscope.core.adapter import DomainAdapter, Examples
 from sciscope.core.config import Key
 from sciscope.core.errors import ConfigError
 from sciscope.core.experiment import Analysis, ProbeSet, SteeringPlan
+from sciscope.core.fidelity import TaskLoss
 from sciscope.core.interventions import AddVector
 from sciscope.core.loading import find_layer_stack, layer_index, load_factory_model
 
@@ -45,6 +46,9 @@ from .steering import RolloutScorer
 __all__ = ["PARAMETER_TARGETS", "PhysicsAdapter"]
 
 SYSTEMS = tuple(REGIMES)
+#: Held-out windows the task loss reads (evenly spaced over the test windows): the fidelity
+#: analysis runs the task 6-11 times, so it stays a few forward passes.
+TASK_WINDOWS = 512
 #: Probe targets of each system's probe set (log scales for the flow's).
 PARAMETER_TARGETS = {"gray_scott": ("feed", "kill"), "flow": ("log10_viscosity", "log10_reynolds")}
 
@@ -368,6 +372,47 @@ class PhysicsAdapter(DomainAdapter):
                                   "mse_persistence": float(((last - truth[:, h]) ** 2).mean()),
                                   "n_diverged": int(res.diverged.sum()), "n_rollouts": len(test)})
         return pd.DataFrame(rows), pd.DataFrame(hrows)
+
+    # -- fidelity: the model's own task ------------------------------------------------------------------
+    def task_loss(self, ctx: Any) -> TaskLoss:
+        """Next-frame MSE on held-out windows, as the model is trained: the squared error of the predicted
+        change ``frames[t+1] - frames[t]`` in standardised units, each window divided by its system's mean
+        squared change over the train frames (the training loss's weights, so both systems count). No
+        training noise, no shift; at most :data:`TASK_WINDOWS` test windows, evenly spaced (deterministic).
+
+        Rollout error is left out: one scalar per condition is all a :class:`TaskLoss` carries, and a
+        spliced rollout that diverges is NaN, which the fidelity analysis refuses.
+        """
+        ts, frames = self.trajectories, self.normalised_frames
+        pairs = list(self.examples("test").inputs)
+        if not pairs:
+            raise ConfigError("physics: no test windows for the task loss (too few trajectories held out)")
+        pairs = [pairs[i] for i in np.unique(np.linspace(0, len(pairs) - 1, min(TASK_WINDOWS, len(pairs))).round().astype(int))]
+        tr, t = np.array(pairs).T
+        x = torch.cat(list(self._contexts(pairs)))  # (N, T, 2, n, n)
+        target = torch.from_numpy(frames[tr, t + 1] - frames[tr, t])  # the change after the last context frame
+        weight = torch.tensor([1.0 / ts.norms[s]["change_ms"] for s in ts.table["system"].to_numpy()[tr]],
+                              dtype=torch.float64)
+
+        def loss(model: nn.Module) -> float:
+            was_training = model.training
+            model.eval()
+            try:
+                with self.threads(), torch.no_grad():
+                    se = torch.cat([((model(x[i:i + 64]) - target[i:i + 64]) ** 2).double().mean((1, 2, 3))
+                                    for i in range(0, len(x), 64)])
+            finally:
+                model.train(was_training)
+            return float((se * weight).mean())
+
+        return TaskLoss(loss, "next-frame MSE / mean squared change (held-out windows)")
+
+    @property
+    def fidelity_positions(self) -> None:
+        """Every position: a middle block's tokens (class token, every patch of every context frame) all
+        feed the later blocks through attention, so none can be left clean. (The SAE is trained on the
+        store's rows, which are block outputs averaged over positions.)"""
+        return None
 
     # -- steering: the Physics Steering recipe --------------------------------------------------------
     def regime_vector(self, model: nn.Module, system: str, site: str | None = None, *, split: str = "train") -> Any:

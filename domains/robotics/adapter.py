@@ -31,13 +31,15 @@ from sciscope.core.adapter import DomainAdapter, Examples
 from sciscope.core.config import Key
 from sciscope.core.errors import AdapterError, ConfigError
 from sciscope.core.experiment import Analysis, Scorer, SteeringPlan
+from sciscope.core.fidelity import TaskLoss
 from sciscope.core.loading import layer_index
 
 from . import env as _env
 from . import report as _report
 from .lens import CATEGORIES, CLAMP_POSITIONS, CLUSTER_METRIC, ClusterRule, action_lens, cluster_clamp, layer_summary, \
     neuron_categories, select_clusters
-from .model import PolicySpec, VLAPolicy, VLAVocab, build_policy, load_policy, rollout, save_policy, train_policy
+from .model import DIMS, PolicySpec, VLAPolicy, VLAVocab, action_logits, build_policy, load_policy, rollout, save_policy, \
+    train_policy
 
 if TYPE_CHECKING:
     from sciscope.core.context import RunContext
@@ -46,6 +48,9 @@ __all__ = ["RoboticsAdapter"]
 
 #: Evaluation scenes use episode ids from here on (demonstrations use 0 .. n_episodes - 1).
 EVAL_OFFSET = 1_000_000
+#: Held-out demonstration states the task loss reads (evenly spaced over the test episodes' states):
+#: the fidelity analysis runs the task 6-11 times, so it stays a few forward passes.
+TASK_STATES = 512
 #: The rollout scores of every steering plan (per-episode arrays).
 ROLLOUT_SCORES: tuple[str, ...] = ("displacement", "dx", "dy", "success_rate", "alignment")
 #: The config keys the demonstrations (the policy's training data) depend on.
@@ -387,6 +392,64 @@ class RoboticsAdapter(DomainAdapter):
                 Analysis("policy_and_lens", "model", _report.model_rows),
                 Analysis("action_semantics", "features", _report.feature_rows),
                 Analysis("clusters", "steering", _report.cluster_rows)]
+
+    # -- fidelity: the policy's own task -------------------------------------------------------------
+    def task_loss(self, ctx: "RunContext") -> TaskLoss:
+        """Action-token NLL on held-out demonstrations: ``-log p`` of the expert's ``dx`` and ``dy`` bins
+        (clean labels), teacher-forced as in training (:func:`.model.action_logits`), softmax over the
+        whole vocabulary (mass leaking to word tokens counts), mean over both tokens. ``log_probs``: the
+        log-softmax over each dimension's bins at its action position (the distribution greedy decoding
+        acts on), so the fidelity analysis reports the KL of the action distribution.
+
+        States: at most :data:`TASK_STATES`, evenly spaced over every test episode's states (the policy
+        never trains on them), rendered once; eval mode, no sampling.
+        """
+        obs, _, _ = self.demos
+        test = np.flatnonzero(obs["split"].to_numpy() == "test")
+        if not test.size:
+            raise ConfigError("robotics: no held-out demonstration states for the task loss (test_fraction)")
+        rows = test[np.unique(np.linspace(0, test.size - 1, min(TASK_STATES, test.size)).round().astype(int))]
+        pixels = torch.from_numpy(self.render(rows)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
+        instructions = obs["instruction"].to_numpy()[rows].tolist()
+        actions = obs[["action_x", "action_y"]].to_numpy()[rows]
+
+        def logits(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, VLAVocab]:
+            policy = _as_policy(model)
+            vocab = policy.vocab
+            ids, mask = vocab.prompt_ids(instructions)
+            bins = torch.as_tensor(vocab.codec.encode(actions))  # (N, 2)
+            was_training = policy.training
+            policy.eval()
+            self._apply_threads()
+            try:
+                with torch.no_grad():
+                    out = torch.cat([action_logits(policy, pixels[i:i + 128], ids[i:i + 128], mask[i:i + 128], bins[i:i + 128])
+                                     for i in range(0, len(bins), 128)])  # (N, 2, V)
+            finally:
+                policy.train(was_training)
+            return out, bins, vocab
+
+        def nll(model: nn.Module) -> float:
+            out, bins, vocab = logits(model)
+            logp = torch.log_softmax(out.double(), dim=-1)
+            targets = torch.stack([vocab.action_id(d, bins[:, d]) for d in range(len(DIMS))], 1)  # (N, 2)
+            return float(-logp.gather(-1, targets[..., None]).mean())
+
+        def log_probs(model: nn.Module) -> torch.Tensor:
+            out, _, vocab = logits(model)
+            return torch.cat([torch.log_softmax(out[:, d, vocab.dim_slice(d)], dim=-1) for d in range(len(DIMS))])
+
+        return TaskLoss(nll, "action-token NLL (held-out demonstrations)", log_probs=log_probs)
+
+    @property
+    def fidelity_positions(self) -> list[int]:
+        """The two action-emitting positions of the teacher-forced pass: ``<act>`` (-2, emits ``dx``) and the
+        ``dx`` token (-1, emits ``dy``). The SAE is trained on the ``<act>`` position ("last" pooling), so
+        image patches and words would be vectors it never saw; and at the default SAE site, the last
+        layer, a position's output reaches only its own logits, so splicing anywhere else would not
+        change the loss at all. The ``dx``-token position is kept because it is where ``dy`` is decided
+        (the last position of the second decoding pass, as clamping's "action" positions)."""
+        return [-2, -1]
 
     def rollout_scorer(self, target: Sequence[str], off_target: Sequence[str] = ()) -> Scorer:
         """Closed-loop rollouts on the same neutral held-out scenes under every alpha and control:

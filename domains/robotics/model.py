@@ -40,8 +40,8 @@ from sciscope.core.training import fit_lightning, loss_module
 
 from .env import VOCAB_WORDS, EnvSpec, ReachEnv, Rollout, Scenes, check_instruction, closed_loop
 
-__all__ = ["ActionCodec", "PatchEmbed", "PolicySpec", "VLAPolicy", "VLAVocab", "build_policy", "load_policy", "rollout",
-           "save_policy", "train_policy"]
+__all__ = ["ActionCodec", "PatchEmbed", "PolicySpec", "VLAPolicy", "VLAVocab", "action_logits", "build_policy",
+           "load_policy", "rollout", "save_policy", "train_policy"]
 
 SPECIALS: tuple[str, ...] = ("<pad>", "<bos>", "<act>")
 PAD, BOS, ACT = 0, 1, 2
@@ -354,6 +354,17 @@ def soft_targets(actions: torch.Tensor, codec: ActionCodec, sigma: float) -> tor
     return w / w.sum(-1, keepdim=True)
 
 
+def action_logits(policy: VLAPolicy, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                  bins: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits ``(B, 2, V)`` at the two action positions: the prompt (ending in ``<act>``)
+    plus the ``dx`` token of ``bins`` ``(B, 2)`` go in; position -2 (``<act>``) predicts ``dx``, position
+    -1 (the ``dx`` token) predicts ``dy``, as the two decoding passes of :meth:`VLAPolicy.act` do."""
+    dx_tok = policy.vocab.action_id(0, bins[:, 0])
+    inp = torch.cat([ids, dx_tok[:, None]], dim=1)
+    m = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return policy(images, inp, m, logits_to_keep=len(DIMS)).logits.float()
+
+
 def bc_loss(policy: VLAPolicy, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, actions: torch.Tensor,
             sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Behaviour-cloning loss and per-dimension bin accuracy for one batch.
@@ -364,10 +375,7 @@ def bc_loss(policy: VLAPolicy, images: torch.Tensor, ids: torch.Tensor, mask: to
     """
     vocab = policy.vocab
     bins = torch.as_tensor(vocab.codec.encode(actions.numpy()))  # (B, 2)
-    dx_tok = vocab.action_id(0, bins[:, 0])
-    inp = torch.cat([ids, dx_tok[:, None]], dim=1)
-    m = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    logits = policy(images, inp, m, logits_to_keep=len(DIMS)).logits.float()  # (B, 2, V)
+    logits = action_logits(policy, images, ids, mask, bins)  # (B, 2, V)
     logp = torch.log_softmax(logits, dim=-1)
     soft = soft_targets(actions, vocab.codec, sigma)  # (B, 2, n_bins)
     loss = 0.0

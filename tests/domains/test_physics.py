@@ -280,6 +280,32 @@ def test_conformance(tiny, tmp_path: Path) -> None:
     assert report["sites"] == ["block.0", "block.1"] and report["store_rows"] > 0
 
 
+def test_task_loss_is_the_training_loss_on_test_windows_and_fidelity_brackets_it(tiny) -> None:
+    """The task loss is the training objective (weighted next-frame change MSE, no noise, no shift) on the
+    held-out windows; splicing the site's own activations back recovers all of it, zeroing the site none."""
+    from sciscope.core.fidelity import fidelity
+    from sciscope.domains.physics import WindowDataset
+
+    ad, model = tiny
+    task = ad.task_loss(ad.ctx)
+    assert task.log_probs is None and "MSE" in task.name
+    clean = task.fn(model)
+    assert np.isfinite(clean) and clean > 0 and task.fn(model) == clean  # deterministic
+    ts, test = ad.trajectories, ad.examples("test").inputs  # the tiny set has fewer than TASK_WINDOWS
+    weights = np.array([1.0 / ts.norms[s]["change_ms"] for s in ts.table["system"]])
+    data = WindowDataset(ad.normalised_frames, test, TINY.get("context_frames", 3), weights, shift=False, noise=0.0)
+    with torch.no_grad():
+        per = [float(((model(x[None]) - y[None]) ** 2).mean() * w) for x, y, w in (data[i] for i in range(len(data)))]
+    assert clean == pytest.approx(np.mean(per), rel=1e-5)
+
+    table = fidelity(model, ad.sae_site, task, {"identity": lambda h: h}, aliases=ad.aliases,
+                     positions=ad.fidelity_positions).set_index("condition")
+    assert table.loss_recovered["identity"] == pytest.approx(1.0, abs=1e-6)
+    assert table.loss_recovered["zero_ablation"] == 0.0
+    assert table.loss["zero_ablation"] > table.loss["clean"]
+    assert table.kl.isna().all()  # no output distribution: no KL
+
+
 def test_examples_split_whole_trajectories_and_batches(tiny) -> None:
     ad, model = tiny
     train, test = ad.examples("train"), ad.examples("test")

@@ -72,6 +72,34 @@ def test_conformance(tiny, tmp_path) -> None:
     assert out["sites"] == [f"layer.{i}" for i in range(TINY["n_layers"])]
 
 
+def test_task_loss_is_action_token_nll_on_held_out_states_and_fidelity_brackets_it(tiny) -> None:
+    """Hard-label behaviour-cloning loss on test states (bc_loss with sigma 0 gives the same number), KL over
+    each dimension's bins; identity splice recovers all of it, zeroing the site none."""
+    from sciscope.core.fidelity import fidelity
+
+    ad, policy = tiny
+    task = ad.task_loss(ad.ctx)
+    clean = task.fn(policy)
+    assert np.isfinite(clean) and task.fn(policy) == clean  # deterministic
+    obs, _, _ = ad.demos
+    test = np.flatnonzero(obs["split"].to_numpy() == "test")  # the tiny set has fewer than TASK_STATES
+    ids, mask = policy.vocab.prompt_ids(obs["instruction"].to_numpy()[test].tolist())
+    with torch.no_grad():
+        hard, _ = bc_loss(policy, torch.from_numpy(ad.render(test)).permute(0, 3, 1, 2), ids, mask,
+                          torch.as_tensor(obs[["action_x", "action_y"]].to_numpy()[test], dtype=torch.float32), 0.0)
+    assert clean == pytest.approx(float(hard), rel=1e-5)
+    lp = task.log_probs(policy)
+    assert lp.shape == (2 * len(test), TINY["n_bins"])
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(len(lp)))
+
+    table = fidelity(policy, ad.sae_site, task, {"identity": lambda h: h}, aliases=ad.aliases,
+                     positions=ad.fidelity_positions).set_index("condition")
+    assert table.loss_recovered["identity"] == pytest.approx(1.0, abs=1e-6)
+    assert table.kl["identity"] == pytest.approx(0.0, abs=1e-6)
+    assert table.loss_recovered["zero_ablation"] == 0.0
+    assert table.loss["zero_ablation"] > table.loss["clean"] and table.kl["zero_ablation"] > 0
+
+
 # ------------------------------------------------------------------------------------ environment
 
 
