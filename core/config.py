@@ -97,6 +97,7 @@ PIPELINE_KEYS: dict[str, Key] = {
     "sae_steps": Key(2000, "sae", min=1),
     "sae_batch_size": Key(512, "sae", min=1),
     "sae_lr": Key(1e-3, "sae", min=0),
+    "sae_stability": Key(True, "sae", help="train the SAE once more from another seed: the quality table's stability"),
     "feature_top_k": Key(10, "features", min=1),
     "steer_alphas": Key([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0], "steering"),
     "steer_scale": Key("absolute", "steering", choices=("absolute", "relative")),

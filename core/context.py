@@ -158,6 +158,38 @@ class RunContext:
                        pooling=ad.pooling, aliases=ad.variant_aliases(variant), seed=self.seed, progress=self.progress,
                        total=-(-len(ex) // bs), extra_manifest={"domain": ad.name, "variant": variant})
 
+    def sae_rows(self) -> "tuple[ActivationStore, ActivationStore]":
+        """``(train_rows, test_rows)`` of the store for the SAE: held-out rows are ``split == 'test'``
+        (an SAE wider than the data can memorise it, so in-sample explained variance flatters it);
+        without a split column both are every row."""
+        store = self.store()
+        obs = store.obs
+        if "split" in obs.columns and (obs.split == "test").any() and (obs.split != "test").sum() >= 2:
+            return store.query("split != 'test'"), store.query("split == 'test'")
+        return store, store
+
+    def train_sae(self, *, seed: int | None = None) -> Any:
+        """Train the run's SAE (config keys ``sae_*``) on :meth:`sae_rows`' training rows at the
+        adapter's ``sae_site``; returns the :class:`~sciscope.core.sae.SAETrainResult`.
+
+        ``seed`` other than the run's trains the same recipe from another start (stability).
+        """
+        from .sae import sae_config, sae_fields, train_sae
+
+        c, site = self.config, self.adapter.sae_site
+        train_rows, _ = self.sae_rows()
+        d_in = train_rows.dim(site)
+        fields: dict[str, Any] = {"d_in": d_in, "d_sae": d_in * int(c["sae_expansion"])}
+        if "k" in sae_fields(c["sae_architecture"]):  # a fixed number of active latents (TopK, BatchTopK ...)
+            fields["k"] = min(int(c["sae_k"]), fields["d_sae"])
+        cfg = sae_config(c["sae_architecture"], **fields)
+        seed = self.seed if seed is None else int(seed)
+        bs = min(int(c["sae_batch_size"]), train_rows.n_obs)
+        epoch = iter(range(10**9))
+        data = lambda: train_rows.iter_batches(site, bs, shuffle=True, seed=seed + next(epoch), drop_last=True)  # noqa: E731
+        return train_sae(cfg, data, max_steps=int(c["sae_steps"]), lr=float(c["sae_lr"]), seed=seed,
+                         progress=self.progress, **self.trainer_options)
+
     def sae(self) -> Any:
         """The SAE the sae stage trained."""
         from .sae import load_sae

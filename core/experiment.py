@@ -138,10 +138,12 @@ class Analysis:
 
 def core_analyses() -> list[Analysis]:
     """The analyses the core runs for every adapter (each skips itself where the adapter supplies
-    nothing it needs): fidelity of the SAE spliced into the model (:mod:`sciscope.core.fidelity`)."""
+    nothing it needs): fidelity of the SAE spliced into the model (:mod:`sciscope.core.fidelity`),
+    then the SAE's quality table against PCA, raw units and random directions (:mod:`sciscope.core.sae.quality`)."""
     from .fidelity import fidelity_analysis
+    from .sae.quality import quality_analysis
 
-    return [fidelity_analysis()]
+    return [fidelity_analysis(), quality_analysis()]
 
 
 @dataclass

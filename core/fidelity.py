@@ -242,6 +242,7 @@ def _compute_fidelity(ctx: "RunContext") -> dict[str, Any] | None:
                      positions=adapter.fidelity_positions, aliases=adapter.aliases)
     table.insert(1, "task", task.name)
     ctx.write_table("fidelity.csv", table)
+    ctx.live["fidelity"] = table  # the quality table reads it next, in the same stage process
     return {"table": table, "task": task.name, "k": k, "site": site}
 
 

@@ -269,28 +269,15 @@ def stage_sae(run: Run) -> dict[str, Any]:
     import torch
 
     from sciscope.core import StoreWriter
-    from sciscope.core.sae import evaluate_sae, sae_config, sae_fields, train_sae
+    from sciscope.core.sae import evaluate_sae
 
     out = run.path("sae")
     store = run.store()
     site = run.adapter.sae_site
-    d_in = store.dim(site)
-    cfg_fields: dict[str, Any] = {"d_in": d_in, "d_sae": d_in * int(run.config["sae_expansion"])}
     arch = run.config["sae_architecture"]
-    if "k" in sae_fields(arch):  # architectures with a fixed number of active latents (TopK, BatchTopK, ...)
-        cfg_fields["k"] = min(int(run.config["sae_k"]), cfg_fields["d_sae"])
-    cfg = sae_config(arch, **cfg_fields)
-    # Train on the train split and measure on held-out rows: an SAE wider than the data can
-    # memorise it, so in-sample explained variance would flatter it.
-    if "split" in store.obs.columns and (store.obs.split == "test").any() and (store.obs.split != "test").sum() >= 2:
-        train_rows, test_rows = store.query("split != 'test'"), store.query("split == 'test'")
-    else:
-        train_rows = test_rows = store
-    bs = min(int(run.config["sae_batch_size"]), train_rows.n_obs)
-    epoch = iter(range(10**9))
-    data = lambda: train_rows.iter_batches(site, bs, shuffle=True, seed=run.seed + next(epoch), drop_last=True)  # noqa: E731
-    trained = train_sae(cfg, data, max_steps=int(run.config["sae_steps"]), lr=float(run.config["sae_lr"]),
-                        seed=run.seed, progress=run.progress, **run.trainer_options)
+    train_rows, test_rows = run.ctx.sae_rows()
+    trained = run.ctx.train_sae()
+    d_in, d_sae = trained.sae.cfg.d_in, trained.sae.cfg.d_sae
     if _secondary_rank():
         return {"rank": "secondary"}  # under DDP only rank 0 evaluates and writes
     trained.save(out / "model")
@@ -298,7 +285,7 @@ def stage_sae(run: Run) -> dict[str, Any]:
     in_sample = evaluate_sae(trained.sae, train_rows.iter_batches(site, 4096))
     metrics["explained_variance_train"] = float(in_sample["explained_variance"])
     metrics["dead_fraction_all_rows"] = float(evaluate_sae(trained.sae, store.iter_batches(site, 4096))["dead_fraction"])
-    metrics["evaluated_on"] = "held-out rows (split == 'test')" if test_rows is not store else "all rows (no split column)"
+    metrics["evaluated_on"] = "held-out rows (split == 'test')" if test_rows is not train_rows else "all rows (no split column)"
     metrics["pca_explained_variance"] = _pca_explained_variance(train_rows.array(site), test_rows.array(site), round(metrics["l0"]))
     metrics["site"] = site
     write_json(out / "metrics.json", metrics)
@@ -321,13 +308,13 @@ def stage_sae(run: Run) -> dict[str, Any]:
     axes[0].set_xlabel("step"), axes[0].set_ylabel("mse (normalised space)"), axes[0].set_yscale("log")
     axes[1].plot(h.step, h.dead_fraction, lw=1, color="C3")
     axes[1].set_xlabel("step"), axes[1].set_ylabel("dead fraction")
-    fig.suptitle(f"{arch} SAE on {site}: {d_in} -> {cfg_fields['d_sae']}")
+    fig.suptitle(f"{arch} SAE on {site}: {d_in} -> {d_sae}")
     save_figure(fig, out / "training.png")
     run.ctx.live["sae"] = trained.sae
     write_headline(out, [
         {"stage": "sae", "name": "explained variance", "value": metrics["explained_variance"],
          "control": metrics["pca_explained_variance"], "control_label": "PCA with as many components as the SAE's L0",
-         "note": f"{arch} {d_in}->{cfg_fields['d_sae']} at {site}; on {metrics['evaluated_on']} (train rows: {metrics['explained_variance_train']:.3f})",
+         "note": f"{arch} {d_in}->{d_sae} at {site}; on {metrics['evaluated_on']} (train rows: {metrics['explained_variance_train']:.3f})",
          "source": "sae/metrics.json"},
         {"stage": "sae", "name": "L0 (active latents per row)", "value": metrics["l0"], "source": "sae/metrics.json"},
         {"stage": "sae", "name": "live latent fraction", "value": 1.0 - metrics["dead_fraction_all_rows"], "source": "sae/metrics.json",

@@ -72,3 +72,17 @@ def test_the_core_fidelity_analysis_spliced_the_sae_into_the_model(run_dir: Path
     row = next(r for r in rows if r["name"] == "loss recovered (SAE spliced in)")
     assert row["value"] == pytest.approx(table.loss_recovered["sae"]) and row["control_label"].startswith("PCA")
     assert "fidelity" in json.loads((run_dir / "sae" / "analyses.json").read_text())
+
+
+def test_the_quality_table_sets_the_sae_beside_pca_raw_units_and_random_directions(run_dir: Path):
+    table = pd.read_csv(run_dir / "sae" / "quality.csv").set_index("metric")
+    assert list(table.columns) == ["sae", "pca", "raw_units", "random_directions", "note"]
+    units = table.loc["units"]
+    assert units.random_directions == units.sae == 2 * units.raw_units  # sae_expansion 2: as many random directions
+    k1, k5 = table.loc["k=1 sparse probing, mean balanced accuracy"], table.loc["k=5 sparse probing, mean balanced accuracy"]
+    assert k5.raw_units > 0.65 and all(0 <= float(k1[b]) <= 1 for b in ("sae", "pca", "raw_units", "random_directions"))
+    assert table.loc["loss recovered", "sae"] == pytest.approx(
+        pd.read_csv(run_dir / "sae" / "fidelity.csv").set_index("condition").loss_recovered["sae"])
+    assert 0 < table.loc["stability (mean best decoder cosine to another seed)", "sae"] <= 1
+    names = [r["name"] for r in json.loads((run_dir / "sae" / "headline.json").read_text())]
+    assert "SAE k=1 sparse probing, mean balanced accuracy" in names and "SAE stability across seeds" in names
