@@ -268,7 +268,9 @@ def load_sae(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
     """Load an SAE written by :meth:`SparseAutoencoder.save`; returns it in eval mode.
 
     The class comes from ``cfg.json``'s ``architecture`` through the registry.  Only safetensors
-    and JSON are read (no pickle, no ``torch.load``).
+    and JSON are read (no pickle, no ``torch.load``).  Directories written by SAELens, EleutherAI
+    sparsify or dictionary_learning load too, as the sciscope SAE with the same encodings
+    (:mod:`sciscope.core.sae.formats`).
 
     Raises
     ------
@@ -280,7 +282,11 @@ def load_sae(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
     NonFiniteError
         A tensor holds NaN or inf.
     """
+    from sciscope.core.sae import formats  # here: formats imports this module
+
     path = Path(path)
+    if (fmt := formats.detect_format(path)) != "sciscope":
+        return formats.load_foreign(path, fmt, device=device)
     cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     for p in (cfg_path, weights_path):
         if not p.is_file():
