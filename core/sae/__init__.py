@@ -25,6 +25,7 @@ from sciscope.core.sae.base import (
 # Importing the architecture modules registers them.
 from sciscope.core.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from sciscope.core.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
+from sciscope.core.sae.matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from sciscope.core.sae.metrics import evaluate_sae
 from sciscope.core.sae.relu import ReLUConfig, ReLUSAE
 from sciscope.core.sae.topk import TopKConfig, TopKSAE
@@ -36,6 +37,8 @@ __all__ = [
     "BatchTopKSAE",
     "JumpReLUConfig",
     "JumpReLUSAE",
+    "MatryoshkaConfig",
+    "MatryoshkaSAE",
     "ReLUConfig",
     "ReLUSAE",
     "SAEConfig",

@@ -495,7 +495,7 @@ class SparseAutoencoder(nn.Module):
             aux = self.aux_loss(x, err.detach(), dead)
         else:
             aux = recon.new_zeros(())
-        loss = recon + sparsity_scale * out.sparsity + self.cfg.aux_coeff * aux
+        loss = recon + sparsity_scale * out.sparsity + self.cfg.aux_coeff * aux + self._extra_loss(out)
         if update_stats:
             self.update_stats(out, n_samples=x.shape[0])
         return {
@@ -522,6 +522,14 @@ class SparseAutoencoder(nn.Module):
     def _sparsity_penalty(self, f: Tensor) -> Tensor:
         return f.new_zeros(())
 
+    def _extra_loss(self, out: TrainForward) -> Tensor:
+        """Loss terms an architecture adds beyond reconstruction, sparsity and AuxK (none here).
+
+        Matryoshka adds the reconstruction errors of its nested dictionary prefixes.  Not scaled
+        by ``sparsity_scale``, and not part of the reported ``recon``.
+        """
+        return out.l0.new_zeros(())
+
     def aux_loss(self, x: Tensor, err: Tensor, dead: Tensor) -> Tensor:
         """AuxK loss (Gao et al. 2024): dead latents learn to explain the residual.
 
@@ -539,7 +547,9 @@ class SparseAutoencoder(nn.Module):
             self.b_enc[dead_idx], x - self.b_dec.detach(), self.W_enc[:, dead_idx]
         )  # (B, n_dead)
         vals, j = pre_dead.topk(min(self.cfg.aux_k, n_dead), dim=-1, sorted=False)  # (B, k_aux)
-        e_hat = F.embedding_bag(dead_idx[j], self.W_dec, per_sample_weights=F.relu(vals), mode="sum")
+        # vals are bf16 under autocast; embedding_bag wants them in W_dec's dtype (fp32)
+        weights = F.relu(vals).to(self.W_dec.dtype)  # (B, k_aux)
+        e_hat = F.embedding_bag(dead_idx[j], self.W_dec, per_sample_weights=weights, mode="sum")
         return (err - e_hat).pow(2).sum() / err.pow(2).sum().clamp_min(1e-12)
 
     # ---- dead latents and other running statistics ----------------------------------------------

@@ -13,11 +13,16 @@ instead: ``f = pre * [pre > threshold]``, per sample.  The threshold is estimate
 as a running (exponential) mean of the smallest kept activation of each batch, and is saved with
 the weights (buffer ``threshold``; -1 until the first training batch).  Under DDP the k * B budget
 is per rank's batch, and the threshold takes the smallest kept activation over all ranks.
+
+Training never builds the dense (B, d_sae) code: the decode sums the kept decoder rows with
+``embedding_bag``, and the encoder's backward touches only the kept entries (TopK's
+:func:`~sciscope.core.sae.topk.sparse_affine`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +37,17 @@ from sciscope.core.sae.base import (
     _distributed,
     register_sae,
 )
+from sciscope.core.sae.topk import SparseCode, sparse_affine, weighted_rows
 
 # Stride of the deterministic subsample used to pre-select top-(k*B) candidates; prime, so it does
 # not alias with d_sae.
 _SAMPLE_STRIDE = 61
+
+
+def bag_samples(offsets: Tensor, n: int) -> Tensor:
+    """Sample index of every entry of a flat code of ``n`` entries with bag ``offsets`` (B,): (n,)."""
+    counts = torch.diff(offsets, append=offsets.new_tensor([n]))  # (B,) entries per sample
+    return torch.repeat_interleave(torch.arange(offsets.numel(), device=offsets.device), counts)
 
 
 @dataclass(kw_only=True)
@@ -74,10 +86,11 @@ class BatchTopKSAE(SparseAutoencoder):
 
     # ---- batch-level selection (training) ------------------------------------------------------
 
-    def _batch_topk(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The k * B largest entries of ``pre`` (B, d_sae), sorted by sample.
+    def _batch_topk(self, pre: Tensor) -> SparseCode:
+        """The k * B largest entries of ``pre`` (B, d_sae), as one embedding bag per sample.
 
-        Returns values (n,), sample indices (n,) non-decreasing, latent indices (n,).
+        Returns values (n,), latent indices (n,) ascending within each sample, and offsets (B,)
+        where each sample's entries begin.
         """
         flat = pre.flatten()  # (B * d_sae,)
         n_keep = min(self.cfg.k * pre.shape[0], flat.numel())
@@ -96,31 +109,43 @@ class BatchTopKSAE(SparseAutoencoder):
                 positions = candidates[j]
         if positions is None:
             _, positions = flat.detach().topk(n_keep, sorted=False)
-        positions = positions.sort().values  # group by sample for embedding_bag
-        rows, cols = positions // pre.shape[1], positions % pre.shape[1]
-        return flat[positions], rows, cols
+        positions = positions.sort().values  # by sample, then by latent: embedding_bag's layout
+        # (B,) the flat position where each row begins
+        starts = torch.arange(pre.shape[0], device=pre.device) * pre.shape[1]
+        return flat[positions], positions % pre.shape[1], torch.searchsorted(positions, starts)
 
-    def _decode_batch_codes(self, vals: Tensor, rows: Tensor, cols: Tensor, n_rows: int) -> Tensor:
-        """Decode variable-length per-sample codes with embedding_bag: -> (B, d_in)."""
-        starts = torch.arange(n_rows, device=rows.device)
-        offsets = torch.searchsorted(rows, starts)  # (B,) where each sample's codes begin
-        out = F.embedding_bag(cols, self.W_dec, offsets, per_sample_weights=vals, mode="sum")
-        return out + self.b_dec
+    def _train_codes(self, x: Tensor) -> SparseCode:
+        """ReLU'd batch-level code of ``x`` (B, d_in): values (n,), latents (n,), offsets (B,).
+
+        With gradients on, the encoder's backward touches only the kept entries (as TopK's).
+        """
+        if torch.is_grad_enabled():
+            inputs, bias = self._pre_act_operands(x)
+            vals, cols, offsets = sparse_affine(inputs, self.W_enc, bias, self._batch_topk)
+        else:
+            vals, cols, offsets = self._batch_topk(self.pre_acts(x))
+        # ReLU after the selection: a kept entry <= 0 (fewer than k * B positives) is an explicit zero
+        return F.relu(vals), cols, offsets
+
+    def _code_fields(self, vals: Tensor, cols: Tensor, n_samples: int) -> dict[str, Any]:
+        """The bookkeeping fields of :class:`TrainForward` for a batch code (n,), (n,)."""
+        active = vals > 0
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=cols.device)
+        fired[cols[active]] = True
+        # fp32 like the threshold (vals are bf16 under autocast): DDP ranks all-reduce it together
+        min_kept = vals[active].min().detach().to(self.threshold.dtype) if bool(active.any()) else None
+        stats = {} if min_kept is None else {"min_kept": min_kept}
+        return {
+            "sparsity": vals.new_zeros(()),
+            "l0": active.sum().float() / n_samples,
+            "fired": fired,
+            "stats": stats,
+        }
 
     def _train_forward(self, x: Tensor) -> TrainForward:
-        pre = F.relu(self.pre_acts(x))  # (B, d_sae)
-        vals, rows, cols = self._batch_topk(pre)  # (n,) each, n = k * B
-        active = vals > 0
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
-        fired[cols[active]] = True
-        stats = {"min_kept": vals[active].min().detach()} if bool(active.any()) else {}
-        return TrainForward(
-            x_hat=self._decode_batch_codes(vals, rows, cols, x.shape[0]),
-            sparsity=vals.new_zeros(()),
-            l0=active.sum().float() / x.shape[0],
-            fired=fired,
-            stats=stats,
-        )
+        vals, cols, offsets = self._train_codes(x)  # (n,), (n,), (B,); n = k * B
+        x_hat = weighted_rows(self.W_dec, cols, vals, offsets) + self.b_dec  # (B, d_in)
+        return TrainForward(x_hat=x_hat, **self._code_fields(vals, cols, x.shape[0]))
 
     @torch.no_grad()
     def update_stats(self, out: TrainForward, *, n_samples: int) -> None:
@@ -142,10 +167,8 @@ class BatchTopKSAE(SparseAutoencoder):
     def _encode(self, x: Tensor) -> Tensor:
         pre = F.relu(self.pre_acts(x))  # (B, d_sae)
         if self.training:
-            vals, rows, cols = self._batch_topk(pre)
-            f = torch.zeros_like(pre)
-            f[rows, cols] = vals
-            return f
+            vals, cols, offsets = self._batch_topk(pre)  # (n,), (n,), (B,)
+            return torch.zeros_like(pre).index_put_((bag_samples(offsets, cols.numel()), cols), vals)
         # Inference: per sample, batch-independent.  Before any training the threshold is unset
         # (-1) and the SAE degenerates to a plain ReLU.
         return pre * (pre > self.threshold.clamp_min(0))

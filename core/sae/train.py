@@ -314,7 +314,9 @@ def train_sae(
     accelerator, devices, strategy, num_nodes, precision
         Passed to ``lightning.Trainer``.  For DDP use ``strategy="ddp"`` (each rank reads every
         world_size-th batch; dead-latent counters are synchronised); ``"ddp_spawn"`` cannot
-        pickle a generator.
+        pickle a generator.  Every registered architecture trains under ``precision="bf16-mixed"``
+        (on CPU too): the matmuls run in bf16 under autocast, while the weights, their gradients
+        and the optimiser state stay fp32 (the sparse decodes of the TopK family sum in fp32).
     progress
         Show Lightning's progress bar and its start-up messages.
     trainer_kwargs

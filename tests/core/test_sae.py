@@ -240,29 +240,7 @@ def test_training_pre_activations_match_the_centred_form_values_and_gradients() 
         torch.testing.assert_close(sae.pre_acts(x), reference.detach(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("input_needs_grad", [False, True])
-def test_topk_sparse_encoder_backward_equals_plain_autograd(input_needs_grad: bool) -> None:
-    """The TopK encoder's backward scatters the kept entries' gradient (no dense (B, d_sae) matmul):
-    loss, every parameter gradient and the input gradient equal plain autograd of the formula."""
-    sae = randomize_(create_sae(TopKConfig(d_in=24, d_sae=96, k=6, aux_coeff=0.0), seed=0))
-    x = torch.randn(50, 24, generator=torch.Generator().manual_seed(2)).requires_grad_(input_needs_grad)
-    loss = sae.loss(x)["loss"]
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
-    x_grad = x.grad.clone() if input_needs_grad else None
-    sae.zero_grad()
-    x.grad = None
-    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (B, d_sae), plain autograd from here on
-    vals, idx = pre.topk(6, dim=-1)
-    f = torch.zeros_like(pre).scatter(1, idx, torch.relu(vals))
-    reference = (x - (f @ sae.W_dec + sae.b_dec)).pow(2).sum(-1).mean()
-    reference.backward()
-    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
-    assert (grads["W_enc"] != 0).any() and (grads["b_enc"] != 0).any()
-    for name, p in sae.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
-    if input_needs_grad:
-        torch.testing.assert_close(x_grad, x.grad, rtol=1e-4, atol=1e-5)
+# The sparse encoder backward of TopK, BatchTopK and Matryoshka: test_sae_architectures.py.
 
 
 def test_batchtopk_training_keeps_k_times_batch_and_inference_is_per_sample() -> None:
@@ -491,10 +469,10 @@ def test_nan_in_a_batch_names_the_batch_index() -> None:
 
 
 def test_unknown_architecture_lists_registered_ones() -> None:
-    with pytest.raises(ConfigError, match=r"'topkk'.*did you mean 'topk'.*batchtopk, jumprelu, relu, topk"):
+    with pytest.raises(ConfigError, match=r"'topkk'.*did you mean 'topk'.*batchtopk, jumprelu, matryoshka, relu, topk"):
         sae_config("topkk", d_in=4, d_sae=8)
     with pytest.raises(ConfigError, match="registered"):
-        create_sae({"architecture": "matryoshka", "d_in": 4, "d_sae": 8})
+        create_sae({"architecture": "transcoder", "d_in": 4, "d_sae": 8})
 
 
 @pytest.mark.parametrize(
