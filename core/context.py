@@ -168,11 +168,12 @@ class RunContext:
             return store.query("split != 'test'"), store.query("split == 'test'")
         return store, store
 
-    def train_sae(self, *, seed: int | None = None) -> Any:
+    def train_sae(self, *, seed: int | None = None, single_process: bool = False) -> Any:
         """Train the run's SAE (config keys ``sae_*``) on :meth:`sae_rows`' training rows at the
         adapter's ``sae_site``; returns the :class:`~sciscope.core.sae.SAETrainResult`.
 
         ``seed`` other than the run's trains the same recipe from another start (stability).
+        ``single_process`` trains on one device whatever the run's strategy.
         """
         from .sae import sae_config, sae_fields, train_sae
 
@@ -187,8 +188,11 @@ class RunContext:
         bs = min(int(c["sae_batch_size"]), train_rows.n_obs)
         epoch = iter(range(10**9))
         data = lambda: train_rows.iter_batches(site, bs, shuffle=True, seed=seed + next(epoch), drop_last=True)  # noqa: E731
+        options = dict(self.trainer_options)
+        if single_process:
+            options.update(devices=1, num_nodes=1, strategy="auto")
         return train_sae(cfg, data, max_steps=int(c["sae_steps"]), lr=float(c["sae_lr"]), seed=seed,
-                         progress=self.progress, **self.trainer_options)
+                         progress=self.progress, **options)
 
     def sae(self) -> Any:
         """The SAE the sae stage trained."""

@@ -196,8 +196,12 @@ def quality_table(ctx: "RunContext", *, stability_seed: int | None = None) -> pd
     live_all = np.asarray((np.abs(units_train["sae"]) > 1e-8).any(0) | live["sae"])
     add("duplicate pairs (decoder cosine > 0.9)", {"sae": decoder_duplicates(w_dec, live_all), "pca": 0, "raw_units": 0},
         "orthogonal bases have none by construction")
-    if stability_seed is not None:
-        other = ctx.train_sae(seed=stability_seed).sae
+    if stability_seed is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # rank 0 runs the analyses alone, and an SAE trained here would all-reduce with workers that are gone
+        add("stability (mean best decoder cosine to another seed)", {},
+            "not measured: the run trains its SAE with DDP; rerun with devices=1 to measure it")
+    elif stability_seed is not None:
+        other = ctx.train_sae(seed=stability_seed, single_process=True).sae
         add("stability (mean best decoder cosine to another seed)",
             {"sae": stability(w_dec, other.W_dec.detach().float().cpu().numpy(), live_all), "pca": 1.0, "raw_units": 1.0},
             f"the same recipe trained from seed {stability_seed}; PCA and raw units are deterministic")
