@@ -20,7 +20,7 @@ masked-token cross-entropy, masked-gene cross-entropy, next-frame MSE, action-to
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,66 @@ class TaskLoss:
     fn: Callable[[nn.Module], float]
     name: str = "task loss"
     log_probs: Callable[[nn.Module], torch.Tensor] | None = None
+
+
+class TokenPredictionTask:
+    """Cross-entropy of a model's predictions at chosen positions: masked tokens, masked genes, the
+    next token. One fixed evaluation set, so every call scores the same inputs.
+
+    Parameters
+    ----------
+    batches
+        ``[(inputs, targets, labels)]``: ``inputs`` the keyword arguments of the model (a Hugging Face
+        model returning ``.logits`` of shape ``(B, P, V)``), ``targets`` a ``(B, P)`` boolean mask of
+        the scored positions, ``labels`` the ``(n,)`` token ids there, in row-major order.
+    causal
+        The logits at position ``p`` predict position ``p + 1`` (next-token prediction): ``targets``
+        and ``labels`` then refer to the predicted positions ``1..P-1`` (``targets`` of shape
+        ``(B, P - 1)``).
+    name
+        What the loss is.
+    """
+
+    def __init__(self, batches: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor]], *,
+                 causal: bool = False, name: str = "token cross-entropy") -> None:
+        self.batches, self.causal, self.name = list(batches), causal, name
+
+    @property
+    def n_targets(self) -> int:
+        """Scored positions in the evaluation set."""
+        return int(sum(int(t.sum()) for _, t, _ in self.batches))
+
+    def _logits(self, model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``((n, V) logits at the targets, (n,) labels)`` per batch, in eval mode."""
+        device = next(model.parameters()).device
+        was = model.training
+        model.eval()
+        try:
+            for inputs, targets, labels in self.batches:
+                logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
+                if self.causal:
+                    logits = logits[:, :-1]
+                yield logits[targets.to(device)].float(), labels.to(device)
+        finally:
+            model.train(was)
+
+    @torch.no_grad()
+    def loss(self, model: nn.Module) -> float:
+        """Mean cross-entropy per scored position (nats)."""
+        total, n = 0.0, 0
+        for logits, labels in self._logits(model):
+            total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            n += len(labels)
+        return total / max(n, 1)
+
+    @torch.no_grad()
+    def log_probs(self, model: nn.Module) -> torch.Tensor:
+        """``(n, V)`` log-softmax over the vocabulary at every scored position (CPU)."""
+        return torch.cat([torch.log_softmax(logits, -1).cpu() for logits, _ in self._logits(model)])
+
+    def task_loss(self) -> TaskLoss:
+        """This task as the :class:`TaskLoss` an adapter returns (with log-probabilities for the KL)."""
+        return TaskLoss(self.loss, f"{self.name} ({self.n_targets} positions)", log_probs=self.log_probs)
 
 
 @contextlib.contextmanager

@@ -113,3 +113,25 @@ def test_mean_ablation_uses_the_mean_over_the_task_examples():
     table = fidelity(model, "1", TASK, {"by_hand": lambda h: mean.expand_as(h)}).set_index("condition")
     assert table.loss["by_hand"] == pytest.approx(table.loss["mean_ablation"], rel=1e-5)
     assert np.isfinite(table.loss_recovered).all()
+
+
+def test_token_prediction_task_scores_masked_and_next_token_positions():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sciscope.core.fidelity import TokenPredictionTask
+
+    torch.manual_seed(3)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_embd=16, n_layer=2, n_head=2, n_positions=16)).eval()
+    ids = torch.randint(0, 20, (4, 6))
+    attention = torch.ones_like(ids)
+    attention[0, 4:] = 0  # a padded row: its last two positions are not scored
+    targets = attention[:, 1:].bool()
+    task = TokenPredictionTask([({"input_ids": ids, "attention_mask": attention}, targets, ids[:, 1:][targets])],
+                               causal=True, name="next-token cross-entropy")
+    with torch.no_grad():
+        logits = lm(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    by_hand = float(F.cross_entropy(logits[targets], ids[:, 1:][targets]))
+    assert task.n_targets == 4 * 5 - 2 and task.loss(lm) == pytest.approx(by_hand, rel=1e-5)
+    assert task.log_probs(lm).shape == (18, 20)
+    table = fidelity(lm, "transformer.h.0", task.task_loss(), {"identity": lambda h: h}).set_index("condition")
+    assert table.loss_recovered["identity"] == pytest.approx(1.0, abs=1e-6) and table.kl["identity"] < 1e-6
