@@ -327,9 +327,28 @@ def test_conformance_gpt_selfies(tiny_gpt, tmp_path: Path) -> None:
     assert report["sites"] == ["layer.0", "layer.1"]
 
 
+def test_task_loss_fidelity_gpt(tiny_gpt) -> None:
+    """The causal LM's task: next-token CE of held-out molecules; identity splice recovers all of it,
+    zero ablation none, and zeroing the SAE site hurts (the site matters); KL beside it."""
+    from sciscope.core.fidelity import fidelity
+
+    ad, model = tiny_gpt
+    task = ad.task_loss(ad.ctx)
+    assert task.name.startswith("next-token cross-entropy of") and task.log_probs is not None
+    assert ad.fidelity_positions == slice(1, None)  # not <bos>: one constant vector in a causal LM
+    t = fidelity(model, ad.sae_site, task, {"identity": lambda h: h}, positions=ad.fidelity_positions,
+                 aliases=ad.aliases).set_index("condition")
+    assert np.isfinite(t.loss).all() and t.loss["clean"] > 0
+    assert t.loss_recovered["identity"] == pytest.approx(1.0, abs=1e-6) and t.kl["identity"] == pytest.approx(0.0, abs=1e-6)
+    assert t.loss_recovered["zero_ablation"] == 0.0
+    assert t.loss["zero_ablation"] > t.loss["clean"] + 0.05 and t.kl["zero_ablation"] > 0
+    assert task.fn(model) == t.loss["clean"]  # deterministic: the same held-out tokens every call
+
+
 def test_conformance_roberta_smiles(tmp_path: Path) -> None:
     ad = ChemistryAdapter({**TINY, "architecture": "roberta", "encoding": "smiles"})
-    check_adapter(ad, tmp_path)
+    report = check_adapter(ad, tmp_path)  # includes the identity splice of the masked-token task
+    assert report["task_loss"].startswith("masked-token cross-entropy") and ad.fidelity_positions is None
     model = ad.model()
     assert type(model).__name__ == "RobertaForMaskedLM"
     assert ad.steering_scorer(ad.ctx, "halogen") is None and ad.steering_plans(ad.ctx) == []  # no generation

@@ -255,6 +255,24 @@ def test_conformance_with_minilm(tmp_path: Path) -> None:
     assert report["store_rows"] == 8
 
 
+def test_task_loss_fidelity_minilm(minilm) -> None:
+    """The encoder's task: a ridge fixed on clean sentence embeddings -> unit sphere, its error on
+    held-out places. Identity splice recovers all of it, zero ablation none, and zeroing the middle
+    layer hurts the read-out; no log_probs (no output distribution), so no KL."""
+    from sciscope.core.fidelity import fidelity
+
+    ad, model = minilm
+    task = ad.task_loss(ad.ctx)
+    assert task.name.startswith("squared chord error") and task.log_probs is None and ad.fidelity_positions is None
+    t = fidelity(model, ad.sae_site, task, {"identity": lambda h: h}, positions=ad.fidelity_positions,
+                 aliases=ad.aliases).set_index("condition")
+    assert np.isfinite(t.loss).all() and 0 < t.loss["clean"] < 4  # squared chords on the unit sphere
+    assert t.loss_recovered["identity"] == pytest.approx(1.0, abs=1e-6) and t.kl.isna().all()
+    assert t.loss_recovered["zero_ablation"] == 0.0
+    assert t.loss["zero_ablation"] > t.loss["clean"] + 0.05
+    assert task.fn(model) == t.loss["clean"]
+
+
 def test_minilm_sites_baseline_and_batches(minilm) -> None:
     ad, model = minilm
     assert ad.aliases == {"layer.{i}": "encoder.layer.{i}"}
@@ -322,7 +340,14 @@ def test_tiny_local_gpt2_directory(tmp_path: Path) -> None:
     assert type(model).__name__ == "GPT2LMHeadModel"
     assert ad.aliases == {"layer.{i}": "transformer.h.{i}"} and ad.sites == ["layer.0", "layer.1", "layer.2"]
     assert ad.tokenizer.pad_token == "<eos>" and ad.tokenizer.padding_side == "right"
-    check_adapter(ad, tmp_path / "conf", spec=str(path))
+    # conformance, with the checkpoint also as config 'model': the task loss reads the run's model
+    # (ctx.model()), which check_adapter's spec does not reach
+    causal = GeospatialAdapter({**TINY, "model": str(path)})
+    report = check_adapter(causal, tmp_path / "conf", spec=str(path))
+    assert report["task_loss"].startswith("next-token cross-entropy") and causal.fidelity_positions == slice(1, None)
+    task = causal.task_loss(causal.ctx)
+    lp = task.log_probs(causal.ctx.model())
+    assert lp.shape[1] == model.config.vocab_size and torch.allclose(lp.exp().sum(1), torch.ones(len(lp)), atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------- bad input

@@ -1,0 +1,104 @@
+"""The model's own task on place names, for the core's fidelity analysis (splice a reconstruction in).
+
+A sentence encoder (the default all-MiniLM-L6-v2) has no output head: its task is the embedding,
+and what the embedding is used for here is *where is the place*. :func:`probe_task` fixes a ridge
+read-out from the clean model's pooled sentence embeddings (mean over tokens of the last layer, as
+sentence-transformers pools) to the place's position on the unit sphere (x, y, z), fitted on
+training places; the task loss is that fixed ridge's squared error on held-out places, with the
+embeddings computed by the (possibly spliced) model. A causal LM has a task of its own:
+:func:`next_token_task`, next-token cross-entropy on the prompts, with its output distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from sciscope.core.capture import pooled_activations
+
+__all__ = ["NextTokenEval", "next_token_task", "probe_task", "unit_sphere"]
+
+
+def unit_sphere(lat: Any, lon: Any) -> np.ndarray:
+    """``(n, 3)`` positions on the unit sphere of latitudes/longitudes in degrees (no seam at +-180)."""
+    la, lo = np.radians(np.asarray(lat, dtype=np.float64)), np.radians(np.asarray(lon, dtype=np.float64))
+    return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=1)
+
+
+def probe_task(
+    model: nn.Module, train_batches: Sequence[Any], train_obs: pd.DataFrame, eval_batches: Sequence[Any],
+    eval_obs: pd.DataFrame, site: str, *, aliases: dict[str, str] | None = None,
+) -> tuple[Callable[[nn.Module], float], dict[str, Any]]:
+    """``(loss(model), info)``: the squared chord error of a ridge read-out fixed on the clean model.
+
+    The ridge (penalty by leave-one-out over ``10^-4 .. 10^4``) maps ``site``'s mean-pooled
+    activations of the training places to their unit-sphere position; ``loss(model)`` is the mean
+    over the held-out places of ``|pred - true|^2`` (squared chord length on the unit sphere: 0 is
+    exact, 2 is a right angle, the spread of the places around their centroid is the no-skill
+    level). ``info``: the clean loss, the no-skill loss, the chosen penalty.
+    """
+    from sklearn.linear_model import RidgeCV
+
+    X = pooled_activations(model, train_batches, site, aliases=aliases)
+    y = unit_sphere(train_obs["lat"], train_obs["lon"])
+    ridge = RidgeCV(alphas=np.logspace(-4, 4, 17)).fit(X, y)
+    truth = unit_sphere(eval_obs["lat"], eval_obs["lon"])
+
+    def loss(m: nn.Module) -> float:
+        was = m.training
+        m.eval()
+        try:
+            pred = ridge.predict(pooled_activations(m, eval_batches, site, aliases=aliases))
+        finally:
+            m.train(was)
+        return float(((pred - truth) ** 2).sum(1).mean())
+
+    no_skill = float(((y.mean(0) - truth) ** 2).sum(1).mean())
+    return loss, {"alpha": float(ridge.alpha_), "no_skill": no_skill, "n_train": len(X), "n_eval": len(truth)}
+
+
+class NextTokenEval:
+    """Next-token cross-entropy of a causal LM on fixed, right-padded token batches (padding is never a target)."""
+
+    def __init__(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+        self.batches = [dict(b) for b in batches]
+
+    @property
+    def n_targets(self) -> int:
+        return int(sum(int(b["attention_mask"][:, 1:].sum()) for b in self.batches))
+
+    def _logits(self, model: nn.Module):  # noqa: ANN202 - yields ((n, V) logits at the targets, (n,) ids)
+        device = next(model.parameters()).device
+        was = model.training
+        model.eval()
+        try:
+            for b in self.batches:
+                targets = b["attention_mask"][:, 1:].bool()
+                logits = model(**{k: v.to(device) for k, v in b.items()}).logits[:, :-1]
+                yield logits[targets.to(device)].float(), b["input_ids"][:, 1:][targets].to(device)
+        finally:
+            model.train(was)
+
+    @torch.no_grad()
+    def loss(self, model: nn.Module) -> float:
+        """Mean cross-entropy per predicted token (nats)."""
+        total, n = 0.0, 0
+        for logits, labels in self._logits(model):
+            total += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            n += len(labels)
+        return total / max(n, 1)
+
+    @torch.no_grad()
+    def log_probs(self, model: nn.Module) -> torch.Tensor:
+        """``(n_targets, V)`` log-softmax over the vocabulary at every predicted token (CPU)."""
+        return torch.cat([torch.log_softmax(logits, -1).cpu() for logits, _ in self._logits(model)])
+
+
+def next_token_task(batches: Iterable[dict[str, torch.Tensor]]) -> NextTokenEval:
+    """:class:`NextTokenEval` of the batches (``input_ids``, ``attention_mask``, right-padded)."""
+    return NextTokenEval(batches)
