@@ -20,7 +20,7 @@ masked-token cross-entropy, masked-gene cross-entropy, next-frame MSE, action-to
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +83,40 @@ class TokenPredictionTask:
     def __init__(self, batches: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor]], *,
                  causal: bool = False, name: str = "token cross-entropy") -> None:
         self.batches, self.causal, self.name = list(batches), causal, name
+
+    @classmethod
+    def next_token(cls, batches: Iterable[Mapping[str, torch.Tensor]], *, name: str = "next-token cross-entropy",
+                   input_keys: Sequence[str] = ("input_ids", "attention_mask")) -> "TokenPredictionTask":
+        """Every real next token of right-padded batches (``input_ids``, ``attention_mask``); padding is never a target."""
+        out = []
+        for b in batches:
+            targets = b["attention_mask"][:, 1:].bool()
+            out.append(({k: b[k] for k in input_keys}, targets, b["input_ids"][:, 1:][targets]))
+        return cls(out, causal=True, name=name)
+
+    @classmethod
+    def masked(cls, batches: Iterable[Mapping[str, torch.Tensor]], *, maskable: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+               mask_id: int, prob: float = 0.15, seed: int = 0, name: str = "masked-token cross-entropy",
+               input_keys: Sequence[str] = ("input_ids", "attention_mask")) -> "TokenPredictionTask":
+        """A seeded ``prob`` of each sequence's maskable tokens (at least one) replaced by ``mask_id``.
+
+        All chosen tokens are masked (not BERT's 80/10/10), so every call scores the same inputs.
+        ``maskable(batch)`` gives the ``(B, P)`` positions that may be masked (real, non-special tokens).
+        """
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + 17)
+        out = []
+        for b in batches:
+            ids, real = b["input_ids"], maskable(b).bool()
+            chosen = (torch.rand(ids.shape, generator=gen) < prob) & real
+            none = (chosen.sum(1) == 0) & real.any(1)
+            if none.any():  # every sequence has a target
+                pick = (torch.rand(ids.shape, generator=gen) * real).argmax(1)
+                rows = torch.nonzero(none).reshape(-1)
+                chosen[rows, pick[rows]] = True
+            inputs = {k: b[k] for k in input_keys}
+            inputs["input_ids"] = ids.masked_fill(chosen, mask_id)
+            out.append((inputs, chosen, ids[chosen]))
+        return cls(out, causal=False, name=name)
 
     @property
     def n_targets(self) -> int:

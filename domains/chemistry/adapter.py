@@ -42,13 +42,13 @@ from sciscope.core.adapter import DomainAdapter, Examples
 from sciscope.core.config import Key
 from sciscope.core.errors import AdapterError, ConfigError
 from sciscope.core.experiment import Analysis, ProbeSet, Scorer, SteeringPlan
-from sciscope.core.fidelity import TaskLoss
+from sciscope.core.fidelity import TaskLoss, TokenPredictionTask
 from sciscope.core.loading import checkpoint_config, checkpoint_dir, checkpoint_layer_stack, is_causal, layer_aliases
 
 from . import data as _data
 from . import encodings, features
 from .data import PROPERTY_SCORES, morgan_fingerprints, score_molecules
-from .model import ARCHITECTURES, ModelSpec, generate, lm_eval_set, load_trained, save_trained, train_model
+from .model import ARCHITECTURES, ModelSpec, generate, load_trained, save_trained, train_model
 from .tokenize import ENCODINGS, SPECIAL_TOKENS, MoleculeTokenizer, selfies_tokens
 
 if TYPE_CHECKING:
@@ -328,11 +328,16 @@ class ChemistryAdapter(DomainAdapter):
             special, mask_id = range(len(SPECIAL_TOKENS)), tok.mask_token_id
         else:
             special, mask_id = tok.all_special_ids, tok.mask_token_id
-        evalset = lm_eval_set(list(self.batches(ex, model, batch_size=64)), causal=causal, special_ids=special,
-                              mask_id=mask_id, seed=self.config["seed"])
-        name = "next-token cross-entropy" if causal else "masked-token cross-entropy"
-        return TaskLoss(evalset.loss, f"{name} of {len(ex)} held-out molecules ({evalset.n_targets} tokens)",
-                        log_probs=evalset.log_probs)
+        batches = list(self.batches(ex, model, batch_size=64))
+        if causal:
+            task = TokenPredictionTask.next_token(batches)
+        else:
+            special_ids = torch.as_tensor(list(special))
+            task = TokenPredictionTask.masked(
+                batches, maskable=lambda b: b["attention_mask"].bool() & ~torch.isin(b["input_ids"], special_ids),
+                mask_id=mask_id, seed=self.config["seed"])
+        task.name += f" of {len(ex)} held-out molecules"
+        return task.task_loss()
 
     @property
     def fidelity_positions(self) -> Any:

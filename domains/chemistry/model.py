@@ -22,7 +22,7 @@ from sciscope.core.training import fit_lightning, loss_module
 
 from .tokenize import BOS, EOS, MASK, PAD, SPECIAL_TOKENS, TOKENIZER_FILE, MoleculeTokenizer, pad_batch
 
-__all__ = ["LMEvalSet", "ModelSpec", "TrainResult", "generate", "lm_eval_set", "load_trained", "save_trained", "train_model"]
+__all__ = ["ModelSpec", "TrainResult", "generate", "load_trained", "save_trained", "train_model"]
 
 ARCHITECTURES = ("roberta", "gpt")
 
@@ -261,77 +261,3 @@ def generate(model: nn.Module, tokenizer: MoleculeTokenizer, n: int, *, max_leng
     finally:
         model.train(was_training)
     return out
-
-
-@dataclass
-class LMEvalSet:
-    """A fixed evaluation set for a language model's own loss: token batches and their targets.
-
-    ``batches`` holds ``(inputs, targets, labels)``: the model's keyword inputs, a ``(B, P')`` bool
-    mask of the logit positions scored (``P' = P - 1`` for a causal LM: position ``t`` predicts token
-    ``t + 1``) and the target ids there, in the mask's row-major order.
-    """
-
-    batches: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]
-    causal: bool
-
-    @property
-    def n_targets(self) -> int:
-        return int(sum(int(t.sum()) for _, t, _ in self.batches))
-
-    def _logits(self, model: nn.Module):  # noqa: ANN202 - yields ((n, V) logits at the targets, (n,) ids)
-        device = next(model.parameters()).device
-        was = model.training
-        model.eval()
-        try:
-            for inputs, targets, labels in self.batches:
-                logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
-                if self.causal:
-                    logits = logits[:, :-1]
-                yield logits[targets.to(device)].float(), labels.to(device)
-        finally:
-            model.train(was)
-
-    @torch.no_grad()
-    def loss(self, model: nn.Module) -> float:
-        """Mean cross-entropy per target token (nats)."""
-        total, n = 0.0, 0
-        for logits, labels in self._logits(model):
-            total += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            n += len(labels)
-        return total / max(n, 1)
-
-    @torch.no_grad()
-    def log_probs(self, model: nn.Module) -> torch.Tensor:
-        """``(n_targets, V)`` log-softmax over the vocabulary at every target position (CPU)."""
-        return torch.cat([torch.log_softmax(logits, -1).cpu() for logits, _ in self._logits(model)])
-
-
-def lm_eval_set(batches: Sequence[dict[str, torch.Tensor]], *, causal: bool, special_ids: Sequence[int], mask_id: int | None,
-                prob: float = 0.15, seed: int = 0) -> LMEvalSet:
-    """The targets of a language model's own task on fixed token batches (``input_ids``, ``attention_mask``).
-
-    Causal: every real next token (padding is never a target). Masked: a seeded ``prob`` of the
-    non-special tokens (at least one per sequence) replaced by ``mask_id`` -- all of them, not
-    BERT's 80/10/10, so the same inputs are scored every time.
-    """
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + 17)
-    out = []
-    for b in batches:
-        ids, att = b["input_ids"], b["attention_mask"]
-        inputs = {"input_ids": ids, "attention_mask": att}
-        if causal:
-            targets = att[:, 1:].bool()
-            out.append((inputs, targets, ids[:, 1:][targets]))
-            continue
-        if mask_id is None:
-            raise ValueError("a masked LM's task needs the tokenizer's mask token id")
-        real = att.bool() & ~torch.isin(ids, torch.as_tensor(list(special_ids), dtype=ids.dtype))
-        chosen = (torch.rand(ids.shape, generator=gen) < prob) & real
-        none = (chosen.sum(1) == 0) & real.any(1)
-        if none.any():  # every sequence has a target
-            pick = (torch.rand(ids.shape, generator=gen) * real).argmax(1)
-            rows = torch.nonzero(none).reshape(-1)
-            chosen[rows, pick[rows]] = True
-        out.append(({"input_ids": ids.masked_fill(chosen, mask_id), "attention_mask": att}, chosen, ids[chosen]))
-    return LMEvalSet(out, causal)

@@ -35,7 +35,7 @@ from sciscope.core.config import Key
 from sciscope.core.errors import AdapterError, ConfigError, ShapeError
 from sciscope.core.experiment import Analysis, Scorer, SteeringPlan, contrast_plan
 from sciscope.core.capture import pooled_activations
-from sciscope.core.fidelity import TaskLoss
+from sciscope.core.fidelity import TaskLoss, TokenPredictionTask
 from sciscope.core.loading import (auto_model_class, checkpoint_config, checkpoint_dir, checkpoint_layer_stack,
                                    find_layer_stack, is_causal, layer_aliases, layer_index, load_tokenizer)
 from sciscope.core.spatial import morans_i_table
@@ -285,9 +285,8 @@ class GeospatialAdapter(DomainAdapter):
         tok, ml, cap = self._tokenizer(), c["max_length"], c["steer_max_eval"]
         if is_causal(model.config):
             obs = self._task_places("test", min(cap, TASK_MAX_PROMPTS_CAUSAL), 0x7A5)
-            evalset = _task.next_token_task(_tokenise(tok, obs["prompt"].tolist(), 32, ml))
-            return TaskLoss(evalset.loss, f"next-token cross-entropy of {len(obs)} held-out prompts ({evalset.n_targets} tokens)",
-                            log_probs=evalset.log_probs)
+            return TokenPredictionTask.next_token(_tokenise(tok, obs["prompt"].tolist(), 32, ml),
+                                                  name=f"next-token cross-entropy of {len(obs)} held-out prompts").task_loss()
         site = f"layer.{self.n_layers - 1}"
 
         def build() -> tuple[Any, dict[str, Any]]:

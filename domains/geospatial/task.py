@@ -6,12 +6,12 @@ read-out from the clean model's pooled sentence embeddings (mean over tokens of 
 sentence-transformers pools) to the place's position on the unit sphere (x, y, z), fitted on
 training places; the task loss is that fixed ridge's squared error on held-out places, with the
 embeddings computed by the (possibly spliced) model. A causal LM has a task of its own:
-:func:`next_token_task`, next-token cross-entropy on the prompts, with its output distribution.
+:meth:`sciscope.core.fidelity.TokenPredictionTask.next_token`, next-token cross-entropy on the prompts, with its output distribution.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from torch import nn
 
 from sciscope.core.capture import pooled_activations
 
-__all__ = ["NextTokenEval", "next_token_task", "probe_task", "unit_sphere"]
+__all__ = ["probe_task", "unit_sphere"]
 
 
 def unit_sphere(lat: Any, lon: Any) -> np.ndarray:
@@ -60,45 +60,3 @@ def probe_task(
 
     no_skill = float(((y.mean(0) - truth) ** 2).sum(1).mean())
     return loss, {"alpha": float(ridge.alpha_), "no_skill": no_skill, "n_train": len(X), "n_eval": len(truth)}
-
-
-class NextTokenEval:
-    """Next-token cross-entropy of a causal LM on fixed, right-padded token batches (padding is never a target)."""
-
-    def __init__(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
-        self.batches = [dict(b) for b in batches]
-
-    @property
-    def n_targets(self) -> int:
-        return int(sum(int(b["attention_mask"][:, 1:].sum()) for b in self.batches))
-
-    def _logits(self, model: nn.Module):  # noqa: ANN202 - yields ((n, V) logits at the targets, (n,) ids)
-        device = next(model.parameters()).device
-        was = model.training
-        model.eval()
-        try:
-            for b in self.batches:
-                targets = b["attention_mask"][:, 1:].bool()
-                logits = model(**{k: v.to(device) for k, v in b.items()}).logits[:, :-1]
-                yield logits[targets.to(device)].float(), b["input_ids"][:, 1:][targets].to(device)
-        finally:
-            model.train(was)
-
-    @torch.no_grad()
-    def loss(self, model: nn.Module) -> float:
-        """Mean cross-entropy per predicted token (nats)."""
-        total, n = 0.0, 0
-        for logits, labels in self._logits(model):
-            total += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            n += len(labels)
-        return total / max(n, 1)
-
-    @torch.no_grad()
-    def log_probs(self, model: nn.Module) -> torch.Tensor:
-        """``(n_targets, V)`` log-softmax over the vocabulary at every predicted token (CPU)."""
-        return torch.cat([torch.log_softmax(logits, -1).cpu() for logits, _ in self._logits(model)])
-
-
-def next_token_task(batches: Iterable[dict[str, torch.Tensor]]) -> NextTokenEval:
-    """:class:`NextTokenEval` of the batches (``input_ids``, ``attention_mask``, right-padded)."""
-    return NextTokenEval(batches)

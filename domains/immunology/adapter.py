@@ -39,7 +39,7 @@ from sciscope.core.config import Key
 from sciscope.core.context import RunContext, stable_key
 from sciscope.core.errors import ConfigError
 from sciscope.core.experiment import Analysis, SteeringPlan, contrast_plan
-from sciscope.core.fidelity import TaskLoss
+from sciscope.core.fidelity import TaskLoss, TokenPredictionTask
 from sciscope.core.loading import (auto_model_class, checkpoint_dir, checkpoint_layer_stack, find_layer_stack, layer_aliases,
                                    layer_index)
 
@@ -47,7 +47,7 @@ from . import analyses as _a
 from . import data as _data
 from . import features as _f
 from .markers import _B, _MONO, match_types
-from .model import ModelSpec, build_model, load_checkpoint, masked_gene_eval, save_trained, train_model
+from .model import ModelSpec, build_model, load_checkpoint, save_trained, train_model
 from .tokenize import GeneVocab, collate, rank_value_encode
 
 __all__ = ["ImmunologyAdapter"]
@@ -349,9 +349,12 @@ class ImmunologyAdapter(DomainAdapter):
         if len(seqs) > TASK_MAX_CELLS:
             keep = np.sort(np.random.default_rng([self.config["seed"], 0x7A5]).choice(len(seqs), TASK_MAX_CELLS, replace=False))
             seqs = [seqs[i] for i in keep]
-        evalset = masked_gene_eval(self.vocabulary, seqs, prob=self.config["mask_prob"], seed=self.config["seed"])
-        return TaskLoss(evalset.loss, f"masked-gene cross-entropy of {len(seqs)} {'held-out ' if test else ''}cells "
-                                      f"({evalset.n_targets} masked genes)", log_probs=evalset.log_probs)
+        # every chosen gene token replaced by <mask> (not BERT's 80/10/10): the same inputs every call
+        batches = [collate(seqs[i:i + 64], self.vocabulary) for i in range(0, len(seqs), 64)]
+        task = TokenPredictionTask.masked(batches, maskable=lambda b: b["position_mask"], mask_id=self.vocabulary.special["mask"],
+                                          prob=self.config["mask_prob"], seed=self.config["seed"],
+                                          name=f"masked-gene cross-entropy of {len(seqs)} {'held-out ' if test else ''}cells")
+        return task.task_loss()
 
     @property
     def fidelity_positions(self) -> Any:

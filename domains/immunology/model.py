@@ -24,8 +24,8 @@ from sciscope.core.training import fit_lightning, loss_module
 
 from .tokenize import GeneVocab, collate
 
-__all__ = ["MaskedGeneEval", "ModelSpec", "build_model", "load_checkpoint", "mask_genes", "masked_gene_accuracy",
-           "masked_gene_eval", "save_trained", "train_model"]
+__all__ = ["ModelSpec", "build_model", "load_checkpoint", "mask_genes", "masked_gene_accuracy",
+           "save_trained", "train_model"]
 
 
 @dataclass
@@ -217,61 +217,3 @@ def masked_gene_accuracy(
         model.train(was)
     return {"masked_gene_accuracy": hits / max(total, 1), "position_frequency_accuracy": base_hits / max(total, 1),
             "n_masked": total, "chance": 1.0 / len(gene_ids)}
-
-
-
-@dataclass
-class MaskedGeneEval:
-    """Fixed masked-gene batches: ``(inputs, targets, labels)`` with ``targets`` the ``(B, P)`` masked
-    positions and ``labels`` the true gene ids there (row-major)."""
-
-    batches: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]
-
-    @property
-    def n_targets(self) -> int:
-        return int(sum(int(t.sum()) for _, t, _ in self.batches))
-
-    def _logits(self, model: nn.Module):  # noqa: ANN202 - yields ((n, V) logits at the masked genes, (n,) ids)
-        device = next(model.parameters()).device
-        was = model.training
-        model.eval()
-        try:
-            for inputs, targets, labels in self.batches:
-                logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
-                yield logits[targets.to(device)].float(), labels.to(device)
-        finally:
-            model.train(was)
-
-    @torch.no_grad()
-    def loss(self, model: nn.Module) -> float:
-        """Mean cross-entropy per masked gene (nats, over the whole vocabulary, as in training)."""
-        total, n = 0.0, 0
-        for logits, labels in self._logits(model):
-            total += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            n += len(labels)
-        return total / max(n, 1)
-
-    @torch.no_grad()
-    def log_probs(self, model: nn.Module) -> torch.Tensor:
-        """``(n_targets, V)`` log-softmax over the vocabulary at every masked gene (CPU)."""
-        return torch.cat([torch.log_softmax(logits, -1).cpu() for logits, _ in self._logits(model)])
-
-
-def masked_gene_eval(vocab: GeneVocab, seqs: Sequence[Sequence[int]], *, prob: float = 0.15, seed: int = 0,
-                     batch_size: int = 64) -> MaskedGeneEval:
-    """A seeded ``prob`` of each cell's gene tokens (at least one) replaced by ``<mask>`` -- all of them,
-    not BERT's 80/10/10, so every call scores the same inputs (:class:`MaskedGeneEval`)."""
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + 11)
-    out = []
-    for i in range(0, len(seqs), batch_size):
-        b = collate(seqs[i:i + batch_size], vocab)
-        ids, real = b["input_ids"], b["position_mask"]
-        chosen = (torch.rand(ids.shape, generator=gen) < prob) & real
-        none = (chosen.sum(1) == 0) & real.any(1)
-        if none.any():
-            pick = (torch.rand(ids.shape, generator=gen) * real).argmax(1)
-            rows = torch.nonzero(none).reshape(-1)
-            chosen[rows, pick[rows]] = True
-        inputs = {"input_ids": ids.masked_fill(chosen, vocab.special["mask"]), "attention_mask": b["attention_mask"]}
-        out.append((inputs, chosen, ids[chosen]))
-    return MaskedGeneEval(out)
