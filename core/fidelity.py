@@ -196,14 +196,21 @@ def splice(model: nn.Module, site: "str | Site", replace: Reconstruction, *, pos
 
 
 @contextlib.contextmanager
-def _site_mean(model: nn.Module, site: "str | Site", aliases: Aliases | None) -> Iterator[list[torch.Tensor]]:
-    """Collect the mean activation vector of the site over every position seen inside the block."""
+def _site_mean(model: nn.Module, site: "str | Site", aliases: Aliases | None,
+               positions: Any = None) -> Iterator[list[torch.Tensor]]:
+    """Collect the mean activation vector of the site over the positions (all, or ``positions``)
+    seen inside the block: mean ablation puts back what those positions usually hold."""
+    from .steer import _position_mask
+
     parsed, module = resolve_site(model, site, aliases)
     sums: list[torch.Tensor] = []
 
     def record(t: torch.Tensor) -> None:
-        h, _ = to_canonical(t.detach(), parsed)
+        h, _ = to_canonical(t.detach(), parsed)  # (B, P, D)
+        mask = _position_mask(positions, h)
         flat = h.reshape(-1, h.shape[-1]).double()
+        if mask is not None:
+            flat = flat[mask.reshape(-1) > 0]
         if sums:
             sums[0] += torch.cat([flat.sum(0), flat.new_tensor([len(flat)])])
         else:
@@ -278,7 +285,7 @@ def fidelity(
         ``kl`` (mean KL divergence from the clean outputs, NaN without ``log_probs``).
     """
     with torch.no_grad():
-        with _site_mean(model, site, aliases) as mean:
+        with _site_mean(model, site, aliases, positions) as mean:
             clean = float(task.fn(model))
         clean_lp = task.log_probs(model) if task.log_probs is not None else None
         if not mean:

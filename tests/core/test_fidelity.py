@@ -135,3 +135,19 @@ def test_token_prediction_task_scores_masked_and_next_token_positions():
     assert task.log_probs(lm).shape == (18, 20)
     table = fidelity(lm, "transformer.h.0", task.task_loss(), {"identity": lambda h: h}).set_index("condition")
     assert table.loss_recovered["identity"] == pytest.approx(1.0, abs=1e-6) and table.kl["identity"] < 1e-6
+
+
+def test_mean_ablation_of_some_positions_puts_back_their_own_mean():
+    class Sum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.embed(x)[:, 0].sum(-1)  # only position 0 counts
+
+    x = torch.randn(16, 3, 4)
+    x[:, 0] += 5.0  # position 0 differs from the others
+    task = TaskLoss(lambda m: float(m(x).mean()), "sum of position 0")
+    table = fidelity(Sum(), "embed", task, {}, positions=[0]).set_index("condition")
+    assert table.loss["mean_ablation"] == pytest.approx(float(x[:, 0].sum(-1).mean()), rel=1e-5)
