@@ -317,9 +317,9 @@ class ChemistryAdapter(DomainAdapter):
         """
         model = ctx.model()
         tok = model.tokenizer
-        ex = self.examples("test")
+        ex, held = self.examples("test"), "held-out"
         if len(ex) == 0:  # a tiny user file whose scaffolds all landed in train
-            ex = self.examples("train")
+            ex, held = self.examples("train"), "training"
         if len(ex) > TASK_MAX_MOLECULES:
             keep = np.sort(np.random.default_rng([self.config["seed"], 0x7A5]).choice(len(ex), TASK_MAX_MOLECULES, replace=False))
             ex = Examples(ex.obs.iloc[keep].reset_index(drop=True), [ex.inputs[i] for i in keep], ex.concepts)
@@ -336,7 +336,7 @@ class ChemistryAdapter(DomainAdapter):
             task = TokenPredictionTask.masked(
                 batches, maskable=lambda b: b["attention_mask"].bool() & ~torch.isin(b["input_ids"], special_ids),
                 mask_id=mask_id, seed=self.config["seed"])
-        task.name += f" of {len(ex)} held-out molecules"
+        task.name += f" of {len(ex)} {held} molecules"
         return task.task_loss()
 
     @property
