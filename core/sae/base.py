@@ -313,12 +313,6 @@ def load_sae(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
             f"{weights_path}: tensors {sorted(set(state))} do not match a {cfg.architecture!r} SAE "
             f"(expects {sorted(expected)})"
         )
-    recorded = meta.get(CHECKSUM_KEY)
-    if recorded is not None and recorded != tensors_sha256(state):
-        raise IntegrityError(
-            f"{weights_path} changed since it was written: its tensors no longer match the "
-            f"{CHECKSUM_KEY} recorded at save (corrupted or edited file)"
-        )
     for name, want in expected.items():  # the module's own order: W_enc first
         if state[name].shape != want.shape:
             raise ShapeError(
@@ -326,13 +320,24 @@ def load_sae(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
                 f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) expects {tuple(want.shape)}"
             )
     # after the shapes: a d_sae edit is better told as the shape it breaks
-    recorded = meta.get(CONFIG_CHECKSUM_KEY)
-    if recorded is not None and recorded != config_sha256(cfg_dict):
-        raise IntegrityError(f"{cfg_path} changed since it was written: it no longer matches the "
-                            f"{CONFIG_CHECKSUM_KEY} recorded in {weights_path.name} (edited or swapped config)")
+    verify_checksums(state, meta, cfg_dict, weights_path, cfg_path)
     _check_finite(state, str(weights_path))
     sae.load_state_dict(state, strict=True)
     return sae.to(device).eval()
+
+
+def verify_checksums(tensors: Mapping[str, Tensor], meta: Mapping[str, str], cfg: Mapping[str, Any],
+                     weights_path: Path, cfg_path: Path) -> None:
+    """Raise :class:`IntegrityError` when the tensors or the config differ from the hashes recorded
+    in the safetensors metadata at write time (files without them pass)."""
+    recorded = meta.get(CHECKSUM_KEY)
+    if recorded is not None and recorded != tensors_sha256(tensors):
+        raise IntegrityError(f"{weights_path} changed since it was written: its tensors no longer match the "
+                             f"{CHECKSUM_KEY} recorded when it was written (corrupted or edited file)")
+    recorded = meta.get(CONFIG_CHECKSUM_KEY)
+    if recorded is not None and recorded != config_sha256(cfg):
+        raise IntegrityError(f"{cfg_path} changed since it was written: it no longer matches the "
+                             f"{CONFIG_CHECKSUM_KEY} recorded in {weights_path.name} (edited or swapped config)")
 
 
 def config_sha256(cfg: Mapping[str, Any]) -> str:

@@ -69,6 +69,7 @@ from sciscope.core.sae.base import (
     create_sae,
     sae_config,
     tensors_sha256,
+    verify_checksums,
 )
 
 Format = Literal["sciscope", "saelens", "sparsify", "dictionary_learning"]
@@ -223,7 +224,7 @@ def load_saelens(
     cfg_path, weights_path = path / CONFIG_FILE, path / SAELENS_WEIGHTS_FILE
     raw = _read_json(cfg_path)
     tensors, meta = _read_safetensors(weights_path)
-    _verify_checksums(tensors, meta, raw, weights_path, cfg_path)
+    verify_checksums(tensors, meta, raw, weights_path, cfg_path)
     where = str(cfg_path)
 
     metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
@@ -704,24 +705,6 @@ def _saelens_scaler(path: Path) -> float | None:
             "SAE SAELens writes after training (it folds the whitening in)"
         )
     return scaler.get("scaling_factor")
-
-
-def _verify_checksums(
-    tensors: Mapping[str, Tensor], meta: Mapping[str, str], cfg: Any, weights_path: Path, cfg_path: Path
-) -> None:
-    """Check the hashes :func:`export_saelens` records; files from elsewhere carry none."""
-    recorded = meta.get(CHECKSUM_KEY)
-    if recorded is not None and recorded != tensors_sha256(tensors):
-        raise IntegrityError(
-            f"{weights_path} changed since it was written: its tensors no longer match the "
-            f"{CHECKSUM_KEY} recorded at export (corrupted or edited file)"
-        )
-    recorded = meta.get(CONFIG_CHECKSUM_KEY)
-    if recorded is not None and recorded != config_sha256(cfg):
-        raise IntegrityError(
-            f"{cfg_path} changed since it was written: it no longer matches the "
-            f"{CONFIG_CHECKSUM_KEY} recorded in {weights_path.name} (edited or swapped config)"
-        )
 
 
 def _check_tensor_names(
