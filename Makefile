@@ -10,7 +10,7 @@ EXTRAS ?= dev,geospatial,chemistry,immunology,physics,robotics
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP  := $(VENV)/.sciscope-installed-$(EXTRAS)
 
-.PHONY: setup demo walkthrough test bench clean
+.PHONY: setup demo walkthrough test bench bench-test clean
 
 setup: $(STAMP)
 
@@ -31,16 +31,21 @@ test: setup
 
 # The peer libraries (SAELens, nnsight, steering-vectors) pin an older transformers, so the
 # benchmarks get their own environment; the project is installed there too (editable).
-BENCH_VENV  := .venv-bench
-BENCH_BIN   := $(BENCH_VENV)/bin
-BENCH_STAMP := $(BENCH_VENV)/.sciscope-bench-installed
+BENCH_VENV   := .venv-bench
+BENCH_BIN    := $(BENCH_VENV)/bin
+BENCH_EXTRAS := bench,geospatial
+# pytest too: the SAELens interchange tests (tests/core/test_sae_formats.py, `make bench-test`)
+# need the real SAELens, which only this environment has. The stamp names what was installed, so
+# an environment made before pytest was added here is topped up instead of silently lacking it.
+BENCH_TEST_PKGS := "pytest>=8"
+BENCH_STAMP  := $(BENCH_VENV)/.sciscope-bench-installed-$(BENCH_EXTRAS)-pytest
 # on a loaded machine: make bench BENCH_ARGS="--threads 1"
 BENCH_ARGS  ?=
 
 $(BENCH_STAMP): pyproject.toml
 	@test -x $(BENCH_BIN)/python || $(PYTHON) -m venv $(BENCH_VENV)
 	@$(BENCH_BIN)/python -c "import torch" 2>/dev/null || $(BENCH_BIN)/pip install -q $(FIND_LINKS) torch==2.13.0
-	$(BENCH_BIN)/pip install -q $(FIND_LINKS) -e ".[bench,geospatial]"
+	$(BENCH_BIN)/pip install -q $(FIND_LINKS) -e ".[$(BENCH_EXTRAS)]" $(BENCH_TEST_PKGS)
 	@touch $@
 
 bench: $(BENCH_STAMP)
@@ -51,6 +56,10 @@ bench: $(BENCH_STAMP)
 	$(BENCH_BIN)/python benchmarks/bench_capture_memory.py $(BENCH_ARGS)
 	$(BENCH_BIN)/python benchmarks/bench_capture_overhead.py $(BENCH_ARGS)
 	$(BENCH_BIN)/python benchmarks/bench_sae_throughput.py $(BENCH_ARGS)
+
+# the tests that need SAELens (skipped in the main environment), run where it is installed
+bench-test: $(BENCH_STAMP)
+	$(BENCH_BIN)/python -m pytest -q -p no:cacheprovider tests/core/test_sae_formats.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) runs .pytest_cache
