@@ -8,7 +8,8 @@ the site zero-ablated::
     loss recovered = (L_zero - L_spliced) / (L_zero - L_clean)
 
 1 is a reconstruction the model cannot tell from its own activations, 0 is no better than zeroing
-the site. Mean ablation (every position replaced by the mean activation) is the gentler floor.
+the site. Mean ablation (every position replaced by the mean activation over the valid, non-padding
+positions) is the gentler floor.
 Where the model has a distribution over outputs, the KL divergence from the clean outputs is
 reported beside it. The same splice applied to the top principal components (as many as the
 SAE's L0) is the baseline a sparse dictionary must beat.
@@ -199,15 +200,34 @@ def splice(model: nn.Module, site: "str | Site", replace: Reconstruction, *, pos
 def _site_mean(model: nn.Module, site: "str | Site", aliases: Aliases | None,
                positions: Any = None) -> Iterator[list[torch.Tensor]]:
     """Collect the mean activation vector of the site over the positions (all, or ``positions``)
-    seen inside the block: mean ablation puts back what those positions usually hold."""
+    seen inside the block: mean ablation puts back what those positions usually hold.
+
+    Only valid positions count, as in capture (:func:`sciscope.core.capture.pool`): where the
+    model's forward gets an ``attention_mask`` of the site's ``(batch, positions)`` shape, its
+    zeros (padding) are left out. A mask of another shape (image patches + text tokens) does not
+    apply to the site and is ignored.
+    """
     from .steer import _position_mask
 
     parsed, module = resolve_site(model, site, aliases)
     sums: list[torch.Tensor] = []
+    # the attention_mask of the forward pass in progress: the site's hook cannot see the inputs
+    current: list[torch.Tensor | None] = [None]
+
+    def note_mask(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        m = kwargs.get("attention_mask")
+        current[0] = m if isinstance(m, torch.Tensor) else None
+        return None
+
+    note_mask._sciscope_hook = True  # type: ignore[attr-defined]  # count_hooks sees it while it lives
 
     def record(t: torch.Tensor) -> None:
         h, _ = to_canonical(t.detach(), parsed)  # (B, P, D)
         mask = _position_mask(positions, h)
+        valid = current[0]
+        if valid is not None and tuple(valid.shape) == tuple(h.shape[:2]):
+            v = valid.to(device=h.device, dtype=h.dtype).ne(0).to(h.dtype).unsqueeze(-1)  # (B, P, 1)
+            mask = v if mask is None else mask * v
         flat = h.reshape(-1, h.shape[-1]).double()
         if mask is not None:
             flat = flat[mask.reshape(-1) > 0]
@@ -218,9 +238,13 @@ def _site_mean(model: nn.Module, site: "str | Site", aliases: Aliases | None,
         return None
 
     out: list[torch.Tensor] = []
-    with HookSet() as hooks:
-        hooks.edit(module, parsed, record)
-        yield out
+    handle = model.register_forward_pre_hook(note_mask, with_kwargs=True)
+    try:
+        with HookSet() as hooks:
+            hooks.edit(module, parsed, record)
+            yield out
+    finally:
+        handle.remove()
     if sums:
         out.append((sums[0][:-1] / sums[0][-1]).float())
 

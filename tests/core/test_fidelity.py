@@ -151,3 +151,32 @@ def test_mean_ablation_of_some_positions_puts_back_their_own_mean():
     task = TaskLoss(lambda m: float(m(x).mean()), "sum of position 0")
     table = fidelity(Sum(), "embed", task, {}, positions=[0]).set_index("condition")
     assert table.loss["mean_ablation"] == pytest.approx(float(x[:, 0].sum(-1).mean()), rel=1e-5)
+
+
+def test_mean_ablation_averages_valid_positions_only_not_padding():
+    """Padding (attention_mask 0) is no position the model reads: its vectors stay out of the site
+    mean, as capture leaves them out of pooling. Here they are planted far away, so a mean that
+    counts them would be off by hundreds."""
+    class MaskedMean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Identity()
+
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            w = attention_mask.unsqueeze(-1).to(h.dtype)
+            return (h * w).sum(1) / w.sum(1)  # (B, D): mean over the real positions only
+
+    torch.manual_seed(4)
+    x = torch.randn(8, 5, 3)
+    attention = torch.ones(8, 5, dtype=torch.long)
+    attention[:4, 3:] = 0  # right padding in half of the rows
+    attention[0, 1:] = 0
+    x[attention == 0] = 1000.0
+    task = TaskLoss(lambda m: float(m(x, attention_mask=attention).pow(2).sum(-1).mean()), "squared norm of the mean")
+    model = MaskedMean()
+    table = fidelity(model, "embed", task, {}).set_index("condition")
+    valid_mean = x[attention.bool()].mean(0)  # every real position of every row
+    assert table.loss["mean_ablation"] == pytest.approx(float(valid_mean.pow(2).sum()), rel=1e-5)
+    assert table.loss["mean_ablation"] < 10.0  # the planted padding (1000s) is not in it
+    assert count_hooks(model) == 0  # the hook reading the mask is gone too
