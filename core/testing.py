@@ -21,10 +21,28 @@ from torch import nn
 from .adapter import DomainAdapter, Examples
 from .capture import POOLINGS, collect
 from .config import STAGE_ORDER
+from .context import RunContext
 from .errors import ConfigError
 from .experiment import core_analyses
 from .fidelity import fidelity
 from .sites import resolve_site
+
+
+class _CheckContext(RunContext):
+    """An in-memory context whose model is the one under check.
+
+    A plain context builds its model from the run config (``config["model"]``, which an adapter's
+    own ``model`` key overrides), so with ``check_adapter(spec=...)`` the task loss and the
+    analyses would be built around another model than the one checked (and might train the default
+    model first). This one hands out exactly the checked model.
+    """
+
+    def __init__(self, adapter: DomainAdapter, model: nn.Module, base: RunContext) -> None:
+        super().__init__(adapter, base.config, trainer_options=base.trainer_options, progress=base.progress)
+        self._checked = model
+
+    def model(self, variant: str | None = None) -> nn.Module:
+        return self._checked if variant is None else super().model(variant)
 
 
 def check_adapter(adapter: DomainAdapter, tmp_path: str | Path, *, max_examples: int = 8, spec: str | None = None) -> dict:
@@ -34,7 +52,25 @@ def check_adapter(adapter: DomainAdapter, tmp_path: str | Path, *, max_examples:
     returns :class:`Examples` with concepts present in obs; the model is an ``nn.Module``; every
     default site and alias resolves; capture over the first ``max_examples`` examples gives one
     finite row per example; every contrast selects rows on both sides; analyses have unique names
-    and known stages, and those declared after ``examples`` run in memory and return rows.
+    and known stages, and those declared after ``examples`` run in memory and return rows; the
+    task loss (if any) is finite and unchanged when the site's own activations are spliced back.
+
+    Parameters
+    ----------
+    adapter
+        The adapter under check.
+    tmp_path
+        A folder for the capture store.
+    max_examples
+        Examples captured.
+    spec
+        The model to check (``adapter.model(spec)``; None: the default). Every check uses it:
+        capture runs it, and the analyses and the task loss get it as ``ctx.model()``.
+
+    Returns
+    -------
+    dict
+        ``n_examples``, ``sites``, ``store_rows``, ``analyses``, ``analyses_run``, ``task_loss``.
     """
     cls = type(adapter)
     assert isinstance(cls.name, str) and cls.name, f"{cls.__name__}.name must be a non-empty string"
@@ -84,26 +120,32 @@ def check_adapter(adapter: DomainAdapter, tmp_path: str | Path, *, max_examples:
     assert len(set(names)) == len(names), f"{cls.__name__}: analysis names repeat: {names}"
     for a in analyses:
         assert a.stage in STAGE_ORDER, f"{cls.__name__}: analysis {a.name!r} runs after unknown stage {a.stage!r}"
-    # the analyses that need no artifact of a later stage run here, in memory
-    ctx = adapter.ctx
+    # the analyses and the task loss read the model through the context: one that hands out the
+    # checked model (not the run config's), undone afterwards so the adapter keeps its own
+    base = adapter.ctx
+    ctx = _CheckContext(adapter, model, base)
     ran = []
-    for a in analyses:
-        if a.stage != "examples":
-            continue
-        ctx.stage, ctx.subfolder = a.stage, ""
-        rows, _ = a.run(ctx)
-        for r in rows:
-            assert isinstance(r, dict) and r.get("name") and "value" in r, (
-                f"{cls.__name__}: analysis {a.name!r} returned a row without name/value: {r!r}")
-        ran.append(a.name)
-    task = adapter.task_loss(ctx)
-    if task is not None:  # the task runs, and splicing the site's own activations back changes nothing
-        table = fidelity(model, adapter.sae_site, task, {"identity": lambda h: h},
-                         positions=adapter.fidelity_positions, aliases=adapter.aliases).set_index("condition")
-        assert np.isfinite(table.loss).all(), f"{cls.__name__}: task_loss is not finite: {table.loss.to_dict()}"
-        assert abs(table.loss["identity"] - table.loss["clean"]) <= 1e-4 * max(1.0, abs(table.loss["clean"])), (
-            f"{cls.__name__}: task_loss changes when the site's own activations are spliced back "
-            f"({table.loss['clean']} -> {table.loss['identity']}): is it deterministic (eval mode, fixed masks)?")
+    try:
+        # the analyses that need no artifact of a later stage run here, in memory
+        for a in analyses:
+            if a.stage != "examples":
+                continue
+            ctx.stage, ctx.subfolder = a.stage, ""
+            rows, _ = a.run(ctx)
+            for r in rows:
+                assert isinstance(r, dict) and r.get("name") and "value" in r, (
+                    f"{cls.__name__}: analysis {a.name!r} returned a row without name/value: {r!r}")
+            ran.append(a.name)
+        task = adapter.task_loss(ctx)
+        if task is not None:  # the task runs, and splicing the site's own activations back changes nothing
+            table = fidelity(model, adapter.sae_site, task, {"identity": lambda h: h},
+                             positions=adapter.fidelity_positions, aliases=adapter.aliases).set_index("condition")
+            assert np.isfinite(table.loss).all(), f"{cls.__name__}: task_loss is not finite: {table.loss.to_dict()}"
+            assert abs(table.loss["identity"] - table.loss["clean"]) <= 1e-4 * max(1.0, abs(table.loss["clean"])), (
+                f"{cls.__name__}: task_loss changes when the site's own activations are spliced back "
+                f"({table.loss['clean']} -> {table.loss['identity']}): is it deterministic (eval mode, fixed masks)?")
+    finally:
+        adapter.ctx, adapter.trainer_options = base, base.trainer_options
     return {"n_examples": len(examples), "sites": sites, "store_rows": store.n_obs, "analyses": names,
             "analyses_run": ran, "task_loss": None if task is None else task.name}
 

@@ -76,3 +76,57 @@ def test_examples_of_split():
     assert len(Examples.of_split(obs, "all", inputs="text", concepts=["y"])) == 4
     with pytest.raises(ConfigError, match="dom: unknown split 'val'"):
         Examples.of_split(obs, "val", inputs="text", concepts=["y"], domain="dom")
+
+
+def test_check_adapter_checks_the_spec_model_everywhere(tmp_path):
+    """``check_adapter(spec=...)`` builds the task loss (and runs the analyses) around the model it
+    was asked to check, not the context's default, and never builds the default at all."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from sciscope.core import Analysis
+    from sciscope.core.fidelity import TaskLoss
+    from sciscope.core.testing import check_adapter
+
+    class Checkpoints(ToyAdapter):
+        """Two 'checkpoints' of different widths; records which it built and which the hooks saw."""
+
+        def __init__(self, config=None) -> None:
+            super().__init__(config)
+            self.built: list = []
+            self.seen: list[nn.Module] = []
+
+        def model(self, spec=None) -> nn.Module:
+            self.built.append(spec)
+            width = 24 if spec == "wide" else 16
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 2))
+
+        def analyses(self) -> list:
+            def run(ctx):
+                self.seen.append(ctx.model())
+                return []
+            return [Analysis("reads_the_model", "examples", run, lambda result: [])]
+
+        def task_loss(self, ctx) -> TaskLoss:
+            built_on = ctx.model()
+            self.seen.append(built_on)
+            x = torch.from_numpy(self.examples("test").inputs)
+            y = torch.zeros(len(x), dtype=torch.long)
+
+            def fn(model: nn.Module) -> float:
+                # adapters fit the evaluation set to the model the task is built on (its vocabulary,
+                # its action codec), so scoring another model with it is wrong
+                assert model is built_on, "the task scored another model than the one it was built on"
+                return float(F.cross_entropy(model(x), y))
+
+            return TaskLoss(fn, "cross-entropy")
+
+    ad = Checkpoints(ToyAdapter.default_config)
+    before = ad.ctx
+    out = check_adapter(ad, tmp_path, spec="wide")
+    assert out["task_loss"] == "cross-entropy"
+    assert ad.built == ["wide"], f"models built: {ad.built}"  # the default was never built
+    assert len(ad.seen) == 2 and all(m is ad.seen[0] for m in ad.seen) and ad.seen[0][0].out_features == 24
+    assert ad.ctx is before  # the adapter keeps its own context
