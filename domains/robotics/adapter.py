@@ -29,7 +29,7 @@ from torch import nn
 
 from sciscope.core.adapter import DomainAdapter, Examples
 from sciscope.core.config import Key
-from sciscope.core.errors import AdapterError, ConfigError
+from sciscope.core.errors import ConfigError
 from sciscope.core.experiment import Analysis, Scorer, SteeringPlan
 from sciscope.core.fidelity import TaskLoss
 from sciscope.core.loading import layer_index
@@ -38,8 +38,9 @@ from . import env as _env
 from . import report as _report
 from .lens import CATEGORIES, CLAMP_POSITIONS, CLUSTER_METRIC, ClusterRule, action_lens, cluster_clamp, layer_summary, \
     neuron_categories, select_clusters
-from .model import DIMS, PolicySpec, VLAPolicy, VLAVocab, action_logits, build_policy, load_policy, rollout, save_policy, \
-    train_policy
+from .model import PolicySpec, VLAPolicy, VLAVocab, build_policy, load_policy, rollout, save_policy, train_policy
+from .task import TASK_STATES, action_nll_task, held_out_rows
+from .task import as_policy as _as_policy
 
 if TYPE_CHECKING:
     from sciscope.core.context import RunContext
@@ -48,9 +49,6 @@ __all__ = ["RoboticsAdapter"]
 
 #: Evaluation scenes use episode ids from here on (demonstrations use 0 .. n_episodes - 1).
 EVAL_OFFSET = 1_000_000
-#: Held-out demonstration states the task loss reads (evenly spaced over the test episodes' states):
-#: the fidelity analysis runs the task 6-11 times, so it stays a few forward passes.
-TASK_STATES = 512
 #: The rollout scores of every steering plan (per-episode arrays).
 ROLLOUT_SCORES: tuple[str, ...] = ("displacement", "dx", "dy", "success_rate", "alignment")
 #: The config keys the demonstrations (the policy's training data) depend on.
@@ -399,47 +397,16 @@ class RoboticsAdapter(DomainAdapter):
         (clean labels), teacher-forced as in training (:func:`.model.action_logits`), softmax over the
         whole vocabulary (mass leaking to word tokens counts), mean over both tokens. ``log_probs``: the
         log-softmax over each dimension's bins at its action position (the distribution greedy decoding
-        acts on), so the fidelity analysis reports the KL of the action distribution.
+        acts on), so the fidelity analysis reports the KL of the action distribution (:mod:`.task`).
 
-        States: at most :data:`TASK_STATES`, evenly spaced over every test episode's states (the policy
-        never trains on them), rendered once; eval mode, no sampling.
+        States: at most :data:`.task.TASK_STATES`, evenly spaced over every test episode's states (the
+        policy never trains on them), rendered once; eval mode, no sampling.
         """
         obs, _, _ = self.demos
-        test = np.flatnonzero(obs["split"].to_numpy() == "test")
-        if not test.size:
-            raise ConfigError("robotics: no held-out demonstration states for the task loss (test_fraction)")
-        rows = test[np.unique(np.linspace(0, test.size - 1, min(TASK_STATES, test.size)).round().astype(int))]
+        rows = held_out_rows(obs["split"].to_numpy(), TASK_STATES)
         pixels = torch.from_numpy(self.render(rows)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
-        instructions = obs["instruction"].to_numpy()[rows].tolist()
-        actions = obs[["action_x", "action_y"]].to_numpy()[rows]
-
-        def logits(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, VLAVocab]:
-            policy = _as_policy(model)
-            vocab = policy.vocab
-            ids, mask = vocab.prompt_ids(instructions)
-            bins = torch.as_tensor(vocab.codec.encode(actions))  # (N, 2)
-            was_training = policy.training
-            policy.eval()
-            self._apply_threads()
-            try:
-                with torch.no_grad():
-                    out = torch.cat([action_logits(policy, pixels[i:i + 128], ids[i:i + 128], mask[i:i + 128], bins[i:i + 128])
-                                     for i in range(0, len(bins), 128)])  # (N, 2, V)
-            finally:
-                policy.train(was_training)
-            return out, bins, vocab
-
-        def nll(model: nn.Module) -> float:
-            out, bins, vocab = logits(model)
-            logp = torch.log_softmax(out.double(), dim=-1)
-            targets = torch.stack([vocab.action_id(d, bins[:, d]) for d in range(len(DIMS))], 1)  # (N, 2)
-            return float(-logp.gather(-1, targets[..., None]).mean())
-
-        def log_probs(model: nn.Module) -> torch.Tensor:
-            out, _, vocab = logits(model)
-            return torch.cat([torch.log_softmax(out[:, d, vocab.dim_slice(d)], dim=-1) for d in range(len(DIMS))])
-
-        return TaskLoss(nll, "action-token NLL (held-out demonstrations)", log_probs=log_probs)
+        return action_nll_task(pixels, obs["instruction"].to_numpy()[rows].tolist(),
+                               obs[["action_x", "action_y"]].to_numpy()[rows], prepare=self._apply_threads)
 
     @property
     def fidelity_positions(self) -> list[int]:
@@ -495,12 +462,6 @@ class RoboticsAdapter(DomainAdapter):
                 n_controls=int(c["clamp_n_random"]), reference=self.prompt_reference, seed=ctx.seed,
                 description=f"{len(cl)} neurons of the {name} cluster clamped to alpha at {c['clamp_positions']} positions"))
         return plans
-
-
-def _as_policy(model: nn.Module) -> VLAPolicy:
-    if not isinstance(model, VLAPolicy):
-        raise AdapterError(f"robotics: expected a VLAPolicy (from RoboticsAdapter.model()), got {type(model).__name__}")
-    return model
 
 
 def _rule(c: dict[str, Any]) -> ClusterRule:

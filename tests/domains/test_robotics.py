@@ -100,6 +100,20 @@ def test_task_loss_is_action_token_nll_on_held_out_states_and_fidelity_brackets_
     assert table.loss["zero_ablation"] > table.loss["clean"] and table.kl["zero_ablation"] > 0
 
 
+
+def test_task_states_are_evenly_spaced_held_out_rows_and_none_is_an_error() -> None:
+    from sciscope.core.errors import AdapterError
+    from sciscope.domains.robotics.task import as_policy, held_out_rows
+
+    split = np.array(["train", "test"] * 10)  # test rows 1, 3, ..., 19
+    assert held_out_rows(split, 100).tolist() == list(range(1, 20, 2))  # fewer than the cap: all of them
+    assert held_out_rows(split, 3).tolist() == [1, 9, 19]  # first, middle, last
+    with pytest.raises(ConfigError, match="no held-out demonstration states"):
+        held_out_rows(np.array(["train"] * 4))
+    with pytest.raises(AdapterError, match="expected a VLAPolicy.*Linear"):
+        as_policy(torch.nn.Linear(2, 2))
+
+
 # ------------------------------------------------------------------------------------ environment
 
 
