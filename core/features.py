@@ -8,7 +8,8 @@ raw neurons -- row-aligned with an ``obs`` table of concept columns. Pass either
 - :func:`top_examples` -- the ``k`` rows with the largest activation of each feature, with obs.
 - :func:`concept_associations` -- every feature against every concept column: one-vs-rest AUROC
   with a tie-corrected Mann-Whitney p-value for categorical concepts, Spearman's rho for numeric
-  ones; Benjamini-Hochberg across all tests; optionally on shuffled concepts as a control.
+  ones; Benjamini-Hochberg across all tests; optionally on shuffled concepts as a control, and
+  optionally at the level of groups of rows that are not independent (``groups=``).
 - :func:`analyze_features` -- all of the above plus statistics a domain adapter supplies (e.g.
   Moran's I for places), in one :class:`FeatureAnalysis`.
 
@@ -39,6 +40,7 @@ __all__ = [
     "analyze_features",
     "concept_associations",
     "feature_density",
+    "statistics_table",
     "top_examples",
 ]
 
@@ -332,6 +334,22 @@ def _is_positive_binary(values: list[Any]) -> bool:
     return vs <= {True, False} or vs <= {0, 1}
 
 
+def _concept_method(obs: pd.DataFrame, name: str, method: Method | Mapping[str, Method], *, max_classes: int) -> str:
+    """``"auroc"`` or ``"spearman"`` for concept column ``name`` (checks it exists)."""
+    if name not in obs.columns:
+        hint = close_matches(str(name), [str(c) for c in obs.columns])
+        raise ConceptError(
+            f"concept column {name!r} is not in obs"
+            + (f"; did you mean {hint}?" if hint else f"; obs has {list(obs.columns)}")
+        )
+    m = method.get(name, "auto") if isinstance(method, Mapping) else method
+    if m not in ("auto", "auroc", "spearman"):
+        raise ConceptError(f"concept {name!r}: method must be 'auto', 'auroc' or 'spearman', got {m!r}")
+    if m == "auto":
+        m = "auroc" if infer_kind(obs[name], max_classes=max_classes) == "logistic" else "spearman"
+    return m
+
+
 def _prepare_concepts(
     obs: pd.DataFrame,
     concepts: Sequence[str],
@@ -342,18 +360,8 @@ def _prepare_concepts(
 ) -> list[_Concept]:
     out = []
     for name in concepts:
-        if name not in obs.columns:
-            hint = close_matches(str(name), [str(c) for c in obs.columns])
-            raise ConceptError(
-                f"concept column {name!r} is not in obs"
-                + (f"; did you mean {hint}?" if hint else f"; obs has {list(obs.columns)}")
-            )
+        m = _concept_method(obs, name, method, max_classes=max_classes)
         col = obs[name]
-        m = method.get(name, "auto") if isinstance(method, Mapping) else method
-        if m not in ("auto", "auroc", "spearman"):
-            raise ConceptError(f"concept {name!r}: method must be 'auto', 'auroc' or 'spearman', got {m!r}")
-        if m == "auto":
-            m = "auroc" if infer_kind(col, max_classes=max_classes) == "logistic" else "spearman"
         valid = ~col.isna().to_numpy()
         v = col[valid]
         if m == "spearman":
@@ -499,6 +507,120 @@ def _associate(
     return df
 
 
+# ------------------------------------------------------------------------------------------------
+# Group-level associations (rows that are not independent)
+# ------------------------------------------------------------------------------------------------
+
+#: Groups of rows: an obs column name, or one label per row (NaN: the row belongs to no group).
+Groups = str | Sequence[Any] | np.ndarray | pd.Series
+
+
+class _GroupMeans:
+    """The ``(n_groups, n_features)`` matrix of group means of ``arr``, computed per column block.
+
+    :func:`_associate` reads its matrix one block of feature columns at a time (``m[:, cols]``);
+    averaging each block as it is read keeps memory at one row-level block however many groups.
+    """
+
+    def __init__(self, arr: Any, codes: np.ndarray, n_groups: int) -> None:
+        from scipy import sparse
+
+        self._arr = arr
+        self.shape = (n_groups, arr.shape[1])
+        self.ndim = 2
+        rows = np.flatnonzero(codes >= 0)
+        size = np.bincount(codes[rows], minlength=n_groups).astype(np.float64)
+        # (G, n) averaging operator: row g holds 1/|g| at the rows of group g
+        self._mean = sparse.csr_matrix((1.0 / size[codes[rows]], (codes[rows], rows)), shape=(n_groups, arr.shape[0]))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self._mean @ np.asarray(self._arr[key], dtype=np.float64))
+
+
+def _group_codes(obs: pd.DataFrame, groups: Groups) -> tuple[np.ndarray, int, str]:
+    """Group code per row (-1: no group), the number of groups, and a label for the params."""
+    if isinstance(groups, str):
+        if groups not in obs.columns:
+            hint = close_matches(groups, [str(c) for c in obs.columns])
+            raise ConceptError(f"groups column {groups!r} is not in obs" + (f"; did you mean {hint}?" if hint else ""))
+        values, label = obs[groups], groups
+    else:
+        values, label = pd.Series(np.asarray(groups, dtype=object)), "<array>"
+        if len(values) != len(obs):
+            raise ShapeError(f"groups has {len(values)} labels but obs has {len(obs)} rows")
+    codes, uniq = pd.factorize(values.reset_index(drop=True), sort=True)  # NaN -> -1
+    if len(uniq) < 2:
+        raise ConceptError(f"groups {label!r} has {len(uniq)} group(s); a group-level test needs at least 2")
+    return codes.astype(np.int64), len(uniq), label
+
+
+def _group_obs(
+    obs: pd.DataFrame, concepts: Sequence[str], method: Method | Mapping[str, Method], codes: np.ndarray, n_groups: int,
+    *, max_classes: int, max_categories: int,
+) -> tuple[pd.DataFrame, dict[str, str], dict[str, tuple[str, Any]]]:
+    """Every concept at the level of the group: one row per group.
+
+    Returns the group-level table, the method of each of its columns, and ``{column: (concept,
+    value)}`` for the one-vs-rest fraction columns of categorical concepts that vary within groups.
+    """
+    key = pd.Series(codes)
+    cols: dict[str, pd.Series] = {}
+    methods: dict[str, str] = {}
+    relabel: dict[str, tuple[str, Any]] = {}
+    every = pd.RangeIndex(n_groups)
+    for name in concepts:
+        m = _concept_method(obs, name, method, max_classes=max_classes)
+        col = obs[name].reset_index(drop=True)
+        ok = (codes >= 0) & ~col.isna().to_numpy()
+        v, g = col[ok], key[ok]
+        if m == "spearman":
+            if not pd.api.types.is_numeric_dtype(v):
+                raise ConceptError(f"concept {name!r} is not numeric (dtype {v.dtype}); use method='auroc'")
+            cols[name], methods[name] = v.astype(np.float64).groupby(g).mean().reindex(every), "spearman"
+            continue
+        if (v.groupby(g).nunique() <= 1).all():
+            # constant within every group (a trajectory's regime, a country's continent): the group
+            # carries the row's label, and the test is the one-vs-rest AUROC across groups
+            cols[name], methods[name] = v.groupby(g).first().reindex(every), "auroc"
+            continue
+        # varies within groups (cell types within a donor): per value, the share of the group's rows
+        # that have it, against the group's mean activation (Spearman across groups)
+        cats = list(pd.factorize(v, sort=True)[1])
+        if len(cats) > max_categories:
+            raise ConceptError(f"concept {name!r} has {len(cats)} distinct values (> max_categories={max_categories})")
+        tested = cats[-1:] if len(cats) == 2 and _is_positive_binary(cats) else cats
+        for value in tested:
+            cname = f"{name}=={value}"
+            while cname in cols:
+                cname += "_"
+            cols[cname] = (v == value).astype(np.float64).groupby(g).mean().reindex(every)
+            methods[cname], relabel[cname] = "spearman", (name, _plain(value))
+    return pd.DataFrame(cols, index=every), methods, relabel
+
+
+def _group_associate(
+    arr: Any, obs: pd.DataFrame, concepts: Sequence[str], feats: np.ndarray, groups: Groups, *,
+    method: Method | Mapping[str, Method], shuffle_seed: int | None, max_classes: int, max_categories: int,
+    chunk: int,
+) -> pd.DataFrame:
+    """Raw group-level statistics and p-values (see :func:`concept_associations`, ``groups``)."""
+    codes, n_groups, _ = _group_codes(obs, groups)
+    obs_g, methods, relabel = _group_obs(obs, concepts, method, codes, n_groups, max_classes=max_classes,
+                                         max_categories=max_categories)
+    if shuffle_seed is not None:  # the null at the level the test is read: whole groups swap labels
+        obs_g = obs_g.iloc[np.random.default_rng(shuffle_seed).permutation(n_groups)].reset_index(drop=True)
+    prepared = _prepare_concepts(obs_g, list(obs_g.columns), methods, max_classes=max_classes, max_categories=max_categories)
+    df = _associate(_GroupMeans(arr, codes, n_groups), feats, prepared, chunk=chunk)
+    if relabel and len(df):
+        hit = df["concept"].isin(list(relabel))
+        df.loc[hit, "value"] = df.loc[hit, "concept"].map(lambda c: relabel[c][1])
+        df.loc[hit, "concept"] = df.loc[hit, "concept"].map(lambda c: relabel[c][0])
+        order = {c: i for i, c in enumerate(concepts)}
+        df = df.sort_values(["concept", "feature"], key=lambda s: s.map(order) if s.name == "concept" else s,
+                            kind="stable").reset_index(drop=True)
+    return df
+
+
 def concept_associations(
     acts: Any,
     obs: pd.DataFrame | None = None,
@@ -514,6 +636,7 @@ def concept_associations(
     max_classes: int = 10,
     max_categories: int = 100,
     chunk_size: int | None = None,
+    groups: Groups | None = None,
 ) -> pd.DataFrame:
     """Test every feature against every concept column, with multiple-testing correction.
 
@@ -554,6 +677,21 @@ def concept_associations(
         concept with more than ``max_categories`` values is an error (a likely identifier).
     chunk_size
         Features ranked per block (default: a ~32 MB block).
+    groups
+        Test at the level of the group where rows are not independent (windows of one
+        trajectory, cells of one donor, places of one country): an obs column name or one label
+        per row (rows whose label is missing are left out). Rows are averaged within each group
+        -- the activation, and the concept: a numeric concept's group mean; a categorical concept
+        that is constant within every group keeps its value; one that varies within groups
+        becomes, per value, the share of the group's rows that have it (tested by Spearman's rho,
+        ``stat`` "spearman_rho" with ``value`` set) -- and the test runs across groups, so ``n``
+        is the number of groups. This is the "pseudobulk" test of single-cell analysis: the
+        p-value answers "do groups with the concept have higher activations?", with the groups
+        as the independent units. Row-level tests of such data count one group's shared
+        offset once per row and their p-values are far too small; a mixed model would use the
+        within-group variation too, but needs a model per feature and assumptions about it, and
+        the group-level test is exact (it is a row-level test on the group means) and as fast.
+        With ``control="shuffle"`` whole groups swap concept values.
 
     Returns
     -------
@@ -568,12 +706,20 @@ def concept_associations(
     concept_list = list(obs.columns) if concepts is None else ([concepts] if isinstance(concepts, str) else list(concepts))
     if control not in (None, "shuffle"):
         raise ValueError(f"control must be None or 'shuffle', got {control!r}")
-    if control == "shuffle":
-        perm = np.random.default_rng(seed).permutation(len(obs))
-        obs = obs.iloc[perm].reset_index(drop=True)
     feats = _feature_index(features, arr.shape[1])
-    prepared = _prepare_concepts(obs, concept_list, method, max_classes=max_classes, max_categories=max_categories)
-    df = _associate(arr, feats, prepared, chunk=_features_per_block(arr.shape[0], chunk_size))
+    chunk = _features_per_block(arr.shape[0], chunk_size)
+    if groups is not None:
+        if concepts is None and isinstance(groups, str):
+            concept_list = [c for c in concept_list if c != groups]  # the group id is no concept
+        df = _group_associate(arr, obs, concept_list, feats, groups, method=method,
+                              shuffle_seed=seed if control == "shuffle" else None, max_classes=max_classes,
+                              max_categories=max_categories, chunk=chunk)
+    else:
+        if control == "shuffle":
+            perm = np.random.default_rng(seed).permutation(len(obs))
+            obs = obs.iloc[perm].reset_index(drop=True)
+        prepared = _prepare_concepts(obs, concept_list, method, max_classes=max_classes, max_categories=max_categories)
+        df = _associate(arr, feats, prepared, chunk=chunk)
     df["q"] = _correct(df["p"].to_numpy(dtype=np.float64), correction)
     df["significant"] = (df["q"] < alpha).to_numpy()
     df["condition"] = "shuffled" if control == "shuffle" else "observed"
@@ -624,6 +770,37 @@ def _run_statistics(
             stat.columns = [f"{name}_{c}" for c in stat.columns]
         extra = pd.concat([extra, stat], axis=1)
     return extra
+
+
+def statistics_table(
+    acts: Any,
+    obs: pd.DataFrame,
+    statistics: Mapping[str, Statistic],
+    *,
+    features: Sequence[int] | np.ndarray | None = None,
+    chunk_size: int | None = None,
+) -> pd.DataFrame:
+    """Adapter-supplied statistics of every feature, one row per feature (``FeatureAnalysis.extra``).
+
+    Parameters
+    ----------
+    acts
+        ``(n_obs, n_features)`` array, row-aligned with ``obs``.
+    obs
+        Row metadata the statistics read (e.g. coordinates).
+    statistics
+        ``{name: fn}`` as in :func:`analyze_features`.
+    features, chunk_size
+        As in :func:`analyze_features`.
+
+    Returns
+    -------
+    DataFrame: ``feature`` and one column per statistic (``name_col`` for one returning several).
+    """
+    arr, obs = _resolve(acts, obs, None, need_obs=True)
+    assert obs is not None
+    feats = _feature_index(features, arr.shape[1])
+    return _run_statistics(arr, obs, feats, statistics, chunk=_features_per_block(arr.shape[0], chunk_size))
 
 
 @dataclass
@@ -751,6 +928,7 @@ def analyze_features(
     max_classes: int = 10,
     max_categories: int = 100,
     chunk_size: int | None = None,
+    groups: Groups | None = None,
 ) -> FeatureAnalysis:
     """Density, top examples, concept associations (with a shuffled control) and adapter stats.
 
@@ -783,6 +961,10 @@ def analyze_features(
         Density threshold (see :func:`feature_density`).
     min_activation
         See :func:`top_examples`.
+    groups
+        Test the concept associations (and their shuffled control) at the level of the group:
+        an obs column or one label per row (see :func:`concept_associations`). Density, top
+        examples and the adapter's statistics stay per row.
 
     Returns
     -------
@@ -795,9 +977,11 @@ def analyze_features(
     top = _top_frame(feats, top_val, top_row, obs, min_activation)
     kw: dict[str, Any] = dict(
         method=method, correction=correction, alpha=alpha, features=feats, max_classes=max_classes,
-        max_categories=max_categories, chunk_size=chunk_size,
+        max_categories=max_categories, chunk_size=chunk_size, groups=groups,
     )
     concept_list = list(obs.columns) if concepts is None else ([concepts] if isinstance(concepts, str) else list(concepts))
+    if concepts is None and isinstance(groups, str):
+        concept_list = [c for c in concept_list if c != groups]
     assoc = concept_associations(arr, obs, concept_list, **kw)
     ctrl = concept_associations(arr, obs, concept_list, control="shuffle", seed=seed, **kw) if control else None
     extra = (
@@ -817,6 +1001,7 @@ def analyze_features(
         "threshold": threshold,
         "min_activation": min_activation,
         "max_classes": max_classes,
+        "groups": None if groups is None else (groups if isinstance(groups, str) else "<array>"),
         "n_obs": int(arr.shape[0]),
         "n_features": int(feats.size),
         "site": site,

@@ -237,3 +237,67 @@ def test_error_identifier_like_concept(data) -> None:
     obs = obs.assign(barcode=[f"cell{i}" for i in range(len(obs))])
     with pytest.raises(ConceptError, match=r"'barcode' has 600 distinct values"):
         concept_associations(acts, obs, "barcode")
+
+
+# ------------------------------------------------------------------------------------------------
+# Group-level associations
+# ------------------------------------------------------------------------------------------------
+
+
+def _grouped(n_groups: int = 30, per_group: int = 60, n_features: int = 40, seed: int = 0):
+    """Rows nested in groups: the concept is constant within a group; each feature is a group effect
+    plus row noise, with no link to the concept -- every true association is null."""
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(n_groups), per_group)
+    flag = rng.random(n_groups) < 0.5
+    dose = rng.normal(size=n_groups)
+    acts = rng.normal(size=(n_groups, n_features))[g] + 0.3 * rng.normal(size=(g.size, n_features))
+    obs = pd.DataFrame({"donor": [f"d{i:02d}" for i in g], "flag": flag[g], "dose": dose[g],
+                        "cell_type": rng.choice(["T", "B", "NK"], g.size)})
+    return acts, obs
+
+
+def test_group_level_p_values_are_calibrated_where_row_level_ones_are_wildly_optimistic():
+    acts, obs = _grouped()
+    rows = concept_associations(acts, obs, ["flag", "dose"])
+    groups = concept_associations(acts, obs, ["flag", "dose"], groups="donor")
+    # pseudo-replication: 60 rows per group count each group's offset 60 times
+    assert (rows.p < 0.05).mean() > 0.6 and rows.significant.mean() > 0.4
+    assert (groups.p < 0.05).mean() < 0.15 and groups.significant.sum() == 0
+    assert (groups.n == 30).all() and (rows.n == 1800).all()
+    flag = groups[groups.concept == "flag"]
+    assert (flag.value == True).all() and (flag.n_pos == obs.groupby("donor").flag.first().sum()).all()  # noqa: E712
+    # the group-level test is the row-level test of the group means
+    means = pd.DataFrame(acts).groupby(obs.donor.to_numpy()).mean().to_numpy()
+    gobs = obs.groupby("donor")[["flag", "dose"]].first().reset_index(drop=True)
+    direct = concept_associations(means, gobs, ["flag", "dose"])
+    np.testing.assert_allclose(groups.p.to_numpy(), direct.p.to_numpy())
+    np.testing.assert_allclose(groups.statistic.to_numpy(), direct.statistic.to_numpy())
+
+
+def test_group_level_finds_a_real_group_effect_and_singleton_groups_equal_rows():
+    acts, obs = _grouped(n_features=5)
+    flag = obs.flag.to_numpy()
+    acts[:, 0] += 2.0 * flag  # a feature that really tracks the groups' concept
+    g = concept_associations(acts, obs, ["flag"], groups="donor")
+    assert g.loc[g.feature == 0, "significant"].item() and g.loc[g.feature != 0, "significant"].sum() == 0
+    one = concept_associations(acts[:200], obs.iloc[:200], ["flag", "dose", "cell_type"])
+    single = concept_associations(acts[:200], obs.iloc[:200], ["flag", "dose", "cell_type"], groups=np.arange(200))
+    pd.testing.assert_frame_equal(one, single)
+
+
+def test_group_level_concept_that_varies_within_groups_becomes_a_share_and_shuffle_swaps_groups():
+    acts, obs = _grouped(n_features=6)
+    share_b = obs.assign(b=obs.cell_type == "B").groupby("donor").b.mean().to_numpy()
+    acts[:, 2] += 50.0 * share_b[np.repeat(np.arange(30), 60)]  # tracks the donor's share of B cells
+    g = concept_associations(acts, obs, ["cell_type"], groups="donor")
+    assert set(g.value) == {"B", "NK", "T"} and (g.stat == "spearman_rho").all() and (g.concept == "cell_type").all()
+    b = g[g.value == "B"].set_index("feature")
+    assert b.loc[2, "effect"] > 0.5 and b.loc[2, "p"] < 1e-3
+    ctrl = concept_associations(acts, obs, ["flag", "cell_type"], groups="donor", control="shuffle", seed=3)
+    assert (ctrl.condition == "shuffled").all() and (ctrl.n == 30).all()
+    fa = analyze_features(acts, obs, concepts=None, groups="donor", k=2)
+    assert "donor" not in set(fa.associations.concept) and fa.params["groups"] == "donor"
+    assert fa.control_associations is not None and (fa.control_associations.n == 30).all()
+    with pytest.raises(ConceptError, match="donr"):
+        concept_associations(acts, obs, ["flag"], groups="donr")
