@@ -139,11 +139,14 @@ class Analysis:
 def core_analyses() -> list[Analysis]:
     """The analyses the core runs for every adapter (each skips itself where the adapter supplies
     nothing it needs): fidelity of the SAE spliced into the model (:mod:`sciscope.core.fidelity`),
-    then the SAE's quality table against PCA, raw units and random directions (:mod:`sciscope.core.sae.quality`)."""
+    then the SAE's quality table against PCA, raw units and random directions (:mod:`sciscope.core.sae.quality`),
+    and, after the features stage, every maximum and count over the SAE's units beside the same over
+    control units (:mod:`sciscope.core.unit_controls`)."""
     from .fidelity import fidelity_analysis
     from .sae.quality import quality_analysis
+    from .unit_controls import unit_controls_analysis
 
-    return [fidelity_analysis(), quality_analysis()]
+    return [fidelity_analysis(), quality_analysis(), unit_controls_analysis()]
 
 
 @dataclass

@@ -40,25 +40,35 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 from scipy import sparse, stats
 
-from sciscope.core.errors import ShapeError
+from sciscope.core.errors import ConfigError, ShapeError
+
+if TYPE_CHECKING:
+    from sciscope.core.unit_controls import UnitRule
 
 __all__ = [
     "EARTH_RADIUS_KM",
     "LISA_LABELS",
+    "MORANS_I_ALPHA",
+    "MORANS_I_COLUMNS",
+    "MORANS_I_THRESHOLD",
+    "PermutationWarning",
     "SpatialWeights",
     "block_split",
+    "check_permutations",
     "haversine_km",
     "knn_weights",
     "laea_project",
     "lisa_clusters",
     "morans_i",
+    "morans_i_rule",
     "morans_i_table",
+    "permutations_for",
     "spatial_blocks",
     "spherical_centroid",
     "unit_vectors",
@@ -70,6 +80,86 @@ EARTH_RADIUS_KM = 6371.0088
 LISA_LABELS: tuple[str, ...] = ("HH", "LH", "LL", "HL", "ns")
 
 Coords = Literal["sphere", "projected"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Permutations and the threshold their p-values are read at
+# ------------------------------------------------------------------------------------------------
+
+
+#: The columns of :func:`morans_i` (the unit-controls analysis recognises a statistic returning them).
+MORANS_I_COLUMNS: tuple[str, ...] = ("I", "EI", "z", "p_rand", "p_sim")
+#: De Sabbata et al. (2025): a unit is spatially autocorrelated when I >= 0.3 and p < 0.01.
+MORANS_I_THRESHOLD = 0.3
+MORANS_I_ALPHA = 0.01
+
+
+def morans_i_rule(statistic: str = "morans_i", *, threshold: float = MORANS_I_THRESHOLD, alpha: float = MORANS_I_ALPHA,
+                  permutations: int | None = None, compute: Any = None) -> "UnitRule":
+    """The :class:`~sciscope.core.unit_controls.UnitRule` of a Moran's I feature statistic.
+
+    A unit counts when ``I >= threshold`` and ``p_sim < alpha`` (the paper's rule); where no
+    permutations were run for a unit (``permute_min_i`` above its I), its analytic ``p_rand``
+    stands in. ``permutations`` (when known) is checked against ``alpha``; ``compute`` (e.g.
+    ``morans_i_table`` with ``permute_min_i=threshold``) computes it on the control bases, where
+    only units at the threshold need a permutation p-value.
+    """
+    from .unit_controls import UnitRule
+
+    return UnitRule(statistic, column="I", threshold=threshold, p_column="p_sim", alpha=alpha, p_fallback="p_rand",
+                    permutations=permutations, compute=compute, label="Moran's I")
+
+
+class PermutationWarning(UserWarning):
+    """A permutation p-value is read at a threshold its number of permutations cannot reach."""
+
+
+def permutations_for(alpha: float, *, resolution: int = 10) -> int:
+    """The conventional number of permutations for reading ``p < alpha``: ``resolution / alpha - 1``.
+
+    With ``P`` permutations the smallest pseudo p-value is ``1 / (P + 1)``; ``P = 99`` can never
+    give ``p < 0.01``. Ten times finer than ``alpha`` (999 for 0.01, 199 for 0.05) leaves room
+    for the p-values of units near the threshold to differ.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    return int(np.ceil(resolution / alpha)) - 1
+
+
+def check_permutations(permutations: int, alpha: float, *, what: str, key: str = "permutations",
+                       strict: bool = False, stacklevel: int = 2) -> bool:
+    """Whether ``permutations`` permutation p-values can ever fall below ``alpha``.
+
+    Parameters
+    ----------
+    permutations
+        The number of permutations (0 or fewer: no permutation p-values; nothing to check).
+    alpha
+        The threshold the p-values are read at (``p < alpha``).
+    what
+        What reads them (named in the message).
+    key
+        The config key a user would change (named in the message).
+    strict
+        Raise :class:`~sciscope.core.errors.ConfigError` instead of warning.
+    stacklevel
+        Of the warning (2: the caller of this function).
+
+    Returns
+    -------
+    True when ``1 / (permutations + 1) < alpha`` (or there are no permutations); otherwise warns
+    (:class:`PermutationWarning`) or raises, and returns False.
+    """
+    permutations = int(permutations)
+    if permutations <= 0 or 1.0 / (permutations + 1) < alpha:
+        return True
+    msg = (f"{what}: with {key}={permutations} the smallest permutation p-value is "
+           f"1/{permutations + 1} = {1.0 / (permutations + 1):.3g}, so p < {alpha:g} can never be met; "
+           f"use at least {permutations_for(alpha)} (--set {key}={permutations_for(alpha)})")
+    if strict:
+        raise ConfigError(msg)
+    warnings.warn(msg, PermutationWarning, stacklevel=stacklevel)
+    return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -500,6 +590,7 @@ def lisa_clusters(
     """
     from esda.moran import Moran_Local
 
+    check_permutations(permutations, alpha, what="lisa_clusters", key="lisa_permutations", stacklevel=3)
     y = np.asarray(values, dtype=np.float64).ravel()
     if y.size != len(obs):
         raise ShapeError(f"lisa_clusters: {y.size} values for {len(obs)} places")

@@ -8,17 +8,36 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from sciscope.core.spatial import lisa_clusters
+from sciscope.core.spatial import MORANS_I_ALPHA, MORANS_I_COLUMNS, check_permutations, lisa_clusters, morans_i_rule
 
 from .data import median_error_km
 from .plots import plot_feature_maps, plot_lisa_map, plot_morans_hist
 
 if TYPE_CHECKING:
     from sciscope.core.context import RunContext
+    from sciscope.core.unit_controls import UnitRule
 
     from .adapter import GeospatialAdapter
 
-__all__ = ["feature_maps", "median_error", "median_error_rows", "morans_i_rows", "morans_i_summary"]
+__all__ = ["feature_maps", "median_error", "median_error_rows", "morans_i_rows", "morans_i_summary", "unit_rules"]
+
+
+def unit_rules(adapter: "GeospatialAdapter") -> dict[str, "UnitRule"]:
+    """The rule the core's unit-controls analysis reads Moran's I with (``adapter.unit_rules``).
+
+    The paper's: I >= ``moran_threshold`` and permutation p < 0.01, with the run's permutations
+    (checked: 99 can never give p < 0.01). On the control bases (PCA, raw units, random
+    directions) only units with I at the threshold get permutations, since the count reads no
+    other unit's p-value.
+    """
+    c = adapter.config
+    thr = float(c["moran_threshold"])
+
+    def compute(acts: np.ndarray, obs: pd.DataFrame) -> pd.DataFrame:
+        return adapter.morans_i_table(acts, obs, permute_min_i=thr)[list(MORANS_I_COLUMNS)]
+
+    return {"morans_i": morans_i_rule("morans_i", threshold=thr, alpha=MORANS_I_ALPHA, permutations=c["permutations"],
+                                      compute=compute)}
 
 
 def median_error(adapter: "GeospatialAdapter", ctx: "RunContext") -> dict[str, Any]:
