@@ -9,7 +9,8 @@ Two levels:
 
 Pooling over positions (tokens, atoms, genes, patches, time steps):
 
-``"none"``   one row per (example, valid position); obs gets ``example`` and ``position`` columns
+``"none"``   one row per (example, valid position): ``position_mask`` when a batch has one, else
+             ``attention_mask``; obs gets ``example`` and ``position`` columns
 ``"mean"``   mean over valid positions (``attention_mask`` when the batch has one)
 ``"last"``   the last valid position (decoder models' summary token)
 ``"first"``  the first position (BERT's [CLS])
@@ -152,6 +153,8 @@ def pool(
     mask = attention_mask
     if mask is not None and tuple(mask.shape) != (b, p):
         mask = None  # e.g. image patches + text tokens: the token mask does not apply here
+    if pooling == "none" and position_mask is not None and tuple(position_mask.shape) == (b, p):
+        mask = position_mask  # one row per selected position (e.g. gene tokens, not <cls>/<eos>/padding)
     if pooling == "masked":
         if position_mask is None:
             raise ShapeError(f"site {site!r}: pooling='masked' needs a '{POSITION_MASK_KEY}' in each batch")

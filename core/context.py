@@ -13,6 +13,7 @@ Layout it owns::
     <run>/<stage>/...                 stage outputs (tables, figures, headline.json)
     <run>/activations/store           the main model's activations
     <run>/activations/variants/<v>    a model variant's activations
+    <run>/activations/positions       the SAE site, one row per position (when the SAE learns positions)
     <run>/probes/sweep                the probe sweep
     <run>/sae/model, <run>/sae/latents
     <run>/features/analysis
@@ -29,6 +30,8 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
 
 from .config import pipeline_defaults
 from .errors import SciscopeError
@@ -158,41 +161,137 @@ class RunContext:
                        pooling=ad.pooling, aliases=ad.variant_aliases(variant), seed=self.seed, progress=self.progress,
                        total=-(-len(ex) // bs), extra_manifest={"domain": ad.name, "variant": variant})
 
+    # -- the SAE's rows and its training recipe -------------------------------------------------------
+    @property
+    def sae_row_mode(self) -> str:
+        """``"positions"`` (one row per position of the SAE site) or ``"pooled"`` (the store's rows).
+
+        Config ``sae_rows``; ``"auto"`` is positions when the adapter mean-pools over positions
+        (the pooled row is then no vector the model ever computed) and its pooled rows otherwise
+        (``"last"``/``"first"`` pooling already reads one position per example).
+        """
+        mode = str(self.config.get("sae_rows", "auto"))
+        if mode == "auto":
+            mode = "positions" if self.adapter.pooling in ("mean", "masked") else "pooled"
+        return mode
+
+    def position_store(self) -> "ActivationStore":
+        """Per-position activations of the SAE site over every example (``<run>/activations/positions``),
+        captured on first use: obs repeats each example's row for each valid position (its
+        ``position_mask`` when batches carry one, else its ``attention_mask``) with ``position``
+        and ``example_row`` columns."""
+        from .store import ActivationStore
+
+        path = self._root() / "activations" / "positions"
+        if not path.exists():
+            self.capture_positions(path)
+        return ActivationStore.open(path)
+
+    def capture_positions(self, path: Path) -> "ActivationStore":
+        """Capture the SAE site, one row per valid position, into ``path`` (see :meth:`position_store`)."""
+        from .capture import collect
+        from .sae.rows import EXAMPLE_ROW
+
+        ad, ex, model = self.adapter, self.examples(), self.model()
+        bs = int(self.config.get("batch_size", 64))
+        obs = ex.obs.reset_index(drop=True).assign(**{EXAMPLE_ROW: np.arange(len(ex))})
+        return collect(model, ad.batches(ex, model, batch_size=bs), [ad.sae_site], out=path, obs=obs, pooling="none",
+                       aliases=ad.aliases, seed=self.seed, progress=self.progress, total=-(-len(ex) // bs),
+                       extra_manifest={"domain": ad.name, "rows": "positions of the SAE site"})
+
+    def sae_row_selection(self) -> "tuple[ActivationStore, dict[str, Any]]":
+        """The rows the SAE learns from and is read on, every example's, and what was left out.
+
+        Pooled mode: the store and ``{"rows": "pooled"}``. Positions mode: the position store
+        without the adapter's excluded positions (``fidelity_positions``: a causal LM's first
+        position, a ``<cls>``) and without outlier-norm positions (config ``sae_outlier_norm``),
+        and the report of :func:`~sciscope.core.sae.rows.select_sae_rows`.
+        """
+        if "sae_row_selection" not in self.live:
+            if self.sae_row_mode == "pooled":
+                self.live["sae_row_selection"] = (self.store(), {"rows": "pooled", "pooling": self.adapter.pooling})
+            else:
+                from .sae.rows import select_sae_rows
+
+                store = self.position_store()
+                kept, report = select_sae_rows(store, self.adapter.sae_site, positions=self.adapter.fidelity_positions,
+                                               outlier_factor=float(self.config.get("sae_outlier_norm", 10.0)))
+                self.live["sae_row_selection"] = (store.select(kept), {"rows": "positions", **report})
+        return self.live["sae_row_selection"]
+
     def sae_rows(self) -> "tuple[ActivationStore, ActivationStore]":
-        """``(train_rows, test_rows)`` of the store for the SAE: held-out rows are ``split == 'test'``
-        (an SAE wider than the data can memorise it, so in-sample explained variance flatters it);
-        without a split column both are every row."""
-        store = self.store()
-        obs = store.obs
+        """``(train_rows, test_rows)`` for the SAE (see :meth:`sae_row_selection`): held-out rows are
+        those of examples with ``split == 'test'`` (an SAE wider than the data can memorise it, so
+        in-sample explained variance flatters it); without a split column both are every row.
+        Training rows are capped at ``sae_max_rows`` (whole examples, seeded)."""
+        from .sae.rows import subsample_rows
+
+        rows, _ = self.sae_row_selection()
+        obs = rows.obs
+        train, test = rows, rows
         if "split" in obs.columns and (obs.split == "test").any() and (obs.split != "test").sum() >= 2:
-            return store.query("split != 'test'"), store.query("split == 'test'")
-        return store, store
+            train, test = rows.select((obs.split != "test").to_numpy()), rows.select((obs.split == "test").to_numpy())
+        cap = int(self.config.get("sae_max_rows", 200_000))
+        if train.n_obs > cap:
+            train = train.select(subsample_rows(train.obs, np.arange(train.n_obs), cap, seed=self.seed))
+        return train, test
 
     def train_sae(self, *, seed: int | None = None, single_process: bool = False) -> Any:
         """Train the run's SAE (config keys ``sae_*``) on :meth:`sae_rows`' training rows at the
         adapter's ``sae_site``; returns the :class:`~sciscope.core.sae.SAETrainResult`.
 
+        The steps follow the data: at most ``sae_steps``, at most ``sae_max_epochs`` passes over the
+        training rows (in batches of ``sae_batch_size``, or a sixteenth of the rows when that is less), and (``sae_patience`` > 0) stopped when the explained variance of a
+        validation tenth of the training examples, not trained on, stops improving.
         ``seed`` other than the run's trains the same recipe from another start (stability).
         ``single_process`` trains on one device whatever the run's strategy.
         """
         from .sae import sae_config, sae_fields, train_sae
+        from .sae.rows import EXAMPLE_ROW
 
         c, site = self.config, self.adapter.sae_site
-        train_rows, _ = self.sae_rows()
+        rows, _ = self.sae_rows()
+        seed = self.seed if seed is None else int(seed)
+        train_rows, val = rows, None
+        if int(c.get("sae_patience", 0)) > 0 and rows.n_obs >= 20:
+            # a seeded tenth of the training examples (whole examples: their positions are alike)
+            group = rows.obs[EXAMPLE_ROW].to_numpy() if EXAMPLE_ROW in rows.obs.columns else np.arange(rows.n_obs)
+            uniq = np.unique(group)
+            held = np.random.default_rng([seed, 0x7A1]).permutation(uniq)[: max(1, len(uniq) // 10)]
+            is_val = np.isin(group, held)
+            train_rows, val = rows.select(~is_val), rows.array(site, np.flatnonzero(is_val))
         d_in = train_rows.dim(site)
         fields: dict[str, Any] = {"d_in": d_in, "d_sae": d_in * int(c["sae_expansion"])}
         if "k" in sae_fields(c["sae_architecture"]):  # a fixed number of active latents (TopK, BatchTopK ...)
             fields["k"] = min(int(c["sae_k"]), fields["d_sae"])
         cfg = sae_config(c["sae_architecture"], **fields)
-        seed = self.seed if seed is None else int(seed)
-        bs = min(int(c["sae_batch_size"]), train_rows.n_obs)
+        # at least 16 batches a pass: a few hundred pooled rows in one batch would give one step an epoch
+        bs = min(int(c["sae_batch_size"]), max(16, train_rows.n_obs // 16), train_rows.n_obs)
+        steps = int(c["sae_steps"])
+        max_epochs = float(c.get("sae_max_epochs", 0) or 0)
+        if max_epochs > 0:
+            steps = max(1, min(steps, int(max_epochs * train_rows.n_obs / bs)))
         epoch = iter(range(10**9))
         data = lambda: train_rows.iter_batches(site, bs, shuffle=True, seed=seed + next(epoch), drop_last=True)  # noqa: E731
         options = dict(self.trainer_options)
         if single_process:
             options.update(devices=1, num_nodes=1, strategy="auto")
-        return train_sae(cfg, data, max_steps=int(c["sae_steps"]), lr=float(c["sae_lr"]), seed=seed,
-                         progress=self.progress, **options)
+        return train_sae(cfg, data, max_steps=steps, lr=float(c["sae_lr"]), seed=seed, progress=self.progress,
+                         val_data=val, patience=int(c.get("sae_patience", 0)), **options)
+
+    def example_latents(self, sae: Any) -> Any:
+        """``(n_examples, d_sae)`` SAE codes, one row per example in the store's row order: the codes
+        of the pooled rows, or (positions mode) the mean code of each example's kept positions."""
+        import torch
+
+        rows, _ = self.sae_row_selection()
+        site = self.adapter.sae_site
+        if self.sae_row_mode == "pooled":
+            with torch.no_grad():
+                return np.concatenate([sae.encode(b).numpy() for b in rows.iter_batches(site, 4096)])
+        from .sae.rows import pooled_codes
+
+        return pooled_codes(sae, rows, site, np.arange(rows.n_obs), len(self.examples()))
 
     def sae(self) -> Any:
         """The SAE the sae stage trained."""

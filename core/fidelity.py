@@ -259,15 +259,12 @@ def sae_reconstruction(sae: nn.Module) -> Reconstruction:
 
 def pca_reconstruction(rows: np.ndarray, k: int) -> Reconstruction:
     """``h -> mean + (h - mean) V_k V_k^T`` with the top ``k`` principal components of ``rows`` ``(N, D)``."""
-    x = torch.as_tensor(np.asarray(rows, dtype=np.float64))
-    mean = x.mean(0)
-    k = int(max(0, min(k, x.shape[1], x.shape[0])))
-    if k:
-        _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
-        basis = vt[:k].float()  # (k, D)
-    else:
-        basis = torch.zeros(0, x.shape[1])
-    mean = mean.float()
+    from .sae.metrics import principal_components
+
+    mean_np, axes = principal_components(rows)  # (D,), (D, D)
+    k = int(max(0, min(k, rows.shape[1], rows.shape[0])))
+    basis = torch.as_tensor(axes[:k], dtype=torch.float32)  # (k, D)
+    mean = torch.as_tensor(mean_np, dtype=torch.float32)
 
     def reconstruct(h: torch.Tensor) -> torch.Tensor:
         b = basis.to(h.device)
@@ -359,8 +356,7 @@ def _compute_fidelity(ctx: "RunContext") -> dict[str, Any] | None:
     site = adapter.sae_site
     sae = ctx.live["sae"] if "sae" in ctx.live else ctx.sae()
     metrics = ctx.sae_metrics()
-    store = ctx.store()
-    rows = store.query("split != 'test'") if "split" in store.obs.columns and (store.obs.split != "test").sum() >= 2 else store
+    rows, _ = ctx.sae_rows()  # the SAE's own training rows (positions, or pooled rows)
     k = int(round(metrics["l0"]))
     table = fidelity(ctx.model(), site, task,
                      {"sae": sae_reconstruction(sae), "pca_at_l0": pca_reconstruction(rows.array(site), k)},

@@ -156,6 +156,12 @@ def stage_activations(run: Run) -> dict[str, Any]:
         vstore = run.ctx.store(variant)
         rows.append({"stage": "activations", "name": f"captured rows x sites ({variant})", "value": vstore.n_obs,
                      "note": f"model variant {variant!r}, {len(vstore.sites)} sites", "source": f"activations/variants/{variant}/manifest.json"})
+    shutil.rmtree(out / "positions", ignore_errors=True)
+    if run.ctx.sae_row_mode == "positions":  # the SAE site once more, one row per position: what the SAE learns from
+        positions = run.ctx.position_store()
+        rows.append({"stage": "activations", "name": "captured positions of the SAE site", "value": positions.n_obs,
+                     "note": f"{run.adapter.sae_site}, one row per valid position (sae_rows={run.config.get('sae_rows', 'auto')})",
+                     "source": "activations/positions/manifest.json"})
     rows += run.analyses("activations")
     write_headline(out, rows)
     return {"n_obs": store.n_obs, "sites": store.sites, "shards": n_shards}
@@ -265,79 +271,91 @@ def _probe_sets(run: Run) -> list[dict[str, Any]]:
 
 
 def stage_sae(run: Run) -> dict[str, Any]:
-    """Train an SAE on the adapter's chosen site; evaluate; encode every row into a latent store."""
-    import torch
+    """Train an SAE on the adapter's chosen site; evaluate; encode every example into a latent store.
 
+    The SAE learns from the run's SAE rows (:meth:`RunContext.sae_row_selection`): one row per
+    position, without special and outlier-norm positions, or the pooled rows; ``metrics.json``
+    says which and what was left out. An example's latents are its pooled row's codes, or the mean
+    code of its kept positions.
+    """
     from sciscope.core import StoreWriter
     from sciscope.core.sae import evaluate_sae
+    from sciscope.core.sae.metrics import pca_explained_variance
 
     out = run.path("sae")
     store = run.store()
     site = run.adapter.sae_site
     arch = run.config["sae_architecture"]
+    all_rows, row_report = run.ctx.sae_row_selection()
     train_rows, test_rows = run.ctx.sae_rows()
     trained = run.ctx.train_sae()
     d_in, d_sae = trained.sae.cfg.d_in, trained.sae.cfg.d_sae
     if _secondary_rank():
         return {"rank": "secondary"}  # under DDP only rank 0 evaluates and writes
     trained.save(out / "model")
-    metrics = {k: float(v) for k, v in evaluate_sae(trained.sae, test_rows.iter_batches(site, 4096)).items()}
+    metrics: dict[str, Any] = {k: float(v) for k, v in evaluate_sae(trained.sae, test_rows.iter_batches(site, 4096)).items()}
     in_sample = evaluate_sae(trained.sae, train_rows.iter_batches(site, 4096))
     metrics["explained_variance_train"] = float(in_sample["explained_variance"])
-    metrics["dead_fraction_all_rows"] = float(evaluate_sae(trained.sae, store.iter_batches(site, 4096))["dead_fraction"])
-    metrics["evaluated_on"] = "held-out rows (split == 'test')" if test_rows is not train_rows else "all rows (no split column)"
-    metrics["pca_explained_variance"] = _pca_explained_variance(train_rows.array(site), test_rows.array(site), round(metrics["l0"]))
+    metrics["dead_fraction_all_rows"] = float(evaluate_sae(trained.sae, all_rows.iter_batches(site, 4096))["dead_fraction"])
+    metrics["evaluated_on"] = "held-out rows (split == 'test')" if test_rows is not all_rows else "all rows (no split column)"
+    metrics["pca_explained_variance"] = pca_explained_variance(train_rows.array(site), test_rows.array(site), round(metrics["l0"]))
     metrics["site"] = site
+    metrics["rows"] = row_report
+    metrics["n_train_rows"], metrics["n_test_rows"] = int(train_rows.n_obs), int(test_rows.n_obs)
+    metrics["steps"], metrics["stopped_early"] = int(trained.steps), bool(trained.stopped_early)
     write_json(out / "metrics.json", metrics)
-    # latents of every row, as a store the features stage reads (memory-mapped)
-    with StoreWriter(out / "latents", ["latents"], manifest={"sae_site": site, "architecture": arch}) as w:
-        start = 0
-        with torch.no_grad():
-            for batch in store.iter_batches(site, 4096):
-                acts = trained.sae.encode(batch).numpy()
-                w.append({"latents": acts}, store.obs.iloc[start:start + len(acts)])
-                start += len(acts)
+    # latents of every example, as a store the features stage reads (memory-mapped)
+    latents = run.ctx.example_latents(trained.sae)
+    with StoreWriter(out / "latents", ["latents"], manifest={"sae_site": site, "architecture": arch,
+                                                              "rows": row_report["rows"]}) as w:
+        for start in range(0, len(latents), 4096):
+            w.append({"latents": latents[start:start + 4096]}, store.obs.iloc[start:start + 4096])
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.3))
     h = trained.history
     axes[0].plot(h.step, h.mse, lw=1)
     axes[0].set_xlabel("step"), axes[0].set_ylabel("mse (normalised space)"), axes[0].set_yscale("log")
     axes[1].plot(h.step, h.dead_fraction, lw=1, color="C3")
     axes[1].set_xlabel("step"), axes[1].set_ylabel("dead fraction")
+    v = trained.validation
+    axes[2].plot(v.step, v.explained_variance, marker=".", lw=1, color="C2")
+    axes[2].set_xlabel("step"), axes[2].set_ylabel("validation explained variance")
+    if trained.stopped_early:
+        axes[2].set_title("stopped early", fontsize=9)
     fig.suptitle(f"{arch} SAE on {site}: {d_in} -> {d_sae}")
     save_figure(fig, out / "training.png")
-    run.ctx.live["sae"] = trained.sae
+    run.ctx.live["sae"], run.ctx.live["latents"] = trained.sae, latents
     write_headline(out, [
         {"stage": "sae", "name": "explained variance", "value": metrics["explained_variance"],
          "control": metrics["pca_explained_variance"], "control_label": "PCA with as many components as the SAE's L0",
-         "note": f"{arch} {d_in}->{d_sae} at {site}; on {metrics['evaluated_on']} (train rows: {metrics['explained_variance_train']:.3f})",
+         "note": f"{arch} {d_in}->{d_sae} at {site}; on {metrics['evaluated_on']} (train rows: {metrics['explained_variance_train']:.3f}); "
+                 f"{trained.steps} steps" + (" (stopped early: validation explained variance stopped improving)" if trained.stopped_early else ""),
          "source": "sae/metrics.json"},
         {"stage": "sae", "name": "L0 (active latents per row)", "value": metrics["l0"], "source": "sae/metrics.json"},
         {"stage": "sae", "name": "live latent fraction", "value": 1.0 - metrics["dead_fraction_all_rows"], "source": "sae/metrics.json",
          "note": "fraction of latents that fire on at least one row (all rows)"},
+        {"stage": "sae", "name": "SAE rows", "value": metrics["n_train_rows"], "unit": "training rows",
+         "note": _rows_note(row_report), "source": "sae/metrics.json"},
         *run.analyses("sae"),
     ])
-    return metrics
+    return {k: v for k, v in metrics.items() if k != "rows"}
 
 
-def _pca_explained_variance(train: np.ndarray, test: np.ndarray, k: int) -> float:
-    """Explained variance on ``test`` of the top-``k`` principal components of ``train``.
-
-    The dense baseline an SAE's reconstruction should be read against: the same number of active
-    dimensions per row, chosen by PCA instead of by sparse coding.
-    """
-    train = np.asarray(train, dtype=np.float64)
-    test = np.asarray(test, dtype=np.float64)
-    mean = train.mean(0)
-    _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
-    basis = vt[: max(1, min(k, vt.shape[0]))]  # (k, d)
-    centred = test - mean
-    recon = centred @ basis.T @ basis
-    return float(1.0 - ((centred - recon) ** 2).sum() / ((test - test.mean(0)) ** 2).sum())
+def _rows_note(report: dict[str, Any]) -> str:
+    """What the SAE learnt from, in words, with what was left out (the report says it)."""
+    if report["rows"] == "pooled":
+        return f"one pooled row per example ({report.get('pooling')} pooling)"
+    out = (f"one row per position: {report['kept']} of {report['positions']} positions kept; "
+           f"left out {report['excluded_by_position_rule']} by the adapter's position rule and "
+           f"{report['excluded_outlier_norm']} with a norm over {report['outlier_factor']:g} x the median "
+           f"({report['median_norm']:.3g})")
+    if report["excluded_positions"]:
+        out += "; most left-out positions: " + ", ".join(f"{p} ({n})" for p, n in list(report["excluded_positions"].items())[:5])
+    return out
 
 
 def stage_features(run: Run) -> dict[str, Any]:

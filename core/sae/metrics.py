@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -78,3 +79,37 @@ def evaluate_sae(sae: SparseAutoencoder, batches: Batches) -> dict[str, float]:
     }
 
 
+def principal_components(rows: "np.ndarray", *, chunk: int = 65536) -> tuple["np.ndarray", "np.ndarray"]:
+    """Mean ``(D,)`` and principal axes ``(D, D)`` (rows, by decreasing variance) of ``rows`` ``(N, D)``.
+
+    From the ``(D, D)`` covariance accumulated in float64 over row chunks, so a few hundred
+    thousand position rows of a wide model (a memory map) never need an ``(N, D)`` float64 copy.
+    The dense baseline an SAE is read against: PCA with as many components as the SAE's L0.
+    """
+    n, d = rows.shape
+    total, gram = np.zeros(d), np.zeros((d, d))
+    for start in range(0, n, chunk):
+        block = np.asarray(rows[start:start + chunk], dtype=np.float64)
+        total += block.sum(0)
+        gram += block.T @ block
+    mean = total / max(n, 1)
+    cov = gram / max(n, 1) - np.outer(mean, mean)
+    values, vectors = np.linalg.eigh((cov + cov.T) / 2)
+    return mean, vectors[:, np.argsort(-values, kind="stable")].T
+
+
+def pca_explained_variance(train: "np.ndarray", test: "np.ndarray", k: int, *, chunk: int = 65536) -> float:
+    """Explained variance on ``test`` of the top-``k`` principal components of ``train`` (both ``(N, D)``)."""
+    mean, axes = principal_components(train, chunk=chunk)
+    basis = axes[: max(1, min(k, axes.shape[0]))]  # (k, D)
+    err = tot = 0.0
+    test_mean = np.zeros(test.shape[1])
+    for start in range(0, len(test), chunk):
+        test_mean += np.asarray(test[start:start + chunk], dtype=np.float64).sum(0)
+    test_mean /= max(len(test), 1)
+    for start in range(0, len(test), chunk):
+        block = np.asarray(test[start:start + chunk], dtype=np.float64)
+        centred = block - mean
+        err += float(((centred - centred @ basis.T @ basis) ** 2).sum())
+        tot += float(((block - test_mean) ** 2).sum())
+    return 1.0 - err / tot if tot > 0 else float("nan")

@@ -9,7 +9,9 @@ quality table (``sae/quality.csv``) puts the SAE beside
 - **random directions** (as many unit-norm directions as the SAE has latents: the control for every
   maximum over units -- the best of many units is high by chance alone),
 
-on held-out rows: explained variance, loss recovered (from the fidelity analysis), live fraction,
+on held-out rows (the SAE's own rows -- positions when it learns positions -- for explained variance
+and live fraction; one row per held-out example for the concept measures, the SAE's units there
+being its example latents): explained variance, loss recovered (from the fidelity analysis), live fraction,
 k-sparse probing of the domain's concepts (SAEBench: the k units whose class means differ most on
 the training rows, then a logistic regression on them; balanced accuracy on held-out rows, k = 1
 and 5), the best single unit's F1 for each concept (InterPLM: unit and threshold chosen on a
@@ -141,20 +143,44 @@ def quality_table(ctx: "RunContext", *, stability_seed: int | None = None) -> pd
     pandas.DataFrame
         Columns ``metric``, one per basis (:data:`BASES`), ``note``.
     """
+    from ..errors import SciscopeError
+    from .metrics import principal_components
+
     site = ctx.adapter.sae_site
     sae = ctx.live["sae"] if "sae" in ctx.live else ctx.sae()
     metrics = ctx.sae_metrics()
-    train_rows, test_rows = ctx.sae_rows()
-    x_train = np.asarray(train_rows.array(site), dtype=np.float64)
-    x_test = np.asarray(test_rows.array(site), dtype=np.float64)
-    d, d_sae = x_train.shape[1], int(sae.cfg.d_sae)
-    mean = x_train.mean(0)
-    _, _, vt = np.linalg.svd(x_train - mean, full_matrices=False)  # (min(N, D), D)
+    train_rows, test_rows = ctx.sae_rows()  # the SAE's own rows: positions, or pooled rows
     rng = np.random.default_rng(ctx.seed)
+    # reconstruction-side measures read at most this many held-out rows (codes are (N, d_sae) dense)
+    test_idx = np.sort(rng.choice(test_rows.n_obs, size=min(test_rows.n_obs, 20_000), replace=False))
+    x_test = np.asarray(test_rows.array(site, test_idx), dtype=np.float64)
+    d, d_sae = x_test.shape[1], int(sae.cfg.d_sae)
+    mean, vt = principal_components(train_rows.array(site))  # (D,), (D, D)
     random_dirs = rng.standard_normal((d_sae, d))
     random_dirs /= np.linalg.norm(random_dirs, axis=1, keepdims=True)
-    units_train = unit_activations(x_train, sae, vt, mean, random_dirs)
     units_test = unit_activations(x_test, sae, vt, mean, random_dirs)
+    # concept measures read one row per example: the pooled rows and the SAE's example latents (the
+    # mean code of an example's positions when the SAE learns positions); PCA scores and random
+    # projections are linear, so those of the pooled row are the pooled scores
+    store = ctx.store()
+    if "latents" in ctx.live:
+        latents = ctx.live["latents"]
+    else:
+        try:
+            latents = ctx.latents().array("latents")
+        except SciscopeError:
+            latents = ctx.example_latents(sae)
+    ex_x = np.asarray(store.array(site), dtype=np.float64)
+    ex_units = unit_activations(ex_x, sae, vt, mean, random_dirs)
+    ex_units["sae"] = np.asarray(latents, dtype=np.float64)
+    obs = store.obs
+    held = (obs["split"] == "test").to_numpy() if "split" in obs.columns else np.zeros(len(obs), bool)
+    if held.any() and (~held).sum() >= 2:
+        ex_train, ex_test = np.flatnonzero(~held), np.flatnonzero(held)
+    else:
+        ex_train = ex_test = np.arange(len(obs))
+    units_train = {b: u[ex_train] for b, u in ex_units.items()}
+    units_ex_test = {b: u[ex_test] for b, u in ex_units.items()}
 
     rows: list[dict[str, Any]] = []
 
@@ -173,27 +199,28 @@ def quality_table(ctx: "RunContext", *, stability_seed: int | None = None) -> pd
         "units that are non-zero on at least one held-out row")
     add("units", {"sae": d_sae, "pca": vt.shape[0], "raw_units": d, "random_directions": d_sae})
 
-    targets = binary_targets(train_rows.obs, list(ctx.adapter.concepts))
-    test_targets = binary_targets(test_rows.obs, list(ctx.adapter.concepts), min_rows=1)
+    concepts = list(ctx.adapter.concepts)
+    targets = binary_targets(obs.iloc[ex_train], concepts)
+    test_targets = binary_targets(obs.iloc[ex_test], concepts, min_rows=1)
     targets = {t: y for t, y in targets.items() if t in test_targets and 0 < test_targets[t].sum() < len(test_targets[t])}
-    if test_rows is train_rows:
-        note_split = "no held-out split: scored on the training rows"
+    if ex_test is ex_train:
+        note_split = "no held-out split: scored on the training examples"
     else:
-        note_split = f"{len(x_train)} training / {len(x_test)} held-out rows"
-    val = rng.random(len(x_train)) < 0.25  # validation rows for the F1 threshold, inside the training rows
+        note_split = f"{len(ex_train)} training / {len(ex_test)} held-out examples"
+    val = rng.random(len(ex_train)) < 0.25  # validation rows for the F1 threshold, inside the training rows
     for k in (1, 5):
-        per = {b: [k_sparse_probe(units_train[b], y, units_test[b], test_targets[t], k) for t, y in targets.items()]
+        per = {b: [k_sparse_probe(units_train[b], y, units_ex_test[b], test_targets[t], k) for t, y in targets.items()]
                for b in BASES}
         if targets:
             add(f"k={k} sparse probing, mean balanced accuracy", {b: float(np.mean(v)) for b, v in per.items()},
                 f"{len(targets)} concept targets: {', '.join(targets)}; {note_split}")
     if targets:
-        f1 = {b: [best_unit_f1(units_train[b][val], y[val], units_test[b], test_targets[t])[0] for t, y in targets.items()]
+        f1 = {b: [best_unit_f1(units_train[b][val], y[val], units_ex_test[b], test_targets[t])[0] for t, y in targets.items()]
               for b in BASES}
         add("best single-unit F1, mean over concepts", {b: float(np.mean(v)) for b, v in f1.items()},
             "unit and threshold chosen on a validation quarter of the training rows, F1 on held-out rows")
     w_dec = sae.W_dec.detach().float().cpu().numpy()
-    live_all = np.asarray((np.abs(units_train["sae"]) > 1e-8).any(0) | live["sae"])
+    live_all = np.asarray((np.abs(ex_units["sae"]) > 1e-8).any(0) | live["sae"])
     add("duplicate pairs (decoder cosine > 0.9)", {"sae": decoder_duplicates(w_dec, live_all), "pca": 0, "raw_units": 0},
         "orthogonal bases have none by construction")
     if stability_seed is not None and torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -8,7 +8,8 @@ Steps of :func:`train_sae`:
 1. peek the first ``norm_batches`` batches, check them, fit the input normalisation on them and
    initialise ``b_dec`` to their (normalised) mean;
 2. train in normalised space, one optimiser step per batch, for ``max_steps`` steps (or until a
-   one-shot iterable runs out);
+   one-shot iterable runs out, or -- with ``val_data`` and ``patience`` -- until the explained
+   variance of the validation rows stops improving);
 3. fold the normalisation into the weights, so the returned SAE reads raw activations.
 """
 
@@ -22,7 +23,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,11 @@ class SAETrainResult:
         ``method``, ``mean`` and ``scale`` (lists) that were folded into the weights.
     params
         The training arguments (seed, lr, max_steps, ...), for provenance.
+    validation
+        ``step``, ``explained_variance`` of the validation rows at each check (empty without
+        ``val_data``).
+    stopped_early
+        True when the validation checks ended the training before ``max_steps``.
     """
 
     sae: SparseAutoencoder
@@ -69,6 +75,8 @@ class SAETrainResult:
     history: pd.DataFrame
     normalization: dict[str, Any]
     params: dict[str, Any]
+    validation: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["step", "explained_variance"]))
+    stopped_early: bool = False
 
     @property
     def steps(self) -> int:
@@ -82,7 +90,10 @@ class SAETrainResult:
             tmp.mkdir()
             self.sae.write_files(tmp, name=path)
             self.history.to_csv(tmp / "history.csv", index=False)
-            info = {"params": self.params, "normalization": self.normalization, "steps": self.steps}
+            if len(self.validation):
+                self.validation.to_csv(tmp / "validation.csv", index=False)
+            info = {"params": self.params, "normalization": self.normalization, "steps": self.steps,
+                    "stopped_early": self.stopped_early}
             (tmp / "train.json").write_text(json.dumps(info, indent=2) + "\n")
         return path
 
@@ -263,6 +274,48 @@ class SAELightningModule(L.LightningModule):
         return frame
 
 
+class HeldOutEarlyStopping(L.Callback):
+    """Every ``every`` steps, the explained variance of validation rows; stop after ``patience``
+    checks without a gain of ``min_delta`` (``patience`` 0: only record).
+
+    A wide SAE on a few thousand rows memorises them: its training loss keeps falling while what
+    it explains of unseen rows stalls or drops. The rows are raw activations; they are normalised
+    as the batches are. Every DDP rank evaluates the same rows with the same weights, and the stop
+    is agreed across ranks.
+    """
+
+    def __init__(self, rows: Tensor, *, every: int, patience: int, min_delta: float = 1e-4) -> None:
+        super().__init__()
+        self.rows, self.every, self.patience, self.min_delta = rows, max(1, int(every)), int(patience), float(min_delta)
+        self.checks: list[tuple[int, float]] = []
+        self.best, self.waited, self.stopped = -math.inf, 0, False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every:
+            return
+        from sciscope.core.sae.metrics import evaluate_sae
+
+        module: SAELightningModule = pl_module  # type: ignore[assignment]
+        with torch.no_grad():
+            x = (self.rows.to(module.norm_mean.device) - module.norm_mean) / module.norm_scale  # (N, d_in) normalised
+            ev = float(evaluate_sae(module.sae, x.float())["explained_variance"])
+        self.checks.append((step, ev))
+        if ev > self.best + self.min_delta:
+            self.best, self.waited = ev, 0
+        else:
+            self.waited += 1
+        stop = bool(self.patience) and self.waited >= self.patience
+        stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            self.stopped = True
+            trainer.should_stop = True
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.checks, columns=["step", "explained_variance"])
+
+
 # ------------------------------------------------------------------------------------- train_sae
 
 
@@ -285,6 +338,9 @@ def train_sae(
     num_nodes: int = 1,
     precision: str | int = "32-true",
     progress: bool = True,
+    val_data: Tensor | Any | None = None,
+    val_every: int | None = None,
+    patience: int = 0,
     trainer_kwargs: Mapping[str, Any] | None = None,
 ) -> SAETrainResult:
     """Train a sparse autoencoder on batches of activations.
@@ -319,6 +375,12 @@ def train_sae(
         and the optimiser state stay fp32 (the sparse decodes of the TopK family sum in fp32).
     progress
         Show Lightning's progress bar and its start-up messages.
+    val_data
+        ``(N, d_in)`` raw validation rows, not trained on: their explained variance is checked
+        every ``val_every`` steps (default ``max(25, max_steps // 40)``) into ``.validation``.
+    patience
+        Stop after this many checks without a gain in that explained variance (0: never stop
+        early). The steps then follow the data: a small dataset stops before it is memorised.
     trainer_kwargs
         Any further ``lightning.Trainer`` arguments (callbacks, ...); they override the above.
 
@@ -353,6 +415,7 @@ def train_sae(
         "strategy": strategy if isinstance(strategy, str) else type(strategy).__name__,
         "num_nodes": num_nodes,
         "precision": precision,
+        "patience": patience,
     }
     _check_train_args(params)
     sae = create_sae(cfg, seed=seed)  # raises ConfigError for an unknown architecture
@@ -393,6 +456,15 @@ def train_sae(
         "num_sanity_val_steps": 0,
         "limit_val_batches": 0,
     }
+    early = None
+    if val_data is not None:
+        rows = torch.as_tensor(val_data, dtype=torch.float32)
+        if rows.ndim != 2 or rows.shape[1] != cfg.d_in or not len(rows):
+            raise ConfigError(f"train_sae: val_data must be (N > 0, d_in={cfg.d_in}) rows, got shape {tuple(rows.shape)}")
+        every = int(val_every) if val_every is not None else max(25, max_steps // 40)
+        early = HeldOutEarlyStopping(rows, every=every, patience=patience)
+        trainer_args["callbacks"] = [early]
+        params["val_every"] = every
     trainer_args.update(trainer_kwargs or {})
     with _quiet_lightning(not progress):
         with threads_per_device(trainer_args["devices"]):
@@ -400,7 +472,7 @@ def train_sae(
             trainer.fit(module, train_dataloaders=loader)
 
     history = module.history_frame()
-    if len(history) < max_steps and not callable(data):
+    if len(history) < max_steps and not callable(data) and not (early is not None and early.stopped):
         warnings.warn(
             f"the data ran out after {len(history)} steps (max_steps={max_steps}); pass a zero-arg "
             "callable returning a fresh iterator to train for several passes",
@@ -410,7 +482,10 @@ def train_sae(
     if cfg.normalize != "none":
         sae.fold_normalization(mean, scale)
     normalization = {"method": cfg.normalize, "mean": mean.tolist(), "scale": scale.tolist()}
-    return SAETrainResult(sae=sae, cfg=cfg, history=history, normalization=normalization, params=params)
+    result = SAETrainResult(sae=sae, cfg=cfg, history=history, normalization=normalization, params=params)
+    if early is not None:
+        result.validation, result.stopped_early = early.frame(), early.stopped
+    return result
 
 
 def _check_train_args(p: Mapping[str, Any]) -> None:
@@ -425,6 +500,7 @@ def _check_train_args(p: Mapping[str, Any]) -> None:
     positive_int("lr_decay_steps", 0)
     positive_int("sparsity_warmup_steps", 0)
     positive_int("num_nodes", 1)
+    positive_int("patience", 0)
     if isinstance(p["seed"], bool) or not isinstance(p["seed"], int):
         raise ConfigError(f"train_sae: seed={p['seed']!r} must be an integer")
     lr = p["lr"]
@@ -458,4 +534,4 @@ def _quiet_lightning(quiet: bool) -> Iterator[None]:
             lg.setLevel(level)
 
 
-__all__ = ["Data", "SAELightningModule", "SAETrainResult", "fit_normalization", "train_sae"]
+__all__ = ["Data", "HeldOutEarlyStopping", "SAELightningModule", "SAETrainResult", "fit_normalization", "train_sae"]

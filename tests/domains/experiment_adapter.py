@@ -32,7 +32,7 @@ class PlantedAdapter(DomainAdapter):
         "hidden": Key(128, stage="model", min=4), "train_steps": Key(300, stage="model", min=1),
         "n_clamped": Key(4, stage="steering", min=1), "clamp_alphas": Key([1.0, 2.0, 4.0], stage="steering"),
     }
-    profiles = {"quick": {"sae_steps": 200, "sae_expansion": 2, "sae_k": 4, "steer_alphas": [-2.0, -1.0, 1.0, 2.0]}}
+    profiles = {"quick": {"sae_steps": 1000, "sae_expansion": 2, "sae_k": 4, "steer_alphas": [-2.0, -1.0, 1.0, 2.0]}}
     steering_uses_features = True  # the SAE-feature plans below wait for the features stage
 
     def examples(self, split: str = "train") -> Examples:
