@@ -416,6 +416,7 @@ def unit_controls_analysis() -> "Analysis":
         table = unit_controls_table(bases, obs, statistics=ad.feature_statistics, rules=getattr(ad, "unit_rules", None),
                                     concepts=[c for c in ad.concepts if c in obs.columns], precomputed=pre)
         ctx.write_table("unit_controls.csv", table)
+        ctx.live["unit_controls"] = table  # for the adapter's analyses after the features stage
         return table
 
     return Analysis("unit_controls", "features", compute, unit_controls_headline)
