@@ -124,6 +124,57 @@ def capture(
         yield cap
 
 
+def keep_positions(position: np.ndarray, rule: Any) -> np.ndarray:
+    """Which positions a position rule keeps.
+
+    Parameters
+    ----------
+    position
+        ``(N,)`` position indices (0 = a sequence's first position).
+    rule
+        None (every position), a ``slice`` with non-negative bounds (``slice(1, None)``: all but
+        the first) or a sequence of non-negative positions. Negative positions count from a
+        sequence's padded end, which differs from example to example: they are refused.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N,)`` bool.
+    """
+    position = np.asarray(position, dtype=np.int64)
+    if rule is None:
+        return np.ones(position.shape, bool)
+    if isinstance(rule, slice):
+        start, stop, step = rule.start or 0, rule.stop, rule.step or 1
+        if start < 0 or (stop is not None and stop < 0) or step < 1:
+            raise ConfigError(f"position rule {rule!r}: pooling and per-position SAE rows need non-negative slice "
+                              "bounds and step; count from the end with 'last' pooling and sae_rows='pooled' instead")
+        keep = (position >= start) & ((position - start) % step == 0)
+        return keep if stop is None else keep & (position < stop)
+    wanted = np.asarray(list(rule) if isinstance(rule, Sequence) else rule, dtype=np.int64)
+    if (wanted < 0).any():
+        raise ConfigError(f"position rule {list(wanted)}: pooling and per-position SAE rows need non-negative "
+                          "positions; count from the end with 'last' pooling and sae_rows='pooled' instead")
+    return np.isin(position, wanted)
+
+
+def _pooling_mask(acts: torch.Tensor, mask: torch.Tensor | None, positions: Any, outlier_norm: float) -> torch.Tensor | None:
+    """``mask`` without the positions the rule leaves out and those whose norm exceeds
+    ``outlier_norm`` times the median norm of the batch's kept positions; an example left with no
+    position keeps its original mask (a one-token example is not zeroed)."""
+    if positions is None and not outlier_norm:
+        return mask
+    b, p, _ = acts.shape
+    base = mask.bool() if mask is not None else torch.ones(b, p, dtype=torch.bool)
+    keep = base & torch.from_numpy(keep_positions(np.arange(p), positions))  # (B, P)
+    if outlier_norm > 0 and keep.any():
+        norms = acts.float().norm(dim=-1)  # (B, P)
+        keep &= norms <= outlier_norm * norms[keep].median()
+    empty = ~keep.any(1)
+    keep[empty] = base[empty]
+    return keep
+
+
 def pool(
     acts: torch.Tensor,
     pooling: Pooling,
@@ -131,8 +182,15 @@ def pool(
     attention_mask: torch.Tensor | None = None,
     position_mask: torch.Tensor | None = None,
     site: str = "",
+    positions: Any = None,
+    outlier_norm: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pool ``(B, P, D)`` activations over positions.
+
+    ``positions`` (a rule, see :func:`keep_positions`) and ``outlier_norm`` (leave out positions
+    whose norm exceeds this many times the batch's median position norm; 0: none) narrow what
+    ``"mean"`` and ``"masked"`` average over: a trained causal LM's first position (the attention
+    sink) or a massive activation would otherwise dominate every pooled row.
 
     Returns
     -------
@@ -172,6 +230,7 @@ def pool(
         last = mask.long().cumsum(1).argmax(1)  # index of the last True per row
         return acts[torch.arange(b), last], None
     if pooling in ("mean", "masked"):
+        mask = _pooling_mask(acts, mask, positions, outlier_norm)
         if mask is None:
             return acts.mean(1), None
         w = mask.to(acts.dtype).unsqueeze(-1)  # (B, P, 1)
@@ -259,6 +318,8 @@ def collect(
     total: int | None = None,
     extra_manifest: Mapping[str, Any] | None = None,
     shard: tuple[int, int] | None = None,
+    positions: Any = None,
+    outlier_norm: float = 0.0,
 ) -> ActivationStore:
     """Run ``model`` over ``batches`` and stream pooled activations into a store at ``out``.
 
@@ -289,6 +350,9 @@ def collect(
         sites are early layers; only for models that call each site's module once per forward).
     progress
         Show a progress bar.
+    positions, outlier_norm
+        Positions ``"mean"``/``"masked"`` pooling leaves out: a position rule and a norm factor
+        (see :func:`pool`); recorded in the manifest.
     shard
         ``(index, count)``: this worker runs only the batches ``b`` with ``b % count == index``
         (the others are counted, not run), so ``count`` workers -- processes, cluster jobs --
@@ -315,6 +379,7 @@ def collect(
         "model": model_identity(model),
         "sites_requested": {n: {"path": s.path, "side": s.side, "index": s.index, "layout": s.layout} for n, s, _ in resolved},
         "pooling": pooling,
+        "pooling_excludes": {"positions": None if positions is None else repr(positions), "outlier_norm": outlier_norm},
         "seed": seed,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
@@ -364,6 +429,8 @@ def collect(
                         attention_mask=None if attention_mask is None else attention_mask.cpu(),
                         position_mask=None if position_mask is None else position_mask.cpu(),
                         site=name,
+                        positions=positions,
+                        outlier_norm=outlier_norm,
                     )
                     if kept is not None:
                         if kept_index is not None and not torch.equal(kept, kept_index):

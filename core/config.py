@@ -100,8 +100,8 @@ PIPELINE_KEYS: dict[str, Key] = {
     "sae_rows": Key("auto", "activations", choices=("auto", "positions", "pooled"),
                     help="what the SAE learns from: one row per position (token, atom, gene, patch) or the pooled "
                          "rows; auto: positions when the adapter mean-pools, else its pooled position"),
-    "sae_outlier_norm": Key(10.0, "sae", min=0, help="per-position rows: leave out positions whose norm exceeds this "
-                                                      "many times the median (massive activations; 0: keep all)"),
+    "outlier_norm": Key(10.0, "activations", min=0, help="leave positions whose norm exceeds this many times the median "
+                                                        "out of mean pooling and of the SAE's rows (massive activations; 0: keep all)"),
     "sae_max_rows": Key(200_000, "sae", min=2, help="per-position rows: train on at most this many (whole examples)"),
     "sae_max_epochs": Key(50.0, "sae", min=0, help="cap the steps at this many passes over the training rows (0: no cap)"),
     "sae_patience": Key(4, "sae", min=0, help="stop after this many checks without a gain in validation "

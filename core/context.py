@@ -159,7 +159,17 @@ class RunContext:
         bs = int(self.config.get("batch_size", 64))
         return collect(model, ad.batches(ex, model, batch_size=bs), ad.variant_sites(variant), out=path, obs=ex.obs,
                        pooling=ad.pooling, aliases=ad.variant_aliases(variant), seed=self.seed, progress=self.progress,
-                       total=-(-len(ex) // bs), extra_manifest={"domain": ad.name, "variant": variant})
+                       total=-(-len(ex) // bs), extra_manifest={"domain": ad.name, "variant": variant},
+                       **self.pooling_excludes())
+
+    def pooling_excludes(self) -> dict[str, Any]:
+        """What mean pooling leaves out (``collect``'s ``positions`` and ``outlier_norm``): the
+        adapter's position rule (``fidelity_positions``: a causal LM's first position, a ``<cls>``)
+        and massive-norm positions (config ``outlier_norm``). Nothing for "first"/"last" pooling,
+        which reads one named position."""
+        if self.adapter.pooling not in ("mean", "masked"):
+            return {}
+        return {"positions": self.adapter.fidelity_positions, "outlier_norm": float(self.config.get("outlier_norm", 10.0))}
 
     # -- the SAE's rows and its training recipe -------------------------------------------------------
     @property
@@ -204,7 +214,7 @@ class RunContext:
 
         Pooled mode: the store and ``{"rows": "pooled"}``. Positions mode: the position store
         without the adapter's excluded positions (``fidelity_positions``: a causal LM's first
-        position, a ``<cls>``) and without outlier-norm positions (config ``sae_outlier_norm``),
+        position, a ``<cls>``) and without outlier-norm positions (config ``outlier_norm``),
         and the report of :func:`~sciscope.core.sae.rows.select_sae_rows`.
         """
         if "sae_row_selection" not in self.live:
@@ -215,7 +225,7 @@ class RunContext:
 
                 store = self.position_store()
                 kept, report = select_sae_rows(store, self.adapter.sae_site, positions=self.adapter.fidelity_positions,
-                                               outlier_factor=float(self.config.get("sae_outlier_norm", 10.0)))
+                                               outlier_factor=float(self.config.get("outlier_norm", 10.0)))
                 self.live["sae_row_selection"] = (store.select(kept), {"rows": "positions", **report})
         return self.live["sae_row_selection"]
 

@@ -303,6 +303,7 @@ def fidelity(
     pandas.DataFrame
         One row per condition (``clean``, each reconstruction, ``zero_ablation``,
         ``mean_ablation``): ``loss``, ``loss_recovered`` = (L_zero - L) / (L_zero - L_clean),
+        ``loss_recovered_vs_mean`` = (L_mean - L) / (L_mean - L_clean),
         ``kl`` (mean KL divergence from the clean outputs, NaN without ``log_probs``).
     """
     with torch.no_grad():
@@ -333,6 +334,10 @@ def fidelity(
     zero = float(table.loc[table.condition == "zero_ablation", "loss"].iloc[0])
     gap = zero - clean
     table["loss_recovered"] = (zero - table.loss) / gap if gap != 0 else np.nan
+    # the same read against mean ablation, the stricter floor where zeroing a site is far off its
+    # distribution (a residual stream's mean is large): 0 = no better than the site's mean
+    mean_loss = float(table.loc[table.condition == "mean_ablation", "loss"].iloc[0])
+    table["loss_recovered_vs_mean"] = (mean_loss - table.loss) / (mean_loss - clean) if mean_loss != clean else np.nan
     return table
 
 
@@ -374,6 +379,9 @@ def _fidelity_rows(result: dict[str, Any] | None) -> list[dict[str, Any]]:
     note = (f"{result['task']} with the reconstruction spliced in at {result['site']}: clean {t.loss['clean']:.4g}, "
             f"SAE {t.loss['sae']:.4g}, PCA-{result['k']} {t.loss['pca_at_l0']:.4g}, mean-ablated "
             f"{t.loss['mean_ablation']:.4g}, zero-ablated {t.loss['zero_ablation']:.4g}")
+    if np.isfinite(t.loss_recovered_vs_mean["sae"]):
+        note += (f"; loss recovered against mean ablation: SAE {t.loss_recovered_vs_mean['sae']:.3f}, "
+                 f"PCA {t.loss_recovered_vs_mean['pca_at_l0']:.3f}")
     if np.isfinite(t.kl["sae"]):
         note += f"; KL from clean outputs: SAE {t.kl['sae']:.3g}, PCA {t.kl['pca_at_l0']:.3g}"
     return [{"name": "loss recovered (SAE spliced in)", "value": float(t.loss_recovered["sae"]),

@@ -186,7 +186,7 @@ def _capture(run: Run, path: Path, shard: tuple[int, int] | None = None) -> Any:
     n_batches = -(-len(ex) // int(run.config["batch_size"]))
     return collect(model, batches, run.adapter.sites, out=path, obs=ex.obs, pooling=run.adapter.pooling,
                    aliases=run.adapter.aliases, seed=run.seed, progress=run.progress, total=n_batches,
-                   extra_manifest={"domain": run.cls.name}, shard=shard)
+                   extra_manifest={"domain": run.cls.name}, shard=shard, **run.ctx.pooling_excludes())
 
 
 def stage_probes(run: Run) -> dict[str, Any]:

@@ -193,7 +193,10 @@ def quality_table(ctx: "RunContext", *, stability_seed: int | None = None) -> pd
     fid = _fidelity_table(ctx)
     if fid is not None:
         add("loss recovered", {"sae": fid["sae"], "pca": fid["pca_at_l0"], "raw_units": 1.0},
-            "task loss with the reconstruction spliced in (sae/fidelity.csv)")
+            "task loss with the reconstruction spliced in (sae/fidelity.csv); 0 = zero ablation")
+        if "sae vs mean" in fid:
+            add("loss recovered vs mean ablation", {"sae": fid["sae vs mean"], "pca": fid["pca_at_l0 vs mean"], "raw_units": 1.0},
+                "the same, with the site's mean as the floor (0 = no better than mean ablation)")
     live = {b: (np.abs(u) > 1e-8).any(0) for b, u in units_test.items()}
     add("live fraction (held-out)", {b: float(v.mean()) for b, v in live.items()},
         "units that are non-zero on at least one held-out row")
@@ -241,7 +244,39 @@ def _fidelity_table(ctx: "RunContext") -> dict[str, float] | None:
     if t is None:
         return None
     t = t.set_index("condition")
-    return {c: float(t.loss_recovered[c]) for c in t.index}
+    out = {c: float(t.loss_recovered[c]) for c in t.index}
+    if "loss_recovered_vs_mean" in t.columns:
+        out.update({f"{c} vs mean": float(t.loss_recovered_vs_mean[c]) for c in t.index})
+    return out
+
+
+#: the targets every domain's quick profile is held to: (metric row, what the SAE is compared with, words)
+TARGETS: tuple[tuple[str, str, str], ...] = (
+    ("explained variance (held-out)", "pca", "held-out explained variance at or above PCA with as many components as its L0"),
+    ("loss recovered", "0.9", "loss recovered of at least 0.9 with its reconstruction spliced in"),
+    ("live fraction (held-out)", "0.5", "at least half of its latents alive on held-out rows"),
+    ("k=1 sparse probing, mean balanced accuracy", "raw_units", "k = 1 sparse probing at or above the best single raw unit"),
+)
+
+
+def target_checks(table: pd.DataFrame) -> pd.DataFrame:
+    """The quality table read against :data:`TARGETS`: one row per target with ``target``, ``sae``,
+    ``bar`` (the number to reach), ``met`` (True / False / None when not measured) and ``words``
+    (what the result means, said plainly when a target is missed)."""
+    t = table.set_index("metric")
+    out = []
+    for metric, against, words in TARGETS:
+        if metric not in t.index or not np.isfinite(float(t.loc[metric, "sae"])):
+            out.append({"target": words, "sae": np.nan, "bar": np.nan, "met": None, "words": "not measured in this run"})
+            continue
+        sae = float(t.loc[metric, "sae"])
+        bar = float(t.loc[metric, against]) if against in BASES else float(against)
+        label = {"pca": "PCA", "raw_units": "the best single raw unit"}.get(against, f"{bar:g}")
+        met = bool(sae >= bar)
+        said = (f"met: SAE {sae:.3f} >= {label} {bar:.3f}" if met
+                else f"MISSED: SAE {sae:.3f} < {label} {bar:.3f}; target: {words}")
+        out.append({"target": words, "sae": sae, "bar": bar, "met": met, "words": said})
+    return pd.DataFrame(out)
 
 
 def quality_analysis() -> "Analysis":
@@ -252,11 +287,18 @@ def quality_analysis() -> "Analysis":
         seed = ctx.seed + 1 if ctx.config.get("sae_stability", True) else None
         table = quality_table(ctx, stability_seed=seed)
         ctx.write_table("quality.csv", table)
+        ctx.write_table("targets.csv", target_checks(table))
         return table
 
     def headline(table: pd.DataFrame) -> list[dict[str, Any]]:
         t = table.set_index("metric")
-        out = []
+        checks = target_checks(table)
+        measured = checks[checks.met.notna()]
+        missed = measured[measured.met == False]  # noqa: E712 (an object column of True/False/None)
+        out = [{"name": "SAE targets met", "value": int(measured.met.sum()), "unit": f"of {len(measured)}",
+                "note": ("every target met" if missed.empty else "; ".join(missed.words))
+                        + ("" if len(measured) == len(checks) else f"; {len(checks) - len(measured)} not measured"),
+                "source": "sae/targets.csv"}]
         for metric in ("k=1 sparse probing, mean balanced accuracy", "best single-unit F1, mean over concepts"):
             if metric in t.index:
                 r = t.loc[metric]

@@ -20,12 +20,12 @@ all the variance, and most latents die. So:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from ..capture import keep_positions
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -33,40 +33,6 @@ if TYPE_CHECKING:
 
 #: the obs column that ties a position row to its example (row index of the examples' obs)
 EXAMPLE_ROW = "example_row"
-
-
-def keep_positions(position: np.ndarray, rule: Any) -> np.ndarray:
-    """Which rows a position rule keeps.
-
-    Parameters
-    ----------
-    position
-        ``(N,)`` position index of each row (0 = the sequence's first position).
-    rule
-        None (every position), a ``slice`` with non-negative bounds (``slice(1, None)``: all but
-        the first) or a sequence of non-negative positions. Negative positions count from a
-        sequence's padded end, which a row table does not know: they are refused.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(N,)`` bool.
-    """
-    position = np.asarray(position, dtype=np.int64)
-    if rule is None:
-        return np.ones(position.shape, bool)
-    if isinstance(rule, slice):
-        start, stop, step = rule.start or 0, rule.stop, rule.step or 1
-        if start < 0 or (stop is not None and stop < 0) or step < 1:
-            raise ConfigError(f"position rule {rule!r}: per-position SAE rows need non-negative slice bounds and step; "
-                              "count from the end with sae_rows='pooled' instead")
-        keep = (position >= start) & ((position - start) % step == 0)
-        return keep if stop is None else keep & (position < stop)
-    wanted = np.asarray(list(rule) if isinstance(rule, Sequence) else rule, dtype=np.int64)
-    if (wanted < 0).any():
-        raise ConfigError(f"position rule {list(wanted)}: per-position SAE rows need non-negative positions; "
-                          "count from the end with sae_rows='pooled' instead")
-    return np.isin(position, wanted)
 
 
 def row_norms(store: "ActivationStore", site: str, *, chunk: int = 65536) -> np.ndarray:

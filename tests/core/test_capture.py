@@ -240,3 +240,21 @@ def test_bad_arguments_are_config_errors(mlp, tmp_path):
     store = ActivationStore.from_arrays(None, {"a": np.zeros((3, 2))})
     with pytest.raises(ConfigError, match="batch_size"):
         next(store.iter_batches("a", batch_size=0))
+
+
+def test_mean_pooling_leaves_out_the_rule_s_positions_and_massive_norms():
+    from sciscope.core.capture import pool
+
+    acts = torch.ones(2, 4, 3)
+    acts[:, 0] = 500.0  # a sink at the first position of every example
+    acts[1, 2] = 7.0  # an ordinary position that differs
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    plain, _ = pool(acts, "mean", attention_mask=mask)
+    assert plain[0, 0] > 100  # the sink dominates the plain mean
+    by_rule, _ = pool(acts, "mean", attention_mask=mask, positions=slice(1, None))
+    torch.testing.assert_close(by_rule, torch.tensor([[1.0] * 3, [4.0] * 3]))  # padding stays out too
+    by_norm, _ = pool(acts, "mean", attention_mask=mask, outlier_norm=10.0)
+    torch.testing.assert_close(by_norm, by_rule)  # 500 > 10 x the median norm; 7 is not an outlier
+    one_token, _ = pool(acts[:1, :1], "mean", positions=slice(1, None))
+    assert one_token[0, 0] == 500.0  # an example left with no position keeps what it had
+    assert torch.equal(pool(acts, "last", attention_mask=mask, positions=slice(1, None))[0], pool(acts, "last", attention_mask=mask)[0])

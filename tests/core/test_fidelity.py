@@ -50,6 +50,8 @@ def test_loss_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_the_zer
     assert table.loss_recovered["perfect"] == pytest.approx(1.0, abs=1e-9)
     assert table.loss_recovered["zeros"] == pytest.approx(0.0, abs=1e-9)
     assert table.loss_recovered["zero_ablation"] == pytest.approx(0.0, abs=1e-9)
+    assert table.loss_recovered_vs_mean["perfect"] == pytest.approx(1.0, abs=1e-9)
+    assert table.loss_recovered_vs_mean["mean_ablation"] == pytest.approx(0.0, abs=1e-9)
     assert table.kl["perfect"] == pytest.approx(0.0, abs=1e-7) and table.kl["zeros"] > 1e-3
     assert table.loss["zero_ablation"] > table.loss["clean"]  # the site matters to the task
 

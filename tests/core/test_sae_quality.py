@@ -55,3 +55,19 @@ def test_duplicates_and_stability():
     assert decoder_duplicates(dup, live) == 0  # dead latents do not count
     assert stability(w, w[::-1], np.ones(20, bool)) == pytest.approx(1.0)
     assert stability(w, rng.standard_normal((20, 8)), np.ones(20, bool)) < 0.9
+
+
+def test_targets_are_read_against_their_bars_and_a_miss_is_said_in_words():
+    from sciscope.core.sae.quality import target_checks
+
+    table = pd.DataFrame([
+        {"metric": "explained variance (held-out)", "sae": 0.53, "pca": 0.58, "raw_units": 1.0, "random_directions": np.nan},
+        {"metric": "loss recovered", "sae": 0.95, "pca": 0.97, "raw_units": 1.0, "random_directions": np.nan},
+        {"metric": "live fraction (held-out)", "sae": 0.07, "pca": 1.0, "raw_units": 1.0, "random_directions": 1.0},
+    ])
+    t = target_checks(table).set_index("target")
+    ev, lr, live, probe = t.index
+    assert t.met[ev] is False and "MISSED: SAE 0.530 < PCA 0.580" in t.words[ev]
+    assert t.met[lr] is True and t.bar[lr] == 0.9
+    assert t.met[live] is False and "0.070 < 0.5" in t.words[live]
+    assert t.met[probe] is None and t.words[probe] == "not measured in this run"

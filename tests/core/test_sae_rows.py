@@ -178,6 +178,6 @@ def test_sae_on_a_causal_lm_with_a_planted_sink_keeps_its_latents_alive_and_repo
 
 
 def test_the_norm_rule_can_be_turned_off_and_then_keeps_the_sink(sink_config):
-    ctx = RunContext(_SinkAdapter(), {**sink_config, "sae_outlier_norm": 0.0})
+    ctx = RunContext(_SinkAdapter(), {**sink_config, "outlier_norm": 0.0})
     _, report = ctx.sae_row_selection()
     assert report["excluded_outlier_norm"] == 0 and report["kept"] == report["positions"]
