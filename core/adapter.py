@@ -284,7 +284,11 @@ class DomainAdapter(ABC):
 
     @property
     def fidelity_positions(self) -> Any:
-        """The positions the fidelity splice replaces (None: all; see :func:`sciscope.core.steer.steer`)."""
+        """The positions the SAE is about: the fidelity splice replaces them, the SAE's per-position
+        rows and mean pooling keep only them (None: all; a slice or list of positions, see
+        :func:`sciscope.core.steer.steer`). Leave out positions that are the same constant vector in
+        every example -- a causal LM's first position (the attention sink), a ``<cls>`` the pooled
+        rows never include. Pooling and per-position rows need non-negative positions."""
         return None
 
     def __repr__(self) -> str:
