@@ -283,6 +283,21 @@ class DomainAdapter(ABC):
         return None
 
     @property
+    def unit_rules(self) -> dict[str, Any]:
+        """How the core's unit controls read each feature statistic (``{statistic: UnitRule}``, see
+        :class:`sciscope.core.unit_controls.UnitRule`): the threshold a unit must reach and the
+        p-value it must beat. Default: none declared (Moran's I gets the paper's rule, any other
+        statistic is read by its maximum only)."""
+        return {}
+
+    @property
+    def association_groups(self) -> str | None:
+        """The obs column whose groups are the independent units of the concept associations
+        (windows of one trajectory, states of one episode, cells of one donor): activations are
+        averaged within a group and tested across groups. None: every example is independent."""
+        return None
+
+    @property
     def fidelity_positions(self) -> Any:
         """The positions the SAE is about: the fidelity splice replaces them, the SAE's per-position
         rows and mean pooling keep only them (None: all; a slice or list of positions, see

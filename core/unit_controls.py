@@ -413,7 +413,7 @@ def unit_controls_analysis() -> "Analysis":
         except SciscopeError as e:  # no features analysis in this context: the SAE's figures are computed here
             log.info("unit controls: %s; computing the SAE's statistics here", e)
             pre = {}
-        table = unit_controls_table(bases, obs, statistics=ad.feature_statistics, rules=getattr(ad, "unit_rules", None),
+        table = unit_controls_table(bases, obs, statistics=ad.feature_statistics, rules=ad.unit_rules,
                                     concepts=[c for c in ad.concepts if c in obs.columns], precomputed=pre)
         ctx.write_table("unit_controls.csv", table)
         ctx.live["unit_controls"] = table  # for the adapter's analyses after the features stage

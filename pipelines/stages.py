@@ -366,8 +366,9 @@ def stage_features(run: Run) -> dict[str, Any]:
     latents = ActivationStore.open(run.dir / "sae" / "latents")
     acts = latents.array("latents")
     obs = latents.obs
+    groups = run.adapter.association_groups
     analysis = analyze_features(acts, obs, concepts=list(run.adapter.concepts), statistics=run.adapter.feature_statistics,
-                                k=int(run.config["feature_top_k"]), control=True, seed=run.seed)
+                                k=int(run.config["feature_top_k"]), control=True, seed=run.seed, groups=groups)
     analysis.save(out / "analysis")
     write_table(out / "features.csv", analysis.features)
     import matplotlib
@@ -383,7 +384,8 @@ def stage_features(run: Run) -> dict[str, Any]:
     feats_sig = int(analysis.associations[analysis.associations.significant].feature.nunique())
     rows = [{"stage": "features", "name": "features tied to a concept (FDR 0.05)", "value": feats_sig,
              "control": None if n_ctrl is None else int(analysis.control_associations[analysis.control_associations.significant].feature.nunique()),
-             "control_label": "shuffled concepts", "note": f"{n_sig} significant feature-concept pairs ({n_ctrl} on shuffled)",
+             "control_label": "shuffled concepts", "note": f"{n_sig} significant feature-concept pairs ({n_ctrl} on shuffled)"
+             + (f"; tested across groups of {groups!r} (activations averaged within each)" if groups else ""),
              "source": "features/analysis/associations.csv"}]
     run.ctx.live["features"] = analysis
     rows += run.analyses("features")

@@ -305,6 +305,11 @@ class PhysicsAdapter(DomainAdapter):
         return ["regime", *[d for d in SHARED_DIAGNOSTICS if self.windows[d].notna().all()]]
 
     @property
+    def association_groups(self) -> str:
+        """Features are tied to concepts across trajectorys, not windows: the windows of one trajectory share its regime and parameters."""
+        return "trajectory"
+
+    @property
     def probe_groups(self) -> str:
         """Whole trajectories: windows of one trajectory never straddle folds."""
         return "trajectory"

@@ -319,6 +319,11 @@ class RoboticsAdapter(DomainAdapter):
         return ["target_color", "manner", "target_dx", "target_dy"]
 
     @property
+    def association_groups(self) -> str:
+        """Features are tied to concepts across episodes, not windows: the states of one episode share its scene and instruction."""
+        return "episode"
+
+    @property
     def probe_groups(self) -> str:
         """Episodes: the states of one episode never sit on both sides of a fold."""
         return "episode"
