@@ -313,6 +313,13 @@ class GeospatialAdapter(DomainAdapter):
         return ["lat", "lon", "x", "y", "continent", "log10_population"]
 
     @property
+    def association_groups(self) -> str:
+        """Features are tied to concepts across countries: every prompt names its country
+        (``"{name}, {country}"``), so the places of one country share a token and are no independent
+        evidence; the spatial statistics (Moran's I) read the places themselves."""
+        return "country"
+
+    @property
     def probe_targets(self) -> list[str]:
         return ["lat", "lon", "x", "y"]
 
