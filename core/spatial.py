@@ -40,16 +40,13 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from scipy import sparse, stats
 
 from sciscope.core.errors import ConfigError, ShapeError
-
-if TYPE_CHECKING:
-    from sciscope.core.unit_controls import UnitRule
 
 __all__ = [
     "EARTH_RADIUS_KM",
@@ -66,7 +63,6 @@ __all__ = [
     "laea_project",
     "lisa_clusters",
     "morans_i",
-    "morans_i_rule",
     "morans_i_table",
     "permutations_for",
     "spatial_blocks",
@@ -92,22 +88,6 @@ MORANS_I_COLUMNS: tuple[str, ...] = ("I", "EI", "z", "p_rand", "p_sim")
 #: De Sabbata et al. (2025): a unit is spatially autocorrelated when I >= 0.3 and p < 0.01.
 MORANS_I_THRESHOLD = 0.3
 MORANS_I_ALPHA = 0.01
-
-
-def morans_i_rule(statistic: str = "morans_i", *, threshold: float = MORANS_I_THRESHOLD, alpha: float = MORANS_I_ALPHA,
-                  permutations: int | None = None, compute: Any = None) -> "UnitRule":
-    """The :class:`~sciscope.core.unit_controls.UnitRule` of a Moran's I feature statistic.
-
-    A unit counts when ``I >= threshold`` and ``p_sim < alpha`` (the paper's rule); where no
-    permutations were run for a unit (``permute_min_i`` above its I), its analytic ``p_rand``
-    stands in. ``permutations`` (when known) is checked against ``alpha``; ``compute`` (e.g.
-    ``morans_i_table`` with ``permute_min_i=threshold``) computes it on the control bases, where
-    only units at the threshold need a permutation p-value.
-    """
-    from .unit_controls import UnitRule
-
-    return UnitRule(statistic, column="I", threshold=threshold, p_column="p_sim", alpha=alpha, p_fallback="p_rand",
-                    permutations=permutations, compute=compute, label="Moran's I")
 
 
 class PermutationWarning(UserWarning):

@@ -52,6 +52,7 @@ __all__ = [
     "UnitRule",
     "control_bases",
     "default_rule",
+    "morans_i_rule",
     "unit_controls_analysis",
     "unit_controls_headline",
     "unit_controls_table",
@@ -123,6 +124,23 @@ class UnitRule:
         return text
 
 
+def morans_i_rule(statistic: str = "morans_i", *, threshold: float | None = None, alpha: float | None = None,
+                  permutations: int | None = None, compute: Any = None) -> UnitRule:
+    """The rule of a Moran's I feature statistic (defaults: the geospatial paper's I >= 0.3, p < 0.01).
+
+    A unit counts when ``I >= threshold`` and ``p_sim < alpha``; where no permutations were run
+    for a unit (``permute_min_i`` above its I), its analytic ``p_rand`` stands in.
+    ``permutations`` (when known) is checked against ``alpha``; ``compute`` (e.g.
+    ``morans_i_table`` with ``permute_min_i=threshold``) computes it on the control bases, where
+    only units at the threshold need a permutation p-value.
+    """
+    from .spatial import MORANS_I_ALPHA, MORANS_I_THRESHOLD
+
+    return UnitRule(statistic, column="I", threshold=MORANS_I_THRESHOLD if threshold is None else threshold,
+                    p_column="p_sim", alpha=MORANS_I_ALPHA if alpha is None else alpha, p_fallback="p_rand",
+                    permutations=permutations, compute=compute, label="Moran's I")
+
+
 def default_rule(statistic: str, columns: Sequence[str]) -> UnitRule:
     """The rule for a statistic an adapter declares no rule for, from its output columns.
 
@@ -130,7 +148,7 @@ def default_rule(statistic: str, columns: Sequence[str]) -> UnitRule:
     the geospatial paper's rule (I >= 0.3 and p_sim < 0.01); any other statistic reports its
     first column's maximum and no count (the core cannot guess a threshold).
     """
-    from .spatial import MORANS_I_COLUMNS, morans_i_rule
+    from .spatial import MORANS_I_COLUMNS
 
     if set(MORANS_I_COLUMNS) <= set(columns):
         return morans_i_rule(statistic)

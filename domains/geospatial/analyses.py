@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from sciscope.core.spatial import MORANS_I_ALPHA, MORANS_I_COLUMNS, check_permutations, lisa_clusters, morans_i_rule
+from sciscope.core.spatial import MORANS_I_ALPHA, MORANS_I_COLUMNS, check_permutations, lisa_clusters
+from sciscope.core.unit_controls import morans_i_rule
 
 from .data import median_error_km
 from .plots import plot_feature_maps, plot_lisa_map, plot_morans_hist
