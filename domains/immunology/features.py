@@ -68,12 +68,15 @@ def technical_feature_table(analysis: Any, covariates: list[str], threshold: flo
     return pd.DataFrame(rows)
 
 
-def token_shares(sae: Any, h: torch.Tensor, position_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each gene token's exact share of the SAE pre-activation of its cell's embedding.
+def token_shares(sae: Any, h: torch.Tensor, position_mask: torch.Tensor, *,
+                 per_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each gene token's exact share of its cell's SAE feature.
 
-    With ``x = sum_p m_p h_p / P`` (``m`` the gene-token mask, ``P = sum_p m_p``) and the affine
-    encoder ``pre(x) = (x - b_dec) W_enc + b_enc``, ``pre(x) = sum_p m_p pre(h_p) / P``: the
-    shares ``m_p pre(h_p) / P`` add up to the cell's pre-activation exactly.
+    An SAE that learnt gene tokens (``per_position``; the pipeline's default) gives a cell the mean
+    code of its gene tokens, so the shares ``m_p code(h_p) / P`` (``m`` the gene-token mask,
+    ``P = sum_p m_p``) add up to the cell's latents. An SAE that learnt pooled cell embeddings
+    ``x = sum_p m_p h_p / P`` has the affine pre-activation ``pre(x) = (x - b_dec) W_enc + b_enc =
+    sum_p m_p pre(h_p) / P``: the shares ``m_p pre(h_p) / P`` add up to the cell's pre-activation.
 
     Parameters
     ----------
@@ -91,12 +94,17 @@ def token_shares(sae: Any, h: torch.Tensor, position_mask: torch.Tensor) -> tupl
     m = position_mask.to(h.dtype)
     n_pos = m.sum(1).clamp_min(1.0)
     pooled = (h * m[..., None]).sum(1) / n_pos[:, None]
-    return sae.pre_acts(h) * (m / n_pos[:, None])[..., None], pooled
+    per_token = sae.encode(h) if per_position else sae.pre_acts(h)  # (B, P, F)
+    return per_token * (m / n_pos[:, None])[..., None], pooled
 
 
-def gene_drivers(adapter: "ImmunologyAdapter", model: nn.Module, sae: Any, site: str | None = None) -> pd.DataFrame:
-    """Gene x feature driver scores: gene ``g``'s share of feature ``f``'s pre-activation
-    (:func:`token_shares`) summed over the cells where ``f`` fires, divided by how many cells that is.
+def gene_drivers(adapter: "ImmunologyAdapter", model: nn.Module, sae: Any, site: str | None = None, *,
+                 per_position: bool | None = None) -> pd.DataFrame:
+    """Gene x feature driver scores: gene ``g``'s share of feature ``f`` (:func:`token_shares`)
+    summed over the cells where ``f`` fires, divided by how many cells that is.
+
+    ``per_position`` (default: whether the run's SAE learnt positions, ``ctx.sae_row_mode``) reads
+    the SAE as it was trained: codes of gene tokens, or the pre-activation of pooled embeddings.
 
     It says which gene tokens the feature reads at its layer (not which input genes cause it through
     earlier layers). The store holds pooled embeddings only, so this runs the model once more.
@@ -108,6 +116,8 @@ def gene_drivers(adapter: "ImmunologyAdapter", model: nn.Module, sae: Any, site:
     from sciscope.core.capture import capture
 
     site, vocab = site or adapter.sae_site, adapter.vocabulary
+    if per_position is None:
+        per_position = adapter.ctx.sae_row_mode == "positions"
     G = torch.zeros(vocab.vocab_size, int(sae.cfg.d_sae), dtype=torch.float64)
     n_active = torch.zeros(int(sae.cfg.d_sae), dtype=torch.float64)
     was = model.training
@@ -118,8 +128,8 @@ def gene_drivers(adapter: "ImmunologyAdapter", model: nn.Module, sae: Any, site:
                 cap.clear()
                 model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
                 pm = b["position_mask"]
-                share, pooled = token_shares(sae, cap.records[site][0], pm)  # (B, P, F), (B, D)
-                active = sae.encode(pooled) > 0
+                share, pooled = token_shares(sae, cap.records[site][0], pm, per_position=per_position)  # (B, P, F), (B, D)
+                active = share.sum(1) > 0 if per_position else sae.encode(pooled) > 0
                 G.index_add_(0, b["input_ids"][pm], (share * active[:, None, :])[pm].double())
                 n_active += active.sum(0).double()
     finally:

@@ -348,6 +348,11 @@ def test_token_shares_add_up_to_the_cell_pre_activation(tiny_store) -> None:
     shares, pooled = token_shares(sae, h, pm)
     assert torch.allclose(shares.sum(1), sae.pre_acts(pooled), atol=1e-4)
     assert (shares[~pm] == 0).all()
+    # an SAE that learnt gene tokens: the shares add up to the mean code of the cell's gene tokens
+    shares, _ = token_shares(sae, h, pm, per_position=True)
+    codes = sae.encode(h).detach()
+    mean_code = (codes * pm[..., None]).sum(1) / pm.sum(1, keepdim=True)
+    assert torch.allclose(shares.sum(1), mean_code, atol=1e-5) and (shares[~pm] == 0).all()
 
 
 def test_gene_drivers_and_marker_table(tiny, tiny_store) -> None:
