@@ -422,7 +422,7 @@ def unit_controls_analysis() -> "Analysis":
         if len(x) != len(z):
             raise ValueError(f"the store has {len(x)} rows but the latents {len(z)}: not row-aligned")
         split = obs["split"] if "split" in obs.columns else None
-        # PCA is fitted where the SAE trained (ctx.sae_rows): the rows not held out, when there are some
+        # PCA is fitted on the examples the SAE trained on (not held out), one row per example
         train = (split != "test").to_numpy() if split is not None and (split == "test").any() and (split != "test").sum() >= 2 else None
         bases = {"sae": z, **control_bases(x, n_random=z.shape[1], train=train, seed=ctx.seed)}
         try:
@@ -431,8 +431,10 @@ def unit_controls_analysis() -> "Analysis":
         except SciscopeError as e:  # no features analysis in this context: the SAE's figures are computed here
             log.info("unit controls: %s; computing the SAE's statistics here", e)
             pre = {}
+        # the features stage's grouping, so the control bases are tested as the SAE's latents were
         table = unit_controls_table(bases, obs, statistics=ad.feature_statistics, rules=ad.unit_rules,
-                                    concepts=[c for c in ad.concepts if c in obs.columns], precomputed=pre)
+                                    concepts=[c for c in ad.concepts if c in obs.columns], precomputed=pre,
+                                    groups=ad.association_groups)
         ctx.write_table("unit_controls.csv", table)
         ctx.live["unit_controls"] = table  # for the adapter's analyses after the features stage
         return table
