@@ -116,8 +116,12 @@ class RoboticsAdapter(DomainAdapter):
     }
     #: Overrides for ``sciscope run robotics --profile NAME``. Every plan has 10 random controls
     #: (``steer_n_random``, ``clamp_n_random``): each adds one 64-scene rollout per alpha.
+    #: The SAE reads one 64-wide <act> vector per state (about 3,000 training rows): at the default
+    #: k = 32 (half the width) PCA-32 explains 0.9998 and an 8x SAE keeps 65% of its latents; 4x with
+    #: k = 12 reaches 0.996 against PCA-12's 0.994 with 56% alive (2,000 steps, 100 passes).
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"sae_steps": 1000, "steer_alphas": [-2.0, -1.0, 1.0, 2.0]},
+        "quick": {"sae_steps": 2000, "sae_expansion": 4, "sae_k": 12, "sae_max_epochs": 100,
+                  "steer_alphas": [-2.0, -1.0, 1.0, 2.0]},
         "full": {"n_episodes": 10000, "train_steps": 8000, "hidden": 128, "n_layers": 6, "intermediate": 512,
                  "n_example_episodes": 600, "n_eval_episodes": 200, "clamp_alphas": [0.5, 1.0, 2.0, 4.0, 8.0]},
     }
