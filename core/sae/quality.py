@@ -271,10 +271,10 @@ def target_checks(table: pd.DataFrame) -> pd.DataFrame:
             continue
         sae = float(t.loc[metric, "sae"])
         bar = float(t.loc[metric, against]) if against in BASES else float(against)
-        label = {"pca": "PCA", "raw_units": "the best single raw unit"}.get(against, f"{bar:g}")
+        label = {"pca": "PCA ", "raw_units": "the best single raw unit "}.get(against, "")
         met = bool(sae >= bar)
-        said = (f"met: SAE {sae:.3f} >= {label} {bar:.3f}" if met
-                else f"MISSED: SAE {sae:.3f} < {label} {bar:.3f}; target: {words}")
+        said = (f"met: SAE {sae:.3f} >= {label}{bar:.3f}" if met
+                else f"MISSED: SAE {sae:.3f} < {label}{bar:.3f}; target: {words}")
         out.append({"target": words, "sae": sae, "bar": bar, "met": met, "words": said})
     return pd.DataFrame(out)
 

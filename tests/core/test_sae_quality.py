@@ -69,5 +69,5 @@ def test_targets_are_read_against_their_bars_and_a_miss_is_said_in_words():
     ev, lr, live, probe = t.index
     assert t.met[ev] is False and "MISSED: SAE 0.530 < PCA 0.580" in t.words[ev]
     assert t.met[lr] is True and t.bar[lr] == 0.9
-    assert t.met[live] is False and "0.070 < 0.5" in t.words[live]
+    assert t.met[live] is False and "MISSED: SAE 0.070 < 0.500;" in t.words[live]
     assert t.met[probe] is None and t.words[probe] == "not measured in this run"
