@@ -251,8 +251,9 @@ class RunContext:
         adapter's ``sae_site``; returns the :class:`~sciscope.core.sae.SAETrainResult`.
 
         The steps follow the data: at most ``sae_steps``, at most ``sae_max_epochs`` passes over the
-        training rows (in batches of ``sae_batch_size``, or a sixteenth of the rows when that is less), and (``sae_patience`` > 0) stopped when the explained variance of a
-        validation tenth of the training examples, not trained on, stops improving.
+        training rows (in batches of ``sae_batch_size``, or a sixteenth of the rows when that is
+        less), and (``sae_patience`` > 0) stopped when the explained variance of a validation tenth
+        of the training examples, not trained on, stops improving.
         ``seed`` other than the run's trains the same recipe from another start (stability).
         ``single_process`` trains on one device whatever the run's strategy.
         """
