@@ -306,7 +306,8 @@ class PhysicsAdapter(DomainAdapter):
 
     @property
     def association_groups(self) -> str:
-        """Features are tied to concepts across trajectorys, not windows: the windows of one trajectory share its regime and parameters."""
+        """Features are tied to concepts across trajectories, not windows: the windows of one
+        trajectory share its regime and parameters."""
         return "trajectory"
 
     @property

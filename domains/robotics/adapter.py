@@ -324,7 +324,8 @@ class RoboticsAdapter(DomainAdapter):
 
     @property
     def association_groups(self) -> str:
-        """Features are tied to concepts across episodes, not windows: the states of one episode share its scene and instruction."""
+        """Features are tied to concepts across episodes, not states: the states of one episode
+        share its scene and instruction."""
         return "episode"
 
     @property
