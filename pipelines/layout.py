@@ -58,10 +58,26 @@ def upstream(stage: str, *, steering_uses_features: bool = False) -> set[str]:
     return seen
 
 
+#: the fields of a headline row (``higher_is_better`` is read, not written: it sets the verdict's sense)
+HEADLINE_KEYS = ("stage", "name", "value", "control", "control_label", "baseline", "baseline_label", "verdict",
+                 "unit", "note", "source")
+
+
 def write_headline(directory: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> None:
-    """Write a stage's headline numbers (atomically)."""
-    keys = ("stage", "name", "value", "control", "control_label", "unit", "note", "source")
-    clean = [{k: r.get(k) for k in keys} for r in rows]
+    """Write a stage's headline numbers (atomically).
+
+    A row with a ``baseline`` (the strongest simple baseline of that number) and no ``verdict``
+    gets one from the numbers (:func:`sciscope.core.verdict.verdict`; ``higher_is_better`` in
+    the row, default True, sets its sense).
+    """
+    from sciscope.core.verdict import verdict
+
+    clean = []
+    for r in rows:
+        row = {k: r.get(k) for k in HEADLINE_KEYS}
+        if row["baseline"] is not None and row["verdict"] is None:
+            row["verdict"] = verdict(row["value"], row["baseline"], higher_is_better=bool(r.get("higher_is_better", True)))
+        clean.append(row)
     write_json(Path(directory) / HEADLINE_FILE, clean)
 
 

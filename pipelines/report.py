@@ -478,9 +478,12 @@ def _headlines_html(rows: list[dict[str, Any]], run_dir: Path, base: Path) -> st
     if not rows:
         parts.append('<p class="muted">No stage wrote headline numbers (headline.json).</p></section>')
         return "".join(parts)
-    parts.append('<p class="sub">Each number beside its control; the source column links the table it was read from.</p>')
+    parts.append('<p class="sub">Each number beside its control and, where one is declared, the strongest simple '
+                 'baseline with a verdict that follows from the numbers; the source column links the table it was '
+                 'read from.</p>')
     head = ("<tr><th>stage</th><th>name</th><th class=\"num\">value</th><th class=\"num\">control</th>"
-            "<th>control is</th><th>unit</th><th>note</th><th>source</th></tr>")
+            "<th>control is</th><th class=\"num\">baseline</th><th>baseline is</th><th>verdict</th>"
+            "<th>unit</th><th>note</th><th>source</th></tr>")
     body = []
     for r in rows:
         if not isinstance(r, Mapping):
@@ -491,6 +494,8 @@ def _headlines_html(rows: list[dict[str, Any]], run_dir: Path, base: Path) -> st
             "data-stage": r.get("stage"), "data-name": r.get("name"),
             "data-value": json.dumps(value, default=str), "data-control": json.dumps(control, default=str),
             "data-control-label": r.get("control_label"), "data-unit": r.get("unit"), "data-source": src,
+            "data-baseline": json.dumps(r.get("baseline"), default=str), "data-baseline-label": r.get("baseline_label"),
+            "data-verdict": r.get("verdict"),
         }
         attr_text = " ".join(f'{k}="{_esc("" if v is None else str(v))}"' for k, v in attrs.items())
         if src:
@@ -506,7 +511,11 @@ def _headlines_html(rows: list[dict[str, Any]], run_dir: Path, base: Path) -> st
             f"<td>{_esc(str(r.get('stage') or ''))}</td><td>{_esc(str(r.get('name') or ''))}</td>"
             f'<td class="num value">{_esc(format_number(value))}</td>'
             f'<td class="num control">{_esc(format_number(control))}</td>'
-            f"<td>{_esc(str(r.get('control_label') or ''))}</td><td>{_esc(str(r.get('unit') or ''))}</td>"
+            f"<td>{_esc(str(r.get('control_label') or ''))}</td>"
+            f'<td class="num baseline">{_esc(format_number(r.get("baseline")))}</td>'
+            f"<td>{_esc(str(r.get('baseline_label') or ''))}</td>"
+            f'<td class="verdict">{_esc(str(r.get("verdict") or ""))}</td>'
+            f"<td>{_esc(str(r.get('unit') or ''))}</td>"
             f"<td>{_esc(str(r.get('note') or ''))}</td><td>{src_html}</td></tr>"
         )
     parts.append(f'<div class="tablewrap"><table class="headlines"><thead>{head}</thead>'
@@ -671,8 +680,9 @@ def headline_values(report: str | os.PathLike[str]) -> list[dict[str, Any]]:
     -------
     list of dict
         One dict per headline row, in the report's order, with keys ``stage``, ``name``, ``value``,
-        ``control``, ``control_label``, ``unit`` and ``source``; ``value`` and ``control`` are the
-        exact values from ``headline.json`` (JSON round trip, not the rounded display).
+        ``control``, ``control_label``, ``baseline``, ``baseline_label``, ``verdict``, ``unit`` and
+        ``source``; ``value``, ``control`` and ``baseline`` are the exact values from
+        ``headline.json`` (JSON round trip, not the rounded display).
     """
     parser = _HeadlineParser()
     parser.feed(Path(report).read_text(encoding="utf-8"))
@@ -689,6 +699,8 @@ def headline_values(report: str | os.PathLike[str]) -> list[dict[str, Any]]:
             "control": json.loads(a.get("data-control") or "null"),
             "control_label": text("data-control-label"), "unit": text("data-unit"),
             "source": text("data-source"),
+            "baseline": json.loads(a.get("data-baseline") or "null"),
+            "baseline_label": text("data-baseline-label"), "verdict": text("data-verdict"),
         })
     return out
 

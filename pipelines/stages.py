@@ -197,6 +197,7 @@ def stage_probes(run: Run) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
     from sciscope.core import probe_sweep
+    from sciscope.core.verdict import verdict_from_folds
 
     out = run.path("probes")
     store = run.store()
@@ -217,14 +218,21 @@ def stage_probes(run: Run) -> dict[str, Any]:
         t = summary[(summary.target == target) & (summary.site.astype(str) != "")]
         best = t.loc[t.score_mean.idxmax()]
         note = f"best site {best.site}; metric {best.metric}"
+        row = {"stage": "probes", "name": f"{target} ({best.metric})", "value": float(best.score_mean),
+               "control": float(best.control_mean), "control_label": "shuffled labels", "source": "probes/summary.csv"}
         if "baseline" in summary:
             base = summary[(summary.target == target) & summary.baseline.notna() & (summary.baseline.astype(str) != "")]
             base = base.drop_duplicates("baseline")
             if len(base):
-                note += "; baseline " + ", ".join(f"{b.baseline} {b.baseline_mean:.3f}" for b in base.itertuples())
-        rows.append({"stage": "probes", "name": f"{target} ({best.metric})", "value": float(best.score_mean),
-                     "control": float(best.control_mean), "control_label": "shuffled labels", "note": note,
-                     "source": "probes/summary.csv"})
+                note += "; baselines " + ", ".join(f"{b.baseline} {b.baseline_mean:.3f}" for b in base.itertuples())
+                strongest = base.loc[base.baseline_mean.idxmax()]  # every probe metric here is higher-is-better
+                row.update(baseline=float(strongest.baseline_mean), baseline_label=str(strongest.baseline),
+                           verdict=verdict_from_folds(float(best.score_mean), float(best.score_std),
+                                                      float(strongest.baseline_mean), float(strongest.baseline_std),
+                                                      int(run.config["probe_cv"])))
+                note += (f"; verdict: the best of {t.site.nunique()} sites against "
+                         f"the strongest baseline, margin 2 standard errors over the folds")
+        rows.append({**row, "note": note})
     run.ctx.live["probes"] = res
     rows += _probe_sets(run)
     rows += run.analyses("probes")

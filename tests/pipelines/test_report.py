@@ -229,3 +229,36 @@ def test_report_renders_in_headless_chromium(run: Path, tmp_path: Path):
     assert img.std() > 20, f"screenshot looks blank (pixel std {img.std():.1f})"
     non_white = (img < 245).mean()
     assert 0.02 < non_white < 0.9, f"fraction of non-white pixels {non_white:.3f}"
+
+
+def test_headline_rows_with_a_baseline_get_their_verdict_written(tmp_path):
+    import json
+
+    from sciscope.core.verdict import ABOVE, BELOW, NO_BETTER
+    from sciscope.pipelines.layout import HEADLINE_FILE
+
+    write_headline(tmp_path, [
+        {"name": "model beats", "value": 0.9, "baseline": 0.5},
+        {"name": "baseline wins", "value": 0.5, "baseline": 0.9, "baseline_label": "bag of words"},
+        {"name": "error, lower is better", "value": 120.0, "baseline": 300.0, "higher_is_better": False},
+        {"name": "no baseline", "value": 1.0},
+        {"name": "stated verdict kept", "value": 0.9, "baseline": 0.5, "verdict": NO_BETTER},
+    ])
+    rows = {r["name"]: r for r in json.loads((tmp_path / HEADLINE_FILE).read_text())}
+    assert rows["model beats"]["verdict"] == ABOVE
+    assert rows["baseline wins"]["verdict"] == BELOW and rows["baseline wins"]["baseline_label"] == "bag of words"
+    assert rows["error, lower is better"]["verdict"] == ABOVE
+    assert rows["no baseline"]["verdict"] is None and "higher_is_better" not in rows["no baseline"]
+    assert rows["stated verdict kept"]["verdict"] == NO_BETTER
+
+
+def test_baseline_and_verdict_reach_the_report_and_read_back(run: Path):
+    write_headline(run / "probes", [{
+        "stage": "probes", "name": "lat (r2)", "value": 0.618, "control": 0.01, "control_label": "shuffled labels",
+        "baseline": 0.666, "baseline_label": "country one-hot", "note": "constructed: the baseline wins",
+        "source": "probes/scores.csv"}])
+    out = build_report(run)
+    row = next(r for r in headline_values(out) if r["name"] == "lat (r2)")
+    assert row["baseline"] == 0.666 and row["baseline_label"] == "country one-hot"
+    assert row["verdict"] == "below baseline"
+    assert '<td class="verdict">below baseline</td>' in out.read_text()
