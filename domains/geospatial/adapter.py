@@ -334,16 +334,17 @@ class GeospatialAdapter(DomainAdapter):
         return {"north_south": ("north", "south")}
 
     def baseline_features(self, examples: Examples) -> dict[str, np.ndarray]:
-        """Bag of characters: counts of character 1- and 2-grams of the prompt (500 most frequent).
-
-        What a model could know from spelling alone (and, with ``{country}`` in the prompt, from
-        the country's name): the bar the activations have to clear.
-        """
+        """Bag of characters (character 1- and 2-gram counts of the prompt, 500 most frequent) and a
+        one-hot of the country: what spelling alone and the country alone tell, the bars the
+        activations must clear (the probe headline reads them against the stronger)."""
         from sklearn.feature_extraction.text import CountVectorizer
 
         vec = CountVectorizer(analyzer="char", ngram_range=(1, 2), max_features=500, lowercase=True, dtype=np.float32)
         X = vec.fit_transform([str(p) for p in examples.inputs])
-        return {"bag_of_characters": np.asarray(X.toarray(), dtype=np.float32)}
+        out = {"bag_of_characters": np.asarray(X.toarray(), dtype=np.float32)}
+        if "country" in examples.obs.columns:  # a country's places sit near its centroid
+            out["country_one_hot"] = pd.get_dummies(examples.obs["country"].astype(str)).to_numpy(dtype=np.float32)
+        return out
 
     # -- metrics and feature statistics ----------------------------------------------------------------
     @property

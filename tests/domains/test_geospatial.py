@@ -283,6 +283,8 @@ def test_minilm_sites_baseline_and_batches(minilm) -> None:
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids"} and batch["input_ids"].shape[0] == 5
     base = ad.baseline_features(ex)["bag_of_characters"]
     assert base.dtype == np.float32 and base.shape[0] == len(ex) and 20 < base.shape[1] <= 500
+    country = ad.baseline_features(ex)["country_one_hot"]
+    assert country.shape == (len(ex), ex.obs["country"].nunique()) and (country.sum(1) == 1).all()
     sel = GeospatialAdapter({**TINY, "layers": ["1", "layer.-1"], "sae_layer": 2})
     assert sel.sites == ["layer.1", "layer.2", "layer.3", "layer.5"]  # + SAE (2) and steering (3) layers
 
