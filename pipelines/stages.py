@@ -197,7 +197,6 @@ def stage_probes(run: Run) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
     from sciscope.core import probe_sweep
-    from sciscope.core.verdict import verdict_from_folds
 
     out = run.path("probes")
     store = run.store()
@@ -220,24 +219,34 @@ def stage_probes(run: Run) -> dict[str, Any]:
         note = f"best site {best.site}; metric {best.metric}"
         row = {"stage": "probes", "name": f"{target} ({best.metric})", "value": float(best.score_mean),
                "control": float(best.control_mean), "control_label": "shuffled labels", "source": "probes/summary.csv"}
-        if "baseline" in summary:
-            base = summary[(summary.target == target) & summary.baseline.notna() & (summary.baseline.astype(str) != "")]
-            base = base.drop_duplicates("baseline")
-            if len(base):
-                note += "; baselines " + ", ".join(f"{b.baseline} {b.baseline_mean:.3f}" for b in base.itertuples())
-                strongest = base.loc[base.baseline_mean.idxmax()]  # every probe metric here is higher-is-better
-                row.update(baseline=float(strongest.baseline_mean), baseline_label=str(strongest.baseline),
-                           verdict=verdict_from_folds(float(best.score_mean), float(best.score_std),
-                                                      float(strongest.baseline_mean), float(strongest.baseline_std),
-                                                      int(run.config["probe_cv"])))
-                note += (f"; verdict: the best of {t.site.nunique()} sites against "
-                         f"the strongest baseline, margin 2 standard errors over the folds")
-        rows.append({**row, "note": note})
+        base = _strongest_baseline(summary[summary.target == target], best, int(run.config["probe_cv"]), t.site.nunique())
+        base_note = base.pop("note", "")
+        rows.append({**row, **base, "note": note + base_note})
     run.ctx.live["probes"] = res
     rows += _probe_sets(run)
     rows += run.analyses("probes")
     write_headline(out, rows)
     return {"targets": targets, "sites": store.sites}
+
+
+def _strongest_baseline(target_rows: Any, best: Any, n_folds: int, n_sites: int) -> dict[str, Any]:
+    """The headline fields of the strongest baseline in a target's probe summary rows: ``baseline``,
+    ``baseline_label``, ``verdict`` (the best site against it, margin 2 standard errors over the
+    folds) and a ``note`` tail; empty when the summary has no baseline."""
+    from sciscope.core.verdict import verdict_from_folds
+
+    if "baseline" not in target_rows:
+        return {}
+    base = target_rows[target_rows.baseline.notna() & (target_rows.baseline.astype(str) != "")].drop_duplicates("baseline")
+    if not len(base):
+        return {}
+    strongest = base.loc[base.baseline_mean.idxmax()]  # every probe metric here is higher-is-better
+    return {"baseline": float(strongest.baseline_mean), "baseline_label": str(strongest.baseline),
+            "verdict": verdict_from_folds(float(best.score_mean), float(best.score_std), float(strongest.baseline_mean),
+                                          float(strongest.baseline_std), n_folds),
+            "note": "; baselines " + ", ".join(f"{b.baseline} {b.baseline_mean:.3f}" for b in base.itertuples())
+                    + f"; verdict: the best of {n_sites} sites against the strongest baseline, margin 2 standard "
+                      "errors over the folds"}
 
 
 def _probe_sets(run: Run) -> list[dict[str, Any]]:
@@ -269,11 +278,13 @@ def _probe_sets(run: Run) -> list[dict[str, Any]]:
         layers = summary[summary["site"].notna() & (summary["site"].astype(str) != "")]
         for target, t in layers.groupby("target", sort=False) if ps.headline else ():
             best = t.loc[t["score_mean"].idxmax()]
+            base = _strongest_baseline(summary[summary.target == target], best, cv, t.site.nunique())
+            base_note = base.pop("note", "")
             rows.append({"stage": "probes", "name": f"{ps.name}: {target} ({best.metric})", "value": float(best.score_mean),
-                         "control": float(best.control_mean), "control_label": "shuffled labels",
-                         "note": f"best site {best.site}" + (f"; rows {ps.query}" if ps.query else "")
+                         "control": float(best.control_mean), "control_label": "shuffled labels", **base,
+                         "note": f"best site {best.site}" + (f"; rows {ps.query} ({store.n_obs})" if ps.query else "")
                          + (f"; model variant {ps.variant}" if ps.variant else "") + "; per site: "
-                         + ", ".join(f"{s} {v:.2f}" for s, v in zip(t.site, t.score_mean)),
+                         + ", ".join(f"{s} {v:.2f}" for s, v in zip(t.site, t.score_mean)) + base_note,
                          "source": f"probes/{ps.name}.csv"})
     return rows
 

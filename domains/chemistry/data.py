@@ -20,6 +20,7 @@ User files (CSV/TSV with a SMILES column, ``.smi``, ``.sdf``) are read by :func:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 from collections.abc import Sequence
@@ -240,6 +241,9 @@ class MoleculeSet:
     source : str
     measured : list[str]
         Numeric measured columns (probe targets beside the computed properties).
+    partial : list[str]
+        Measured columns only some molecules carry (the bundled union: ESOL solubility and FreeSolv
+        hydration free energy, NaN for the other sources' molecules): probed on their own rows.
     """
 
     table: pd.DataFrame
@@ -247,6 +251,7 @@ class MoleculeSet:
     n_duplicates: int
     source: str
     measured: list[str]
+    partial: list[str] = dataclasses.field(default_factory=list)
 
 
 def _load_bundled(name: str) -> pd.DataFrame:
@@ -465,9 +470,8 @@ def load_molecules(source: str, *, smiles_column: str = "", isomeric: bool = Fal
         table, invalid, n_dup = _canonical_table(pd.concat(parts, ignore_index=True), isomeric=isomeric, per_source=True)
         # a measured column is a probe target only where every molecule has it (one source)
         measured = [BUNDLED_SOURCES[source]] if source != "bundled" and BUNDLED_SOURCES[source] else []
-        if source == "bundled":
-            table = table.drop(columns=[c for c in BUNDLED_SOURCES.values() if c and c in table.columns])
-        return MoleculeSet(table, invalid, n_dup, source, measured)
+        partial = [c for c in BUNDLED_SOURCES.values() if c and c in table.columns] if source == "bundled" else []
+        return MoleculeSet(table, invalid, n_dup, source, measured, partial)
     path = Path(source).expanduser()
     if path.suffix or path.exists() or "/" in source:
         return read_molecule_file(path, smiles_column=smiles_column, isomeric=isomeric)

@@ -551,3 +551,11 @@ def test_encoding_variant_compares_probes_and_validity(tmp_path: Path) -> None:
     trows, _ = _analysis(ad, "training").run(ctx)
     assert [r["name"] for r in trows] == ["final training loss (selfies)", "final training loss (smiles)"]
     assert (tmp_path / "model" / "training_loss_smiles.png").is_file()
+
+
+def test_bundled_union_keeps_measured_properties_on_their_own_molecules() -> None:
+    ms = load_molecules("bundled")
+    assert ms.measured == [] and set(ms.partial) == {"solubility", "hydration_free_energy"}
+    sol = ms.table[ms.table["solubility"].notna()]
+    assert len(sol) > 1000 and (sol["source"] == "solubility").all()  # only ESOL's molecules carry it
+    assert ms.table.loc[ms.table["source"] == "chembl_drugs", "hydration_free_energy"].isna().all()
