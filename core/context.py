@@ -246,6 +246,16 @@ class RunContext:
             train = train.select(subsample_rows(train.obs, np.arange(train.n_obs), cap, seed=self.seed))
         return train, test
 
+    def sae_pca(self) -> "tuple[np.ndarray, np.ndarray]":
+        """Mean ``(D,)`` and principal axes ``(D, D)`` of the SAE's training rows: the PCA the SAE is
+        read against (explained variance, fidelity, the quality table), fitted once per process."""
+        if "sae_pca" not in self.live:
+            from .sae.metrics import principal_components
+
+            train, _ = self.sae_rows()
+            self.live["sae_pca"] = principal_components(train.array(self.adapter.sae_site))
+        return self.live["sae_pca"]
+
     def train_sae(self, *, seed: int | None = None, single_process: bool = False) -> Any:
         """Train the run's SAE (config keys ``sae_*``) on :meth:`sae_rows`' training rows at the
         adapter's ``sae_site``; returns the :class:`~sciscope.core.sae.SAETrainResult`.

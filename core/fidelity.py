@@ -257,11 +257,13 @@ def sae_reconstruction(sae: nn.Module) -> Reconstruction:
     return reconstruct
 
 
-def pca_reconstruction(rows: np.ndarray, k: int) -> Reconstruction:
-    """``h -> mean + (h - mean) V_k V_k^T`` with the top ``k`` principal components of ``rows`` ``(N, D)``."""
+def pca_reconstruction(rows: np.ndarray, k: int, *,
+                       components: tuple[np.ndarray, np.ndarray] | None = None) -> Reconstruction:
+    """``h -> mean + (h - mean) V_k V_k^T`` with the top ``k`` principal components of ``rows`` ``(N, D)``
+    (``components``: their ``principal_components(rows)``, when already computed)."""
     from .sae.metrics import principal_components
 
-    mean_np, axes = principal_components(rows)  # (D,), (D, D)
+    mean_np, axes = components if components is not None else principal_components(rows)  # (D,), (D, D)
     k = int(max(0, min(k, rows.shape[1], rows.shape[0])))
     basis = torch.as_tensor(axes[:k], dtype=torch.float32)  # (k, D)
     mean = torch.as_tensor(mean_np, dtype=torch.float32)
@@ -364,7 +366,7 @@ def _compute_fidelity(ctx: "RunContext") -> dict[str, Any] | None:
     rows, _ = ctx.sae_rows()  # the SAE's own training rows (positions, or pooled rows)
     k = int(round(metrics["l0"]))
     table = fidelity(ctx.model(), site, task,
-                     {"sae": sae_reconstruction(sae), "pca_at_l0": pca_reconstruction(rows.array(site), k)},
+                     {"sae": sae_reconstruction(sae), "pca_at_l0": pca_reconstruction(rows.array(site), k, components=ctx.sae_pca())},
                      positions=adapter.fidelity_positions, aliases=adapter.aliases)
     table.insert(1, "task", task.name)
     ctx.write_table("fidelity.csv", table)

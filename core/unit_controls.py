@@ -173,8 +173,8 @@ def control_bases(x: np.ndarray, *, n_random: int, train: np.ndarray | None = No
     train
         Boolean mask of the rows PCA is fitted on (default: every row).
     seed
-        Seeds the random directions: ``default_rng(seed).standard_normal((n_random, D))``, rows
-        normalised -- the same directions as :func:`sciscope.core.sae.quality.quality_table`'s.
+        Seeds the random directions (:func:`sciscope.core.sae.metrics.random_directions`): the same
+        directions as :func:`sciscope.core.sae.quality.quality_table`'s.
     dtype
         Of the returned arrays (float32 halves the memory of ``N x n_random`` projections).
 
@@ -182,14 +182,15 @@ def control_bases(x: np.ndarray, *, n_random: int, train: np.ndarray | None = No
     -------
     ``{"pca": (N, min(n_train, D)), "raw_units": (N, D), "random_directions": (N, n_random)}``.
     """
+    from .sae.metrics import random_directions
+
     x64 = np.asarray(x, dtype=np.float64)
     fit = x64 if train is None else x64[np.asarray(train, dtype=bool)]
     if len(fit) < 2:
         raise ValueError(f"PCA needs at least 2 training rows, got {len(fit)}")
     mean = fit.mean(0)
     _, _, vt = np.linalg.svd(fit - mean, full_matrices=False)  # (min(n_train, D), D)
-    dirs = np.random.default_rng(seed).standard_normal((int(n_random), x64.shape[1]))
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    dirs = random_directions(int(n_random), x64.shape[1], seed)
     return {"pca": ((x64 - mean) @ vt.T).astype(dtype), "raw_units": x64.astype(dtype),
             "random_directions": (x64 @ dirs.T).astype(dtype)}
 

@@ -219,7 +219,7 @@ def stage_probes(run: Run) -> dict[str, Any]:
         note = f"best site {best.site}; metric {best.metric}"
         row = {"stage": "probes", "name": f"{target} ({best.metric})", "value": float(best.score_mean),
                "control": float(best.control_mean), "control_label": "shuffled labels", "source": "probes/summary.csv"}
-        base = _strongest_baseline(summary[summary.target == target], best, int(run.config["probe_cv"]), t.site.nunique())
+        base = _strongest_baseline(best, int(run.config["probe_cv"]), t.site.nunique())
         base_note = base.pop("note", "")
         rows.append({**row, **base, "note": note + base_note})
     run.ctx.live["probes"] = res
@@ -229,22 +229,20 @@ def stage_probes(run: Run) -> dict[str, Any]:
     return {"targets": targets, "sites": store.sites}
 
 
-def _strongest_baseline(target_rows: Any, best: Any, n_folds: int, n_sites: int) -> dict[str, Any]:
-    """The headline fields of the strongest baseline in a target's probe summary rows: ``baseline``,
-    ``baseline_label``, ``verdict`` (the best site against it, margin 2 standard errors over the
-    folds) and a ``note`` tail; empty when the summary has no baseline."""
+def _strongest_baseline(best: Any, n_folds: int, n_sites: int) -> dict[str, Any]:
+    """The headline fields of the strongest baseline of a probe summary row (the sweep puts the best
+    baseline in ``baseline``/``baseline_mean``/``baseline_std`` and each in ``baseline_mean[NAME]``):
+    ``baseline``, ``baseline_label``, ``verdict`` (the row against it, margin 2 standard errors
+    over the folds) and a ``note`` tail; empty when the summary has no baseline."""
     from sciscope.core.verdict import verdict_from_folds
 
-    if "baseline" not in target_rows:
+    if "baseline" not in best or not isinstance(best.baseline, str) or not best.baseline:
         return {}
-    base = target_rows[target_rows.baseline.notna() & (target_rows.baseline.astype(str) != "")].drop_duplicates("baseline")
-    if not len(base):
-        return {}
-    strongest = base.loc[base.baseline_mean.idxmax()]  # every probe metric here is higher-is-better
-    return {"baseline": float(strongest.baseline_mean), "baseline_label": str(strongest.baseline),
-            "verdict": verdict_from_folds(float(best.score_mean), float(best.score_std), float(strongest.baseline_mean),
-                                          float(strongest.baseline_std), n_folds),
-            "note": "; baselines " + ", ".join(f"{b.baseline} {b.baseline_mean:.3f}" for b in base.itertuples())
+    each = {c[len("baseline_mean["):-1]: best[c] for c in best.index if c.startswith("baseline_mean[")}
+    return {"baseline": float(best.baseline_mean), "baseline_label": best.baseline,
+            "verdict": verdict_from_folds(float(best.score_mean), float(best.score_std), float(best.baseline_mean),
+                                          float(best.baseline_std), n_folds),
+            "note": "; baselines " + ", ".join(f"{k} {float(v):.3f}" for k, v in (each or {best.baseline: best.baseline_mean}).items())
                     + f"; verdict: the best of {n_sites} sites against the strongest baseline, margin 2 standard "
                       "errors over the folds"}
 
@@ -278,7 +276,7 @@ def _probe_sets(run: Run) -> list[dict[str, Any]]:
         layers = summary[summary["site"].notna() & (summary["site"].astype(str) != "")]
         for target, t in layers.groupby("target", sort=False) if ps.headline else ():
             best = t.loc[t["score_mean"].idxmax()]
-            base = _strongest_baseline(summary[summary.target == target], best, cv, t.site.nunique())
+            base = _strongest_baseline(best, cv, t.site.nunique())
             base_note = base.pop("note", "")
             rows.append({"stage": "probes", "name": f"{ps.name}: {target} ({best.metric})", "value": float(best.score_mean),
                          "control": float(best.control_mean), "control_label": "shuffled labels", **base,
@@ -317,7 +315,8 @@ def stage_sae(run: Run) -> dict[str, Any]:
     metrics["explained_variance_train"] = float(in_sample["explained_variance"])
     metrics["dead_fraction_all_rows"] = float(evaluate_sae(trained.sae, all_rows.iter_batches(site, 4096))["dead_fraction"])
     metrics["evaluated_on"] = "held-out rows (split == 'test')" if test_rows is not all_rows else "all rows (no split column)"
-    metrics["pca_explained_variance"] = pca_explained_variance(train_rows.array(site), test_rows.array(site), round(metrics["l0"]))
+    metrics["pca_explained_variance"] = pca_explained_variance(train_rows.array(site), test_rows.array(site), round(metrics["l0"]),
+                                                               components=run.ctx.sae_pca())
     metrics["site"] = site
     metrics["rows"] = row_report
     metrics["n_train_rows"], metrics["n_test_rows"] = int(train_rows.n_obs), int(test_rows.n_obs)

@@ -79,6 +79,14 @@ def evaluate_sae(sae: SparseAutoencoder, batches: Batches) -> dict[str, float]:
     }
 
 
+def random_directions(n: int, d: int, seed: int) -> "np.ndarray":
+    """``(n, d)`` seeded unit-norm random directions: the control basis for any maximum or count over
+    ``n`` units (the best of many units is high by chance alone). One stream per seed, so the
+    quality table and the unit controls read the same directions."""
+    dirs = np.random.default_rng([int(seed), 0xD1]).standard_normal((int(n), int(d)))
+    return dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+
+
 def principal_components(rows: "np.ndarray", *, chunk: int = 65536) -> tuple["np.ndarray", "np.ndarray"]:
     """Mean ``(D,)`` and principal axes ``(D, D)`` (rows, by decreasing variance) of ``rows`` ``(N, D)``.
 
@@ -98,9 +106,11 @@ def principal_components(rows: "np.ndarray", *, chunk: int = 65536) -> tuple["np
     return mean, vectors[:, np.argsort(-values, kind="stable")].T
 
 
-def pca_explained_variance(train: "np.ndarray", test: "np.ndarray", k: int, *, chunk: int = 65536) -> float:
-    """Explained variance on ``test`` of the top-``k`` principal components of ``train`` (both ``(N, D)``)."""
-    mean, axes = principal_components(train, chunk=chunk)
+def pca_explained_variance(train: "np.ndarray", test: "np.ndarray", k: int, *, chunk: int = 65536,
+                           components: tuple["np.ndarray", "np.ndarray"] | None = None) -> float:
+    """Explained variance on ``test`` of the top-``k`` principal components of ``train`` (both ``(N, D)``;
+    ``components``: ``principal_components(train)`` already computed)."""
+    mean, axes = components if components is not None else principal_components(train, chunk=chunk)
     basis = axes[: max(1, min(k, axes.shape[0]))]  # (k, D)
     err = tot = 0.0
     test_mean = np.zeros(test.shape[1])

@@ -144,7 +144,7 @@ def quality_table(ctx: "RunContext", *, stability_seed: int | None = None) -> pd
         Columns ``metric``, one per basis (:data:`BASES`), ``note``.
     """
     from ..errors import SciscopeError
-    from .metrics import principal_components
+    from .metrics import random_directions
 
     site = ctx.adapter.sae_site
     sae = ctx.live["sae"] if "sae" in ctx.live else ctx.sae()
@@ -155,9 +155,8 @@ def quality_table(ctx: "RunContext", *, stability_seed: int | None = None) -> pd
     test_idx = np.sort(rng.choice(test_rows.n_obs, size=min(test_rows.n_obs, 20_000), replace=False))
     x_test = np.asarray(test_rows.array(site, test_idx), dtype=np.float64)
     d, d_sae = x_test.shape[1], int(sae.cfg.d_sae)
-    mean, vt = principal_components(train_rows.array(site))  # (D,), (D, D)
-    random_dirs = rng.standard_normal((d_sae, d))
-    random_dirs /= np.linalg.norm(random_dirs, axis=1, keepdims=True)
+    mean, vt = ctx.sae_pca()  # (D,), (D, D)
+    random_dirs = random_directions(d_sae, d, ctx.seed)
     units_test = unit_activations(x_test, sae, vt, mean, random_dirs)
     # concept measures read one row per example: the pooled rows and the SAE's example latents (the
     # mean code of an example's positions when the SAE learns positions); PCA scores and random

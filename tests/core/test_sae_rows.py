@@ -174,6 +174,7 @@ def test_sae_on_a_causal_lm_with_a_planted_sink_keeps_its_latents_alive_and_repo
             obs=ex.obs, pooling="mean", progress=False)
     live_pooled, pooled_report = _live_fraction(pooled_ctx)
     assert pooled_report == {"rows": "pooled", "pooling": "mean"}
+    print(f"live latents: {live:.3f} on positions, {live_pooled:.3f} on mean-pooled rows; left out {report['excluded_positions']}")
     assert live_pooled < live, (live_pooled, live)
 
 
