@@ -108,6 +108,9 @@ class PhysicsAdapter(DomainAdapter):
         "blowup": Key(50.0, "model", help="|field| (standardised units) beyond which a rollout counts as diverged; > 0"),
         "strip_alpha": Key(0.6, "steering", help="alpha shown in the rollout image strips"),
         "transfer_alphas": Key([-0.4, -0.2, -0.1, 0.1, 0.2, 0.4], "steering", help="alphas of the cross-system plans"),
+        "physical_margin": Key(0.25, "steering", help="a steered rollout is physical when its patch-artefact, boundedness and "
+                               "mass/divergence diagnostics lie in the simulations' and unsteered rollouts' range widened by "
+                               "this fraction of its width (>= 0)"),
     }
     #: Overrides for ``sciscope run physics --profile NAME``.
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
@@ -151,6 +154,9 @@ class PhysicsAdapter(DomainAdapter):
         for key in ("lr", "blowup"):
             if not (math.isfinite(float(c[key])) and float(c[key]) > 0):
                 raise ConfigError(f"physics: config {key!r} must be a finite number > 0, got {c[key]!r}")
+        margin = c["physical_margin"]
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not (math.isfinite(margin) and margin >= 0):
+            raise ConfigError(f"physics: config 'physical_margin' must be a finite number >= 0, got {margin!r}")
         for key in ("transfer_alphas", "strip_alpha"):
             try:
                 finite = np.isfinite(np.asarray(c[key], dtype=np.float64)).all()
@@ -316,9 +322,17 @@ class PhysicsAdapter(DomainAdapter):
         return "trajectory"
 
     def probe_sets(self, ctx: Any) -> list[ProbeSet]:
-        """Per system: its physical parameters on its own windows, cross-validated over trajectories."""
-        return [ProbeSet(f"parameters_{s}", list(PARAMETER_TARGETS[s]), query=f"system == '{s}'", groups="trajectory")
-                for s in self.config["systems"]]
+        """Per system its physical parameters on its own windows (``parameters_<system>``), and inside
+        each regime (``parameters_<system>_<regime>``): the regimes' parameter ranges do not overlap, so
+        across regimes a probe can score by decoding the regime; within a regime it cannot. Folds hold
+        whole trajectories; the radial spectrum and pixel PCA of the frame are fitted beside."""
+        sets = []
+        for s in self.config["systems"]:
+            targets = list(PARAMETER_TARGETS[s])
+            sets.append(ProbeSet(f"parameters_{s}", targets, query=f"system == '{s}'", groups="trajectory", baseline=True))
+            sets += [ProbeSet(f"parameters_{s}_{r}", targets, query=f"system == '{s}' and regime == '{r}'", groups="trajectory",
+                              baseline=True) for r in REGIMES[s]]
+        return sets
 
     def baseline_features(self, examples: Examples) -> dict[str, np.ndarray]:
         """Non-model features of each window's last frame: radial power spectrum and PCA of the pixels."""
@@ -473,10 +487,12 @@ class PhysicsAdapter(DomainAdapter):
         ordered pair ``transfer_<src>_to_<dst>`` (``src``'s vector in ``dst``'s rollouts, ``transfer_alphas``)."""
         c, systems = ctx.config, list(self.config["systems"])
 
+        model = ctx.model()  # unsteered: its rollouts set the physical bands beside the simulations'
+
         def plan(name: str, src: str, dst: str, alphas: Any, seed: int, description: str) -> SteeringPlan:
             vector = lambda run: AddVector(self.recipe_vector(run, src), self.steer_site, scale="relative",  # noqa: E731
                                            relative_to="example")
-            return SteeringPlan(name, vector, RolloutScorer(self, dst).scorer, [float(x) for x in alphas],
+            return SteeringPlan(name, vector, RolloutScorer(self, dst, model).scorer, [float(x) for x in alphas],
                                 n_controls=int(c["steer_n_random"]), seed=seed, description=description)
 
         recipes = [plan(f"recipe_{s}", s, s, c["steer_alphas"], c["seed"], f"{s}: regime vector {REGIMES[s][0]} - "
@@ -488,12 +504,15 @@ class PhysicsAdapter(DomainAdapter):
     # -- analyses -----------------------------------------------------------------------------------
     def analyses(self) -> list[Analysis]:
         """Classifier and data (examples), prediction errors (model), parameter-probe figure (probes),
-        diagnostic correlations (features), rollout strips and vector cosines (steering)."""
+        diagnostic correlations and single-trajectory features (features), rollout strips, vector cosines
+        and the steering verdicts (changed regime and physical, slopes against random directions)."""
         from . import analyses as a
+        from .verdicts import steering_verdicts
 
         return [Analysis("regime_classifier", "examples", lambda ctx: a.examples_summary(self, ctx)),
                 Analysis("prediction_errors", "model", lambda ctx: a.model_errors(self, ctx)),
                 Analysis("parameter_probes", "probes", lambda ctx: a.parameter_probes(self, ctx)),
                 Analysis("diagnostic_correlations", "features", lambda ctx: a.feature_diagnostics(self, ctx)),
                 Analysis("rollout_strips", "steering", lambda ctx: a.rollout_strips(self, ctx)),
-                Analysis("vector_cosines", "steering", lambda ctx: a.vector_cosines(self, ctx))]
+                Analysis("vector_cosines", "steering", lambda ctx: a.vector_cosines(self, ctx)),
+                Analysis("steering_verdicts", "steering", lambda ctx: steering_verdicts(self, ctx))]

@@ -93,17 +93,26 @@ def plot_rollout_strips(system: str, rows: Mapping[str, np.ndarray], path: str |
 
 
 def plot_parameter_probes(summary: pd.DataFrame, path: str | Path) -> Path:
-    """R^2 of per-system parameter probes vs layer, with the shuffled-label control dashed."""
+    """R^2 of parameter probes vs layer per (``system`` label, target): the shuffled-label control dashed,
+    the strongest baseline (``baseline_mean``, when present) dotted."""
     summary = summary[summary["site"].notna() & (summary["site"].astype(str) != "")]
     targets = list(dict.fromkeys(zip(summary["system"], summary["target"])))
-    fig, axes = plt.subplots(1, max(1, len(targets)), figsize=(3.2 * max(1, len(targets)), 3.0), squeeze=False, sharey=True)
-    for ax, (system, target) in zip(axes[0], targets):
+    ncol = min(4, max(1, len(targets)))
+    nrow = max(1, -(-len(targets) // ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.0 * nrow), squeeze=False, sharey=True)
+    for ax in axes.ravel()[len(targets):]:
+        ax.axis("off")
+    for ax, (system, target) in zip(axes.ravel(), targets):
         t = summary[(summary["system"] == system) & (summary["target"] == target)]
         x = np.arange(len(t))
         ax.plot(x, t["score_mean"], "o-", label="probe")
         ax.plot(x, t["control_mean"], "--", color="0.5", label="shuffled")
+        if "baseline_mean" in t and np.isfinite(t["baseline_mean"].to_numpy(dtype=np.float64)).any():
+            name = t["baseline"].dropna().iloc[0] if "baseline" in t and t["baseline"].notna().any() else "baseline"
+            ax.plot(x, t["baseline_mean"], ":", color="C3", label=f"{name} (strongest baseline)")
         ax.set_xticks(x, t["site"], rotation=45, ha="right", fontsize=7)
         ax.set_title(f"{system}: {target}", fontsize=8)
+        ax.set_ylim(max(-1.0, float(np.nanmin(ax.get_ylim()))), 1.05)
     axes[0][0].set_ylabel("R$^2$ (trajectory-grouped CV)")
     axes[0][0].legend(frameon=False, fontsize=7)
     return save_figure(fig, path, dpi=100)

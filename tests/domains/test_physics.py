@@ -146,6 +146,7 @@ _BAD_PHYSICS = [
     ({"gs_feed_spots": [0.03, 0.3]}, "gs_feed_spots"), ({"gs_kill_stripes": [NAN, 0.06]}, "gs_kill_stripes"),
     ({"gs_burn_in": -1}, "gs_burn_in"), ({"n_frames": 0, "rollout_start": 0, "context_frames": 0, "rollout_steps": 0}, "n_frames"),
     ({"test_fraction": NAN}, "test_fraction"), ({"lr": NAN}, "lr"), ({"blowup": NAN}, "blowup"),
+    ({"physical_margin": NAN}, "physical_margin"), ({"physical_margin": -0.1}, "physical_margin"),
 ]
 
 
@@ -415,21 +416,64 @@ def test_steering_plans_and_analyses_write_through_the_context(tiny) -> None:
     assert set(plans) == {"recipe_gray_scott", "recipe_flow", "transfer_gray_scott_to_flow", "transfer_flow_to_gray_scott"}
     plan = plans["transfer_gray_scott_to_flow"]
     assert plan.n_controls == 2 and plan.alphas == [-0.4, -0.2, -0.1, 0.1, 0.2, 0.4]  # the adapter's transfer_alphas
-    assert plans["recipe_flow"].alphas == [-0.5, 0.5] and plan.scorer.target[0] == "p_vortex_from_laminar"
+    assert plans["recipe_flow"].alphas == [-0.5, 0.5] and plan.scorer.target[0] == "p_vortex_physical_from_laminar"
     iv = plan.intervention(ctx)
     assert iv.relative_to == "example" and iv.vector.meta["system"] == "gray_scott" and iv.site == ad.steer_site
     assert np.allclose(iv.vector.vector.numpy(), ad.regime_vector(model, "gray_scott").vector.numpy())
     ctx.stage = "steering"
     by_name = {a.name: a for a in ad.analyses()}
-    assert [a.stage for a in ad.analyses()] == ["examples", "model", "probes", "features", "steering", "steering"]
+    assert [a.stage for a in ad.analyses()] == ["examples", "model", "probes", "features", "steering", "steering", "steering"]
     by_name["rollout_strips"].run(ctx)
     for f in ("recipe_flow/rollout_strips_from_laminar.png", "recipe_gray_scott/rollout_strips_from_spots.png"):
         assert ctx.output(f).is_file(), f
+    # the verdicts read the sweeps the steering stage leaves in ctx.live
+    gs = plans["recipe_gray_scott"]
+    ctx.live["steering:recipe_gray_scott"] = run_plan(model, gs, gs.intervention(ctx), aliases=ad.aliases)
+    rows, _ = by_name["steering_verdicts"].run(ctx)
+    shares = pd.read_csv(ctx.output("steering_verdicts.csv"))
+    row = next(r for r in rows if r["name"] == "recipe_gray_scott: P(stripes and physical) from spots at alpha 0.5")
+    at = shares[shares.alpha == 0.5].iloc[0]
+    assert row["value"] == pytest.approx(at.p_changed_and_physical_value) and row["baseline"] == pytest.approx(at.p_changed_and_physical_random)
+    assert row["verdict"] in ("above baseline", "no better than baseline", "below baseline")
+    slopes = pd.read_csv(ctx.output("slope_verdicts.csv"))
+    assert set(slopes.score) == {"p_stripes_physical_from_spots", "p_stripes_from_spots", "p_stripes_from_stripes"}
+    assert ctx.output("recipe_gray_scott/changed_vs_physical.png").is_file()
     ctx.stage = "model"
     rows, _ = by_name["prediction_errors"].run(ctx)
     one = pd.read_csv(ctx.output("one_step_error.csv")).set_index("system")
     row = next(r for r in rows if r["name"] == "flow: one-step MSE")
     assert row["value"] == pytest.approx(one.loc["flow", "mse_model"]) and row["source"] == "model/one_step_error.csv"
+
+
+def test_scorer_counts_a_regime_change_only_on_a_physical_rollout(tiny) -> None:
+    """Unsteered rollouts lie in the bands they helped set; with bands nothing meets, P(A and physical)
+    is 0 while P(A) by the classifier is unchanged, and every scored rollout counts as an artefact."""
+    ad, model = tiny
+    ev = RolloutScorer(ad, "gray_scott", model)
+    assert list(ev.bands.diagnostic) == ["patch_boundary_ratio", "u_mean", "bound_excess"]
+    assert "unsteered_model_max" in ev.bands and (ev.bands.low <= ev.bands.high).all()
+    wide = ev(model)
+    scored = np.isfinite(wide["p_stripes_from_spots"])
+    assert scored.any() and (wide["physical_from_spots"][scored] == 1).all()
+    assert np.allclose(wide["p_stripes_physical_from_spots"][scored], wide["p_stripes_from_spots"][scored])
+    ev.bands = ev.bands.assign(low=np.inf)
+    narrow = ev(model)
+    assert np.array_equal(narrow["p_stripes_from_spots"], wide["p_stripes_from_spots"], equal_nan=True)
+    assert (narrow["p_stripes_physical_from_spots"] == 0).all() and (narrow["physical_from_stripes"] == 0).all()
+    assert narrow["artefact_fraction"].sum() == (1 - narrow["broken_fraction"]).sum()
+
+
+def test_probe_sets_hold_each_regime_apart_with_baselines(tiny) -> None:
+    """Parameter ranges differ between regimes: each regime gets its own probe set, baseline beside it."""
+    ad, _ = tiny
+    sets = {p.name: p for p in ad.probe_sets(None)}
+    assert set(sets) == {"parameters_gray_scott", "parameters_gray_scott_stripes", "parameters_gray_scott_spots",
+                         "parameters_flow", "parameters_flow_vortex", "parameters_flow_laminar"}
+    assert all(p.baseline and p.groups == "trajectory" for p in sets.values())
+    rows = ad.windows.query(sets["parameters_flow_laminar"].query)
+    assert set(rows.regime) == {"laminar"} and set(sets["parameters_flow_laminar"].targets) == {"log10_viscosity", "log10_reynolds"}
+    base = ad.baseline_features(ad.examples("all"))
+    assert set(base) == {"radial_spectrum", f"pixels_pca{min(32, len(ad.windows))}"}
 
 
 def test_user_predictor_plugs_in(tmp_path: Path) -> None:
@@ -468,3 +512,119 @@ def test_user_predictor_plugs_in(tmp_path: Path) -> None:
     assert np.isfinite(np.nanmean(scores["p_stripes_from_spots"]))
     with pytest.raises(ConfigError, match="has no 'nothing'"):
         PhysicsAdapter({**TINY, "model": f"{src}:nothing"}).model()
+
+
+# ------------------------------------------------------------- physicality and verdicts (constructed)
+
+
+def _smooth(n: int = 32, seed: int = 0) -> np.ndarray:
+    """A smooth periodic field ``(n, n)``: a few low Fourier modes with random phases."""
+    rng = np.random.default_rng(seed)
+    y, x = np.meshgrid(np.arange(n) * (2 * np.pi / n), np.arange(n) * (2 * np.pi / n), indexing="ij")
+    return sum(rng.normal() * np.cos(kx * x + ky * y + rng.uniform(0, 2 * np.pi)) for kx in range(3) for ky in range(3))
+
+
+def test_physicality_reads_patch_artefacts_boundedness_and_divergence() -> None:
+    from sciscope.domains.physics.physicality import patch_boundary_ratio, physical_bands, physicality, within_bands
+    from sciscope.domains.physics.simulate import flow_wavenumbers
+
+    n, p = 32, 4
+    smooth = np.stack([_smooth(n, s) for s in range(4)]).reshape(2, 2, n, n)  # (m, C, n, n)
+    patched = smooth + np.kron(np.random.default_rng(1).normal(size=(2, 2, n // p, n // p)), np.ones((p, p)))
+    r_smooth, r_patched = patch_boundary_ratio(smooth, p), patch_boundary_ratio(patched, p)
+    assert np.allclose(r_smooth, 1.0, atol=0.25) and (r_patched > 3 * r_smooth).all()
+    assert patch_boundary_ratio(np.ones((1, 2, n, n)), p)[0] == 1.0 and np.isnan(patch_boundary_ratio(np.full((1, 2, n, n), np.nan), p)[0])
+    # Gray-Scott: concentrations outside [0, 1] are out of bounds by their excess
+    gs = np.clip(0.5 + 0.1 * smooth, 0, 1)
+    gs[1, 1, 0, 0] = 1.3
+    d = physicality("gray_scott", gs, patch_size=p)
+    assert d.bound_excess.tolist() == pytest.approx([0.0, 0.3]) and d.u_mean[0] == pytest.approx(gs[0, 0].mean())
+    # flow: a velocity from a stream function is divergence-free; a gradient field is all divergence
+    ky, kx = flow_wavenumbers(n)
+    psi = np.fft.rfft2(_smooth(n, 7))
+    curl = np.stack([np.fft.irfft2(1j * ky * psi, s=(n, n)), np.fft.irfft2(-1j * kx * psi, s=(n, n))])
+    grad = np.stack([np.fft.irfft2(1j * kx * psi, s=(n, n)), np.fft.irfft2(1j * ky * psi, s=(n, n))])
+    f = physicality("flow", np.stack([curl, grad]), patch_size=p)
+    assert f.divergence_fraction[0] < 1e-12 and f.divergence_fraction[1] == pytest.approx(1.0)
+    # bands: the union of the references' ranges, widened; a frame outside any band is not physical
+    bands = physical_bands({"simulation": f.iloc[:1], "unsteered_model": f.iloc[:1] * 1.1}, margin=0.5)
+    assert within_bands(f, bands).tolist() == [True, False]
+    with pytest.raises(ConfigError, match="physical_margin"):
+        physical_bands({"simulation": f}, margin=-1.0)
+
+
+def _constructed_sweep(steer: dict, controls: list[dict]) -> "PlanSweep":  # noqa: F821
+    """A PlanSweep from per-rollout values ``{score: {alpha: array}}`` of the vector and of each control."""
+    from sciscope.core.experiment import PlanSweep
+
+    rows, samples = [], {}
+    for cond, scores in [("steer", steer)] + [(f"random-{i}", c) for i, c in enumerate(controls)]:
+        for score, by_alpha in scores.items():
+            for alpha, v in by_alpha.items():
+                samples[(cond, alpha, score)] = np.asarray(v, dtype=float)
+                rows.append({"condition": cond, "alpha": alpha, "metric": score, "value": float(np.mean(v))})
+        for alpha in next(iter(scores.values())):
+            rows.append({"condition": cond, "alpha": alpha, "metric": "__broken__", "value": 0.0})
+    roles = {"p_stripes_physical_from_spots": "target", "p_stripes_from_spots": "target", "p_stripes_from_stripes": "off_target",
+             "physical_from_spots": "other"}
+    params = {"name": "recipe_gray_scott", "alphas": [0.0, -0.6, 0.6], "seed": 0, "headline": "p_stripes_physical_from_spots",
+              "targets": ["p_stripes_physical_from_spots", "p_stripes_from_spots"], "off_target": ["p_stripes_from_stripes"],
+              "damage": [], "broken_score": None, "n_controls": len(controls)}
+    return PlanSweep(pd.DataFrame(rows), samples, roles, params)
+
+
+def test_steering_verdicts_follow_the_numbers_and_the_baseline_can_win() -> None:
+    """Planted: the classifier reads 'stripes' in every steered rollout, but only as many are physical as
+    under random directions -- P(stripes and physical) is 'no better than baseline' while the classifier
+    alone reads 'above baseline'; a slope below the random directions' reads 'below baseline'."""
+    from sciscope.domains.physics.verdicts import alpha_near, changed_rows, control_slopes, slope_rows
+
+    z, ones = np.zeros(8), np.ones(8)
+    quarter = np.array([1, 0, 0, 0, 1, 0, 0, 0], dtype=float)
+    steer = {"p_stripes_from_spots": {0.0: z, -0.6: ones, 0.6: ones},
+             "p_stripes_physical_from_spots": {0.0: z, -0.6: z, 0.6: quarter},
+             "physical_from_spots": {0.0: ones, -0.6: z, 0.6: quarter},
+             "p_stripes_from_stripes": {0.0: ones, -0.6: ones, 0.6: ones}}
+    controls = [{"p_stripes_from_spots": {0.0: z, -0.6: 0.1 * ones, 0.6: 0.2 * ones},
+                 "p_stripes_physical_from_spots": {0.0: z, -0.6: z, 0.6: np.roll(quarter, i)},
+                 "physical_from_spots": {0.0: ones, -0.6: ones, 0.6: ones},
+                 "p_stripes_from_stripes": {0.0: ones, -0.6: (0.4 + 0.02 * i) * ones, 0.6: ones}}
+                for i in range(4)]
+    sweep = _constructed_sweep(steer, controls)
+    assert alpha_near(sweep, 0.5) == 0.6 and alpha_near(sweep, -2.0) == -0.6
+    both, clf = changed_rows(sweep, "gray_scott", 0.6, "steering/steering_verdicts.csv")
+    assert both["name"] == "recipe_gray_scott: P(stripes and physical) from spots at alpha 0.6"
+    assert (both["value"], both["baseline"], both["control"]) == pytest.approx((0.25, 0.25, 0.0))
+    assert both["verdict"] == "no better than baseline"
+    assert (clf["value"], clf["baseline"]) == pytest.approx((1.0, 0.2)) and clf["verdict"] == "above baseline"
+    # slopes: the target's vs the random directions' |slopes| (their mean is the core summary's)
+    slope, ctrl = control_slopes(sweep, "p_stripes_physical_from_spots")
+    assert np.abs(ctrl).mean() == pytest.approx(sweep.summary("p_stripes_physical_from_spots", n_boot=0)["control_slope_mean_abs"])
+    rows, table = slope_rows(sweep, "steering/recipe_gray_scott/sweep.csv")
+    by = {r["name"].split(": slope of ")[1].split(" against")[0]: r for r in rows}
+    assert set(by) == {"p_stripes_physical_from_spots", "p_stripes_from_spots", "p_stripes_from_stripes"}
+    # both signs push to 'stripes' (the issue's P(stripes) 0.87 at -1.0): slope 0, below every random direction's drift
+    assert by["p_stripes_from_spots"]["value"] == pytest.approx(0.0) and by["p_stripes_from_spots"]["verdict"] == "below baseline"
+    off = by["p_stripes_from_stripes"]  # the vector leaves stripes alone, random directions move them
+    assert off["value"] == pytest.approx(0.0) and off["higher_is_better"] is False and off["verdict"] == "above baseline"
+    assert table.set_index("score").loc["p_stripes_from_stripes", "n_controls"] == 4
+    # a slope well below every random direction's is 'below baseline'
+    weak = _constructed_sweep({"p_stripes_physical_from_spots": {0.0: z, -0.6: z, 0.6: 0.05 * ones}},
+                              [{"p_stripes_physical_from_spots": {0.0: z, -0.6: -s * ones, 0.6: s * ones}} for s in (0.5, 0.55, 0.6)])
+    weak.roles = {"p_stripes_physical_from_spots": "target"}
+    assert slope_rows(weak, "x")[0][0]["verdict"] == "below baseline"
+
+
+def test_single_trajectory_features_and_the_rho_verdict() -> None:
+    """A feature whose top windows all come from one trajectory is flagged; a correlation no stronger than
+    the radial spectrum's reads 'no better than baseline'."""
+    from sciscope.domains.physics.analyses import _rho_verdict, trajectory_spread
+
+    top = pd.DataFrame({"feature": [0] * 4 + [1] * 4 + [2] * 4, "activation": [3, 2, 1, 1, 3, 2, 1, 1, 1, 0, 0, 0],
+                        "trajectory": [5, 5, 5, 5, 1, 2, 2, 3, 9, 8, 7, 6]})
+    spread = trajectory_spread(top).set_index("feature")
+    assert spread.single_trajectory.tolist() == [True, False, False]  # feature 2 has one active top window only
+    assert spread.loc[1, "n_trajectories"] == 3 and spread.loc[1, "top_trajectory"] == 2 and spread.loc[1, "top_share"] == 0.5
+    assert _rho_verdict(0.95, 0.94, 96) == "no better than baseline"
+    assert _rho_verdict(0.95, 0.5, 96) == "above baseline" and _rho_verdict(0.3, 0.9, 96) == "below baseline"
+    assert _rho_verdict(0.9, float("nan"), 96) is None
