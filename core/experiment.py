@@ -30,6 +30,7 @@ from torch import nn
 
 from .interventions import Intervention
 from .sites import Aliases
+from .verdict import ABOVE, NO_BETTER
 
 if TYPE_CHECKING:
     from .context import RunContext
@@ -434,7 +435,8 @@ def plan_headline_rows(sweep: PlanSweep, *, source: str) -> Rows:
             + (f"; damage: {', '.join(damage)}" if damage else "") + (f"; reference: {refs}" if refs else ""))
     rows: Rows = [{"stage": "steering", "name": f"{name}: change in {s['score']} at alpha {fmt(s['alpha_plus'])}",
                    "value": s["effect_plus"], "control": s["control_effect_plus_mean"],
-                   "control_label": f"{s['n_controls']} random controls, mean (largest |change| {fmt(s['control_effect_plus_max_abs'])}, p = {fmt(s['p_effect_plus'])})",
+                   "control_label": f"{s['n_controls']} random controls, mean (p = {fmt(s['p_effect_plus'])})",
+                   **_largest_control(s["effect_plus"], s["control_effect_plus_max_abs"], "change", s["n_controls"]),
                    "note": note, "source": source}]
     for score, role in sweep.roles.items():
         if role not in ("target", "off_target"):
@@ -443,9 +445,25 @@ def plan_headline_rows(sweep: PlanSweep, *, source: str) -> Rows:
         rows.append({"stage": "steering", "name": f"{name}: slope of {score} per unit alpha", "value": t["slope"],
                      "control": t["control_slope_mean_abs"],
                      "control_label": f"mean |slope| of {t['n_controls']} random controls",
+                     **_largest_control(t["slope"], t["control_slope_max_abs"], "slope", t["n_controls"]),
                      "note": f"{role}; {'monotonic' if t['monotonic'] else 'not monotonic'} over safe alphas; p = {fmt(t['p_slope'])}",
                      "source": source})
     return rows
+
+
+def _largest_control(value: float, control_max_abs: float, what: str, n_controls: int) -> dict[str, Any]:
+    """The baseline of one steering number: the largest |value| over its random controls.
+
+    One direction is read against the maximum over as many random directions as were run, so a
+    vector that does no more than the luckiest random one reads "no better than baseline" (never
+    "below": random directions are a null, not a rival method). The verdict compares magnitudes
+    (a plan's sign is the adapter's choice of a and b); empty without controls or when either
+    number is not finite.
+    """
+    if not n_controls or not (np.isfinite(value) and np.isfinite(control_max_abs)):
+        return {}
+    return {"baseline": float(control_max_abs), "baseline_label": f"largest |{what}| of {n_controls} random controls",
+            "verdict": ABOVE if abs(float(value)) > float(control_max_abs) else NO_BETTER}
 
 
 def resolve_reference(plan: SteeringPlan, ctx: "RunContext") -> dict[str, dict[str, float]]:

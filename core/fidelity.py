@@ -387,5 +387,6 @@ def _fidelity_rows(result: dict[str, Any] | None) -> list[dict[str, Any]]:
     if np.isfinite(t.kl["sae"]):
         note += f"; KL from clean outputs: SAE {t.kl['sae']:.3g}, PCA {t.kl['pca_at_l0']:.3g}"
     return [{"name": "loss recovered (SAE spliced in)", "value": float(t.loss_recovered["sae"]),
-             "control": float(t.loss_recovered["pca_at_l0"]), "control_label": "PCA with as many components as the SAE's L0",
+             "control": float(t.loss_recovered["mean_ablation"]), "control_label": "mean ablation (the site's mean spliced in)",
+             "baseline": float(t.loss_recovered["pca_at_l0"]), "baseline_label": "PCA with as many components as the SAE's L0",
              "note": note, "source": "sae/fidelity.csv"}]

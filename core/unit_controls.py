@@ -362,8 +362,10 @@ def _fmt(v: float) -> str:
 def unit_controls_headline(table: pd.DataFrame, *, source: str = "features/unit_controls.csv") -> list[dict[str, Any]]:
     """Headline rows: per statistic, the SAE's maximum and count beside random directions'.
 
-    The note names PCA and the raw units and says in words whether the SAE beats each; counts are
-    compared as fractions of each basis' units (the bases differ in size).
+    The note names PCA and the raw units and says in words whether the SAE beats each; the
+    stronger of the two is the row's ``baseline`` (its verdict follows). Counts are compared as
+    fractions of each basis' units (the bases differ in size): a count's baseline is the stronger
+    basis' fraction times the SAE's number of latents.
     """
     out: list[dict[str, Any]] = []
     for stat, t in table.groupby("statistic", sort=False):
@@ -377,10 +379,15 @@ def unit_controls_headline(table: pd.DataFrame, *, source: str = "features/unit_
         ctrl = t.loc["random_directions"] if "random_directions" in t.index else None
         what = "best |effect| over units" if stat == ASSOCIATION else f"max {stat} over units"
         beaten = [b for b in others if np.isfinite(t.loc[b, "max"]) and not sae["max"] > t.loc[b, "max"]]
+        bases = [b for b in ("pca", "raw_units") if b in t.index and np.isfinite(t.loc[b, "max"])]
+        strongest = max(bases, key=lambda b: t.loc[b, "max"]) if bases else None
         out.append({
             "name": f"SAE {what}", "value": float(sae["max"]),
             "control": float(ctrl["max"]) if ctrl is not None else None,
             "control_label": f"as many random directions ({int(ctrl['n_units'])})" if ctrl is not None else "",
+            **({"baseline": float(t.loc[strongest, "max"]),
+                "baseline_label": f"{_NAMES[strongest]} ({int(t.loc[strongest, 'n_units'])}), the stronger of PCA and the raw units"}
+               if strongest else {}),
             "note": "; ".join(f"{_NAMES[b]} ({int(t.loc[b, 'n_units'])}) {_fmt(t.loc[b, 'max'])}" for b in others if b != "random_directions")
                     + ("; the SAE beats all of them" if not beaten else
                        f"; the SAE does NOT beat {', '.join(_NAMES[b] for b in beaten)}"),
@@ -390,10 +397,18 @@ def unit_controls_headline(table: pd.DataFrame, *, source: str = "features/unit_
         rule = str(sae["rule"])
         label = f"units tied to a concept (FDR {sae['threshold']:g})" if stat == ASSOCIATION else f"units with {rule}"
         frac_beaten = [b for b in others if np.isfinite(t.loc[b, "fraction"]) and not sae["fraction"] > t.loc[b, "fraction"]]
+        bases = [b for b in ("pca", "raw_units") if b in t.index and np.isfinite(t.loc[b, "fraction"])]
+        strongest = max(bases, key=lambda b: t.loc[b, "fraction"]) if bases else None
         out.append({
             "name": f"SAE {label}", "value": int(sae["count"]),
             "control": int(ctrl["count"]) if ctrl is not None and np.isfinite(ctrl["count"]) else None,
             "control_label": f"as many random directions ({int(ctrl['n_units'])})" if ctrl is not None else "",
+            # the bases differ in size: the baseline is the count the SAE would have at the
+            # stronger basis' rate, so the verdict compares fractions
+            **({"baseline": float(t.loc[strongest, "fraction"] * sae["n_units"]),
+                "baseline_label": f"{_NAMES[strongest]}' rate ({t.loc[strongest, 'fraction']:.1%} of "
+                                  f"{int(t.loc[strongest, 'n_units'])}) x the SAE's {int(sae['n_units'])} latents"}
+               if strongest else {}),
             "note": "counts over bases of different sizes, so compare fractions: "
                     + "; ".join(f"{_NAMES[b]} {int(t.loc[b, 'count'])}/{int(t.loc[b, 'n_units'])} ({t.loc[b, 'fraction']:.1%})"
                                 for b in ("sae", *others) if np.isfinite(t.loc[b, "count"]))

@@ -473,6 +473,33 @@ def _summary_html(info: Mapping[str, Any], run_dir: Path) -> str:
     return "".join(parts)
 
 
+def _findings_html(rows: list[dict[str, Any]]) -> str:
+    """The findings, in words: every headline that has a baseline, grouped by its verdict.
+
+    A reader sees first which claims hold against the simplest explanation and which do not; a
+    number without a baseline is not a finding here (it stays in the table below).
+    """
+    from sciscope.core.verdict import VERDICTS
+
+    judged = [r for r in rows if isinstance(r, Mapping) and r.get("verdict") in VERDICTS]
+    parts = ['<section id="findings"><h2>Findings</h2>']
+    if not judged:
+        parts.append('<p class="muted">No headline number carries a baseline, so none has a verdict.</p></section>')
+        return "".join(parts)
+    counts = {v: sum(r["verdict"] == v for r in judged) for v in VERDICTS}
+    parts.append(f'<p class="sub">{len(judged)} headline numbers are read against the strongest simple baseline: '
+                 + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".</p>")
+    for v in VERDICTS:
+        items = [f'<li class="finding" data-verdict="{_esc(v)}">{_esc(str(r.get("stage") or ""))}: '
+                 f'<b>{_esc(str(r.get("name") or ""))}</b> {_esc(format_number(r.get("value")))} against '
+                 f'{_esc(str(r.get("baseline_label") or "the baseline"))} {_esc(format_number(r.get("baseline")))}</li>'
+                 for r in judged if r["verdict"] == v]
+        if items:
+            parts.append(f"<h3>{_esc(v.capitalize())} ({len(items)})</h3><ul>{''.join(items)}</ul>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
 def _headlines_html(rows: list[dict[str, Any]], run_dir: Path, base: Path) -> str:
     parts = ['<section id="headlines"><h2>Headline numbers</h2>']
     if not rows:
@@ -625,7 +652,8 @@ def build_report(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str]
     run_name = str(info.get("run") or info.get("run_name") or info.get("name") or run_dir.name)
     title = f"sciscope report — {domain + ' / ' if domain else ''}{run_name}"
 
-    toc = ['<li><a href="#summary">Summary</a></li>', '<li><a href="#headlines">Headline numbers</a></li>']
+    toc = ['<li><a href="#summary">Summary</a></li>', '<li><a href="#findings">Findings</a></li>',
+           '<li><a href="#headlines">Headline numbers</a></li>']
     for s in STAGES:
         if s in present:
             toc.append(f'<li><a href="#stage-{s}">{s}</a></li>')
@@ -637,6 +665,7 @@ def build_report(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str]
             f"generated {_esc(_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z'))}</p></header>",
             f'<nav class="toc"><b>Contents</b><ol>{"".join(toc)}</ol></nav>',
             _summary_html(info, run_dir),
+            _findings_html(headlines),
             _headlines_html(headlines, run_dir, base)]
     if headline_errors:
         body.append("".join(f'<p class="warn">{_esc(e)}</p>' for e in headline_errors))

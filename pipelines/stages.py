@@ -349,7 +349,7 @@ def stage_sae(run: Run) -> dict[str, Any]:
     run.ctx.live["sae"], run.ctx.live["latents"] = trained.sae, latents
     write_headline(out, [
         {"stage": "sae", "name": "explained variance", "value": metrics["explained_variance"],
-         "control": metrics["pca_explained_variance"], "control_label": "PCA with as many components as the SAE's L0",
+         "baseline": metrics["pca_explained_variance"], "baseline_label": "PCA with as many components as the SAE's L0",
          "note": f"{arch} {d_in}->{d_sae} at {site}; on {metrics['evaluated_on']} (train rows: {metrics['explained_variance_train']:.3f}); "
                  f"{trained.steps} steps" + (" (stopped early: validation explained variance stopped improving)" if trained.stopped_early else ""),
          "source": "sae/metrics.json"},

@@ -278,6 +278,35 @@ def target_checks(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def quality_headline(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Headline rows of the quality table: targets met, k=1 probing and single-unit F1 (random
+    directions as the control, the stronger of PCA and the raw units as the baseline), stability."""
+    t = table.set_index("metric")
+    checks = target_checks(table)
+    measured = checks[checks.met.notna()]
+    missed = measured[measured.met == False]  # noqa: E712 (an object column of True/False/None)
+    out = [{"name": "SAE targets met", "value": int(measured.met.sum()), "unit": f"of {len(measured)}",
+            "note": ("every target met" if missed.empty else "; ".join(missed.words))
+                    + ("" if len(measured) == len(checks) else f"; {len(checks) - len(measured)} not measured"),
+            "source": "sae/targets.csv"}]
+    for metric in ("k=1 sparse probing, mean balanced accuracy", "best single-unit F1, mean over concepts"):
+        if metric in t.index:
+            r = t.loc[metric]
+            best_other = max(r["pca"], r["raw_units"])
+            stronger = "PCA components" if r["pca"] >= r["raw_units"] else "raw units"
+            out.append({"name": f"SAE {metric}", "value": float(r["sae"]), "control": float(r["random_directions"]),
+                        "control_label": "as many random directions",
+                        "baseline": float(best_other), "baseline_label": f"{stronger}, the stronger of PCA and the raw units",
+                        "note": f"PCA components {r['pca']:.3f}, raw units {r['raw_units']:.3f}; "
+                                + ("the SAE beats both" if r["sae"] > best_other else "the SAE does NOT beat the best of them"),
+                        "source": "sae/quality.csv"})
+    if "stability (mean best decoder cosine to another seed)" in t.index:
+        out.append({"name": "SAE stability across seeds", "source": "sae/quality.csv",
+                    "value": float(t.loc["stability (mean best decoder cosine to another seed)", "sae"]),
+                    "note": f"duplicate pairs: {int(t.loc['duplicate pairs (decoder cosine > 0.9)', 'sae'])}"})
+    return out
+
+
 def quality_analysis() -> "Analysis":
     """The core's quality analysis (after the sae stage, after fidelity): ``sae/quality.csv``."""
     from ..experiment import Analysis
@@ -289,28 +318,4 @@ def quality_analysis() -> "Analysis":
         ctx.write_table("targets.csv", target_checks(table))
         return table
 
-    def headline(table: pd.DataFrame) -> list[dict[str, Any]]:
-        t = table.set_index("metric")
-        checks = target_checks(table)
-        measured = checks[checks.met.notna()]
-        missed = measured[measured.met == False]  # noqa: E712 (an object column of True/False/None)
-        out = [{"name": "SAE targets met", "value": int(measured.met.sum()), "unit": f"of {len(measured)}",
-                "note": ("every target met" if missed.empty else "; ".join(missed.words))
-                        + ("" if len(measured) == len(checks) else f"; {len(checks) - len(measured)} not measured"),
-                "source": "sae/targets.csv"}]
-        for metric in ("k=1 sparse probing, mean balanced accuracy", "best single-unit F1, mean over concepts"):
-            if metric in t.index:
-                r = t.loc[metric]
-                best_other = max(r["pca"], r["raw_units"])
-                out.append({"name": f"SAE {metric}", "value": float(r["sae"]), "control": float(r["random_directions"]),
-                            "control_label": "as many random directions",
-                            "note": f"PCA components {r['pca']:.3f}, raw units {r['raw_units']:.3f}; "
-                                    + ("the SAE beats both" if r["sae"] > best_other else "the SAE does NOT beat the best of them"),
-                            "source": "sae/quality.csv"})
-        if "stability (mean best decoder cosine to another seed)" in t.index:
-            out.append({"name": "SAE stability across seeds", "source": "sae/quality.csv",
-                        "value": float(t.loc["stability (mean best decoder cosine to another seed)", "sae"]),
-                        "note": f"duplicate pairs: {int(t.loc['duplicate pairs (decoder cosine > 0.9)', 'sae'])}"})
-        return out
-
-    return Analysis("sae_quality", "sae", compute, headline)
+    return Analysis("sae_quality", "sae", compute, quality_headline)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from sciscope.core.loading import is_causal
+from sciscope.core.verdict import verdict_from_folds
 
 if TYPE_CHECKING:
     from sciscope.core.context import RunContext
@@ -58,9 +59,15 @@ def compare_probes(ctx: "RunContext") -> list[dict[str, Any]]:
                  "baseline_score": float(base.get("baseline_mean", np.nan))}
                 for enc, b in ((e, best[e].loc[target]) for e in (enc_main, enc_other)))
         rows += [m, o]
+        # the baseline (ECFP) was scored on the same molecules and scaffold folds in the main sweep
+        judged = {}
+        if m["baseline"] and np.isfinite(m["baseline_score"]):
+            judged = {"baseline": m["baseline_score"], "baseline_label": m["baseline"],
+                      "verdict": verdict_from_folds(o["best_score"], o["score_std"], m["baseline_score"],
+                                                    float(base.get("baseline_std", np.nan)), int(ctx.config["probe_cv"]))}
         headline.append({
             "name": f"{target} ({o['metric']}), {enc_other} model", "value": o["best_score"],
-            "control": o["control_at_best"], "control_label": "shuffled labels",
+            "control": o["control_at_best"], "control_label": "shuffled labels", **judged,
             "note": f"best site {o['best_site']}; the {enc_main} model {m['best_score']:.3f} at {m['best_site']}"
                     + (f"; {m['baseline']} {m['baseline_score']:.3f}" if m["baseline"] else ""),
             "source": source})

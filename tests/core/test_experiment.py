@@ -15,6 +15,7 @@ from sciscope.core.experiment import Analysis, Scorer, SteeringPlan, plan_headli
 from sciscope.core.interventions import AblateFeatures, AddVector, Clamp, SteerFeature, matched_density_features
 from sciscope.core.sae import create_sae, sae_config
 from sciscope.core.steer import SteeringVector
+from sciscope.core.verdict import ABOVE, NO_BETTER
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -133,6 +134,23 @@ def test_run_plan_reads_a_planted_effect_beside_its_controls():
     rows = plan_headline_rows(sweep, source="steering/push_y0/summary.json")
     assert rows[0]["name"] == "push_y0: change in y0 at alpha 4" and rows[0]["value"] == pytest.approx(s["effect_plus"])
     assert {r["name"] for r in rows[1:]} == {"push_y0: slope of y0 per unit alpha", "push_y0: slope of y1 per unit alpha"}
+    # the baseline is the luckiest of the 10 random controls; the planted vector beats it
+    assert rows[0]["baseline"] == pytest.approx(s["control_effect_plus_max_abs"]) and rows[0]["verdict"] == ABOVE
+    assert rows[0]["baseline_label"] == "largest |change| of 10 random controls"
+
+
+def test_a_vector_the_readout_cannot_see_is_no_better_than_its_random_controls():
+    model = _mlp()
+    w = model[2].weight.detach()
+    v = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    v -= torch.linalg.lstsq(w.T, v.unsqueeze(1)).solution.squeeze(1) @ w  # orthogonal to both readout rows
+    v *= model[2].weight[0].norm() / v.norm()
+    plan = SteeringPlan("blind", AddVector(SteeringVector(v, "1")), Scorer(_readout, target=["y0"], off_target=["y1"]),
+                        alphas=[-2, -1, 1, 2], n_controls=10, seed=0)
+    rows = plan_headline_rows(run_plan(model, plan, plan.intervention), source="s.json")
+    # added after the ReLU (site "1"), v reaches the outputs only through the readout rows it is orthogonal to
+    assert abs(rows[0]["value"]) < 1e-4 and rows[0]["baseline"] > 1e-3
+    assert {r["verdict"] for r in rows} == {NO_BETTER}, rows
 
 
 def test_broken_runs_set_the_breakdown_alpha_and_leave_the_safe_range():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -73,6 +74,30 @@ def test_headline_says_whether_the_sae_beats_the_controls_and_compares_counts_as
         assert ("does NOT beat random directions" in mx["note"]) is (not beats)
         count = rows["SAE units with corr >= 0.25"]
         assert "different sizes" in count["note"] and "/3000 (" in count["note"] and "/8 (" in count["note"]
+
+
+def test_the_stronger_of_pca_and_raw_units_is_the_baseline_and_the_verdict_follows(tmp_path: Path):
+    """A raw unit planted stronger than the SAE's best: the SAE reads "below baseline", and its
+    count is read against the raw units' rate (1 of 4) times the SAE's 8 latents."""
+    from sciscope.core.verdict import ABOVE, BELOW
+    from sciscope.pipelines.layout import write_headline
+
+    rule = UnitRule("corr", threshold=0.25, label="|r| with y")
+    r = np.random.default_rng(2)
+    for raw_signal, expected in ((3.0, BELOW), (0.0, ABOVE)):
+        bases = _bases(1.0)
+        bases["pca"] = r.standard_normal((N, 4))
+        bases["raw_units"] = r.standard_normal((N, 4)) + raw_signal * Y[:, None] * np.array([1, 0, 0, 0])
+        t = unit_controls_table(bases, OBS, statistics={"corr": _abs_corr}, rules={"corr": rule})
+        write_headline(tmp_path, unit_controls_headline(t))
+        rows = {row["name"]: row for row in json.loads((tmp_path / "headline.json").read_text())}
+        mx = rows["SAE max |r| with y over units"]
+        assert mx["verdict"] == expected, mx
+        if raw_signal:
+            assert mx["baseline"] == pytest.approx(t[(t.basis == "raw_units")]["max"].iloc[0])
+            count = rows["SAE units with corr >= 0.25"]
+            assert count["value"] == 1 and count["baseline"] == pytest.approx(8 * 1 / 4)
+            assert count["verdict"] == BELOW and "raw units' rate (25.0% of 4)" in count["baseline_label"]
 
 
 def test_unit_rule_with_p_values_and_too_few_permutations():

@@ -512,6 +512,7 @@ def test_encoding_variant_compares_probes_and_validity(tmp_path: Path) -> None:
     tokenizer, probed by a probe set, and sampled beside the main model; SELFIES samples are all
     valid, SMILES samples of an undertrained model are mostly not."""
     from sciscope.core import probe_sweep
+    from sciscope.core.verdict import verdict_from_folds
 
     ad = ChemistryAdapter({**TINY, "compare_encodings": True, "train_steps": 20, "n_generate": 24})
     ctx = RunContext(ad, run_dir=tmp_path, stage="probes")
@@ -532,12 +533,19 @@ def test_encoding_variant_compares_probes_and_validity(tmp_path: Path) -> None:
     vstore = ctx.store("smiles")
     assert (tmp_path / "activations" / "variants" / "smiles").is_dir() and vstore.n_obs == len(ex)
     assert not np.allclose(vstore.array("layer.1"), store.array("layer.1"))
-    ctx.live["probes"] = probe_sweep(store, ["logp", "mol_wt"], cv=3, groups="scaffold", progress=False)
+    ctx.live["probes"] = probe_sweep(store, ["logp", "mol_wt"], cv=3, groups="scaffold", progress=False,
+                                     baseline=ad.baseline_features(ex))
     ctx.live["probes:encoding_comparison"] = probe_sweep(vstore, ["logp", "mol_wt"], cv=3, groups="scaffold", progress=False)
     rows, _ = _analysis(ad, "encoding_comparison").run(ctx)
     table = pd.read_csv(tmp_path / "probes" / "encoding_comparison.csv")
     assert set(table["encoding"]) == {"selfies", "smiles"} and len(table) == 4 and len(rows) == 2
     assert rows[0]["name"] == "logp (r2), smiles model" and rows[0]["source"] == "probes/encoding_comparison.csv"
+    # the variant is read against the main sweep's ECFP, scored on the same molecules and folds
+    logp = table.query("target == 'logp' and encoding == 'smiles'").iloc[0]
+    assert rows[0]["baseline_label"] == logp.baseline and rows[0]["baseline"] == pytest.approx(logp.baseline_score)
+    assert rows[0]["verdict"] == verdict_from_folds(logp.best_score, logp.score_std, logp.baseline_score,
+                                                    ctx.live["probes"].summary().query("target == 'logp'").baseline_std.iloc[0],
+                                                    int(ctx.config["probe_cv"]))
     assert (tmp_path / "probes" / "encoding_comparison.png").is_file()
     main_best = ctx.live["probes"].summary().query("target == 'logp'").score_mean.max()
     assert table.query("target == 'logp' and encoding == 'selfies'").best_score.iloc[0] == pytest.approx(main_best)

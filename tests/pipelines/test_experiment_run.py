@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from sciscope.core.verdict import verdict
+
 pytestmark = pytest.mark.slow
 
 ADAPTER = Path(__file__).resolve().parents[1] / "domains" / "experiment_adapter.py"
@@ -70,7 +72,10 @@ def test_the_core_fidelity_analysis_spliced_the_sae_into_the_model(run_dir: Path
     assert table.kl["clean"] == 0 and table.kl["sae"] >= 0
     rows = json.loads((run_dir / "sae" / "headline.json").read_text())
     row = next(r for r in rows if r["name"] == "loss recovered (SAE spliced in)")
-    assert row["value"] == pytest.approx(table.loss_recovered["sae"]) and row["control_label"].startswith("PCA")
+    assert row["value"] == pytest.approx(table.loss_recovered["sae"]) and row["baseline_label"].startswith("PCA")
+    assert row["control"] == pytest.approx(table.loss_recovered["mean_ablation"])
+    assert row["baseline"] == pytest.approx(table.loss_recovered["pca_at_l0"])
+    assert row["verdict"] == verdict(row["value"], row["baseline"])  # the verdict follows the two numbers
     assert "fidelity" in json.loads((run_dir / "sae" / "analyses.json").read_text())
 
 

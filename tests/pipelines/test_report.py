@@ -262,3 +262,18 @@ def test_baseline_and_verdict_reach_the_report_and_read_back(run: Path):
     assert row["baseline"] == 0.666 and row["baseline_label"] == "country one-hot"
     assert row["verdict"] == "below baseline"
     assert '<td class="verdict">below baseline</td>' in out.read_text()
+
+
+def test_findings_group_the_judged_headlines_by_verdict(run: Path):
+    text = build_report(run).read_text()
+    assert "No headline number carries a baseline" in text  # the fixture's rows have none
+    write_headline(run / "probes", [
+        {"stage": "probes", "name": "lat (r2)", "value": 0.618, "baseline": 0.666, "baseline_label": "country one-hot"},
+        {"stage": "probes", "name": "lon (r2)", "value": 0.675, "baseline": 0.599, "baseline_label": "country one-hot"},
+        {"stage": "probes", "name": "no baseline", "value": 0.5}])
+    text = build_report(run).read_text()
+    findings = text[text.index('<section id="findings">'):text.index('<section id="headlines">')]
+    assert "2 headline numbers are read against the strongest simple baseline: 1 above baseline, 0 no better than baseline, 1 below baseline." in findings
+    assert re.findall(r'data-verdict="([^"]+)">probes: <b>([^<]+)</b>', findings) == [("above baseline", "lon (r2)"),
+                                                                                        ("below baseline", "lat (r2)")]
+    assert "no baseline" not in findings
