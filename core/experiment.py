@@ -30,7 +30,7 @@ from torch import nn
 
 from .interventions import Intervention
 from .sites import Aliases
-from .verdict import ABOVE, NO_BETTER
+from .verdict import ABOVE, BELOW, NO_BETTER
 
 if TYPE_CHECKING:
     from .context import RunContext
@@ -445,25 +445,30 @@ def plan_headline_rows(sweep: PlanSweep, *, source: str) -> Rows:
         rows.append({"stage": "steering", "name": f"{name}: slope of {score} per unit alpha", "value": t["slope"],
                      "control": t["control_slope_mean_abs"],
                      "control_label": f"mean |slope| of {t['n_controls']} random controls",
-                     **_largest_control(t["slope"], t["control_slope_max_abs"], "slope", t["n_controls"]),
+                     **_largest_control(t["slope"], t["control_slope_max_abs"], "slope", t["n_controls"],
+                                        off_target=role == "off_target"),
                      "note": f"{role}; {'monotonic' if t['monotonic'] else 'not monotonic'} over safe alphas; p = {fmt(t['p_slope'])}",
                      "source": source})
     return rows
 
 
-def _largest_control(value: float, control_max_abs: float, what: str, n_controls: int) -> dict[str, Any]:
+def _largest_control(value: float, control_max_abs: float, what: str, n_controls: int, *,
+                     off_target: bool = False) -> dict[str, Any]:
     """The baseline of one steering number: the largest |value| over its random controls.
 
     One direction is read against the maximum over as many random directions as were run, so a
     vector that does no more than the luckiest random one reads "no better than baseline" (never
     "below": random directions are a null, not a rival method). The verdict compares magnitudes
-    (a plan's sign is the adapter's choice of a and b); empty without controls or when either
-    number is not finite.
+    (a plan's sign is the adapter's choice of a and b). An off-target score is the other way
+    round: moving it more than every random direction does is a side effect, "below baseline";
+    otherwise it is "no better than baseline" (as specific as a random direction, no more).
+    Empty without controls or when either number is not finite.
     """
     if not n_controls or not (np.isfinite(value) and np.isfinite(control_max_abs)):
         return {}
+    beyond = abs(float(value)) > float(control_max_abs)
     return {"baseline": float(control_max_abs), "baseline_label": f"largest |{what}| of {n_controls} random controls",
-            "verdict": ABOVE if abs(float(value)) > float(control_max_abs) else NO_BETTER}
+            "verdict": (BELOW if beyond else NO_BETTER) if off_target else (ABOVE if beyond else NO_BETTER)}
 
 
 def resolve_reference(plan: SteeringPlan, ctx: "RunContext") -> dict[str, dict[str, float]]:

@@ -15,7 +15,7 @@ from sciscope.core.experiment import Analysis, Scorer, SteeringPlan, plan_headli
 from sciscope.core.interventions import AblateFeatures, AddVector, Clamp, SteerFeature, matched_density_features
 from sciscope.core.sae import create_sae, sae_config
 from sciscope.core.steer import SteeringVector
-from sciscope.core.verdict import ABOVE, NO_BETTER
+from sciscope.core.verdict import ABOVE, BELOW, NO_BETTER
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -137,6 +137,9 @@ def test_run_plan_reads_a_planted_effect_beside_its_controls():
     # the baseline is the luckiest of the 10 random controls; the planted vector beats it
     assert rows[0]["baseline"] == pytest.approx(s["control_effect_plus_max_abs"]) and rows[0]["verdict"] == ABOVE
     assert rows[0]["baseline_label"] == "largest |change| of 10 random controls"
+    # y1, the off-target score, is read the other way round: moving it beyond every control is a side effect
+    y1 = next(r for r in rows if r["name"] == "push_y0: slope of y1 per unit alpha")
+    assert y1["verdict"] == (BELOW if abs(y1["value"]) > y1["baseline"] else NO_BETTER)
 
 
 def test_a_vector_the_readout_cannot_see_is_no_better_than_its_random_controls():
