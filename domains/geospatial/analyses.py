@@ -120,8 +120,8 @@ def morans_i_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def feature_maps(adapter: "GeospatialAdapter", ctx: "RunContext") -> list[str]:
-    """Maps of the top ``n_map_features`` latents by Moran's I (``feature_maps.png``), a LISA map of the
-    top one (``lisa_top_feature.png``) and I beside its control (``morans_i_hist.png``); returns their sources.
+    """Maps of the top ``n_map_features`` latents by Moran's I (``feature_maps.png``; each title names
+    the feature's best country and whether it is a country detector), a LISA map of the top one (``lisa_top_feature.png``) and I beside its control (``morans_i_hist.png``); returns their sources.
     """
     c, extra, latents = adapter.config, ctx.features().extra, ctx.latents()
     A, obs = np.asarray(latents.array("latents")), latents.obs.reset_index(drop=True)
@@ -131,7 +131,14 @@ def feature_maps(adapter: "GeospatialAdapter", ctx: "RunContext") -> list[str]:
     top = finite[np.argsort(-I[finite], kind="stable")][: c["n_map_features"]]
     sources = []
     if top.size:
-        titles = [f"feature {feats[i]}: I = {I[i]:.2f}" + (f", p = {p[i]:.3g}" if np.isfinite(p[i]) else "") for i in top]
+        from .confounds import best_country_auroc
+
+        bc = best_country_auroc(A[:, feats[top]], obs["country"], min_places=c["country_min_places"])
+        detector = [f"\ncountry detector: {b.best_country} (AUROC {b.auroc:.2f})" if b.auroc >= c["country_auroc"]
+                    else f"\nbest country {b.best_country}, AUROC {b.auroc:.2f}" if np.isfinite(b.auroc) else ""
+                    for b in bc.itertuples()]
+        titles = [f"feature {feats[i]}: I = {I[i]:.2f}" + (f", p = {p[i]:.3g}" if np.isfinite(p[i]) else "") + d
+                  for i, d in zip(top, detector)]
         fig = plot_feature_maps(A, obs, [int(feats[i]) for i in top], titles=titles)
         sources.append(ctx.save_figure("feature_maps.png", fig))
         best = int(feats[top[0]])

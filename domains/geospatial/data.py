@@ -18,8 +18,9 @@ import pandas as pd
 from sciscope.core.errors import ConfigError, ShapeError
 from sciscope.core.spatial import block_split, haversine_km, laea_project, spatial_blocks
 
-__all__ = ["CONTINENTS", "PROMPT_FIELDS", "build_obs", "check_prompt", "load_places", "median_error_km",
-           "normalise_continent", "normalise_countries", "stratified_sample"]
+__all__ = ["CONTINENTS", "PROMPT_FIELDS", "build_obs", "check_prompt", "country_centroid_features", "country_centroids",
+           "fill_prompts", "load_places", "median_error_km",
+           "normalise_continent", "normalise_countries", "stratified_sample", "within_country"]
 
 #: GeoNames continent codes and names.
 CONTINENTS: dict[str, str] = {
@@ -217,19 +218,77 @@ def stratified_sample(places: pd.DataFrame, n: int, *, seed: int = 0) -> pd.Data
     return out.iloc[rng.permutation(len(out))].reset_index(drop=True)
 
 
-def build_obs(places: pd.DataFrame, *, template: str, n_blocks: int, test_fraction: float, seed: int) -> pd.DataFrame:
+def fill_prompts(places: pd.DataFrame, template: str) -> list[str]:
+    """``template`` filled for every place (placeholders :data:`PROMPT_FIELDS`)."""
+    check_prompt(template)
+    return [template.format(name=r.name, country=r.country_name, country_code=r.country, continent=r.continent_name)
+            for r in places.itertuples(index=False)]
+
+
+@functools.cache
+def country_centroids() -> pd.DataFrame:
+    """Each country's centre from GeoNames: the spherical mean of every bundled city of 15,000 or more
+    inhabitants in it (cities15000), as ``lat``/``lon`` indexed by ISO code.
+
+    Knowledge of the country alone, from outside the sample (a place weighs one city among all its
+    country's, so a sampled place is part of its own country's centre only as one of many; only in a
+    country with a single such city is it the whole).
+    """
+    cities = _cities_table(15000)
+    lat, lon = np.radians(cities["lat"].to_numpy()), np.radians(cities["lon"].to_numpy())
+    xyz = pd.DataFrame({"x": np.cos(lat) * np.cos(lon), "y": np.cos(lat) * np.sin(lon), "z": np.sin(lat)})
+    m = xyz.groupby(cities["country"].to_numpy()).mean()
+    norm = np.sqrt((m ** 2).sum(1)).replace(0, 1.0)
+    return pd.DataFrame({"lat": np.degrees(np.arcsin(np.clip(m["z"] / norm, -1, 1))),
+                         "lon": np.degrees(np.arctan2(m["y"], m["x"]))})
+
+
+def country_centroid_features(countries: Any) -> np.ndarray:
+    """``(n, 5)`` float32: the centre of each row's country (:func:`country_centroids`) as lat, lon and
+    unit-sphere x, y, z; a country without a bundled city gets the mean of the others."""
+    cent = country_centroids().reindex(pd.Series(np.asarray(countries)).astype(str))
+    lat, lon = np.radians(cent["lat"].to_numpy()), np.radians(cent["lon"].to_numpy())
+    X = np.column_stack([cent["lat"], cent["lon"], np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)])
+    if np.isnan(X).any():
+        X = np.where(np.isnan(X), np.nanmean(X, axis=0) if np.isfinite(X).any() else 0.0, X)
+    return X.astype(np.float32)
+
+
+def within_country(obs: pd.DataFrame) -> pd.DataFrame:
+    """Each place's position inside its country: ``country_places`` (sampled places of its country),
+    ``lat_in_country`` and ``lon_in_country`` (degrees from the mean of its country's sampled places;
+    longitude about the circular mean, wrapped into [-180, 180)).
+
+    What is left of latitude and longitude once the country is known: a one-hot of the country
+    cannot predict it, so a probe of it reads where a place lies inside its country.
+    """
+    lat = obs["lat"].to_numpy(dtype=np.float64)
+    lon = np.radians(obs["lon"].to_numpy(dtype=np.float64))
+    g = obs.groupby("country", sort=False)
+    lat_mean = g["lat"].transform("mean").to_numpy(dtype=np.float64)
+    s = pd.Series(np.sin(lon), index=obs.index).groupby(obs["country"]).transform("mean").to_numpy()
+    c = pd.Series(np.cos(lon), index=obs.index).groupby(obs["country"]).transform("mean").to_numpy()
+    d_lon = np.degrees(lon - np.arctan2(s, c))
+    return pd.DataFrame({"country_places": g["lat"].transform("size").to_numpy(dtype=np.int64),
+                         "lat_in_country": lat - lat_mean, "lon_in_country": (d_lon + 180.0) % 360.0 - 180.0},
+                        index=obs.index)
+
+
+def build_obs(places: pd.DataFrame, *, template: str, n_blocks: int, test_fraction: float, seed: int,
+              variant_template: str = "") -> pd.DataFrame:
     """The obs table of a sample of places: prompt, coordinates, projection, blocks, split, groups.
 
-    Adds ``prompt`` (``template`` filled per place, placeholders :data:`PROMPT_FIELDS`);
+    Adds ``prompt`` (``template`` filled per place, placeholders :data:`PROMPT_FIELDS`) and, with
+    ``variant_template``, ``variant_prompt`` (the prompt of the adapter's prompt variant);
     ``log10_population``; ``x``/``y`` (km, Lambert azimuthal equal-area centred on the sample's
     spherical centroid); ``block`` (k-means spatial block); ``split`` (``train``/``test`` by whole
     blocks); ``north``/``south`` (upper / lower third of latitude; the middle third is in neither,
-    so the contrast is between clearly separated groups).
+    so the contrast is between clearly separated groups); the columns of :func:`within_country`.
     """
-    check_prompt(template)
     obs = places.reset_index(drop=True).copy()
-    obs.insert(1, "prompt", [template.format(name=r.name, country=r.country_name, country_code=r.country,
-                                             continent=r.continent_name) for r in obs.itertuples(index=False)])
+    obs.insert(1, "prompt", fill_prompts(obs, template))
+    if variant_template:
+        obs.insert(2, "variant_prompt", fill_prompts(obs, variant_template))
     obs["log10_population"] = np.log10(np.maximum(obs["population"].to_numpy(dtype=np.float64), 1.0))
     x, y = laea_project(obs["lat"].to_numpy(), obs["lon"].to_numpy())
     obs["x"], obs["y"] = x, y
@@ -238,7 +297,7 @@ def build_obs(places: pd.DataFrame, *, template: str, n_blocks: int, test_fracti
     lo, hi = np.quantile(obs["lat"].to_numpy(), [1 / 3, 2 / 3])
     obs["north"] = (obs["lat"] > hi).to_numpy()
     obs["south"] = (obs["lat"] < lo).to_numpy()
-    return obs
+    return pd.concat([obs, within_country(obs)], axis=1)
 
 
 def median_error_km(obs: pd.DataFrame, pred_lat: Any, pred_lon: Any) -> float:

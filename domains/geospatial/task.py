@@ -11,7 +11,7 @@ embeddings computed by the (possibly spliced) model. A causal LM has a task of i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from torch import nn
 
 from sciscope.core.capture import pooled_activations
 
-__all__ = ["probe_task", "unit_sphere"]
+__all__ = ["probe_task", "tokenise", "unit_sphere"]
 
 
 def unit_sphere(lat: Any, lon: Any) -> np.ndarray:
@@ -60,3 +60,10 @@ def probe_task(
 
     no_skill = float(((y.mean(0) - truth) ** 2).sum(1).mean())
     return loss, {"alpha": float(ridge.alpha_), "no_skill": no_skill, "n_train": len(X), "n_eval": len(truth)}
+
+
+def tokenise(tok: Any, prompts: list[str], batch_size: int, max_length: int) -> Iterator[dict[str, torch.Tensor]]:
+    """``prompts`` tokenised in batches, padded per batch: ``input_ids``, ``attention_mask`` (+ ``token_type_ids``)."""
+    for i in range(0, len(prompts), batch_size):
+        enc = tok(prompts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        yield {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}

@@ -204,7 +204,8 @@ def test_analyses_write_tables_figures_and_headlines(global_obs: pd.DataFrame, t
     ctx.live["features"] = analyze_features(latents, obs, concepts=["lat"], statistics=ad.feature_statistics, k=3)
     analyses = {a.name: a for a in ad.analyses()}
     assert [(a.name, a.stage) for a in analyses.values()] == [
-        ("median_error_km", "probes"), ("morans_i_summary", "features"), ("feature_maps", "features")]
+        ("median_error_km", "probes"), ("morans_i_summary", "features"), ("country_detectors", "features"),
+        ("feature_maps", "features")]
     rows = {}
     for a in analyses.values():
         ctx.stage = a.stage
@@ -285,6 +286,18 @@ def test_minilm_sites_baseline_and_batches(minilm) -> None:
     assert base.dtype == np.float32 and base.shape[0] == len(ex) and 20 < base.shape[1] <= 500
     country = ad.baseline_features(ex)["country_one_hot"]
     assert country.shape == (len(ex), ex.obs["country"].nunique()) and (country.sum(1) == 1).all()
+    centre = ad.baseline_features(ex)["country_centroid"]  # GeoNames centre of the country: lat, lon, x, y, z
+    assert centre.shape == (len(ex), 5) and np.abs(centre[:, 0] - ex.obs["lat"]).max() < 40
+    assert ad.pooling == "mean"  # an encoder: mean over the tokens, as sentence encoders pool
+    # the prompt variant: the same weights reading the country prompt
+    variant = ad.variant_model("country_prompt")
+    main = ad.ctx.model()
+    assert variant is not main and variant.embeddings is main.embeddings and not hasattr(main, "geospatial_prompt")
+    ids = next(iter(ad.batches(ex, variant, batch_size=5)))["input_ids"]
+    assert ad.tokenizer.decode(ids[0], skip_special_tokens=True) == ex.obs["variant_prompt"][0].lower()
+    assert ad.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True) == ex.obs["name"][0].lower()
+    with pytest.raises(ConfigError, match="'variant_prompt'.*'wrong'"):
+        GeospatialAdapter({**TINY, "variant_prompt": "{name} in {wrong}"})
     sel = GeospatialAdapter({**TINY, "layers": ["1", "layer.-1"], "sae_layer": 2})
     assert sel.sites == ["layer.1", "layer.2", "layer.3", "layer.5"]  # + SAE (2) and steering (3) layers
 
@@ -347,6 +360,8 @@ def test_tiny_local_gpt2_directory(tmp_path: Path) -> None:
     causal = GeospatialAdapter({**TINY, "model": str(path)})
     report = check_adapter(causal, tmp_path / "conf", spec=str(path))
     assert report["task_loss"].startswith("next-token cross-entropy") and causal.fidelity_positions == slice(1, None)
+    # a causal LM reads the place at its last valid token (the only one that saw the whole prompt)
+    assert causal.pooling == "last" and GeospatialAdapter({**TINY, "model": str(path), "pooling": "mean"}).pooling == "mean"
     task = causal.task_loss(causal.ctx)
     lp = task.log_probs(causal.ctx.model())
     assert lp.shape[1] == model.config.vocab_size and torch.allclose(lp.exp().sum(1), torch.ones(len(lp)), atol=1e-4)

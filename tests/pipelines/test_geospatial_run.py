@@ -61,6 +61,29 @@ def test_report_headlines_agree_with_tables(run_dir):
         assert (run_dir / "features" / name).is_file(), name
 
 
+def test_confounds_carry_baselines_and_verdicts(run_dir):
+    """The default prompt names no country; the country prompt is a variant probed beside it; the
+    within-country probes and the country-detector count carry a baseline and a verdict."""
+    from sciscope.core.verdict import VERDICTS
+    from sciscope.pipelines.layout import read_headlines
+
+    rows = {r["name"]: r for r in read_headlines(run_dir)}
+    for name in ("lat (r2)", "country_prompt: lat (r2)", "within_country: lat_in_country (r2)",
+                 "spatial SAE latents that are not country detectors"):
+        assert rows[name]["baseline"] is not None and rows[name]["verdict"] in VERDICTS, rows[name]
+    assert rows["country_prompt: lat (r2)"]["baseline_label"] in ("country_one_hot", "bag_of_characters")
+    store = json.loads((run_dir / "activations" / "store" / "manifest.json").read_text())
+    assert store["pooling"] == "mean"  # the encoder's; a causal LM's default is "last"
+    obs = pd.read_parquet(run_dir / "examples" / "obs.parquet")
+    assert (obs["prompt"] == obs["name"]).all() and obs["variant_prompt"].str.contains(", ").all()
+    assert (run_dir / "activations" / "variants" / "country_prompt").is_dir()
+    det = pd.read_csv(run_dir / "features" / "country_detectors.csv")
+    summary = pd.read_csv(run_dir / "features" / "country_detectors_summary.csv").set_index("basis")
+    assert len(det) == summary.loc["sae", "n_spatial"] and int(det["country_detector"].sum()) == summary.loc["sae", "n_country_detectors"]
+    assert det["label"].str.match(r"^(country detector: .+|spatial)$").all()
+    assert rows["spatial SAE latents that are not country detectors"]["value"] == summary.loc["sae", "n_not_country_detectors"]
+
+
 def test_controls_behave(run_dir):
     """Probes beat their shuffled control; Moran's I of the shuffled-coordinate control is near 0."""
     summary = pd.read_csv(run_dir / "probes" / "summary.csv")
