@@ -39,7 +39,7 @@ from sciscope.core.loading import find_layer_stack, layer_index, load_factory_mo
 
 from . import data as _data
 from .data import REGIMES, TrajectorySet
-from .diagnostics import DIAGNOSTICS, SHARED_DIAGNOSTICS, RegimeClassifier, diagnose
+from .diagnostics import DIAGNOSTICS, SHARED_DIAGNOSTICS, RegimeClassifier, diagnose, radial_power
 from .model import ModelSpec, WindowDataset, load_predictor, rollout, save_predictor, train_predictor
 from .steering import RolloutScorer
 
@@ -335,19 +335,20 @@ class PhysicsAdapter(DomainAdapter):
         return sets
 
     def baseline_features(self, examples: Examples) -> dict[str, np.ndarray]:
-        """Non-model features of each window's last frame: radial power spectrum and PCA of the pixels."""
+        """Non-model features of each window's last frame: its radial power spectrum per channel, as
+        ``log(1 + power)`` (``radial_spectrum``) and as each bin's share of the power beside the log total
+        (``radial_spectrum_shape``: bounded, so a probe does not extrapolate on a field whose pattern
+        died), and PCA of the pixels. The probe stages take the strongest per target."""
         last = self.normalised_frames[tuple(np.array(examples.inputs).T)].astype(np.float64)  # (n, C, g, g)
-        g = last.shape[-1]
-        ky, kx = np.meshgrid(np.fft.fftfreq(g, 1 / g), np.fft.fftfreq(g, 1 / g), indexing="ij")
-        kbin = np.minimum(np.sqrt(ky**2 + kx**2).round().astype(int), g // 2)
-        power = np.abs(np.fft.fft2(last)) ** 2  # (n, C, g, g)
-        spec = np.stack([np.bincount(kbin.ravel(), weights=p.ravel(), minlength=g // 2 + 1)
-                         for p in power.reshape(-1, g, g)]).reshape(len(last), -1)
+        spec = radial_power(last)  # (n, C, g//2 + 1)
+        total = spec.sum(-1, keepdims=True)
+        shape = np.concatenate([(spec / np.maximum(total, 1e-12)).reshape(len(last), -1), np.log10(total[..., 0] + 1e-6)], axis=1)
         flat = last.reshape(len(last), -1)
         flat = flat - flat.mean(0)
         _, _, vt = np.linalg.svd(flat, full_matrices=False)
         k = min(32, vt.shape[0])
-        return {"radial_spectrum": np.log1p(spec).astype(np.float32), f"pixels_pca{k}": (flat @ vt[:k].T).astype(np.float32)}
+        return {"radial_spectrum": np.log1p(spec.reshape(len(last), -1)).astype(np.float32),
+                "radial_spectrum_shape": shape.astype(np.float32), f"pixels_pca{k}": (flat @ vt[:k].T).astype(np.float32)}
 
     @property
     def contrasts(self) -> dict[str, tuple[str, str]]:

@@ -31,7 +31,7 @@ from sciscope.core.errors import ConfigError
 from .simulate import flow_wavenumbers, velocity_to_vorticity
 
 __all__ = ["DIAGNOSTICS", "SHARED_DIAGNOSTICS", "RegimeClassifier", "diagnose", "flow_diagnostics",
-           "gray_scott_diagnostics", "main_field", "spectral_diagnostics"]
+           "gray_scott_diagnostics", "main_field", "radial_power", "spectral_diagnostics"]
 
 #: Per-system diagnostic columns (the classifier's inputs).
 DIAGNOSTICS: dict[str, tuple[str, ...]] = {
@@ -71,6 +71,19 @@ def _rfft_power(field: np.ndarray) -> np.ndarray:
     if n % 2 == 0:
         w[-1] = 1.0
     return p * w
+
+
+def radial_power(frames: np.ndarray) -> np.ndarray:
+    """Radial power spectrum of periodic fields ``(..., n, n)``: power summed over rings of integer
+    ``|k|`` (``|k| > n/2`` into the last ring), ``(..., n // 2 + 1)``."""
+    frames = np.asarray(frames, dtype=np.float64)
+    n = frames.shape[-1]
+    ky, kx = np.meshgrid(np.fft.fftfreq(n, 1 / n), np.fft.fftfreq(n, 1 / n), indexing="ij")
+    kbin = np.minimum(np.sqrt(ky**2 + kx**2).round().astype(int), n // 2).ravel()
+    power = (np.abs(np.fft.fft2(frames)) ** 2).reshape(-1, n * n)
+    onehot = np.zeros((n * n, n // 2 + 1))
+    onehot[np.arange(n * n), kbin] = 1.0
+    return (power @ onehot).reshape(*frames.shape[:-2], n // 2 + 1)
 
 
 def spectral_diagnostics(field: np.ndarray, k_cut: float) -> dict[str, np.ndarray]:

@@ -472,8 +472,12 @@ def test_probe_sets_hold_each_regime_apart_with_baselines(tiny) -> None:
     assert all(p.baseline and p.groups == "trajectory" for p in sets.values())
     rows = ad.windows.query(sets["parameters_flow_laminar"].query)
     assert set(rows.regime) == {"laminar"} and set(sets["parameters_flow_laminar"].targets) == {"log10_viscosity", "log10_reynolds"}
-    base = ad.baseline_features(ad.examples("all"))
-    assert set(base) == {"radial_spectrum", f"pixels_pca{min(32, len(ad.windows))}"}
+    ex = ad.examples("all")
+    base = ad.baseline_features(ex)
+    assert set(base) == {"radial_spectrum", "radial_spectrum_shape", f"pixels_pca{min(32, len(ad.windows))}"}
+    g = ad.config["grid"]
+    shape = base["radial_spectrum_shape"].reshape(len(ex), -1)[:, :2 * (g // 2 + 1)].reshape(len(ex), 2, -1)
+    assert np.allclose(shape.sum(-1), 1.0, atol=1e-5)  # each channel's power shares sum to 1 (Parseval: no ring lost)
 
 
 def test_user_predictor_plugs_in(tmp_path: Path) -> None:
