@@ -45,7 +45,7 @@ from sciscope.core.adapter import DomainAdapter, Examples
 from sciscope.core.config import Key
 from sciscope.core.errors import AdapterError, ConfigError, ShapeError
 from sciscope.core.experiment import Analysis, ProbeSet, Scorer, SteeringPlan, contrast_plan
-from sciscope.core.fidelity import TaskLoss, TokenPredictionTask
+from sciscope.core.fidelity import TaskLoss
 from sciscope.core.loading import (auto_model_class, checkpoint_config, checkpoint_dir, checkpoint_layer_stack,
                                    find_layer_stack, is_causal, layer_aliases, layer_index, load_tokenizer)
 from sciscope.core.spatial import morans_i_table
@@ -59,8 +59,6 @@ if TYPE_CHECKING:
 
 __all__ = ["GeospatialAdapter", "default_model_dir"]
 
-#: Prompts of a causal LM's next-token task, at most (its log-probabilities are prompts x tokens x vocabulary).
-TASK_MAX_PROMPTS_CAUSAL = 128
 
 
 def default_model_dir() -> Path:
@@ -316,41 +314,11 @@ class GeospatialAdapter(DomainAdapter):
         return self.layer_site("readout_layer") or f"layer.{self.n_layers - 1}"
 
     # -- fidelity -----------------------------------------------------------------------------------
-    def _task_places(self, split: str, cap: int, salt: int) -> pd.DataFrame:
-        """The places of ``split``, a seeded subset of at most ``cap`` (in obs order)."""
-        obs = self.places[self.places["split"] == split]
-        if len(obs) > cap:
-            obs = obs.iloc[np.sort(np.random.default_rng([self.config["seed"], salt]).choice(len(obs), cap, replace=False))]
-        return obs.reset_index(drop=True)
-
     def task_loss(self, ctx: "RunContext") -> TaskLoss:
-        """The model's own task on held-out places (test-split spatial blocks, at most ``steer_max_eval``).
-
-        Sentence encoder (the default): where is the place? A ridge fixed on the *clean* model's
-        sentence embeddings (mean-pooled last layer) of training places (at most 2 x
-        ``steer_max_eval``) maps them to unit-sphere x/y/z; the loss is its squared chord error on the
-        held-out places, embedded by the (possibly spliced) model. No ``log_probs``: an encoder has no
-        output distribution. Causal LM (config ``model``): next-token cross-entropy on the held-out
-        prompts (at most ``TASK_MAX_PROMPTS_CAUSAL``), with ``log_probs`` over the vocabulary.
-        Held out: the ridge is fitted here, and the pretrained models never saw these prompts.
-        """
-        model, c = ctx.model(), self.config
-        tok, ml, cap = self._tokenizer(), c["max_length"], c["steer_max_eval"]
-        if is_causal(model.config):
-            obs = self._task_places("test", min(cap, TASK_MAX_PROMPTS_CAUSAL), 0x7A5)
-            return TokenPredictionTask.next_token(tokenise(tok, obs["prompt"].tolist(), 32, ml),
-                                                  name=f"next-token cross-entropy of {len(obs)} held-out prompts").task_loss()
-        site = f"layer.{self.n_layers - 1}"
-
-        def build() -> tuple[Any, dict[str, Any]]:
-            train, test = self._task_places("train", 2 * cap, 0x7A6), self._task_places("test", cap, 0x7A5)
-            batches = [list(tokenise(tok, o["prompt"].tolist(), 64, ml)) for o in (train, test)]
-            return _task.probe_task(model, batches[0], train, batches[1], test, site, aliases=self.aliases)
-
-        loss, info = ctx.cached("geospatial-task-probe", [c, site], build)
-        return TaskLoss(loss, f"squared chord error (unit sphere) of a ridge read-out of the sentence embedding, "
-                              f"{info['n_eval']} held-out places (fixed on {info['n_train']} training places; "
-                              f"no-skill {info['no_skill']:.3g})")
+        """The model's own task on held-out places (:func:`.task.task_loss`): for a sentence encoder
+        the error of a fixed ridge read-out of where the place is, for a causal LM next-token
+        cross-entropy on the held-out prompts."""
+        return _task.task_loss(self, ctx)
 
     @cached_property
     def causal(self) -> bool:

@@ -12,7 +12,7 @@ embeddings computed by the (possibly spliced) model. A causal LM has a task of i
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -20,8 +20,18 @@ import torch
 from torch import nn
 
 from sciscope.core.capture import pooled_activations
+from sciscope.core.fidelity import TaskLoss, TokenPredictionTask
+from sciscope.core.loading import is_causal
 
-__all__ = ["probe_task", "tokenise", "unit_sphere"]
+if TYPE_CHECKING:
+    from sciscope.core.context import RunContext
+
+    from .adapter import GeospatialAdapter
+
+__all__ = ["TASK_MAX_PROMPTS_CAUSAL", "probe_task", "task_loss", "tokenise", "unit_sphere"]
+
+#: Prompts of a causal LM's next-token task, at most (its log-probabilities are prompts x tokens x vocabulary).
+TASK_MAX_PROMPTS_CAUSAL = 128
 
 
 def unit_sphere(lat: Any, lon: Any) -> np.ndarray:
@@ -67,3 +77,40 @@ def tokenise(tok: Any, prompts: list[str], batch_size: int, max_length: int) -> 
     for i in range(0, len(prompts), batch_size):
         enc = tok(prompts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         yield {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+
+
+def _task_places(adapter: "GeospatialAdapter", split: str, cap: int, salt: int) -> pd.DataFrame:
+    """The places of ``split``, a seeded subset of at most ``cap`` (in obs order)."""
+    obs = adapter.places[adapter.places["split"] == split]
+    if len(obs) > cap:
+        obs = obs.iloc[np.sort(np.random.default_rng([adapter.config["seed"], salt]).choice(len(obs), cap, replace=False))]
+    return obs.reset_index(drop=True)
+
+def task_loss(adapter: "GeospatialAdapter", ctx: "RunContext") -> TaskLoss:
+    """The model's own task on held-out places (test-split spatial blocks, at most ``steer_max_eval``).
+
+    Sentence encoder (the default): where is the place? A ridge fixed on the *clean* model's
+    sentence embeddings (mean-pooled last layer) of training places (at most 2 x
+    ``steer_max_eval``) maps them to unit-sphere x/y/z; the loss is its squared chord error on the
+    held-out places, embedded by the (possibly spliced) model. No ``log_probs``: an encoder has no
+    output distribution. Causal LM (config ``model``): next-token cross-entropy on the held-out
+    prompts (at most ``TASK_MAX_PROMPTS_CAUSAL``), with ``log_probs`` over the vocabulary.
+    Held out: the ridge is fitted here, and the pretrained models never saw these prompts.
+    """
+    model, c = ctx.model(), adapter.config
+    tok, ml, cap = adapter._tokenizer(), c["max_length"], c["steer_max_eval"]
+    if is_causal(model.config):
+        obs = _task_places(adapter, "test", min(cap, TASK_MAX_PROMPTS_CAUSAL), 0x7A5)
+        return TokenPredictionTask.next_token(tokenise(tok, obs["prompt"].tolist(), 32, ml),
+                                              name=f"next-token cross-entropy of {len(obs)} held-out prompts").task_loss()
+    site = f"layer.{adapter.n_layers - 1}"
+
+    def build() -> tuple[Any, dict[str, Any]]:
+        train, test = _task_places(adapter, "train", 2 * cap, 0x7A6), _task_places(adapter, "test", cap, 0x7A5)
+        batches = [list(tokenise(tok, o["prompt"].tolist(), 64, ml)) for o in (train, test)]
+        return probe_task(model, batches[0], train, batches[1], test, site, aliases=adapter.aliases)
+
+    loss, info = ctx.cached("geospatial-task-probe", [c, site], build)
+    return TaskLoss(loss, f"squared chord error (unit sphere) of a ridge read-out of the sentence embedding, "
+                          f"{info['n_eval']} held-out places (fixed on {info['n_train']} training places; "
+                          f"no-skill {info['no_skill']:.3g})")
