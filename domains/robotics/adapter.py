@@ -36,6 +36,7 @@ from sciscope.core.loading import layer_index
 
 from . import env as _env
 from . import report as _report
+from .claims import DIRECTED, rollout_scores, vocabulary_null
 from .lens import CATEGORIES, CLAMP_POSITIONS, CLUSTER_METRIC, ClusterRule, action_lens, cluster_clamp, layer_summary, \
     neuron_categories, select_clusters
 from .model import PolicySpec, VLAPolicy, VLAVocab, build_policy, load_policy, rollout, save_policy, train_policy
@@ -49,8 +50,6 @@ __all__ = ["RoboticsAdapter"]
 
 #: Evaluation scenes use episode ids from here on (demonstrations use 0 .. n_episodes - 1).
 EVAL_OFFSET = 1_000_000
-#: The rollout scores of every steering plan (per-episode arrays).
-ROLLOUT_SCORES: tuple[str, ...] = ("displacement", "dx", "dy", "success_rate", "alignment")
 #: The config keys the demonstrations (the policy's training data) depend on.
 DATA_KEYS = ("n_episodes", "test_fraction", "seed", "image_size", "camera", "view_size", "n_blocks", "max_steps",
              "demo_noise", "templates")
@@ -103,6 +102,9 @@ class RoboticsAdapter(DomainAdapter):
         "slow_threshold": Key(0.5, stage=_MODEL, min=0, max=1, help="|bin value| of 'slow' tokens ('slowly' is 0.4)"),
         "direction_threshold": Key(0.3, stage=_MODEL, min=1e-9, max=1),
         "cluster_min_share": Key(0.6, stage=_MODEL, min=1e-9, max=1),
+        "cluster_direction_share": Key(0.8, stage=_MODEL, min=0, max=1,
+                                       help="a neuron joins a cluster only if this share of its top-k tokens point one way "
+                                            "(one dimension and sign): no mixed-direction neurons"),
         "cluster_max_size": Key(32, stage=_STEER, min=1),
         "clusters": Key(list(CATEGORIES), stage=_STEER, choices=CATEGORIES),
         "clamp_alphas": Key([1.0, 2.0, 4.0, 8.0], stage=_STEER, help="clamp values (alpha = 0: the unclamped policy)"),
@@ -130,6 +132,7 @@ class RoboticsAdapter(DomainAdapter):
         "n_episodes": 40, "n_example_episodes": 12, "max_steps": 20, "image_size": 16, "patch_size": 8, "n_bins": 32, "hidden": 32,
         "n_layers": 2, "n_heads": 2, "intermediate": 64, "train_steps": 30, "train_batch_size": 32,
         "n_eval_episodes": 8, "clamp_alphas": [2.0], "clamp_n_random": 1, "cluster_min_share": 0.3,
+        "cluster_direction_share": 0.3,
     }
 
     def __init__(self, config: Any = None) -> None:
@@ -334,8 +337,12 @@ class RoboticsAdapter(DomainAdapter):
         return "episode"
 
     def baseline_features(self, examples: Examples) -> dict[str, np.ndarray]:
-        """Bag of words and 8x8x3 pooled pixels (:func:`.env.baseline_features`): neither alone binds colour to place."""
-        return _env.baseline_features(examples.inputs)
+        """Bag of words of the instruction, 8x8x3 pooled pixels (:func:`.env.baseline_features`) and both side
+        by side (``words_and_pixels``): neither alone binds colour to place, and a linear probe of both can only
+        add them. The probe headlines read each target against the strongest of the three."""
+        base = _env.baseline_features(examples.inputs)
+        base["words_and_pixels"] = np.hstack([base["bag_of_words"], base["pixels_8x8"]])
+        return base
 
     @property
     def contrasts(self) -> dict[str, tuple[str, str]]:
@@ -386,7 +393,11 @@ class RoboticsAdapter(DomainAdapter):
         init = build_policy(spec, VLAVocab(p.vocab.words, p.vocab.n_bins))
         init_neurons = neuron_categories(action_lens(init, k=rule.k), rule, info)
         share = float((info["kind"] == "action").mean())
-        self._lens = (p, (top, neurons, layer_summary(neurons, init_neurons, rule, share)))
+        layers = layer_summary(neurons, init_neurons, rule, share)
+        for key, v in vocabulary_null(info, rule, seed=self.config["seed"]).items():  # the vocabulary-matched null
+            if key.startswith("share_"):
+                layers[f"{key}_null" if not key.endswith("_se") else f"{key[:-3]}_null_se"] = v
+        self._lens = (p, (top, neurons, layers))
         return self._lens[1]
 
     def clusters(self, policy: nn.Module, names: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
@@ -430,12 +441,11 @@ class RoboticsAdapter(DomainAdapter):
 
     def rollout_scorer(self, target: Sequence[str], off_target: Sequence[str] = ()) -> Scorer:
         """Closed-loop rollouts on the same neutral held-out scenes under every alpha and control:
-        per-episode :data:`ROLLOUT_SCORES`, success rate as the damage score."""
+        per-episode :data:`.claims.ROLLOUT_SCORES`, success rate as the damage score."""
         scenes = self.eval_scenes()
 
         def score(model: nn.Module) -> dict[str, np.ndarray]:
-            episodes = self.rollout(model, scenes).episodes
-            return {k: episodes[k] for k in ROLLOUT_SCORES}
+            return rollout_scores(self.rollout(model, scenes).episodes)
 
         return Scorer(score, target=list(target), off_target=list(off_target), damage=["success_rate"])
 
@@ -448,7 +458,7 @@ class RoboticsAdapter(DomainAdapter):
         def build() -> dict[str, dict[str, float]]:
             policy, scenes = ctx.model(), self.eval_scenes()
             return {f"prompt: {w}": {k: float(np.nanmean(v)) for k, v in
-                                     self.rollout(policy, self.manner_scenes(scenes, w)).episodes.items() if k in ROLLOUT_SCORES}
+                                     rollout_scores(self.rollout(policy, self.manner_scenes(scenes, w)).episodes).items()}
                     for w in ("quickly", "slowly")}
 
         return ctx.cached("prompt_reference", dict(ctx.config), build)
@@ -457,7 +467,8 @@ class RoboticsAdapter(DomainAdapter):
         """The fast-minus-slow delta vector (the default contrast plan), then one plan per
         non-empty cluster: its neurons clamped to each of ``clamp_alphas`` (a core :class:`Clamp`,
         ``clamp_n_random`` controls of as many random neurons per layer), scored on the metric
-        the cluster is named for; every plan beside the prompt modifiers."""
+        the cluster is named for (:data:`.lens.CLUSTER_METRIC`: a direction cluster on displacement
+        in the direction it names, the other axis off target); every plan beside the prompt modifiers."""
         plans = super().steering_plans(ctx)
         for plan in plans:
             plan.reference = self.prompt_reference
@@ -468,7 +479,7 @@ class RoboticsAdapter(DomainAdapter):
             metric = CLUSTER_METRIC[name]
             plans.append(SteeringPlan(
                 f"clamp_{name}", cluster_clamp(cl, positions=c["clamp_positions"]),
-                self.rollout_scorer([metric], {"dx": ["dy"], "dy": ["dx"]}.get(metric, [])), alphas=c["clamp_alphas"],
+                self.rollout_scorer([metric], [DIRECTED[metric][2]] if metric in DIRECTED else []), alphas=c["clamp_alphas"],
                 n_controls=int(c["clamp_n_random"]), reference=self.prompt_reference, seed=ctx.seed,
                 description=f"{len(cl)} neurons of the {name} cluster clamped to alpha at {c['clamp_positions']} positions"))
         return plans
@@ -477,7 +488,7 @@ class RoboticsAdapter(DomainAdapter):
 def _rule(c: dict[str, Any]) -> ClusterRule:
     return ClusterRule(k=c["lens_top_k"], fast_threshold=c["fast_threshold"], slow_threshold=c["slow_threshold"],
                        direction_threshold=c["direction_threshold"], min_share=c["cluster_min_share"],
-                       max_size=c["cluster_max_size"])
+                       max_size=c["cluster_max_size"], direction_share=c["cluster_direction_share"])
 
 
 def _config_layers(c: dict[str, Any]) -> int:

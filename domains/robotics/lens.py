@@ -14,9 +14,18 @@ its top tokens per *action category*:
 ``right`` / ``left``   ``dx`` tokens with ``value >= +dir`` / ``<= -dir``
 ``up`` / ``down``      ``dy`` tokens with ``value >= +dir`` / ``<= -dir``
 
+Each action token also has a *direction*: its dimension and the sign of its value, ``0`` when
+``|value| < direction_threshold`` (``dx+``, ``dx0``, ``dx-``, ``dy+``, ``dy0``, ``dy-``). A
+neuron's direction is the most common among its top-``k`` tokens and ``share_direction`` the
+share of the top-``k`` in it.
+
 **Cluster rule** (stated, not hand-picked): a neuron joins cluster C when at least
-``min_share`` of its top-``k`` tokens fall in C; members are ranked by that share, then by their
-mean lens score over C's tokens, and at most ``max_size`` are kept. Clusters span all layers.
+``min_share`` of its top-``k`` tokens fall in C *and* its promoted tokens agree in direction (at
+least ``direction_share`` of the top-``k`` in one direction; for ``right``/``left``/``up``/``down``
+that direction must be the one the cluster names). A neuron writing "dx = +1" on some tokens and
+"dx = -1" on others is an extreme-bin neuron, not a speed or a direction neuron, and joins no
+cluster. Members are ranked by their share of C, then by their mean lens score over C's tokens,
+and at most ``max_size`` are kept. Clusters span all layers.
 
 **Clamping** a cluster: :func:`cluster_clamp`. The per-layer action-token share is read beside the
 same lens on the untrained (initial) weights and beside the vocabulary share.
@@ -36,13 +45,18 @@ from sciscope.core.lens import ffn_value_vectors, lens
 
 from .model import VLAPolicy
 
-__all__ = ["CATEGORIES", "CLAMP_POSITIONS", "ClusterRule", "CLUSTER_METRIC", "action_lens", "cluster_clamp", "layer_summary",
+__all__ = ["CATEGORIES", "CLAMP_POSITIONS", "ClusterRule", "CLUSTER_DIRECTION", "CLUSTER_METRIC", "action_lens", "cluster_clamp", "layer_summary",
            "neuron_categories", "select_clusters"]
 
 CATEGORIES: tuple[str, ...] = ("fast", "slow", "right", "left", "up", "down")
-#: The rollout metric each cluster is meant to move (up for fast/right/up, down for slow/left/down).
-CLUSTER_METRIC: dict[str, str] = {"fast": "displacement", "slow": "displacement", "right": "dx", "left": "dx",
-                                  "up": "dy", "down": "dy"}
+#: The direction (dimension and sign) each direction cluster names.
+CLUSTER_DIRECTION: dict[str, str] = {"right": "dx+", "left": "dx-", "up": "dy+", "down": "dy-"}
+#: The rollout score each cluster is scored on: displacement for the speed clusters (up for fast,
+#: down for slow), the displacement *in the direction the cluster names* for the others (so
+#: "left" is scored on leftward motion, ``-dx``: a left cluster that moves the robot right scores
+#: below zero).
+CLUSTER_METRIC: dict[str, str] = {"fast": "displacement", "slow": "displacement", "right": "rightward", "left": "leftward",
+                                  "up": "upward", "down": "downward"}
 
 
 def down_proj_path(layer: int) -> str:
@@ -59,6 +73,7 @@ class ClusterRule:
     direction_threshold: float = 0.3
     min_share: float = 0.6
     max_size: int = 32
+    direction_share: float = 0.8
 
     def validate(self) -> None:
         """The checks across thresholds (each key's own range is in the adapter's config table)."""
@@ -79,7 +94,28 @@ class ClusterRule:
                 "up": act & (dim == "dy") & (v >= self.direction_threshold),
                 "down": act & (dim == "dy") & (v <= -self.direction_threshold),
             }
-        return pd.DataFrame({"token_id": token_info["token_id"], "action": act, **cats})
+        return pd.DataFrame({"token_id": token_info["token_id"], "action": act, **cats,
+                             "direction": self.token_directions(token_info)})
+
+    def token_directions(self, token_info: pd.DataFrame) -> np.ndarray:
+        """Each token's direction: ``dx+``/``dx0``/``dx-``/``dy+``/... (``""`` for a non-action token)."""
+        act = token_info["kind"].eq("action").to_numpy()
+        v = np.nan_to_num(token_info["value"].to_numpy(dtype=np.float64))
+        dim = token_info["dim"].astype(str).to_numpy()
+        sign = np.where(v >= self.direction_threshold, "+", np.where(v <= -self.direction_threshold, "-", "0"))
+        return np.where(act, np.char.add(dim.astype(str), sign.astype(str)), "")
+
+    def eligible(self, neurons: pd.DataFrame, category: str) -> np.ndarray:
+        """Boolean mask of the neurons that may join ``category`` by the rule (module docstring).
+
+        ``neurons`` needs ``share_<category>``, ``share_direction`` and ``direction`` columns
+        (:func:`neuron_categories`).
+        """
+        ok = (neurons[f"share_{category}"].to_numpy(dtype=np.float64) >= self.min_share) \
+            & (neurons["share_direction"].to_numpy(dtype=np.float64) >= self.direction_share)
+        if category in CLUSTER_DIRECTION:
+            ok &= neurons["direction"].astype(str).to_numpy() == CLUSTER_DIRECTION[category]
+        return ok
 
 
 def action_lens(policy: VLAPolicy, *, k: int = 10, layers: Sequence[int] | None = None) -> pd.DataFrame:
@@ -119,16 +155,19 @@ def neuron_categories(table: pd.DataFrame, rule: ClusterRule, token_info: pd.Dat
     acts = t[t["action"]]
     absval = acts.assign(av=lambda d: d["value"].abs()).groupby(["layer", "neuron"])["av"].mean()
     out["mean_abs_value"] = absval.reindex(out.index)
-    # the direction its action tokens point: the most common (dimension, sign) among them
-    ds = acts.assign(ds=acts["dim"].astype(str) + np.where(acts["value"] >= 0, "+", "-"))
-    mode = ds.groupby(["layer", "neuron"])["ds"].agg(lambda s: s.value_counts().index[0])
-    out["direction"] = mode.reindex(out.index).fillna("")
+    # the direction its action tokens point: the most common (dimension, sign) among them, and
+    # the share of the top-k tokens in it (ties: the first in sorted order, so it is deterministic)
+    counts = acts.groupby(["layer", "neuron", "direction"]).size().rename("n").reset_index()
+    counts = counts.sort_values(["layer", "neuron", "n", "direction"], ascending=[True, True, False, True], kind="stable")
+    mode = counts.drop_duplicates(["layer", "neuron"]).set_index(["layer", "neuron"])
+    out["direction"] = mode["direction"].reindex(out.index).fillna("")
+    out["share_direction"] = (mode["n"].reindex(out.index).fillna(0) / k).astype(np.float64)
     out["top_tokens"] = g["token"].apply(lambda s: " ".join(s.iloc[:5]))
     return out.reset_index()
 
 
 def select_clusters(neurons: pd.DataFrame, rule: ClusterRule, categories: Sequence[str] = CATEGORIES) -> dict[str, pd.DataFrame]:
-    """Clusters by the stated rule (see the module docstring).
+    """Clusters by the stated rule (see the module docstring and :meth:`ClusterRule.eligible`).
 
     The speed clusters (``fast``, ``slow``) take them round-robin over the four directions
     (``dx+``, ``dx-``, ``dy+``, ``dy-``) their tokens point, so that the cluster says "faster",
@@ -140,13 +179,13 @@ def select_clusters(neurons: pd.DataFrame, rule: ClusterRule, categories: Sequen
     for c in categories:
         if c not in CATEGORIES:
             raise ConfigError(f"robotics: unknown cluster {c!r}; choose from {list(CATEGORIES)}")
-        m = neurons[neurons[f"share_{c}"] >= rule.min_share]
+        m = neurons[rule.eligible(neurons, c)]
         m = m.sort_values([f"share_{c}", f"score_{c}", "layer", "neuron"], ascending=[False, False, True, True],
                           kind="stable")
         if c in ("fast", "slow") and len(m):
             m = m.assign(_turn=m.groupby("direction", sort=False).cumcount())
             m = m.sort_values("_turn", kind="stable")  # stable: rank order within each turn
-        cols = ["layer", "neuron", f"share_{c}", f"score_{c}", "direction", "top_tokens"]
+        cols = ["layer", "neuron", f"share_{c}", f"score_{c}", "direction", "share_direction", "top_tokens"]
         out[c] = m.head(rule.max_size)[cols].reset_index(drop=True)
     return out
 
@@ -154,12 +193,14 @@ def select_clusters(neurons: pd.DataFrame, rule: ClusterRule, categories: Sequen
 def layer_summary(neurons: pd.DataFrame, init_neurons: pd.DataFrame | None, rule: ClusterRule, vocab_share: float) -> pd.DataFrame:
     """Per layer: share of neurons whose top tokens are mostly (>= ``min_share``) action tokens,
     mean action share of the top tokens, share of *coherent* neurons (meeting the cluster rule for
-    at least one category: their top tokens mean one kind of motion) and the categories' counts;
+    at least one category: their top tokens mean one kind of motion, in one direction) and the
+    categories' counts (neurons the rule lets join each);
     beside the same numbers on the untrained weights and the vocabulary's action share (what
     chance gives; with few words and many bins nearly every token is an action token, so the
     coherent share is the informative number)."""
     def per_layer(n: pd.DataFrame) -> pd.DataFrame:
-        n = n.assign(coherent=(n[[f"share_{c}" for c in CATEGORIES]] >= rule.min_share).any(axis=1))
+        elig = {c: rule.eligible(n, c) for c in CATEGORIES}
+        n = n.assign(coherent=np.any(list(elig.values()), axis=0), **{f"_ok_{c}": v for c, v in elig.items()})
         g = n.groupby("layer")
         d = pd.DataFrame({
             "neurons": g.size(),
@@ -168,7 +209,7 @@ def layer_summary(neurons: pd.DataFrame, init_neurons: pd.DataFrame | None, rule
             "share_neurons_coherent": g["coherent"].mean(),
         })
         for c in CATEGORIES:
-            d[f"n_{c}"] = g[f"share_{c}"].apply(lambda s: int((s >= rule.min_share).sum()))
+            d[f"n_{c}"] = g[f"_ok_{c}"].sum().astype(int)
         return d
 
     out = per_layer(neurons)

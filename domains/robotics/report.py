@@ -11,13 +11,14 @@ import pandas as pd
 from sciscope.core.plotting import save_training_history
 
 from . import env as _env
-from .lens import CATEGORIES, cluster_clamp
+from .claims import direction_vs_controls, lens_claim, rollout_scores, speed_vs_prompt
+from .lens import CATEGORIES, CLUSTER_METRIC, cluster_clamp
 from .plots import plot_layer_lens, plot_trajectories
 
 if TYPE_CHECKING:  # pragma: no cover
     from sciscope.core.context import RunContext
 
-__all__ = ["cluster_rows", "examples_rows", "feature_rows", "model_rows"]
+__all__ = ["claim_rows", "cluster_rows", "examples_rows", "feature_rows", "model_rows"]
 
 Rows = list[dict[str, Any]]
 
@@ -121,13 +122,25 @@ def model_rows(ctx: "RunContext") -> Rows:
          "note": f"action tokens decode to bin centres inside [-1, 1]; wall contacts {int(pol['n_wall'])}; "
                  f"unrestricted argmax outside the action bins in {_pct(pol['non_action_rate'])} of decodes",
          "source": closed_src},
-    ] + [{"name": name, "value": float(last[col]), "control": float(last.get(f"{col}_untrained", np.nan)),
-          "control_label": "same lens on untrained weights", "source": lens_src,
-          "note": note.format("per layer: " + ", ".join(f"{v:.2f}" for v in layers[col]))} for name, col, note in (
+    ] + [_lens_row(name, col, note, last, layers, lens_src) for name, col, note in (
         (f"last-layer FFN neurons whose top-{ad.rule.k} tokens are mostly action tokens", "share_neurons_mostly_action",
          f"{{}}; vocabulary action share {float(last['vocabulary_action_share']):.2f}"),
         ("last-layer FFN neurons with one coherent action meaning", "share_neurons_coherent",
-         f">= {ad.rule.min_share:.0%} of the top-{ad.rule.k} tokens in one of {list(CATEGORIES)}; {{}}"))]
+         f">= {ad.rule.min_share:.0%} of the top-{ad.rule.k} tokens in one of {list(CATEGORIES)}, "
+         f">= {ad.rule.direction_share:.0%} in one direction; {{}}"))]
+
+
+def _lens_row(name: str, col: str, note: str, last: pd.Series, layers: pd.DataFrame, source: str) -> dict[str, Any]:
+    """A last-layer lens share beside the untrained lens (control) and, as its baseline, the stronger of the
+    vocabulary-matched null and the untrained lens (:func:`.claims.lens_claim`)."""
+    null = last.get(f"{col}_null")
+    base = lens_claim(float(last[col]), int(last["neurons"]), null=None if null is None else float(null),
+                      untrained=float(last.get(f"{col}_untrained", np.nan)),
+                      null_se=float(last.get(f"{col}_null_se", 0.0)))
+    tail = base.pop("note", "")
+    return {"name": name, "value": float(last[col]), "control": float(last.get(f"{col}_untrained", np.nan)),
+            "control_label": "same lens on untrained weights", "source": source, **base,
+            "note": note.format("per layer: " + ", ".join(f"{v:.2f}" for v in layers[col])) + tail}
 
 
 def feature_rows(ctx: "RunContext") -> Rows:
@@ -214,6 +227,84 @@ def cluster_rows(ctx: "RunContext") -> Rows:
             scenes, paths, n=c["n_trajectory_plots"], title=f"unclamped vs {name} cluster clamped to {a_max:g}",
             success_radius=ad.env_spec.success_radius))
     empty = [k for k, v in clusters.items() if v.empty]
-    note = f"{empty}: no neuron has >= {ad.rule.min_share:.0%} of its top-{ad.rule.k} tokens there"
+    note = (f"{empty}: no neuron has >= {ad.rule.min_share:.0%} of its top-{ad.rule.k} tokens there with "
+            f">= {ad.rule.direction_share:.0%} in one direction")
     row = {"name": "clusters left empty by the rule", "value": len(empty), "source": source, "note": note}
-    return [row] if empty else []
+    return ([row] if empty else []) + claim_rows(ctx)
+
+
+#: The speed clusters and the prompt word each is compared with ("faster" for fast).
+SPEED_PROMPTS: dict[str, tuple[str, bool]] = {"fast": ("quickly", True), "slow": ("slowly", False)}
+
+
+def claim_rows(ctx: "RunContext") -> Rows:
+    """Each clamped cluster's claim against its strongest baseline, with a verdict (:mod:`.claims`).
+
+    Speed clusters: speed gained (lost, for slow) at matched success against the prompt word on the
+    same scenes (``speed_vs_prompt.csv``). Direction clusters: displacement in the direction they
+    name gained at the largest safe alpha against the strongest of their random-neuron clamps
+    (``direction_vs_controls.csv``). Reads the sweeps the steering stage just ran (``ctx.live``).
+    """
+    ad, policy = ctx.adapter, ctx.model()
+    rows: Rows = []
+    speed, direction = [], []
+    scenes = None
+    for name in CATEGORIES:
+        sweep = ctx.live.get(f"steering:clamp_{name}")
+        if sweep is None:
+            continue
+        metric = CLUSTER_METRIC[name]
+        src = f"steering/clamp_{name}/summary.json"
+        if name in SPEED_PROMPTS:
+            word, faster = SPEED_PROMPTS[name]
+            scenes = ad.eval_scenes() if scenes is None else scenes
+            prompted = rollout_scores(ad.rollout(policy, ad.manner_scenes(scenes, word)).episodes)
+            alphas = [a for a in sweep.params["alphas"] if a > 0 and ("steer", a, metric) in sweep.samples]
+            r = speed_vs_prompt({a: (sweep.samples[("steer", a, metric)], sweep.samples[("steer", a, "success_rate")])
+                                 for a in alphas}, sweep.samples[("steer", 0.0, metric)],
+                                (prompted[metric], prompted["success_rate"]), faster=faster)
+            speed.append({"cluster": name, "prompt": word, "alpha": r["alpha"], "gain": r["value"], "success": r["success"],
+                          "prompt_gain": r["baseline"], "prompt_success": r["prompt_success"],
+                          "margin": r["tolerance"], "verdict": r["verdict"],
+                          **{f"gain[{a:g}]": g for a, g in r["gain_by_alpha"].items()},
+                          **{f"success[{a:g}]": v for a, v in r["success_by_alpha"].items()}})
+            what = "speed gained" if faster else "speed lost"
+            rows.append({"name": f"clamp_{name}: {what} at matched success (vs '{word}')", "value": r["value"],
+                         "control": None, "baseline": r["baseline"], "verdict": r["verdict"], "unit": "x max step",
+                         "baseline_label": f"prompt '{word}' on the same scenes",
+                         "note": (f"alpha {r['alpha']:g}, success {r['success']:.2f} (prompt {r['prompt_success']:.2f}); "
+                                  if r["alpha"] is not None else
+                                  f"no clamp strength keeps the prompt's success rate {r['prompt_success']:.2f}; ")
+                         + "per alpha gain/success: " + ", ".join(
+                             f"{a:g}: {r['gain_by_alpha'][a]:+.3f}/{r['success_by_alpha'][a]:.2f}" for a in sorted(r["gain_by_alpha"]))
+                         + f"; per-step displacement, {'higher' if faster else 'lower'} than the unclamped policy; "
+                           f"matched: the best alpha whose success is at least the prompt's; margin {r['tolerance']:.3g} "
+                           "(2 standard errors of the per-episode difference)",
+                         "source": "steering/speed_vs_prompt.csv"})
+            continue
+        s = sweep.summary(metric)
+        a = s["alpha_plus"]
+        if not np.isfinite(a):
+            continue
+        ctrl = [float(sweep.curve(metric, c).get(a, np.nan) - sweep.curve(metric, c).get(0.0, np.nan)) for c in sweep.controls]
+        r = direction_vs_controls(s["effect_plus"], s["effect_plus_ci"], ctrl)
+        if not r:
+            continue
+        succ = sweep.curve("success_rate")
+        direction.append({"cluster": name, "score": metric, "alpha": a, "effect": s["effect_plus"],
+                          "strongest_control": r["baseline"], "controls_mean": float(np.nanmean(ctrl)),
+                          "margin": r["tolerance"], "verdict": r["verdict"], "success": float(succ.get(a, np.nan)),
+                          "success_unclamped": float(succ.get(0.0, np.nan))})
+        rows.append({"name": f"clamp_{name}: {metric} displacement gained at alpha {a:g}", "value": s["effect_plus"],
+                     "control": float(np.nanmean(ctrl)), "control_label": f"{len(ctrl)} random-neuron clamps, mean",
+                     "baseline": r["baseline"], "baseline_label": f"strongest of {len(ctrl)} random-neuron clamps",
+                     "verdict": r["verdict"], "unit": "x max step",
+                     "note": f"displacement in the direction the cluster names ('{name}'); success "
+                             f"{float(succ.get(0.0, np.nan)):.2f} -> {float(succ.get(a, np.nan)):.2f}; margin "
+                             f"{r['tolerance']:.3g} (2 bootstrap standard errors of the effect)",
+                     "source": "steering/direction_vs_controls.csv"})
+    if speed:
+        ctx.write_table("speed_vs_prompt.csv", pd.DataFrame(speed))
+    if direction:
+        ctx.write_table("direction_vs_controls.csv", pd.DataFrame(direction))
+    return rows

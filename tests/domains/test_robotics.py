@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -33,6 +34,7 @@ from sciscope.domains.robotics import (  # noqa: E402
     select_clusters,
     simulate_demos,
 )
+from sciscope.domains.robotics.claims import rollout_scores  # noqa: E402
 from sciscope.domains.robotics.model import PolicySpec, bc_loss, soft_targets, train_policy  # noqa: E402
 
 TINY = RoboticsAdapter.test_config
@@ -45,8 +47,9 @@ def tiny() -> tuple[RoboticsAdapter, torch.nn.Module]:
     return ad, ad.model()
 
 
-def _planted(policy: torch.nn.Module, token_ids: list[int], layer: int, neuron: int, gain: float = 4.0) -> torch.nn.Module:
-    """A copy of ``policy`` whose FFN neuron writes toward ``token_ids`` (and away from the rest).
+def _planted(policy: torch.nn.Module, token_ids: list[int], layer: int, neuron: int, gain: float = 4.0,
+             weaker: list[int] = ()) -> torch.nn.Module:
+    """A copy of ``policy`` whose FFN neuron writes toward ``token_ids`` (and half as much toward ``weaker``).
 
     The value vector ``v`` is the least-squares fit of logits +1 on the tokens and 0 elsewhere
     through the final RMSNorm gain ``g`` and the LM head: ``W (g * v) ~ y``.
@@ -54,6 +57,7 @@ def _planted(policy: torch.nn.Module, token_ids: list[int], layer: int, neuron: 
     p = copy.deepcopy(policy)
     W = p.get_output_embeddings().weight.detach()  # (V, d)
     y = torch.zeros(W.shape[0], 1)
+    y[list(weaker)] = 0.5
     y[token_ids] = 1.0
     u = torch.linalg.lstsq(W, y - y.mean()).solution[:, 0]  # (d,)
     direction = u / p.llm.model.norm.weight.detach()
@@ -316,7 +320,10 @@ def test_cluster_rule_finds_a_planted_neuron_and_random_controls_match(tiny) -> 
     info = policy.vocab.token_info()
     fast = info[(info.kind == "action") & (info.value.abs() >= ad.rule.fast_threshold)].token_id.tolist()
     planted = _planted(policy, fast, layer=1, neuron=5)
-    rule = ad.rule
+    # the planted neuron writes every fast token, of all four directions (the tiny vocabulary has two per
+    # direction): ranking and round-robin are tested here without the direction requirement, which has
+    # its own test (test_cluster_rule_needs_one_direction_mixed_direction_neurons_join_none)
+    rule = dataclasses.replace(ad.rule, direction_share=0.0)
     neurons = neuron_categories(action_lens(planted, k=rule.k), rule, info)
     row = neurons[(neurons.layer == 1) & (neurons.neuron == 5)].iloc[0]
     n_fast = len(fast)  # 8 tokens in the tiny vocabulary: at most 8 of the top 10
@@ -362,7 +369,8 @@ def test_clamping_a_planted_right_neuron_steers_the_rollouts_right(tiny) -> None
     ad, policy = tiny
     info = policy.vocab.token_info()
     right = info[(info.kind == "action") & (info.dim == "dx") & (info.value >= 0.9)].token_id.tolist()
-    planted = _planted(policy, right, layer=1, neuron=11, gain=6.0)
+    rest = info[(info.kind == "action") & (info.dim == "dx") & (info.value >= 0.3) & (info.value < 0.9)].token_id.tolist()
+    planted = _planted(policy, right, layer=1, neuron=11, gain=6.0, weaker=rest)  # every top token points right
     neurons = neuron_categories(action_lens(planted, k=ad.rule.k), ad.rule, info)
     cluster = select_clusters(neurons, ad.rule, ["right"])["right"]
     cluster = cluster[(cluster.layer == 1) & (cluster.neuron == 11)]
@@ -381,7 +389,7 @@ def test_clamping_a_planted_right_neuron_steers_the_rollouts_right(tiny) -> None
     # over whole episodes (walls stop the gripper at x = 1): more rightward than both controls
     assert steered.metrics["dx"] > base.metrics["dx"] + 0.3
     assert steered.metrics["dx"] > np.mean(controls) + 0.2, controls
-    assert steered.metrics["n_wall"] > base.metrics["n_wall"]
+    assert steered.paths[-1, :, 0].mean() > base.paths[-1, :, 0].mean() + 0.1  # it ends further right
     assert steered.episodes["dx"].shape == (len(scenes),) and np.nanmean(steered.episodes["dx"]) > np.nanmean(base.episodes["dx"])
 
 
@@ -403,7 +411,8 @@ def test_steering_plans_clamp_each_cluster_beside_controls_and_prompts(tiny) -> 
     plan = plans[name]
     assert isinstance(plan.intervention, Clamp) and plan.intervention.positions == -1  # clamp_positions = action
     assert plan.n_controls == 2 and plan.alphas == TINY["clamp_alphas"] and plan.scorer.damage == ["success_rate"]
-    assert plan.scorer.target == [{"clamp_right": "dx", "clamp_up": "dy"}[name]]
+    assert plan.scorer.target == [{"clamp_right": "rightward", "clamp_up": "upward"}[name]]  # the direction it names
+    assert plan.scorer.off_target == [{"clamp_right": "dy", "clamp_up": "dx"}[name]]
     ref = resolve_reference(plan, ctx)
     assert set(ref) == {"prompt: quickly", "prompt: slowly"} and ref["prompt: quickly"]["displacement"] > 0
     sweep = run_plan(policy, plan, plan.intervention, aliases=ad.aliases, reference=ref)
@@ -411,7 +420,7 @@ def test_steering_plans_clamp_each_cluster_beside_controls_and_prompts(tiny) -> 
     assert sweep.samples[("steer", 2.0, "dx")].shape == (TINY["n_eval_episodes"],)  # per episode: bootstrap CIs
     s = sweep.summary()
     assert np.isfinite(s["effect_plus"]) and s["n_examples"] == TINY["n_eval_episodes"]
-    assert s["at_zero"] == pytest.approx(np.nanmean(ad.rollout(policy).episodes[plan.scorer.target[0]]))
+    assert s["at_zero"] == pytest.approx(np.nanmean(rollout_scores(ad.rollout(policy).episodes)[plan.scorer.target[0]]))
     assert not isinstance(plan.intervention, AddVector) and count_hooks(policy) == 0
 
 
@@ -446,3 +455,130 @@ def test_examples_split_by_episode_with_concepts_and_baselines(tiny) -> None:
 def test_bad_config_is_a_clear_error(bad, match) -> None:
     with pytest.raises(ConfigError, match=match):
         RoboticsAdapter({**TINY, **bad})
+
+
+# ------------------------------------------------------------------------------------ claims vs baselines (issue 15)
+# Constructed cases, no model: each verdict must follow the numbers.
+
+
+def _top_table(info: pd.DataFrame, neurons: dict[int, list[int]]) -> pd.DataFrame:
+    """A lens table (as :func:`action_lens` returns) whose neuron ``n`` has the top tokens ``neurons[n]``."""
+    rows = [{"layer": 0, "neuron": n, "rank": r, "token_id": t, "score": 10.0 - r}
+            for n, ids in neurons.items() for r, t in enumerate(ids)]
+    t = pd.DataFrame(rows).merge(info, on="token_id", how="left")
+    return t.sort_values(["neuron", "rank"]).reset_index(drop=True)
+
+
+def _ids(info: pd.DataFrame, dim: str, lo: float, hi: float, n: int) -> list[int]:
+    sel = info[(info.kind == "action") & (info.dim == dim) & (info.value >= lo) & (info.value <= hi)].token_id.tolist()
+    assert len(sel) >= n, (dim, lo, hi)
+    return sel[:n]
+
+
+def test_cluster_rule_needs_one_direction_mixed_direction_neurons_join_none() -> None:
+    from dataclasses import replace
+
+    from sciscope.domains.robotics.lens import ClusterRule, layer_summary
+
+    info = VLAVocab(n_bins=256).token_info()
+    rule = ClusterRule()  # k 10, min share 0.6, direction share 0.8
+    planted = {
+        0: _ids(info, "dx", 0.9, 1, 5) + _ids(info, "dx", -1, -0.9, 5),  # extreme bins of both signs: "fast", no direction
+        1: _ids(info, "dx", 0.9, 1, 10),  # fast and right
+        2: _ids(info, "dx", -0.8, -0.5, 6) + _ids(info, "dx", 0.5, 0.8, 4),  # 60% left, 40% right
+        3: _ids(info, "dy", -0.2, 0.2, 10),  # near-zero dy of both signs: slow, "hold y" (dy0)
+        4: _ids(info, "dy", -0.8, -0.5, 8) + [3, 4],  # 80% down, two word tokens
+    }
+    neurons = neuron_categories(_top_table(info, planted), rule, info).set_index("neuron")
+    assert neurons.loc[0, "share_fast"] == 1.0 and neurons.loc[0, "share_direction"] == 0.5
+    assert neurons.loc[3, "direction"] == "dy0" and neurons.loc[4, "direction"] == "dy-"
+    clusters = select_clusters(neurons.reset_index(), rule)
+    members = {c: set(cl.neuron) for c, cl in clusters.items()}
+    assert members == {"fast": {1}, "slow": {3}, "right": {1}, "left": set(), "up": set(), "down": {4}}
+    # without the direction requirement the old rule comes back: mixed neurons join
+    loose = {c: set(cl.neuron) for c, cl in select_clusters(neurons.reset_index(), replace(rule, direction_share=0.0)).items()}
+    assert 0 in loose["fast"] and 2 in loose["left"]
+    summary = layer_summary(neurons.reset_index(), None, rule, 0.96).iloc[0]
+    assert summary["share_neurons_coherent"] == pytest.approx(3 / 5) and summary["n_fast"] == 1 and summary["n_left"] == 0
+
+
+def test_vocabulary_null_matches_the_hypergeometric_and_lens_verdicts_follow_the_numbers() -> None:
+    from scipy.stats import hypergeom
+
+    from sciscope.core.verdict import ABOVE, BELOW, NO_BETTER
+    from sciscope.domains.robotics.claims import lens_claim, vocabulary_null
+    from sciscope.domains.robotics.lens import ClusterRule
+
+    info = VLAVocab(n_bins=8).token_info()  # 16 action tokens among ~38: "mostly action" is not a sure thing
+    rule = ClusterRule(k=10, min_share=0.6, direction_share=0.3)
+    null = vocabulary_null(info, rule, n_draws=3000, seed=0)
+    n_act = int((info.kind == "action").sum())
+    exact = hypergeom(len(info), n_act, 10).sf(5)  # P(at least 6 of 10 distinct draws are action tokens)
+    assert null["vocabulary_action_share"] == pytest.approx(n_act / len(info))
+    assert abs(null["share_neurons_mostly_action"] - exact) < 4 * null["share_neurons_mostly_action_se"] + 1e-3
+    assert null == vocabulary_null(info, rule, n_draws=3000, seed=0)  # seeded
+    # the robotics vocabulary: 96% action tokens, so "mostly action tokens" is what chance gives
+    big = vocabulary_null(VLAVocab(n_bins=256).token_info(), ClusterRule(), n_draws=500)
+    assert big["share_neurons_mostly_action"] > 0.99 and big["share_neurons_coherent"] < 0.01
+    # the quick run's numbers: 0.74 of the last layer against a null of 1.00 reads "below baseline"
+    row = lens_claim(0.74, 256, null=big["share_neurons_mostly_action"], untrained=0.98)
+    assert row["verdict"] == BELOW and row["baseline"] == big["share_neurons_mostly_action"]
+    assert "vocabulary" in row["baseline_label"] and "untrained weights 0.980" in row["note"]
+    # the baseline wins by less than the margin (2 binomial standard errors over 256 neurons: 0.057)
+    row = lens_claim(0.70, 256, null=0.71, untrained=0.2)
+    assert row["verdict"] == NO_BETTER and row["baseline"] == 0.71 and "vocabulary" in row["baseline_label"]
+    assert lens_claim(0.57, 256, null=0.0, untrained=0.01)["verdict"] == ABOVE
+    assert lens_claim(0.5, 256, null=None, untrained=None) == {}
+
+
+def test_clamping_vs_prompting_at_matched_success_verdicts() -> None:
+    from sciscope.core.verdict import ABOVE, BELOW, NO_BETTER
+    from sciscope.domains.robotics.claims import speed_vs_prompt
+
+    rng = np.random.default_rng(0)
+    n = 64
+    noise = lambda s=0.05: rng.normal(0, s, n)  # noqa: E731
+    ones, zeros = np.ones(n), np.zeros(n)
+    unclamped = 0.8 + noise()
+    quickly = (1.2 + noise(), ones)  # the prompt: +0.4, every episode succeeds
+    # alpha 8 is faster still, but reaches the block in a third of the episodes: not matched
+    clamped = {2.0: (1.0 + noise(), ones), 8.0: (1.6 + noise(), np.r_[ones[:20], zeros[20:]])}
+    r = speed_vs_prompt(clamped, unclamped, quickly)
+    assert r["matched"] == [2.0] and r["alpha"] == 2.0 and r["value"] == pytest.approx(0.2, abs=0.03)
+    assert r["baseline"] == pytest.approx(0.4, abs=0.03) and r["verdict"] == BELOW
+    # as fast as the prompt, within the noise: the baseline wins the tie
+    tie = {2.0: (1.2 + noise(), ones)}
+    assert speed_vs_prompt(tie, unclamped, quickly)["verdict"] == NO_BETTER
+    assert speed_vs_prompt({2.0: (1.5 + noise(), ones)}, unclamped, quickly)["verdict"] == ABOVE
+    # no clamp strength keeps the prompt's success rate: no value, below baseline
+    none = speed_vs_prompt({8.0: clamped[8.0]}, unclamped, quickly)
+    assert none["value"] is None and none["verdict"] == BELOW
+    # slow vs 'slowly': the gain is the speed lost
+    slow = speed_vs_prompt({4.0: (0.5 + noise(), ones)}, unclamped, (0.5 + noise(), ones), faster=False)
+    assert slow["value"] == pytest.approx(0.3, abs=0.03) and slow["verdict"] == NO_BETTER
+
+
+def test_direction_clusters_are_scored_on_the_direction_they_name() -> None:
+    from sciscope.core.verdict import ABOVE, BELOW, NO_BETTER
+    from sciscope.domains.robotics.claims import direction_vs_controls, rollout_scores
+    from sciscope.domains.robotics.lens import CLUSTER_METRIC
+
+    assert CLUSTER_METRIC["left"] == "leftward" and CLUSTER_METRIC["down"] == "downward"
+    ep = {"displacement": np.ones(3), "dx": np.array([0.5, -0.2, 0.0]), "dy": np.array([0.1, 0.0, -0.3]),
+          "success_rate": np.ones(3), "alignment": np.ones(3)}
+    s = rollout_scores(ep)
+    np.testing.assert_array_equal(s["leftward"], -ep["dx"])
+    np.testing.assert_array_equal(s["upward"], ep["dy"])
+    np.testing.assert_array_equal(s["downward"], -ep["dy"])
+    # a "left" cluster that moves the robot right: below the random-neuron clamps
+    assert direction_vs_controls(-0.1, [-0.15, -0.05], [0.0, 0.02, -0.01])["verdict"] == BELOW
+    # one random clamp moves it as far: the strongest control is the baseline
+    r = direction_vs_controls(0.25, [0.2, 0.3], [0.01, 0.05, 0.26])
+    assert r["baseline"] == 0.26 and r["verdict"] == NO_BETTER
+    assert direction_vs_controls(0.25, [0.2, 0.3], [0.01, 0.05])["verdict"] == ABOVE
+    assert direction_vs_controls(0.25, [0.2, 0.3], []) == {}
+
+
+def test_bad_cluster_direction_share_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="cluster_direction_share"):
+        RoboticsAdapter({**TINY, "cluster_direction_share": 1.5})

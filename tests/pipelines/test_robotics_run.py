@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 TINY = ["n_episodes=60", "n_example_episodes=16", "image_size=16", "n_bins=32", "hidden=32", "n_layers=2",
         "n_heads=2", "intermediate=64", "train_steps=40", "train_batch_size=32", "n_eval_episodes=6", "max_steps=15",
         "sae_steps=100", "sae_expansion=4", "probe_cv=3", "clusters=fast,right", "clamp_alphas=2.0",
-        "clamp_n_random=1", "steer_n_random=1", "steer_alphas=1.0", "cluster_min_share=0.3", "n_trajectory_plots=1"]
+        "clamp_n_random=1", "steer_n_random=1", "steer_alphas=1.0", "cluster_min_share=0.3", "cluster_direction_share=0.3", "n_trajectory_plots=1"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_report_headlines_agree_with_tables(run_dir):
     for plan in plans:
         summary = json.loads((run_dir / "steering" / plan / "summary.json").read_text())
         head = summary["headline"]
-        assert head["score"] == {"clamp_fast": "displacement", "clamp_right": "dx"}[plan]
+        assert head["score"] == {"clamp_fast": "displacement", "clamp_right": "rightward"}[plan]
         row = rows[f"{plan}: change in {head['score']} at alpha {head['alpha_plus']:.4g}"]
         sweep = pd.read_csv(run_dir / "steering" / plan / "sweep.csv")
         s = sweep[sweep.metric == head["score"]].set_index(["condition", "alpha"])["value"]
@@ -62,10 +62,38 @@ def test_report_headlines_agree_with_tables(run_dir):
         assert float(row["control"]) == pytest.approx(s[("random-0", 2.0)] - s[("random-0", 0.0)])
         assert {"prompt: quickly", "prompt: slowly"} <= set(summary["reference"])
         assert summary["plan"]["n_controls"] == 1 and summary["plan"]["damage"] == ["success_rate"]
+    _claims_carry_their_baseline(run_dir, rows, plans)
     sweep = pd.read_csv(run_dir / "steering" / "fast_vs_slow" / "sweep.csv")
     s = sweep[(sweep.metric == "displacement") & (sweep.condition == "steer")]
     slope = np.polyfit(s.alpha, s.value, 1)[0]
     assert float(rows["fast_vs_slow: slope of displacement per unit alpha"]["value"]) == pytest.approx(slope, rel=1e-6)
+
+
+def _claims_carry_their_baseline(run_dir: Path, rows: dict, plans: list[str]) -> None:
+    """The lens shares, the speed clusters (vs the prompt) and the direction clusters (vs random clamps)
+    carry their strongest baseline, and each verdict follows from the numbers in the tables."""
+    from sciscope.core.verdict import VERDICTS, verdict
+
+    layers = pd.read_csv(run_dir / "model" / "lens_by_layer.csv")
+    for name, col in (("mostly action tokens", "share_neurons_mostly_action"), ("one coherent action meaning", "share_neurons_coherent")):
+        row = next(r for n, r in rows.items() if n.startswith("last-layer FFN neurons") and name in n)
+        last = layers.iloc[-1]
+        assert float(row["baseline"]) == pytest.approx(max(last[f"{col}_null"], last[f"{col}_untrained"]))
+        assert row["verdict"] in VERDICTS
+    for r in rows.values():  # every row with a baseline has a verdict
+        assert (r.get("baseline") in (None, "", "nan")) or r.get("verdict") in VERDICTS, r
+    if "clamp_fast" in plans:
+        speed = pd.read_csv(run_dir / "steering" / "speed_vs_prompt.csv").set_index("cluster").loc["fast"]
+        row = rows["clamp_fast: speed gained at matched success (vs 'quickly')"]
+        assert float(row["baseline"]) == pytest.approx(speed["prompt_gain"]) and row["verdict"] == speed["verdict"]
+        if np.isfinite(speed["gain"]):
+            assert speed["success"] >= speed["prompt_success"]  # matched success
+            assert speed["verdict"] == verdict(speed["gain"], speed["prompt_gain"], tolerance=speed["margin"])
+    if "clamp_right" in plans:
+        d = pd.read_csv(run_dir / "steering" / "direction_vs_controls.csv").set_index("cluster").loc["right"]
+        row = rows[f"clamp_right: rightward displacement gained at alpha {d['alpha']:g}"]
+        assert float(row["baseline"]) == pytest.approx(d["strongest_control"]) and row["verdict"] == d["verdict"]
+        assert d["verdict"] == verdict(d["effect"], d["strongest_control"], tolerance=d["margin"])
 
 
 def test_controls_and_outputs_are_there(run_dir):
