@@ -5,13 +5,14 @@ interpretability": prompts for GeoNames places, pooled hidden states per layer, 
 latitude/longitude, sparse-autoencoder features scored by Moran's I (KNN weights k = 8,
 row-standardised, permutation p-values) and LISA cluster maps.
 
-The country is the confound of every claim here (a one-hot of it predicts latitude about as well as
-the model), so the default prompt is the place name alone (config ``prompt = "{name}"``) and the
-paper's prompt with the country is a model variant, probed beside (``variant_prompt``, variant
-``country_prompt``); the probes are read against a one-hot of the country and a bag of characters;
-a probe set reads where a place lies *inside* its country (``within_country``); and spatial SAE
-features are judged against country indicators (:mod:`.confounds`: a feature whose best-country
-AUROC reaches ``country_auroc`` is named a country detector). Pooling (config ``pooling``): the
+The country is the confound of every claim here (where the country lies predicts latitude better
+than the model does), so the default prompt is the place name alone (config ``prompt = "{name}"``)
+and the paper's prompt with the country is a model variant, probed beside (``variant_prompt``,
+variant ``country_prompt``); the probes are read against the strongest of a bag of characters, a
+one-hot of the country and the country's GeoNames centre; a probe set reads where a place lies
+*inside* its country (``within_country``); and spatial SAE features are judged against country
+indicators (:mod:`.confounds`: a feature whose best-country AUROC, and the same against the places
+across that country's borders, reach ``country_auroc`` is named a country detector). Pooling (config ``pooling``): the
 mean over the prompt's tokens for an encoder (how sentence encoders pool), the last valid token for
 a causal LM (the only position that has read the whole prompt; the first position, the attention
 sink, is a massive outlier that mean pooling would let dominate).
@@ -23,7 +24,7 @@ the whole pipeline runs offline on a laptop CPU. Any local Hugging Face model di
 or decoder) can be given instead (config ``model``).
 
 Honest controls: probes are cross-validated over held-out *spatial blocks* (``probe_groups =
-"block"``) beside a bag-of-characters baseline; every Moran's I comes with the same statistic on
+"block"``) beside shuffled labels and the baselines above; every Moran's I comes with the same statistic on
 coordinates shuffled among places; steering is read out by a latitude probe on a later layer and
 compared with random directions, beside the read-out of real northern and southern places.
 """
@@ -372,7 +373,8 @@ class GeospatialAdapter(DomainAdapter):
         """``within_country``: latitude and longitude minus its country's mean (:func:`.data.within_country`),
         on the places of countries with at least ``country_min_places``, same spatial-block folds and
         baselines (a one-hot of the country cannot predict them); and the prompt variant's layers
-        (``country_prompt``), probed for the same targets as the main model."""
+        (``country_prompt``), probed for the same targets as the main model (its bag of characters
+        reads the main prompt, the place name; the country's baselines stand for the rest)."""
         m = int(self.config["country_min_places"])
         sets = [ProbeSet("within_country", ["lat_in_country", "lon_in_country"], query=f"country_places >= {m}", baseline=True)]
         return sets + [ProbeSet(v, self.probe_targets, variant=v, baseline=True) for v in self.variants]
