@@ -9,10 +9,12 @@ local Geneformer-style checkpoint with a JSON token dictionary is loaded (config
 What it declares (the core's stages run each with its controls):
 
 * per-layer cell-type and technical-covariate probes beside shuffled labels and three baselines
-  (:meth:`ImmunologyAdapter.baseline_features`);
-* SAE features against every cell type and technical covariate, against genes (:mod:`.features`),
-  and the recovery of canonical markers (CD3E, MS4A1, NKG7, ...) by the driver genes of
-  cell-type-specific features beside random genes in the markers' place;
+  (:meth:`ImmunologyAdapter.baseline_features`), the cell-type headline judged against the stronger
+  of PCA and log-expression (same folds); types with < ``min_test_cells`` test cells merged (:mod:`.confounds`);
+* SAE features against every cell type and technical covariate (technical only *within* cell type),
+  against genes (:mod:`.features`), and the recovery of curated (CD3E, MS4A1, NKG7, ...) and
+  Wilcoxon markers by the driver genes of cell-type-specific features, beside random genes and the
+  token-frequency list of the feature's cells (:mod:`.marker_rows`);
 * a delta vector between two cell types (default CD14+ monocytes -> CD19+ B cells) at a middle
   layer, scored on source cells by the masked-gene head's mass on the target's markers and a
   read-out probe's target-type probability, against random directions and beside real target cells;
@@ -22,7 +24,6 @@ What it declares (the core's stages run each with its controls):
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -44,9 +45,10 @@ from sciscope.core.loading import (auto_model_class, checkpoint_dir, checkpoint_
                                    layer_index)
 
 from . import analyses as _a
+from . import confounds as _cf
 from . import data as _data
 from . import features as _f
-from .markers import _B, _MONO, match_types
+from .markers import _B, _MONO, match_types, wilcoxon_markers
 from .model import ModelSpec, build_model, load_checkpoint, save_trained, train_model
 from .tokenize import GeneVocab, collate, rank_value_encode
 
@@ -83,6 +85,8 @@ class ImmunologyAdapter(DomainAdapter):
         "library_size_column": Key("n_counts", help="obs column of total counts ('' = from counts when possible)"),
         "min_genes": Key(10, min=1, help="cells with fewer expressed genes are dropped"),
         "min_cells_per_type": Key(5, min=1, help="rarer cell types are dropped"),
+        "min_test_cells": Key(5, min=0, help="types with fewer held-out cells are merged or dropped (rare_test_types); 0 = off"),
+        "rare_test_types": Key("other", choices=_cf.RARE_ACTIONS, help="'other' (merged into one label) | 'drop'"),
         "n_cells": Key(0, min=0, help="seeded, type-stratified subsample (0 = every cell)"),
         "test_fraction": Key(0.2, help="held-out cells, in (0, 1): the model and the SAE never train on them"),
         "seed": Key(0),
@@ -106,6 +110,7 @@ class ImmunologyAdapter(DomainAdapter):
         "specific_auroc": Key(0.9, "features", max=1.0, help="in (0, 1]: one-vs-rest AUROC of a cell-type-specific feature"),
         "technical_rho": Key(0.3, "features", max=1.0, help="in (0, 1]: |Spearman rho| of a technical feature"),
         "top_genes": Key(10, "features", min=1, help="driver genes listed per feature (marker recovery looks here)"),
+        "n_data_markers": Key(3, "features", min=1, help="data-driven (Wilcoxon) markers per type tested for recovery"),
         "n_umap_features": Key(6, "features", min=0, help="features drawn on the UMAP"),
     }
     #: Overrides for ``sciscope run immunology --profile NAME`` (quick: within 15 minutes on 2 CPU cores).
@@ -206,10 +211,13 @@ class ImmunologyAdapter(DomainAdapter):
         if obs.empty:
             raise ConfigError("immunology: no cells left after filtering: no cell expresses a gene known to the vocabulary")
         obs["cell_type"] = obs["cell_type"].cat.remove_unused_categories()
-        notes = {**cd.notes, "n_genes_known": int(known.sum()), "n_genes_unknown": len(unknown), "unknown_genes": unknown,
+        obs, few = _cf.merge_rare_types(obs, c["min_test_cells"], c["rare_test_types"])
+        ranked = [ranked[i] for i in obs.index]
+        obs = obs.reset_index(drop=True)
+        notes = {**cd.notes, **few, "n_genes_known": int(known.sum()), "n_genes_unknown": len(unknown), "unknown_genes": unknown,
                  "n_cells_no_known_gene": int((~keep).sum()), "median_source": median_note, "max_genes": max_genes,
                  "vocabulary": vocab.source, "n_cells_final": int(len(obs)),
-                 "n_cells_filtered": int(cd.notes["n_cells_filtered"] + (~keep).sum())}
+                 "n_cells_filtered": int(cd.notes["n_cells_filtered"] + (~keep).sum() + few["n_cells_rare_dropped"])}
         self._table = (obs, ranked, notes)
         return self._table
 
@@ -425,23 +433,14 @@ class ImmunologyAdapter(DomainAdapter):
         return _data.log_expression(cd.X[pos.loc[obs["cell_id"].to_numpy()].to_numpy()], cd.input_type)
 
     def type_markers(self, n: int | None = None) -> dict[str, list[str]]:
-        """Top ``n`` data-driven markers per cell type (scanpy Wilcoxon, one vs rest, vocabulary genes,
-        log-normalised expression of every kept cell): steering scores, context for marker recovery."""
+        """Top ``n`` data-driven markers per cell type (:func:`.markers.wilcoxon_markers` on the
+        log-normalised expression of every kept cell, vocabulary genes): steering scores, marker recovery."""
         n = int(n or self.config["n_markers"])
         if n not in self._markers:
-            import anndata as ad
-            import scanpy as sc
-
-            obs, cd, known = self.obs, self.cells, set(self.vocabulary.ids)
-            cols = [j for j, g in enumerate(cd.genes) if g in known]
-            a = ad.AnnData(X=self.log_expression(obs)[:, cols],
-                           obs=pd.DataFrame({"cell_type": obs["cell_type"].to_numpy()}, index=obs["cell_id"].astype(str).to_numpy()),
-                           var=pd.DataFrame(index=[cd.genes[j] for j in cols]))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                sc.tl.rank_genes_groups(a, "cell_type", method="wilcoxon", n_genes=min(n, a.n_vars), use_raw=False)
-            names = a.uns["rank_genes_groups"]["names"]
-            self._markers[n] = {t: [str(g) for g in names[t]] for t in names.dtype.names}
+            known = set(self.vocabulary.ids)
+            cols = [j for j, g in enumerate(self.cells.genes) if g in known]
+            self._markers[n] = wilcoxon_markers(self.log_expression(self.obs)[:, cols], self.obs["cell_type"].to_numpy(),
+                                                [self.cells.genes[j] for j in cols], n)
         return self._markers[n]
 
     # -- contrasts and steering ---------------------------------------------------------------------

@@ -12,15 +12,20 @@ cell type or gene is absent from the data (PPBP: platelets; CD14, CD34 and PPBP 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
 
 import pandas as pd
 
-__all__ = ["CANONICAL_MARKERS", "marker_table", "match_types"]
+__all__ = ["CANONICAL_MARKERS", "marker_table", "match_types", "wilcoxon_markers"]
 
-_T = r"(\bt\b|t[ -]?cell|t[ -]?reg|cytotoxic|cd4|cd8|memory t|naive t)"
+# "cd4(?!\d)": CD4 but not the CD45RA/CD45RO of "CD8+/CD45RA+ Naive Cytotoxic"
+_T = r"(\bt\b|t[ -]?cell|t[ -]?reg|cytotoxic|cd4(?!\d)|cd8|memory t|naive t)"
 _CD8 = r"(cd8|cytotoxic)"
-_CD4 = r"(cd4|t[ -]?reg|memory)"
+_CD4 = r"(cd4(?!\d)|t[ -]?reg|memory)"
 _B = r"(\bb\b|b[ -]?cell|cd19|plasma)"
 _MONO = r"(mono|cd14)"
 _NK = r"(\bnk\b|cd56|natural killer)"
@@ -81,3 +86,30 @@ def marker_table(cell_types: Iterable[str], genes: Iterable[str]) -> pd.DataFram
     df = pd.DataFrame(rows)
     df["testable"] = df["gene_in_data"] & df["type_in_data"]
     return df
+
+
+def wilcoxon_markers(X: Any, labels: Sequence[str] | np.ndarray, genes: Sequence[str], n: int) -> dict[str, list[str]]:
+    """Top ``n`` markers per label by scanpy's one-vs-rest Wilcoxon rank-sum test.
+
+    Parameters
+    ----------
+    X
+        ``(n_cells, n_genes)`` log-normalised expression (sparse or dense).
+    labels
+        The cell type of each cell.
+    genes
+        Column names of ``X``.
+    n
+        Markers kept per type (at most ``len(genes)``).
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    lab = [str(t) for t in labels]
+    a = ad.AnnData(X=X, obs=pd.DataFrame({"cell_type": pd.Categorical(lab)}, index=[f"c{i}" for i in range(len(lab))]),
+                   var=pd.DataFrame(index=[str(g) for g in genes]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.tl.rank_genes_groups(a, "cell_type", method="wilcoxon", n_genes=min(int(n), a.n_vars), use_raw=False)
+    names = a.uns["rank_genes_groups"]["names"]
+    return {t: [str(g) for g in names[t]] for t in names.dtype.names}

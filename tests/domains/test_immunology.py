@@ -43,6 +43,16 @@ TINY = ImmunologyAdapter.test_config
 # ------------------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models, one thread per pool: on a shared 2-core machine two spinning torch threads made a
+    training step of the test model 30x slower (3 s instead of 0.1 s); the numbers do not change."""
+    from sciscope.core.threads import limit_threads
+
+    with limit_threads(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny() -> tuple[ImmunologyAdapter, torch.nn.Module]:
     """The tiny default masked-gene model, trained once for the module (a few seconds)."""
@@ -137,7 +147,7 @@ def test_detect_input_type() -> None:
 def test_user_counts_file_detected_and_library_size_computed(tmp_path: Path) -> None:
     X, genes, labels = _counts()
     path = _write_h5ad(tmp_path / "counts.h5ad", X, genes, labels)
-    ad = ImmunologyAdapter({"source": str(path), "max_genes": 16})
+    ad = ImmunologyAdapter({"source": str(path), "max_genes": 16, "min_test_cells": 0})  # type A: 3 test cells
     n = ad.data_notes
     assert n["input_type"] == "counts" and n["matrix"] == ".X" and n["n_genes_unknown"] == 0
     assert np.allclose(ad.obs["log10_library_size"], np.log10(X.sum(1)), rtol=1e-6)
@@ -157,7 +167,7 @@ def test_repeated_cell_and_gene_ids_are_made_unique_and_noted(tmp_path: Path) ->
     a = anndata.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame({"cell_type": labels}, index=[f"c{i % 15}" for i in range(60)]),
                         var=pd.DataFrame(index=genes))
     a.write_h5ad(tmp_path / "repeats.h5ad")
-    ad = ImmunologyAdapter({"source": str(tmp_path / "repeats.h5ad"), "max_genes": 16})
+    ad = ImmunologyAdapter({"source": str(tmp_path / "repeats.h5ad"), "max_genes": 16, "min_test_cells": 0})
     n = ad.data_notes
     assert n["n_cell_ids_renamed"] == 45 and n["n_duplicate_genes"] == 1 and n["n_genes"] == 40
     assert ad.obs["cell_id"].is_unique and len(ad.obs) == 60
@@ -280,7 +290,7 @@ def test_geneformer_style_checkpoint(tmp_path: Path) -> None:
                      intermediate_size=64, max_position_embeddings=40, architectures=["BertForMaskedLM"])
     BertForMaskedLM(cfg).save_pretrained(tmp_path)
     (tmp_path / "token_dictionary.json").write_text(json.dumps(ids))
-    ad = ImmunologyAdapter({"model": str(tmp_path), "n_cells": 60, "min_cells_per_type": 2})
+    ad = ImmunologyAdapter({"model": str(tmp_path), "n_cells": 60, "min_cells_per_type": 2, "min_test_cells": 0})
     assert ad.data_notes["n_genes_unknown"] == 765 - 400 and ad.data_notes["max_genes"] == 40
     assert "no gene_median_dictionary.json" in ad.data_notes["median_source"]
     ex = ad.examples("all")
@@ -369,6 +379,9 @@ def test_gene_drivers_and_marker_table(tiny, tiny_store) -> None:
     # pbmc68k_reduced lacks CD14, CD34 and PPBP, and has no platelet type
     assert not row.loc["CD14", "gene_in_data"] and not row.loc["CD34", "gene_in_data"] and not row.loc["PPBP", "testable"]
     assert row.loc["MS4A1", "testable"] and row.loc["MS4A1", "cell_types"] == "CD19+ B"
+    # CD45RA is not CD4: the naive cytotoxic (CD8+/CD45RA+) cells are no CD4 T cells
+    assert marker_table(["CD8+/CD45RA+ Naive Cytotoxic", "CD4+/CD25 T Reg"], ["IL7R"]).set_index("gene").loc[
+        "IL7R", "cell_types"] == "CD4+/CD25 T Reg"
 
 
 def test_results_anndata_round_trip(tiny, tiny_store, tmp_path: Path) -> None:
@@ -437,3 +450,128 @@ def test_steering_plan_moves_the_readout_toward_the_target(tiny, tiny_store) -> 
     assert s["score"] == "p_target_type" and s["effect_plus"] > s["control_effect_plus_max_abs"]
     assert s["n_examples"] == base["p_target_type"].size and s["effect_plus_ci"][0] > 0
     assert s["reference[real CD19+ B cells]"] == pytest.approx(ref["p_target_type"])
+
+
+# ------------------------------------------------------------------- confounds (issue 15)
+
+
+def _obs(counts: dict[str, tuple[int, int]]) -> pd.DataFrame:
+    """obs with ``cell_type`` and ``split`` from ``{type: (n_train, n_test)}``."""
+    rows = [(t, s) for t, (a, b) in counts.items() for s in ["train"] * a + ["test"] * b]
+    return pd.DataFrame({"cell_type": pd.Categorical([t for t, _ in rows]), "split": [s for _, s in rows]})
+
+
+def test_rare_types_merged_into_other_or_dropped() -> None:
+    from sciscope.domains.immunology.confounds import OTHER, merge_rare_types, rare_types_note
+
+    obs = _obs({"A": (40, 10), "B": (30, 8), "C": (9, 2), "D": (12, 3)})
+    merged, notes = merge_rare_types(obs, 5, "other")
+    assert notes["few_test_types"] == {"C": 2, "D": 3} and notes["n_cells_rare_dropped"] == 0
+    assert merged["cell_type"].value_counts().to_dict() == {"A": 50, "B": 38, OTHER: 26}
+    assert (merged["cell_type_original"] == obs["cell_type"].astype(str)).all()
+    assert "merged into 'other': C (2), D (3)" in rare_types_note(notes)
+    dropped, notes = merge_rare_types(obs, 5, "drop")
+    assert set(dropped["cell_type"].cat.categories) == {"A", "B"} and notes["n_cells_rare_dropped"] == 26
+    assert list(dropped.index) == list(range(88))  # the index is kept: callers align per-cell data by it
+    # the merged group itself too small: dropped as well, and said so
+    small, notes = merge_rare_types(_obs({"A": (40, 10), "B": (30, 8), "C": (5, 1), "D": (5, 1)}), 5, "other")
+    assert notes["other_dropped"] and OTHER not in small["cell_type"].cat.categories and "dropped (12 cells)" in rare_types_note(notes)
+    assert merge_rare_types(obs, 0, "other")[1]["few_test_types"] == {}  # 0: off
+    with pytest.raises(ConfigError, match="'min_test_cells' = 9 leaves fewer than 2 cell types"):
+        merge_rare_types(obs, 9, "drop")
+    with pytest.raises(ConfigError, match="rare_test_types"):
+        ImmunologyAdapter({"rare_test_types": "merge"})
+    with pytest.raises(ConfigError, match="min_test_cells"):
+        ImmunologyAdapter({"min_test_cells": -1})
+
+
+def test_bundled_rare_types_are_stated() -> None:
+    """pbmc68k_reduced: the three types with 2-4 test cells become 'other'; notes.md says so."""
+    ad = ImmunologyAdapter({})
+    n = ad.data_notes
+    assert n["few_test_types"] == {"CD34+": 3, "CD4+/CD45RA+/CD25- Naive T": 2, "CD4+/CD45RO+ Memory": 4}
+    test = ad.obs.loc[ad.obs.split == "test", "cell_type"].value_counts()
+    assert test.min() >= 5 and "other" in test.index and len(ad.obs) == 700
+    assert len(ad.examples("all").inputs) == 700
+
+
+def test_library_size_feature_that_is_a_cell_type_feature_is_not_technical() -> None:
+    """Planted: monocytes have smaller libraries; feature 0 is the monocyte indicator (its across-cell
+    Spearman with library size is strong), feature 1 tracks library size inside every type."""
+    from sciscope.domains.immunology.confounds import within_type_spearman, within_type_technical_table
+
+    rng = np.random.default_rng(0)
+    n = 400
+    mono = rng.random(n) < 0.4
+    lib = np.where(mono, 3.0, 3.6) + rng.normal(0, 0.1, n)
+    A = np.zeros((n, 4))
+    A[:, 0] = mono * (1.0 + 0.1 * rng.random(n))  # the monocyte feature
+    A[:, 1] = np.maximum(0.0, lib - np.where(mono, 3.0, 3.6) + 0.3)  # library size within type
+    A[:, 2] = rng.random(n) * (rng.random(n) < 0.5)  # noise
+    obs = pd.DataFrame({"cell_type": np.where(mono, "Mono", "B"), "log10_library_size": lib})
+    raw_rho = pd.Series(A[:, 0]).corr(pd.Series(lib), method="spearman")
+    assert raw_rho < -0.6  # across cells, the monocyte feature "tracks library size"
+    rho, p = within_type_spearman(A, lib, obs["cell_type"].to_numpy())
+    assert abs(rho[0]) < 0.15 and rho[1] > 0.9 and p[1] < 1e-10 and np.isnan(rho[3])  # feature 3: never fires
+    raw = pd.DataFrame([{"covariate": "log10_library_size", "n_features": 2, "features": "0 1"}])
+    t = within_type_technical_table(A, obs, ["log10_library_size"], 0.3, raw, specific={0}, seed=0).iloc[0]
+    assert t.n_features == 1 and t.features == "1" and t.n_raw == 2 and t.n_raw_survive == 1
+    assert t.n_raw_cell_type_specific == 1 and t.n_also_cell_type_specific == 0 and t.n_features_shuffled == 0
+
+
+def test_marker_recovery_against_token_frequency_baseline() -> None:
+    """Recovery by driver ranks vs by the token-frequency list; the chance control; the paired verdict."""
+    from sciscope.core.verdict import ABOVE, NO_BETTER
+    from sciscope.domains.immunology.confounds import (driver_ranks, paired_count_verdict, recovery,
+                                                        token_frequency_scores)
+
+    genes = ["CD79A", "MS4A1", "LYZ", "ACTB", "G5", "G6"]
+    inputs = [["CD79A", "MS4A1", "ACTB"]] * 5 + [["LYZ", "ACTB"]] * 5
+    A = np.zeros((10, 2))
+    A[:5, 0], A[5:, 1] = 1.0, 2.0  # feature 0 fires on the B cells, 1 on the monocytes
+    freq = token_frequency_scores(inputs, A, genes)
+    assert freq.loc["CD79A", 0] == 1.0 and freq.loc["LYZ", 0] == 0.0 and freq.loc["ACTB", 1] == 1.0
+    assert list(freq.attrs["n_active"]) == [5, 5]
+    drivers = pd.DataFrame({0: [0.9, 0.1, 0.0, 0.5, 0.0, 0.0], 1: [0.0, 0.0, 0.1, 0.9, 0.0, 0.0]}, index=genes)
+    ranks = driver_ranks(drivers)
+    assert ranks[:, 0].tolist() == [1, 3, 4, 2, 5, 6]
+    pairs = [("CD79A", ["B"]), ("MS4A1", ["B"]), ("LYZ", ["Mono"]), ("CD3E", ["T"])]
+    feats = {"B": np.array([0]), "Mono": np.array([1])}
+    hit, control = recovery(pairs, genes, feats, ranks, k=2, n_random=200, seed=0)
+    assert hit.tolist() == [True, False, True, False]  # MS4A1 ranks 3rd in feature 0; CD3E: no T feature
+    fhit, _ = recovery(pairs, genes, feats, driver_ranks(freq), k=2, n_random=0)
+    assert fhit.tolist() == [True, True, True, False]  # every B cell carries MS4A1: the frequency list has it
+    assert 0.5 < control < 1.5  # three markers with a feature, each a random gene in its top 2 with p = 1/3
+    # the baseline wins by one marker: within the margin 2 sqrt(markers only one list recovers) = 2
+    v, margin = paired_count_verdict(hit, fhit)
+    assert v == NO_BETTER and margin == 2.0
+    assert paired_count_verdict(np.zeros(9, bool), np.ones(9, bool))[0] == "below baseline"
+    assert paired_count_verdict(np.ones(9, bool), np.zeros(9, bool))[0] == ABOVE  # 9 vs 0: margin 6
+    assert paired_count_verdict(np.zeros(3, bool), np.zeros(3, bool))[0] == NO_BETTER
+
+
+def test_cell_type_f1_headline_reads_the_strongest_simple_baseline(tmp_path: Path) -> None:
+    """The macro-F1 headline carries the stronger of PCA and log-expression (never the untrained
+    model), on the same folds, and a verdict: a model that matches the baseline reads 'no better
+    than baseline', one far below reads 'below baseline'."""
+    from sciscope.core import ActivationStore, probe_sweep
+    from sciscope.domains.immunology.analyses import cell_type_f1
+
+    X, genes, labels = _counts(n_cells=100)  # 25 cells of type A, 5 of them held out: min_test_cells keeps it
+    ad = ImmunologyAdapter({"source": str(_write_h5ad(tmp_path / "c.h5ad", X, genes, labels)), "max_genes": 16})
+    y = np.array(labels)
+    rng = np.random.default_rng(0)
+    good = np.c_[(y == "A") + rng.normal(0, 0.3, y.size), rng.normal(size=(y.size, 3))]
+    noise = rng.normal(size=(y.size, 4))
+    store = ActivationStore.from_arrays(pd.DataFrame({"cell_type": y}), {"layer.0": noise, "layer.1": good})
+    for model_site, expected in (("layer.1", "no better than baseline"), ("layer.0", "below baseline")):
+        sites = [model_site]
+        base = {"pca50_logexpr": good, "logexpr_genes": noise[:, :2], "untrained_model": np.c_[y == "A", y == "A"] * 1.0}
+        ctx = RunContext(ad, run_dir=tmp_path / model_site, stage="probes")
+        ctx.live["probes"] = probe_sweep(store, ["cell_type"], sites=sites, cv=4, baseline=base, seed=0, progress=False)
+        row = cell_type_f1(ctx)[0]
+        assert row["baseline_label"] == "PCA-50 of log-expression + logistic", row
+        assert row["verdict"] == expected, row
+        assert "untrained model, last layer 1.000" in row["note"] and "4 folds" in row["note"]
+        t = pd.read_csv(tmp_path / model_site / "probes" / "cell_type_f1.csv")
+        assert row["value"] == pytest.approx(t.score_mean.max()) and row["baseline"] == pytest.approx(t["baseline_mean[pca50_logexpr]"].max())
