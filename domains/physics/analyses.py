@@ -192,7 +192,7 @@ def feature_diagnostics(ad: "PhysicsAdapter", ctx: Any) -> Rows:
 def rollout_strips(ad: "PhysicsAdapter", ctx: Any) -> Rows:
     """Image strips per system and start regime (truth, alpha = 0, +-``strip_alpha``, a random
     direction at +``strip_alpha``) into ``steering/recipe_<system>/``; each row is labelled with its
-    rollout's numbers: classifier P(A), physical or not (:mod:`.physicality`), patch-boundary ratio."""
+    rollout's numbers: classifier P(A), physical or not (:mod:`.physicality`), sub-patch power share."""
     model, c, alpha = ctx.model(), ad.config, float(ad.config["strip_alpha"])
     for system in c["systems"]:
         vec = AddVector(ad.recipe_vector(ctx, system), ad.steer_site, scale="relative", relative_to="example")
@@ -214,14 +214,14 @@ def rollout_strips(ad: "PhysicsAdapter", ctx: Any) -> Rows:
 
 
 def _strip_label(ev: RolloutScorer, label: str, frames: np.ndarray) -> str:
-    """``label`` with the rollout's P(A) over its scored frames, physical or not, and its patch-boundary ratio."""
+    """``label`` with the rollout's P(A) over its scored frames, physical or not, and its largest sub-patch power share."""
     last = frames[-ev.score_frames:]
     if not np.isfinite(last).all():
         return f"{label}\ndiverged"
     diag, p = ev._diagnostics(last[None])
     ok = bool(within_bands(diag, ev.bands).all())
     return (f"{label}\nP({ev.regime_a}) {np.nanmean(p):.2f}, {'physical' if ok else 'NOT physical'}"
-            f"\npatch ratio {diag['patch_boundary_ratio'].mean():.2f}")
+            f"\nsub-patch power {diag['subpatch_power'].max():.3f}")
 
 
 def vector_cosines(ad: "PhysicsAdapter", ctx: Any) -> Rows:

@@ -10,7 +10,8 @@ After the steering stage, for every plan the physics adapter declared:
   one draw, not a mean). A target's slope is signed (pushing the wrong way is below baseline); an
   off-target's is |slope| with lower better.
 
-Tables ``steering/steering_verdicts.csv`` and ``steering/slope_verdicts.csv``; per recipe plan a figure
+Tables ``steering/steering_verdicts.csv``, ``steering/slope_verdicts.csv`` and ``steering/physical_bands.csv``
+(the band of every physicality diagnostic and its sources); per recipe plan a figure
 ``steering/recipe_<system>/changed_vs_physical.png``: the curves beside the rollout strips.
 """
 
@@ -25,6 +26,7 @@ import pandas as pd
 from sciscope.core.verdict import verdict
 
 from .data import REGIMES
+from .steering import RolloutScorer
 
 if TYPE_CHECKING:
     from sciscope.core.experiment import PlanSweep
@@ -145,8 +147,8 @@ def _figure(ad: "PhysicsAdapter", ctx: Any, sweep: "PlanSweep", system: str) -> 
 
     a, b = REGIMES[system]
     strips = ctx.output(f"recipe_{system}/rollout_strips_from_{b}.png")
-    fig = plt.figure(figsize=(15, 4.2))
-    grid = fig.add_gridspec(1, 3, width_ratios=[1, 1, 2.2])
+    fig = plt.figure(figsize=(17, 6.5))
+    grid = fig.add_gridspec(1, 3, width_ratios=[1, 1, 2.4])
     scores = [(f"p_{a}_from_{b}", f"P({a})", "C0"), (f"p_{a}_physical_from_{b}", f"P({a} and physical)", "C3"),
               (f"physical_from_{b}", "share physical", "C2")]
     for i, group in enumerate((scores[:2], scores[2:])):
@@ -197,4 +199,6 @@ def steering_verdicts(ad: "PhysicsAdapter", ctx: Any) -> Rows:
         ctx.write_table("steering_verdicts.csv", pd.DataFrame(shares))
     if slopes:
         ctx.write_table("slope_verdicts.csv", pd.concat(slopes, ignore_index=True))
+    scorers = [RolloutScorer(ad, s, ctx.model()) for s in systems]  # their bands are cached: no new rollouts
+    ctx.write_table("physical_bands.csv", pd.concat([ev.bands.assign(system=ev.system) for ev in scorers], ignore_index=True))
     return rows

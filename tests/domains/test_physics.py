@@ -450,7 +450,7 @@ def test_scorer_counts_a_regime_change_only_on_a_physical_rollout(tiny) -> None:
     is 0 while P(A) by the classifier is unchanged, and every scored rollout counts as an artefact."""
     ad, model = tiny
     ev = RolloutScorer(ad, "gray_scott", model)
-    assert list(ev.bands.diagnostic) == ["patch_boundary_ratio", "u_mean", "bound_excess"]
+    assert list(ev.bands.diagnostic) == ["subpatch_power", "patch_boundary_ratio", "u_mean", "bound_excess"]
     assert "unsteered_model_max" in ev.bands and (ev.bands.low <= ev.bands.high).all()
     wide = ev(model)
     scored = np.isfinite(wide["p_stripes_from_spots"])
@@ -529,7 +529,8 @@ def _smooth(n: int = 32, seed: int = 0) -> np.ndarray:
 
 
 def test_physicality_reads_patch_artefacts_boundedness_and_divergence() -> None:
-    from sciscope.domains.physics.physicality import patch_boundary_ratio, physical_bands, physicality, within_bands
+    from sciscope.domains.physics.physicality import (patch_boundary_ratio, physical_bands, physicality, subpatch_power,
+                                                      within_bands)
     from sciscope.domains.physics.simulate import flow_wavenumbers
 
     n, p = 32, 4
@@ -537,6 +538,9 @@ def test_physicality_reads_patch_artefacts_boundedness_and_divergence() -> None:
     patched = smooth + np.kron(np.random.default_rng(1).normal(size=(2, 2, n // p, n // p)), np.ones((p, p)))
     r_smooth, r_patched = patch_boundary_ratio(smooth, p), patch_boundary_ratio(patched, p)
     assert np.allclose(r_smooth, 1.0, atol=0.25) and (r_patched > 3 * r_smooth).all()
+    # the seams put power at wavelengths of a patch or less, where the smooth field has none
+    assert (subpatch_power(smooth, p) < 1e-12).all() and (subpatch_power(patched, p) > 0.01).all()
+    assert subpatch_power(np.ones((1, 2, n, n)), p)[0] == 0.0 and subpatch_power(patched, 1).max() == 0.0
     assert patch_boundary_ratio(np.ones((1, 2, n, n)), p)[0] == 1.0 and np.isnan(patch_boundary_ratio(np.full((1, 2, n, n), np.nan), p)[0])
     # Gray-Scott: concentrations outside [0, 1] are out of bounds by their excess
     gs = np.clip(0.5 + 0.1 * smooth, 0, 1)
