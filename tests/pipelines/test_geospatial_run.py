@@ -71,7 +71,7 @@ def test_confounds_carry_baselines_and_verdicts(run_dir):
     for name in ("lat (r2)", "country_prompt: lat (r2)", "within_country: lat_in_country (r2)",
                  "spatial SAE latents that are not country detectors"):
         assert rows[name]["baseline"] is not None and rows[name]["verdict"] in VERDICTS, rows[name]
-    assert rows["country_prompt: lat (r2)"]["baseline_label"] in ("country_one_hot", "bag_of_characters")
+    assert rows["country_prompt: lat (r2)"]["baseline_label"] == "country_centroid"  # where the country lies
     store = json.loads((run_dir / "activations" / "store" / "manifest.json").read_text())
     assert store["pooling"] == "mean"  # the encoder's; a causal LM's default is "last"
     obs = pd.read_parquet(run_dir / "examples" / "obs.parquet")
