@@ -7,10 +7,11 @@ are simulated here (numpy, seeded): Gray–Scott reaction–diffusion (spots vs 
 a few past frames; a user's own ``nn.Module`` can stand in (config ``model``).
 
 Examples are *windows* (trajectory, t): the context frames ending at ``t``. Every analysis
-carries its control: prediction errors beside persistence; probes (cross-validated over whole
-trajectories) beside shuffled labels and a radial-spectrum/PCA baseline; SAE features vs
-diagnostics beside shuffled diagnostics; steered rollouts (:mod:`.steering`) beside random
-directions of the same norm, plus each system's vector in the other's rollouts (transfer).
+carries its control and its strongest simple baseline: prediction errors beside persistence;
+probes (over whole trajectories; parameters also within each regime) beside shuffled labels and
+the radial spectrum / pixel PCA; SAE features read across trajectories beside shuffled diagnostics
+and the best spectrum component; steered rollouts (:mod:`.steering`) count as a regime change only
+when physical (:mod:`.physicality`), beside random directions of the same norm (:mod:`.verdicts`).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sciscope.core.verdict import VERDICTS
+
 pytestmark = pytest.mark.slow
 
 TINY = ["n_per_regime=4", "grid=16", "n_frames=8", "gs_burn_in=200", "gs_frame_every=50", "flow_burn_in=0.5",
@@ -42,14 +44,39 @@ def test_report_headlines_agree_with_tables(run_dir: Path) -> None:
         assert float(row["control"]) == pytest.approx(one.loc[system, "mse_persistence"], rel=1e-6)
     sweep = pd.read_csv(run_dir / "steering" / "recipe_flow" / "sweep.csv")
     curve = lambda m, c: sweep[(sweep.metric == m) & (sweep.condition == c)].set_index("alpha").value  # noqa: E731
-    steer, rand = curve("p_vortex_from_laminar", "steer"), curve("p_vortex_from_laminar", "random-0")
-    row = rows["recipe_flow: change in p_vortex_from_laminar at alpha 0.5"]
+    # the headline counts a regime change only on a physical rollout
+    steer, rand = curve("p_vortex_physical_from_laminar", "steer"), curve("p_vortex_physical_from_laminar", "random-0")
+    row = rows["recipe_flow: change in p_vortex_physical_from_laminar at alpha 0.5"]
     assert float(row["value"]) == pytest.approx(steer[0.5] - steer[0.0], rel=1e-6, abs=1e-12)
     assert float(row["control"]) == pytest.approx(rand[0.5] - rand[0.0], rel=1e-6, abs=1e-12)
+    assert (curve("p_vortex_physical_from_laminar", "steer") <= curve("p_vortex_from_laminar", "steer").fillna(0) + 1e-12).all()
     safe = curve("__broken__", "steer")
-    x = curve("x_variation_from_laminar", "steer")[safe[safe == 0].index]
-    assert float(rows["recipe_flow: slope of x_variation_from_laminar per unit alpha"]["value"]) == pytest.approx(
+    x = curve("p_vortex_from_laminar", "steer")[safe[safe == 0].index]
+    assert float(rows["recipe_flow: slope of p_vortex_from_laminar per unit alpha"]["value"]) == pytest.approx(
         np.polyfit(x.index, x.to_numpy(), 1)[0], rel=1e-6, abs=1e-12)
+    # P(changed and physical) beside P(changed), each against the random directions, with a verdict
+    shares = pd.read_csv(run_dir / "steering" / "steering_verdicts.csv").set_index(["plan", "alpha"])
+    both = rows["recipe_flow: P(vortex and physical) from laminar at alpha 0.5"]
+    clf = rows["recipe_flow: P(vortex) by the regime classifier alone from laminar at alpha 0.5"]
+    at = shares.loc[("recipe_flow", 0.5)]
+    assert float(both["value"]) == pytest.approx(at.p_changed_and_physical_value) and float(both["control"]) == pytest.approx(at.p_changed_and_physical_zero)
+    assert float(clf["baseline"]) == pytest.approx(at.p_changed_random) and both["verdict"] in VERDICTS and clf["verdict"] in VERDICTS
+    # every slope carries the random directions' mean |slope| (the core summary's) as its baseline
+    summary = pd.read_csv(run_dir / "steering" / "recipe_flow" / "summary.csv").set_index("score")
+    slope_row = rows["recipe_flow: slope of p_vortex_from_laminar against random directions"]
+    assert float(slope_row["baseline"]) == pytest.approx(summary.loc["p_vortex_from_laminar", "control_slope_mean_abs"], rel=1e-6)
+    assert slope_row["verdict"] in VERDICTS
+    # parameters probed within each regime too, beside the radial spectrum
+    within = pd.read_csv(run_dir / "probes" / "parameters_flow_laminar.csv")
+    visc_w = within[(within.target == "log10_viscosity") & within.site.notna()]
+    best = visc_w.loc[visc_w.score_mean.idxmax()]
+    row = rows["parameters_flow_laminar: log10_viscosity (r2)"]
+    assert float(row["value"]) == pytest.approx(best.score_mean, rel=1e-6) and float(row["baseline"]) == pytest.approx(best.baseline_mean, rel=1e-6)
+    assert row["verdict"] in VERDICTS and rows["regime (accuracy)"]["baseline_label"]
+    # features: single-trajectory features flagged, correlations against the radial spectrum
+    spread = pd.read_csv(run_dir / "features" / "feature_trajectories.csv")
+    top_k = rows["SAE features whose top-10 windows all come from one trajectory"]
+    assert int(top_k["value"]) == int(spread.single_trajectory.sum())
     assert not (run_dir / "steering" / "flow").exists()  # the plain contrast sweep is replaced by the recipe plans
     for plan in ("transfer_gray_scott_to_flow", "transfer_flow_to_gray_scott"):
         summary = json.loads((run_dir / "steering" / plan / "summary.json").read_text())
@@ -60,13 +87,16 @@ def test_report_headlines_agree_with_tables(run_dir: Path) -> None:
     assert float(rows["parameters_flow: log10_viscosity (r2)"]["value"]) == pytest.approx(visc.score_mean.max(), rel=1e-6)
     assert (run_dir / "probes" / "parameter_probes_vs_layer.png").is_file()
     corr = pd.read_csv(run_dir / "features" / "diagnostic_correlations.csv").set_index("diagnostic")
-    assert float(rows["SAE feature vs x_variation (|Spearman rho|)"]["value"]) == pytest.approx(abs(corr.loc["x_variation", "rho"]), rel=1e-6)
+    xv = rows["SAE feature vs x_variation (|Spearman rho| across trajectories)"]
+    assert float(xv["value"]) == pytest.approx(abs(corr.loc["x_variation", "rho"]), rel=1e-6)
+    assert float(xv["baseline"]) == pytest.approx(abs(corr.loc["x_variation", "baseline_rho"]), rel=1e-6) and xv["verdict"] in VERDICTS
+    assert corr.loc["x_variation", "feature"] not in set(spread.loc[spread.single_trajectory, "feature"])
     transfer = pd.read_csv(run_dir / "steering" / "transfer.csv")
     assert len(transfer) == 2 and transfer.cosine_source_target_vectors.abs().le(1 + 1e-9).all()
     assert -1 <= float(rows["flow: cosine(plain mean difference, recipe vector)"]["value"]) <= 1
     # the report embeds the physics figures
     html = (run_dir / "report" / "report.html").read_text()
-    for name in ("rollout_strips_from_laminar.png", "alpha_sweep.png", "rollout_error.png", "regimes.png"):
+    for name in ("rollout_strips_from_laminar.png", "alpha_sweep.png", "rollout_error.png", "regimes.png", "changed_vs_physical.png"):
         assert name in html, name
 
 
