@@ -8,7 +8,8 @@ After the steering stage, for every plan the physics adapter declared:
 * the slope of every target and off-target score beside the random directions' slopes (baseline:
   their mean |slope|; margin: 2 standard deviations of the controls' |slopes|, since one vector is
   one draw, not a mean). A target's slope is signed (pushing the wrong way is below baseline); an
-  off-target's is |slope| with lower better.
+  off-target's is |slope| with lower better. This reading goes to ``slope_verdicts.csv`` only: the
+  core's slope headline rows already carry the controls' largest |slope| and a verdict.
 
 Tables ``steering/steering_verdicts.csv``, ``steering/slope_verdicts.csv`` and ``steering/physical_bands.csv``
 (the band of every physicality diagnostic and its sources); per recipe plan a figure
@@ -192,9 +193,7 @@ def steering_verdicts(ad: "PhysicsAdapter", ctx: Any) -> Rows:
                                                             for w in ("value", "zero", "random")},
                                "verdict_changed_and_physical": got["p_changed_and_physical"]["verdict"]})
             _figure(ad, ctx, sweep, system)
-        got_rows, table = slope_rows(sweep, source)
-        rows += got_rows
-        slopes.append(table)
+        slopes.append(slope_rows(sweep, source)[1])  # the core's slope rows carry the controls' largest |slope|
     if shares:
         ctx.write_table("steering_verdicts.csv", pd.DataFrame(shares))
     if slopes:

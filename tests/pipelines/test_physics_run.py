@@ -61,11 +61,13 @@ def test_report_headlines_agree_with_tables(run_dir: Path) -> None:
     at = shares.loc[("recipe_flow", 0.5)]
     assert float(both["value"]) == pytest.approx(at.p_changed_and_physical_value) and float(both["control"]) == pytest.approx(at.p_changed_and_physical_zero)
     assert float(clf["baseline"]) == pytest.approx(at.p_changed_random) and both["verdict"] in VERDICTS and clf["verdict"] in VERDICTS
-    # every slope carries the random directions' mean |slope| (the core summary's) as its baseline
+    # every slope read against the random directions' |slopes| (their mean is the core summary's)
     summary = pd.read_csv(run_dir / "steering" / "recipe_flow" / "summary.csv").set_index("score")
-    slope_row = rows["recipe_flow: slope of p_vortex_from_laminar against random directions"]
-    assert float(slope_row["baseline"]) == pytest.approx(summary.loc["p_vortex_from_laminar", "control_slope_mean_abs"], rel=1e-6)
-    assert slope_row["verdict"] in VERDICTS
+    slopes = pd.read_csv(run_dir / "steering" / "slope_verdicts.csv").set_index(["plan", "score"])
+    assert slopes.loc[("recipe_flow", "p_vortex_from_laminar"), "control_mean_abs_slope"] == pytest.approx(
+        summary.loc["p_vortex_from_laminar", "control_slope_mean_abs"], rel=1e-6)
+    assert slopes.verdict.isin(VERDICTS).all()
+    assert rows["recipe_flow: slope of p_vortex_from_laminar per unit alpha"]["verdict"] in VERDICTS
     # parameters probed within each regime too, beside the radial spectrum
     within = pd.read_csv(run_dir / "probes" / "parameters_flow_laminar.csv")
     visc_w = within[(within.target == "log10_viscosity") & within.site.notna()]
