@@ -58,6 +58,9 @@ class Scorer:
     broken
         A score giving the fraction of broken runs in one evaluation (e.g. ``"broken_fraction"``).
         A NaN in any target score also counts as a broken run.
+    decrease
+        Target scores the intervention is meant to lower as alpha grows (every other target is
+        meant to rise): a target moved the other way reads "below baseline" in the headline.
     """
 
     fn: Callable[[nn.Module], Mapping[str, Any]]
@@ -65,6 +68,12 @@ class Scorer:
     off_target: Sequence[str] = ()
     damage: Sequence[str] = ()
     broken: str | None = None
+    decrease: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        stray = [s for s in self.decrease if s not in self.target]
+        if stray:
+            raise ValueError(f"Scorer: decrease names scores that are not targets: {stray} (targets: {list(self.target)})")
 
     def __call__(self, model: nn.Module) -> Mapping[str, Any]:
         return self.fn(model)
@@ -409,7 +418,8 @@ def run_plan(model: nn.Module, plan: SteeringPlan, intervention: Intervention, *
         raise KeyError(f"steering plan {plan.name!r}: headline score {headline!r} is not among the scores {names}")
     params = {"name": plan.name, "description": plan.description, "intervention": intervention.describe(),
               "alphas": [0.0, *alphas], "n_controls": len(controls), "seed": plan.seed, "headline": headline,
-              "targets": targets, "off_target": list(scorer.off_target), "damage": list(scorer.damage),
+              "targets": targets, "decrease": list(scorer.decrease), "off_target": list(scorer.off_target),
+              "damage": list(scorer.damage),
               "broken_score": scorer.broken}
     return PlanSweep(table, samples, roles, params, {k: dict(v) for k, v in (reference or {}).items()})
 
@@ -419,6 +429,7 @@ def plan_headline_rows(sweep: PlanSweep, *, source: str) -> Rows:
     summary knows in the note) and the slope of every target and off-target score."""
     s = sweep.summary()
     name = sweep.params["name"]
+    decrease = set(sweep.params.get("decrease", ()))
     fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.4g}"  # noqa: E731
     ci = s["effect_plus_ci"]
     refs = "; ".join(f"{k[len('reference['):-1]} {fmt(v)}" for k, v in s.items() if k.startswith("reference["))
@@ -436,7 +447,8 @@ def plan_headline_rows(sweep: PlanSweep, *, source: str) -> Rows:
     rows: Rows = [{"stage": "steering", "name": f"{name}: change in {s['score']} at alpha {fmt(s['alpha_plus'])}",
                    "value": s["effect_plus"], "control": s["control_effect_plus_mean"],
                    "control_label": f"{s['n_controls']} random controls, mean (p = {fmt(s['p_effect_plus'])})",
-                   **_largest_control(s["effect_plus"], s["control_effect_plus_max_abs"], "change", s["n_controls"]),
+                   **_largest_control(s["effect_plus"], s["control_effect_plus_max_abs"], "change", s["n_controls"],
+                                      role=s["role"], decrease=s["score"] in decrease),
                    "note": note, "source": source}]
     for score, role in sweep.roles.items():
         if role not in ("target", "off_target"):
@@ -446,29 +458,43 @@ def plan_headline_rows(sweep: PlanSweep, *, source: str) -> Rows:
                      "control": t["control_slope_mean_abs"],
                      "control_label": f"mean |slope| of {t['n_controls']} random controls",
                      **_largest_control(t["slope"], t["control_slope_max_abs"], "slope", t["n_controls"],
-                                        off_target=role == "off_target"),
+                                        role=role, decrease=score in decrease),
                      "note": f"{role}; {'monotonic' if t['monotonic'] else 'not monotonic'} over safe alphas; p = {fmt(t['p_slope'])}",
                      "source": source})
     return rows
 
 
-def _largest_control(value: float, control_max_abs: float, what: str, n_controls: int, *,
-                     off_target: bool = False) -> dict[str, Any]:
+def _largest_control(value: float, control_max_abs: float, what: str, n_controls: int, *, role: str = "target",
+                     decrease: bool = False) -> dict[str, Any]:
     """The baseline of one steering number: the largest |value| over its random controls.
 
     One direction is read against the maximum over as many random directions as were run, so a
-    vector that does no more than the luckiest random one reads "no better than baseline" (never
-    "below": random directions are a null, not a rival method). The verdict compares magnitudes
-    (a plan's sign is the adapter's choice of a and b). An off-target score is the other way
-    round: moving it more than every random direction does is a side effect, "below baseline";
-    otherwise it is "no better than baseline" (as specific as a random direction, no more).
+    vector that does no more than the luckiest random one reads "no better than baseline".
+
+    - A target is read with its sign (meant to rise with alpha, or to fall when the scorer lists
+      it in ``decrease``): beyond every control the intended way is "above baseline", beyond every
+      control the other way "below baseline", anything within the controls "no better".
+    - An off-target score is the other way round: moving it more than every random direction does
+      is a side effect, "below baseline"; otherwise "no better than baseline" (as specific as a
+      random direction, no more).
+    - Any other score (damage, other) by magnitude: "above" or "no better".
+
     Empty without controls or when either number is not finite.
     """
     if not n_controls or not (np.isfinite(value) and np.isfinite(control_max_abs)):
         return {}
-    beyond = abs(float(value)) > float(control_max_abs)
-    return {"baseline": float(control_max_abs), "baseline_label": f"largest |{what}| of {n_controls} random controls",
-            "verdict": (BELOW if beyond else NO_BETTER) if off_target else (ABOVE if beyond else NO_BETTER)}
+    value, bar = float(value), float(control_max_abs)
+    if role == "target":
+        signed = -value if decrease else value
+        v = ABOVE if signed > bar else BELOW if signed < -bar else NO_BETTER
+    elif role == "off_target":
+        v = BELOW if abs(value) > bar else NO_BETTER
+    else:
+        v = ABOVE if abs(value) > bar else NO_BETTER
+    label = f"largest |{what}| of {n_controls} random controls"
+    if role == "target":
+        label += " (read with the intended sign: " + ("down" if decrease else "up") + ")"
+    return {"baseline": bar, "baseline_label": label, "verdict": v}
 
 
 def resolve_reference(plan: SteeringPlan, ctx: "RunContext") -> dict[str, dict[str, float]]:

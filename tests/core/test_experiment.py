@@ -136,10 +136,21 @@ def test_run_plan_reads_a_planted_effect_beside_its_controls():
     assert {r["name"] for r in rows[1:]} == {"push_y0: slope of y0 per unit alpha", "push_y0: slope of y1 per unit alpha"}
     # the baseline is the luckiest of the 10 random controls; the planted vector beats it
     assert rows[0]["baseline"] == pytest.approx(s["control_effect_plus_max_abs"]) and rows[0]["verdict"] == ABOVE
-    assert rows[0]["baseline_label"] == "largest |change| of 10 random controls"
+    assert rows[0]["baseline_label"] == "largest |change| of 10 random controls (read with the intended sign: up)"
     # y1, the off-target score, is read the other way round: moving it beyond every control is a side effect
     y1 = next(r for r in rows if r["name"] == "push_y0: slope of y1 per unit alpha")
     assert y1["verdict"] == (BELOW if abs(y1["value"]) > y1["baseline"] else NO_BETTER)
+
+
+def test_a_target_pushed_the_wrong_way_beyond_every_control_reads_below_baseline():
+    model = _mlp()
+    plan, iv = _plan(model)
+    plan.scorer = Scorer(plan.scorer.fn, target=["y0"], off_target=["y1"], decrease=["y0"])  # meant to fall, it rises
+    rows = plan_headline_rows(run_plan(model, plan, iv), source="s.json")
+    assert rows[0]["value"] > rows[0]["baseline"] and rows[0]["verdict"] == BELOW
+    assert rows[0]["baseline_label"].endswith("(read with the intended sign: down)")
+    with pytest.raises(ValueError, match="not targets"):
+        Scorer(plan.scorer.fn, target=["y0"], decrease=["y1"])
 
 
 def test_a_vector_the_readout_cannot_see_is_no_better_than_its_random_controls():
