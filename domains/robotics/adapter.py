@@ -439,15 +439,16 @@ class RoboticsAdapter(DomainAdapter):
         (the last position of the second decoding pass, as clamping's "action" positions)."""
         return [-2, -1]
 
-    def rollout_scorer(self, target: Sequence[str], off_target: Sequence[str] = ()) -> Scorer:
+    def rollout_scorer(self, target: Sequence[str], off_target: Sequence[str] = (), decrease: Sequence[str] = ()) -> Scorer:
         """Closed-loop rollouts on the same neutral held-out scenes under every alpha and control:
-        per-episode :data:`.claims.ROLLOUT_SCORES`, success rate as the damage score."""
+        per-episode :data:`.claims.ROLLOUT_SCORES`, success rate as the damage score (``decrease``:
+        targets meant to fall, e.g. displacement under the slow cluster)."""
         scenes = self.eval_scenes()
 
         def score(model: nn.Module) -> dict[str, np.ndarray]:
             return rollout_scores(self.rollout(model, scenes).episodes)
 
-        return Scorer(score, target=list(target), off_target=list(off_target), damage=["success_rate"])
+        return Scorer(score, target=list(target), off_target=list(off_target), damage=["success_rate"], decrease=list(decrease))
 
     def steering_scorer(self, ctx: "RunContext", contrast: str) -> Scorer | None:
         """The fast-minus-slow delta vector is scored by per-step displacement."""
@@ -479,7 +480,8 @@ class RoboticsAdapter(DomainAdapter):
             metric = CLUSTER_METRIC[name]
             plans.append(SteeringPlan(
                 f"clamp_{name}", cluster_clamp(cl, positions=c["clamp_positions"]),
-                self.rollout_scorer([metric], [DIRECTED[metric][2]] if metric in DIRECTED else []), alphas=c["clamp_alphas"],
+                self.rollout_scorer([metric], [DIRECTED[metric][2]] if metric in DIRECTED else [],
+                                    decrease=[metric] if name == "slow" else []), alphas=c["clamp_alphas"],
                 n_controls=int(c["clamp_n_random"]), reference=self.prompt_reference, seed=ctx.seed,
                 description=f"{len(cl)} neurons of the {name} cluster clamped to alpha at {c['clamp_positions']} positions"))
         return plans

@@ -413,6 +413,9 @@ def test_steering_plans_clamp_each_cluster_beside_controls_and_prompts(tiny) -> 
     assert plan.n_controls == 2 and plan.alphas == TINY["clamp_alphas"] and plan.scorer.damage == ["success_rate"]
     assert plan.scorer.target == [{"clamp_right": "rightward", "clamp_up": "upward"}[name]]  # the direction it names
     assert plan.scorer.off_target == [{"clamp_right": "dy", "clamp_up": "dx"}[name]]
+    assert plan.scorer.decrease == [] and plans["fast_vs_slow"].scorer.decrease == []  # meant to rise
+    slow = {p.name: p for p in RoboticsAdapter({**TINY, "clusters": ["slow"]}).steering_plans(ctx)}.get("clamp_slow")
+    assert slow is not None and slow.scorer.decrease == ["displacement"]  # the slow cluster is meant to lower displacement
     ref = resolve_reference(plan, ctx)
     assert set(ref) == {"prompt: quickly", "prompt: slowly"} and ref["prompt: quickly"]["displacement"] > 0
     sweep = run_plan(policy, plan, plan.intervention, aliases=ad.aliases, reference=ref)
