@@ -219,7 +219,7 @@ def steering(adapter: "ImmunologyAdapter", ctx: "RunContext", src: str, tgt: str
 
     Scores, one value per cell:
 
-    * ``target_marker_prob`` / ``source_marker_prob`` (target / off target): at 15% masked gene
+    * ``target_marker_prob`` / ``source_marker_prob`` (targets, meant to rise / to fall): at 15% masked gene
       positions (seeded: the same under every alpha and control, at least one per cell), the
       probability the masked-gene head puts on the target (source) type's top ``n_markers`` Wilcoxon
       markers (softmax over gene tokens; genes on both lists left out), averaged over the cell's masked positions;
@@ -291,8 +291,11 @@ def steering(adapter: "ImmunologyAdapter", ctx: "RunContext", src: str, tgt: str
 
         return fn
 
-    scorer = Scorer(score(pick_cells(adapter, ctx, src)), target=["target_marker_prob"] * head + ["p_target_type"],
-                    off_target=["source_marker_prob"] * head, damage=["masked_gene_accuracy"] * head)
+    # the source's markers are meant to fall as the cells move to the target type: a target read
+    # with that sign (as an off-target score, their intended fall read as a side effect)
+    scorer = Scorer(score(pick_cells(adapter, ctx, src)),
+                    target=["target_marker_prob"] * head + ["p_target_type"] + ["source_marker_prob"] * head,
+                    decrease=["source_marker_prob"] * head, damage=["masked_gene_accuracy"] * head)
 
     def reference(run: "RunContext") -> dict[str, dict[str, float]]:
         cells = pick_cells(adapter, run, tgt)

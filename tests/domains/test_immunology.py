@@ -432,7 +432,8 @@ def test_steering_plan_moves_the_readout_toward_the_target(tiny, tiny_store) -> 
     assert [p.name for p in plans] == list(ad.contrasts) and plans[0].n_controls == 3
     plan = plans[0]
     scorer = plan.scorer
-    assert scorer.target == ["target_marker_prob", "p_target_type"] and scorer.off_target == ["source_marker_prob"]
+    assert scorer.target == ["target_marker_prob", "p_target_type", "source_marker_prob"] and not scorer.off_target
+    assert scorer.decrease == ["source_marker_prob"]  # the source's markers are meant to fall
     base = scorer(model)
     assert {"target_marker_prob", "source_marker_prob", "p_target_type", "frac_classified_target",
             "masked_gene_accuracy"} <= set(base)

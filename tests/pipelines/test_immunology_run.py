@@ -84,7 +84,8 @@ def test_report_headlines_agree_with_tables(run_dir):
     ref = summary["reference"]["real CD19+ B cells"]  # the real target cells, unsteered
     assert {"p_target_type", "target_marker_prob", "source_marker_prob"} <= set(ref)
     assert 8 <= summary["headline"]["n_examples"] <= 24 and summary["plan"]["n_controls"] == 1
-    assert summary["plan"]["off_target"] == ["source_marker_prob"] and summary["plan"]["damage"] == ["masked_gene_accuracy"]
+    assert summary["plan"]["decrease"] == ["source_marker_prob"] and summary["plan"]["damage"] == ["masked_gene_accuracy"]
+    assert rows[f"{name}: slope of source_marker_prob per unit alpha"]["baseline_label"].endswith("intended sign: down)")
 
     acc = json.loads((run_dir / "model" / "masked_gene_accuracy.json").read_text())
     mg = rows["held-out masked-gene top-1 accuracy"]
