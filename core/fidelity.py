@@ -33,6 +33,7 @@ from torch import nn
 from .errors import NonFiniteError, ShapeError
 from .hooks import HookSet
 from .sites import Aliases, Site, resolve_site, to_canonical
+from .verdict import FRACTION_MARGIN
 
 if TYPE_CHECKING:
     from .context import RunContext
@@ -389,4 +390,5 @@ def _fidelity_rows(result: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [{"name": "loss recovered (SAE spliced in)", "value": float(t.loss_recovered["sae"]),
              "control": float(t.loss_recovered["mean_ablation"]), "control_label": "mean ablation (the site's mean spliced in)",
              "baseline": float(t.loss_recovered["pca_at_l0"]), "baseline_label": "PCA with as many components as the SAE's L0",
+             "tolerance": FRACTION_MARGIN,
              "note": note, "source": "sae/fidelity.csv"}]

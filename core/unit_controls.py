@@ -42,6 +42,7 @@ import pandas as pd
 
 from .errors import SciscopeError
 from .features import Groups, Statistic, concept_associations, statistics_table
+from .verdict import FRACTION_MARGIN
 
 if TYPE_CHECKING:
     from .context import RunContext
@@ -386,7 +387,8 @@ def unit_controls_headline(table: pd.DataFrame, *, source: str = "features/unit_
             "control": float(ctrl["max"]) if ctrl is not None else None,
             "control_label": f"as many random directions ({int(ctrl['n_units'])})" if ctrl is not None else "",
             **({"baseline": float(t.loc[strongest, "max"]),
-                "baseline_label": f"{_NAMES[strongest]} ({int(t.loc[strongest, 'n_units'])}), the stronger of PCA and the raw units"}
+                "baseline_label": f"{_NAMES[strongest]} ({int(t.loc[strongest, 'n_units'])}), the stronger of PCA and the raw units",
+                "tolerance": FRACTION_MARGIN}
                if strongest else {}),
             "note": "; ".join(f"{_NAMES[b]} ({int(t.loc[b, 'n_units'])}) {_fmt(t.loc[b, 'max'])}" for b in others if b != "random_directions")
                     + ("; the SAE beats all of them" if not beaten else

@@ -20,6 +20,10 @@ from __future__ import annotations
 import math
 
 ABOVE, NO_BETTER, BELOW = "above baseline", "no better than baseline", "below baseline"
+#: The margin of a fraction in [0, 1] read once, without a spread (explained variance, loss
+#: recovered, balanced accuracy, F1, a unit statistic's maximum against PCA or the raw units):
+#: a difference this small is "no better than baseline", not a win or a loss.
+FRACTION_MARGIN = 0.005
 #: the three verdicts, best first
 VERDICTS: tuple[str, ...] = (ABOVE, NO_BETTER, BELOW)
 
@@ -67,4 +71,4 @@ def verdict_from_folds(mean: float, std: float, baseline_mean: float, baseline_s
                    tolerance=z * spread if math.isfinite(spread) else 0.0)
 
 
-__all__ = ["ABOVE", "BELOW", "NO_BETTER", "VERDICTS", "verdict", "verdict_from_folds"]
+__all__ = ["ABOVE", "BELOW", "FRACTION_MARGIN", "NO_BETTER", "VERDICTS", "verdict", "verdict_from_folds"]

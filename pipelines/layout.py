@@ -68,7 +68,8 @@ def write_headline(directory: str | os.PathLike[str], rows: Iterable[Mapping[str
 
     A row with a ``baseline`` (the strongest simple baseline of that number) and no ``verdict``
     gets one from the numbers (:func:`sciscope.core.verdict.verdict`; ``higher_is_better`` in
-    the row, default True, sets its sense).
+    the row, default True, sets its sense, and ``tolerance``, default 0, the margin within which
+    the two are "no better than baseline": rows without a spread state theirs).
     """
     from sciscope.core.verdict import verdict
 
@@ -76,7 +77,8 @@ def write_headline(directory: str | os.PathLike[str], rows: Iterable[Mapping[str
     for r in rows:
         row = {k: r.get(k) for k in HEADLINE_KEYS}
         if row["baseline"] is not None and row["verdict"] is None:
-            row["verdict"] = verdict(row["value"], row["baseline"], higher_is_better=bool(r.get("higher_is_better", True)))
+            row["verdict"] = verdict(row["value"], row["baseline"], higher_is_better=bool(r.get("higher_is_better", True)),
+                                     tolerance=float(r.get("tolerance", 0.0)))
         clean.append(row)
     write_json(Path(directory) / HEADLINE_FILE, clean)
 

@@ -24,6 +24,7 @@ from sciscope.core.experiment import core_analyses
 from sciscope.core.io import write_json, write_table
 from sciscope.core.plotting import save_figure
 from sciscope.core.threads import use_threads
+from sciscope.core.verdict import FRACTION_MARGIN
 from sciscope.pipelines.config import adapter_config, load_adapter_class
 from sciscope.pipelines.layout import DONE_FILE, STAGES, read_run_info, stage_dir, write_headline
 
@@ -350,6 +351,7 @@ def stage_sae(run: Run) -> dict[str, Any]:
     write_headline(out, [
         {"stage": "sae", "name": "explained variance", "value": metrics["explained_variance"],
          "baseline": metrics["pca_explained_variance"], "baseline_label": "PCA with as many components as the SAE's L0",
+         "tolerance": FRACTION_MARGIN,
          "note": f"{arch} {d_in}->{d_sae} at {site}; on {metrics['evaluated_on']} (train rows: {metrics['explained_variance_train']:.3f}); "
                  f"{trained.steps} steps" + (" (stopped early: validation explained variance stopped improving)" if trained.stopped_early else ""),
          "source": "sae/metrics.json"},

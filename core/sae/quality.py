@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..verdict import FRACTION_MARGIN
+
 if TYPE_CHECKING:
     from ..context import RunContext
     from ..experiment import Analysis
@@ -297,6 +299,7 @@ def quality_headline(table: pd.DataFrame) -> list[dict[str, Any]]:
             out.append({"name": f"SAE {metric}", "value": float(r["sae"]), "control": float(r["random_directions"]),
                         "control_label": "as many random directions",
                         "baseline": float(best_other), "baseline_label": f"{stronger}, the stronger of PCA and the raw units",
+                    "tolerance": FRACTION_MARGIN,
                         "note": f"PCA components {r['pca']:.3f}, raw units {r['raw_units']:.3f}; "
                                 + ("the SAE beats both" if r["sae"] > best_other else "the SAE does NOT beat the best of them"),
                         "source": "sae/quality.csv"})

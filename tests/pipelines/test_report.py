@@ -243,6 +243,8 @@ def test_headline_rows_with_a_baseline_get_their_verdict_written(tmp_path):
         {"name": "error, lower is better", "value": 120.0, "baseline": 300.0, "higher_is_better": False},
         {"name": "no baseline", "value": 1.0},
         {"name": "stated verdict kept", "value": 0.9, "baseline": 0.5, "verdict": NO_BETTER},
+        {"name": "within the stated margin", "value": 0.9965, "baseline": 0.9970, "tolerance": 0.005},
+        {"name": "no margin stated", "value": 0.9965, "baseline": 0.9970},
     ])
     rows = {r["name"]: r for r in json.loads((tmp_path / HEADLINE_FILE).read_text())}
     assert rows["model beats"]["verdict"] == ABOVE
@@ -250,6 +252,8 @@ def test_headline_rows_with_a_baseline_get_their_verdict_written(tmp_path):
     assert rows["error, lower is better"]["verdict"] == ABOVE
     assert rows["no baseline"]["verdict"] is None and "higher_is_better" not in rows["no baseline"]
     assert rows["stated verdict kept"]["verdict"] == NO_BETTER
+    assert rows["within the stated margin"]["verdict"] == NO_BETTER and "tolerance" not in rows["within the stated margin"]
+    assert rows["no margin stated"]["verdict"] == BELOW
 
 
 def test_baseline_and_verdict_reach_the_report_and_read_back(run: Path):
