@@ -306,6 +306,35 @@ class DomainAdapter(ABC):
         rows never include. Pooling and per-position rows need non-negative positions."""
         return None
 
+    # -- feature cards (all optional) -----------------------------------------------------------------
+    @property
+    def card_ranking(self) -> str | None:
+        """The column of the feature table (:attr:`FeatureAnalysis.features`) whose |value| ranks
+        features for cards (e.g. ``"morans_i_I"``). None: the |effect| of each feature's strongest
+        significant concept association."""
+        return None
+
+    @property
+    def card_columns(self) -> list[str] | None:
+        """Obs columns a card's example table shows (None: a label column or two and the concepts)."""
+        return None
+
+    def lens_basis(self, ctx: "RunContext") -> "tuple[Any, list[str]] | None":
+        """An ``(V, d)`` (un)embedding matrix at the SAE site's width and the ``V`` token names, for
+        reading a feature's decoder direction as tokens on its card. None: no lens."""
+        return None
+
+    def render_examples(self, ctx: "RunContext", feature: int, examples: pd.DataFrame) -> list[Any]:
+        """Pictures of a feature's examples for its card (:class:`sciscope.core.cards.Panel` list).
+
+        ``examples`` has one row per example shown: ``band`` ("top", or "q75"/"q50"/"q25" for the
+        lower quantiles of its non-zero activations), ``rank``, ``activation``, ``row`` (the
+        example's row) and the example's obs columns. Per-position activations of an example come
+        from :func:`sciscope.core.cards.position_activations`. Default: no pictures (the card
+        still shows the table).
+        """
+        return []
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}: {self.description}>"
 

@@ -108,6 +108,8 @@ PIPELINE_KEYS: dict[str, Key] = {
                                               "explained variance (0: train every step)"),
     "sae_stability": Key(True, "sae", help="train the SAE once more from another seed: the quality table's stability"),
     "feature_top_k": Key(10, "features", min=1),
+    "card_top": Key(12, "report", min=0, help="feature cards for the top features by the domain's measure of interest"),
+    "card_controls": Key(6, "report", min=0, help="feature cards for random live features (the control)"),
     "steer_alphas": Key([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0], "steering"),
     "steer_scale": Key("absolute", "steering", choices=("absolute", "relative")),
     "steer_n_random": Key(10, "steering", min=0, help="random controls per steering plan"),

@@ -37,6 +37,9 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 RUN_FILE = "run.json"
 HEADLINE_FILE = "headline.json"
 DONE_FILE = "done.json"
+#: The report stage's feature cards (JSON, pictures inside) and their browser page.
+CARDS_FILE = "cards.json"
+FEATURES_PAGE = "features.html"
 
 
 def stage_dir(run_dir: str | os.PathLike[str], stage: str) -> Path:

@@ -26,7 +26,7 @@ from sciscope.core.plotting import save_figure
 from sciscope.core.threads import use_threads
 from sciscope.core.verdict import FRACTION_MARGIN
 from sciscope.pipelines.config import adapter_config, load_adapter_class
-from sciscope.pipelines.layout import DONE_FILE, STAGES, read_run_info, stage_dir, write_headline
+from sciscope.pipelines.layout import CARDS_FILE, DONE_FILE, FEATURES_PAGE, STAGES, read_run_info, stage_dir, write_headline
 
 log = logging.getLogger("sciscope.pipelines")
 
@@ -475,8 +475,25 @@ def stage_report(run: Run) -> dict[str, Any]:
         for st in STAGES if (run.dir / st / DONE_FILE).is_file()
     }
     write_json(run.dir / RUN_FILE, info)
+    n_cards = _feature_cards(run)
     path = build_report(run.dir)
-    return {"report": str(path)}
+    return {"report": str(path), "feature_cards": n_cards}
+
+
+def _feature_cards(run: Run) -> int:
+    """Cards of the top and of random control features (``report/cards.json``) and the browser
+    (``report/features.html``); nothing when the run has no features stage."""
+    from sciscope.core.cards import build_cards, feature_browser_html, write_cards
+    from sciscope.core.io import write_text
+
+    if not (run.dir / "features" / DONE_FILE).is_file():
+        return 0
+    out = run.path("report")
+    cards = build_cards(run.ctx, progress=run.progress)
+    write_cards(cards, out / CARDS_FILE)
+    title = f"sciscope features — {run.cls.name} / {run.dir.name}"
+    write_text(out / FEATURES_PAGE, feature_browser_html(cards, title=title, report_href="report.html"))
+    return len(cards)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
