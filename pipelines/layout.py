@@ -11,9 +11,10 @@
         *.png                  # figures (the report embeds every one)
         done.json              # written last: the stage finished (Snakemake's output marker)
 
-A headline row is ``{"stage", "name", "value", "control", "control_label", "unit", "note",
-"source"}``: ``source`` names the table (relative to the run) the value was read from, so a test
-can check that the report's numbers agree with the run's tables.
+A headline row is ``{"stage", "name", "value", "control", "control_label", "baseline",
+"baseline_label", "verdict", "unit", "note", "source", "figure"}``: ``source`` names the table
+(relative to the run) the value was read from, so a test can check that the report's numbers agree
+with the run's tables; ``figure`` (optional) the PNG that shows it, which the report's findings link.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def upstream(stage: str, *, steering_uses_features: bool = False) -> set[str]:
 
 #: the fields of a headline row (``higher_is_better`` is read, not written: it sets the verdict's sense)
 HEADLINE_KEYS = ("stage", "name", "value", "control", "control_label", "baseline", "baseline_label", "verdict",
-                 "unit", "note", "source")
+                 "unit", "note", "source", "figure")
 
 
 def write_headline(directory: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> None:

@@ -5,12 +5,18 @@ writes a single HTML file that renders offline: every PNG figure is embedded as 
 the page carries its own CSS and no scripts, fonts or network references. Tables (CSV, Parquet) are
 linked by a path relative to the report, and the first rows of each are previewed inline.
 
-The page reads top to bottom:
+The page tells the story first, then shows the evidence:
 
-1. a summary of what ran (``run.json``: domain, run name, model identity, data, config, timings);
-2. the headline numbers, each beside its control (``headline.json`` of every stage);
+1. **Findings**: every headline number in one plain sentence with its control, its strongest simple
+   baseline and the verdict (grouped: holds, no better, below), each linking its figure; then the
+   numbers that have only a control;
+2. the headline table, each number beside its control and baseline (``headline.json`` of every stage);
 3. one section per stage, in :data:`~sciscope.pipelines.layout.STAGES` order: ``done.json``,
-   notes, figures, tables; stages without a folder are listed as "not run".
+   notes, figures; stages without a folder are listed as "not run";
+4. run details (``run.json``: model identity, data, config, timings);
+5. an appendix with the first rows of every table and the other files, each linked.
+
+The header links the feature browser (``report/features.html``) when the report stage wrote one.
 
 Everything read from the run is treated as untrusted text and HTML-escaped. The headline table
 carries the exact values in ``data-*`` attributes, so :func:`headline_values` can read them back
@@ -42,9 +48,9 @@ from urllib.parse import quote
 
 from sciscope.core.errors import SciscopeError
 from sciscope.core.io import write_text
-from sciscope.pipelines.layout import DONE_FILE, HEADLINE_FILE, RUN_FILE, STAGES
+from sciscope.pipelines.layout import DONE_FILE, FEATURES_PAGE, HEADLINE_FILE, RUN_FILE, STAGES
 
-__all__ = ["build_report", "headline_values", "format_number", "main", "REPORT_NAME", "PREVIEW_ROWS"]
+__all__ = ["build_report", "finding_sentence", "headline_values", "format_number", "main", "REPORT_NAME", "PREVIEW_ROWS"]
 
 REPORT_NAME = "report.html"
 PREVIEW_ROWS = 15  # rows of each table shown inline
@@ -234,6 +240,13 @@ summary { cursor: pointer; color: var(--accent); }
 .done { font-size: .85rem; color: var(--muted); margin: .2rem 0 .8rem; }
 .done > span { margin-right: 1.2rem; }
 .done details { margin: .2rem 0 0; }
+p.lead { margin: .1rem 0 .6rem; color: var(--muted); }
+#findings h2 { margin-top: 1rem; }
+#findings li { margin: .15rem 0; }
+#findings h3.verdict-above { color: #1d6b36; }
+#findings h3.verdict-no, #findings h3.verdict-below { color: var(--warn); }
+a.figlink { font-size: .8rem; }
+.appendix-stage h3 { margin-top: 1.6rem; }
 footer { margin-top: 3rem; color: var(--muted); font-size: .8rem; border-top: 1px solid var(--line); padding-top: .5rem; }
 @media print {
   body { max-width: none; padding: 0; font-size: 11pt; }
@@ -354,8 +367,9 @@ def _table_section(path: Path, run_dir: Path, base: Path, idx: str) -> str:
     return f'<h4 id="{idx}">{_esc(name)}</h4><p>{link} <span class="muted">— {_esc(what)}</span></p>{shown}'
 
 
-def _figure_html(path: Path, run_dir: Path, idx: str) -> str:
+def _figure_html(path: Path, run_dir: Path) -> str:
     rel = path.relative_to(run_dir).as_posix()
+    idx = _figure_id(rel)
     data = path.read_bytes()
     if not data.startswith(PNG_MAGIC):
         return f'<p class="warn" id="{idx}">{_esc(rel)}: not a PNG file, not embedded.</p>'
@@ -473,29 +487,93 @@ def _summary_html(info: Mapping[str, Any], run_dir: Path) -> str:
     return "".join(parts)
 
 
-def _findings_html(rows: list[dict[str, Any]]) -> str:
-    """The findings, in words: every headline that has a baseline, grouped by its verdict.
+_VERDICT_WORDS = {  # verdict -> (heading, the clause that joins the number to its baseline)
+    "above baseline": ("Holds against the strongest simple baseline", "above"),
+    "no better than baseline": ("No better than the strongest simple baseline", "but no better than"),
+    "below baseline": ("Below the strongest simple baseline", "below"),
+}
 
-    A reader sees first which claims hold against the simplest explanation and which do not; a
-    number without a baseline is not a finding here (it stays in the table below).
+
+def _figure_id(rel: str) -> str:
+    """The anchor of an embedded figure, from its run-relative path."""
+    return "fig-" + "".join(c if c.isalnum() else "-" for c in rel)
+
+
+def _row_figure(r: Mapping[str, Any], figures: set[str]) -> str | None:
+    """The figure that shows a headline: the row's ``figure``, else a PNG named like its source, else
+    the only PNG beside a source in a plan's folder (``steering/<plan>/``); None when unsure."""
+    fig = r.get("figure")
+    if isinstance(fig, str) and fig in figures:
+        return fig
+    src = str(r.get("source") or "")
+    if not src:
+        return None
+    stem = src.rsplit(".", 1)[0]
+    if f"{stem}.png" in figures:
+        return f"{stem}.png"
+    folder = src.rsplit("/", 1)[0] if "/" in src else ""
+    beside = sorted(f for f in figures if f.rsplit("/", 1)[0] == folder)
+    return beside[0] if folder.count("/") >= 1 and len(beside) == 1 else None
+
+
+def finding_sentence(r: Mapping[str, Any]) -> str:
+    """One headline row as a plain sentence (text, not HTML): its number, its control, and where a
+    baseline is declared, how it stands against it.
+
+    Examples
+    --------
+    >>> finding_sentence({"name": "lat (r2)", "value": 0.618, "control": -0.01, "control_label": "shuffled labels",
+    ...                   "baseline": 0.666, "baseline_label": "country one-hot", "verdict": "no better than baseline"})
+    'lat (r2) is 0.618 (shuffled labels -0.01), but no better than country one-hot, 0.666.'
     """
+    unit = str(r.get("unit") or "")
+    text = f"{r.get('name') or 'unnamed'} is {format_number(r.get('value'))}"
+    if unit and unit.lower() not in str(r.get("name") or "").lower():
+        text += f" {unit}"
+    if r.get("control") is not None:
+        text += f" ({r.get('control_label') or 'control'} {format_number(r.get('control'))})"
+    words = _VERDICT_WORDS.get(str(r.get("verdict")))
+    if words is not None:
+        text += f", {words[1]} {r.get('baseline_label') or 'the baseline'}, {format_number(r.get('baseline'))}"
+    return text + "."
+
+
+def _findings_html(rows: list[dict[str, Any]], figures: set[str] | None = None) -> str:
+    """The findings, in words, first: each headline in one sentence with its number, its control,
+    its baseline and a link to its figure; judged ones grouped by verdict, misses as plainly as hits,
+    then the numbers that have a control but no simple baseline."""
     from sciscope.core.verdict import VERDICTS
 
-    judged = [r for r in rows if isinstance(r, Mapping) and r.get("verdict") in VERDICTS]
+    figures = figures or set()
+    rows = [r for r in rows if isinstance(r, Mapping)]
+    judged = [r for r in rows if r.get("verdict") in VERDICTS]
+    controlled = [r for r in rows if r.get("verdict") not in VERDICTS and r.get("control") is not None]
     parts = ['<section id="findings"><h2>Findings</h2>']
-    if not judged:
-        parts.append('<p class="muted">No headline number carries a baseline, so none has a verdict.</p></section>')
-        return "".join(parts)
-    counts = {v: sum(r["verdict"] == v for r in judged) for v in VERDICTS}
-    parts.append(f'<p class="sub">{len(judged)} headline numbers are read against the strongest simple baseline: '
-                 + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".</p>")
-    for v in VERDICTS:
-        items = [f'<li class="finding" data-verdict="{_esc(v)}">{_esc(str(r.get("stage") or ""))}: '
-                 f'<b>{_esc(str(r.get("name") or ""))}</b> {_esc(format_number(r.get("value")))} against '
-                 f'{_esc(str(r.get("baseline_label") or "the baseline"))} {_esc(format_number(r.get("baseline")))}</li>'
-                 for r in judged if r["verdict"] == v]
-        if items:
-            parts.append(f"<h3>{_esc(v.capitalize())} ({len(items)})</h3><ul>{''.join(items)}</ul>")
+
+    def item(r: Mapping[str, Any]) -> str:
+        fig = _row_figure(r, figures)
+        link = f' <a class="figlink" href="#{_figure_id(fig)}">figure</a>' if fig else ""
+        sentence = finding_sentence(r)
+        name = str(r.get("name") or "unnamed")
+        rest = sentence[len(name):] if sentence.startswith(name) else " " + sentence
+        return (f'<li class="finding" data-verdict="{_esc(str(r.get("verdict") or ""))}">{_esc(str(r.get("stage") or ""))}: '
+                f"<b>{_esc(name)}</b>{_esc(rest)}{link}</li>")
+
+    if judged:
+        counts = {v: sum(r["verdict"] == v for r in judged) for v in VERDICTS}
+        parts.append(f'<p class="sub">{len(judged)} headline numbers are read against the strongest simple baseline: '
+                     + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".</p>")
+        for v in VERDICTS:
+            items = [item(r) for r in judged if r["verdict"] == v]
+            if items:
+                heading = _VERDICT_WORDS.get(v, (v.capitalize(), ""))[0]
+                parts.append(f'<h3 class="verdict-{_esc(v.split()[0])}">{_esc(heading)} ({len(items)})</h3><ul>{"".join(items)}</ul>')
+    else:
+        parts.append('<p class="muted">No headline number carries a baseline, so none has a verdict.</p>')
+    if controlled:
+        parts.append(f"<h3>Beside their control only ({len(controlled)})</h3>"
+                     '<p class="sub">No simple baseline is declared for these: each is read against its control.</p>'
+                     f'<ul>{"".join(item(r) for r in controlled)}</ul>')
     parts.append("</section>")
     return "".join(parts)
 
@@ -554,7 +632,9 @@ def _stage_has_content(folder: Path, run_dir: Path, exclude: Path | None) -> boo
     return any(_stage_files(folder, run_dir, exclude))
 
 
-def _stage_html(stage: str, run_dir: Path, base: Path, exclude: Path | None) -> str:
+def _stage_html(stage: str, run_dir: Path, base: Path, exclude: Path | None) -> tuple[str, str]:
+    """A stage's section (done.json, log, notes, figures) and its appendix part (table previews and
+    the other files): the story stays readable, the file browser is at the end."""
     folder = run_dir / stage
     files = _stage_files(folder, run_dir, exclude)
     figures = [p for p in files if p.suffix.lower() == ".png"]
@@ -571,23 +651,47 @@ def _stage_html(stage: str, run_dir: Path, base: Path, exclude: Path | None) -> 
         parts.append(f'<p class="muted">Log: <a href="{_esc(_href(log, base))}">logs/{stage}.log</a></p>')
     for p in notes:
         parts.append(_note_html(p, run_dir))
-    for i, p in enumerate(figures):
-        parts.append(_figure_html(p, run_dir, f"{stage}-fig-{i}"))
-    if tables:
-        parts.append('<h3 class="tables-title">Tables</h3>')
-        for i, p in enumerate(tables):
-            parts.append(_table_section(p, run_dir, base, f"{stage}-table-{i}"))
+    for p in figures:
+        parts.append(_figure_html(p, run_dir))
     shown = set(figures) | set(tables) | set(notes) | {done, folder / HEADLINE_FILE}
     others = [p for p in files if p not in shown]
-    if others:
-        links = ", ".join(f'<a href="{_esc(_href(p, base))}">{_esc(p.relative_to(run_dir).as_posix())}</a>'
-                          for p in others[:50])
-        more = f" and {len(others) - 50} more" if len(others) > 50 else ""
-        parts.append(f'<p class="muted">Other files: {links}{more}</p>')
+    if tables or others:
+        parts.append(f'<p class="muted"><a href="#appendix-{stage}">{len(tables)} tables and {len(others)} other files'
+                     "</a> of this stage are listed in the appendix.</p>")
     if not (figures or tables or notes or finished or others):
         parts.append('<p class="muted">This stage folder is empty.</p>')
     parts.append("</section>")
-    return "".join(parts)
+    appendix = ""
+    if tables or others:
+        a = [f'<section id="appendix-{stage}" class="appendix-stage"><h3>{stage}</h3>']
+        for i, p in enumerate(tables):
+            a.append(_table_section(p, run_dir, base, f"{stage}-table-{i}"))
+        if others:
+            links = ", ".join(f'<a href="{_esc(_href(p, base))}">{_esc(p.relative_to(run_dir).as_posix())}</a>'
+                              for p in others[:50])
+            more = f" and {len(others) - 50} more" if len(others) > 50 else ""
+            a.append(f'<p class="muted">Other files: {links}{more}</p>')
+        a.append("</section>")
+        appendix = "".join(a)
+    return "".join(parts), appendix
+
+
+def _lead_html(info: Mapping[str, Any], run_dir: Path, base: Path, out_dir: Path) -> str:
+    """One line under the title: what ran on what, and the feature browser when there is one."""
+    bits = []
+    model = info.get("model")
+    if isinstance(model, Mapping):
+        name = model.get("name") or model.get("class") or model.get("cls")
+        if name:
+            bits.append(f"model <b>{_esc(str(name))}</b>")
+    data = info.get("data")
+    if isinstance(data, str) and data:
+        bits.append(_esc(data.split(";")[0].split(" (")[0]))
+    browser = out_dir / FEATURES_PAGE
+    if browser.is_file():
+        bits.append(f'<a href="{_esc(_href(browser, base))}" id="feature-browser-link">feature browser: the cards of the '
+                    "top features and of random controls</a>")
+    return f'<p class="lead">{" · ".join(bits)}</p>' if bits else ""
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -652,30 +756,44 @@ def build_report(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str]
     run_name = str(info.get("run") or info.get("run_name") or info.get("name") or run_dir.name)
     title = f"sciscope report — {domain + ' / ' if domain else ''}{run_name}"
 
-    toc = ['<li><a href="#summary">Summary</a></li>', '<li><a href="#findings">Findings</a></li>',
-           '<li><a href="#headlines">Headline numbers</a></li>']
+    figures = {p.relative_to(run_dir).as_posix() for st in present for p in _stage_files(run_dir / st, root, exclude)
+               if p.suffix.lower() == ".png"}
+    sections, appendix = [], []
+    for s in present:
+        sec, app = _stage_html(s, run_dir, base, exclude)
+        sections.append(sec)
+        if app:
+            appendix.append(app)
+
+    toc = ['<li><a href="#findings">Findings</a></li>', '<li><a href="#headlines">Headline numbers</a></li>']
     for s in STAGES:
         if s in present:
             toc.append(f'<li><a href="#stage-{s}">{s}</a></li>')
         elif s in missing:
             toc.append(f'<li class="notrun"><a href="#not-run">{s}</a> <span class="muted">(not run)</span></li>')
+    toc.append('<li><a href="#summary">Run details</a></li>')
+    if appendix:
+        toc.append('<li><a href="#appendix">Appendix: tables and files</a></li>')
 
-    body = [f"<header><h1>{_esc(title)}</h1>",
-            f'<p class="sub">Run folder <code>{_esc(str(run_dir))}</code> · '
-            f"generated {_esc(_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z'))}</p></header>",
+    # the story first: findings on the first screen, then the numbers, the stages, the run's
+    # metadata, and the tables last
+    body = [f"<header><h1>{_esc(title)}</h1>", _lead_html(info, run_dir, base, out_path.parent), "</header>",
+            _findings_html(headlines, figures),
             f'<nav class="toc"><b>Contents</b><ol>{"".join(toc)}</ol></nav>',
-            _summary_html(info, run_dir),
-            _findings_html(headlines),
             _headlines_html(headlines, run_dir, base)]
     if headline_errors:
         body.append("".join(f'<p class="warn">{_esc(e)}</p>' for e in headline_errors))
-    for s in present:
-        body.append(_stage_html(s, run_dir, base, exclude))
+    body += sections
     if missing:
         items = "".join(f'<li class="stage-not-run" data-stage="{s}">{s}: not run</li>' for s in missing)
         body.append(f'<section id="not-run"><h2>Stages not run</h2><ul>{items}</ul></section>')
-    body.append('<footer>Written by sciscope.pipelines.report. Self-contained: figures are embedded; '
-                "tables are linked relative to this file.</footer>")
+    body.append(_summary_html(info, run_dir).replace("<h2>Summary</h2>", "<h2>Run details</h2>", 1))
+    if appendix:
+        body.append('<section id="appendix"><h2>Appendix: tables and files</h2><p class="sub">The first rows of every '
+                    "table each stage wrote, linked in full.</p>" + "".join(appendix) + "</section>")
+    body.append(f'<footer>Written by sciscope.pipelines.report · run folder <code>{_esc(str(run_dir))}</code> · generated '
+                f"{_esc(_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z'))}. Self-contained: figures are "
+                "embedded; tables are linked relative to this file.</footer>")
 
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             '<meta name="viewport" content="width=device-width, initial-scale=1">'

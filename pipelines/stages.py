@@ -219,7 +219,8 @@ def stage_probes(run: Run) -> dict[str, Any]:
         best = t.loc[t.score_mean.idxmax()]
         note = f"best site {best.site}; metric {best.metric}"
         row = {"stage": "probes", "name": f"{target} ({best.metric})", "value": float(best.score_mean),
-               "control": float(best.control_mean), "control_label": "shuffled labels", "source": "probes/summary.csv"}
+               "control": float(best.control_mean), "control_label": "shuffled labels", "source": "probes/summary.csv",
+               "figure": "probes/score_vs_layer.png"}
         base = _strongest_baseline(best, int(run.config["probe_cv"]), t.site.nunique())
         base_note = base.pop("note", "")
         rows.append({**row, **base, "note": note + base_note})
@@ -446,7 +447,8 @@ def stage_steering(run: Run) -> dict[str, Any]:
         for ax, m in zip(axes[0], scores):
             sweep.plot(m, ax=ax)
         save_figure(fig, pdir / "alpha_sweep.png")
-        rows += plan_headline_rows(sweep, source=f"steering/{plan.name}/summary.json")
+        rows += [{**r, "figure": f"steering/{plan.name}/alpha_sweep.png"}
+                 for r in plan_headline_rows(sweep, source=f"steering/{plan.name}/summary.json")]
         s = sweep.summary()
         done[plan.name] = {"kind": intervention.kind, "headline": s["score"], "effect_plus": s["effect_plus"],
                            "breakdown_alpha": s["breakdown_alpha"]}

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -140,14 +138,20 @@ def test_everything_from_the_run_is_escaped(run: Path):
     assert "&amp; more" in text  # notes.md rendered as escaped text
 
 
-def test_summary_first_then_stages_in_order(run: Path):
+def test_findings_first_then_numbers_stages_run_details_and_appendix(run: Path):
     text = build_report(run).read_text()
     for needle in ("tiny-roberta", "RobertaForMaskedLM", "123456", "ab12cd34", "molecules bundled with rdkit",
                    "<details", "12.3"):
         assert needle in text, needle
-    order = [text.index(s) for s in ('id="summary"', 'id="headlines"', 'id="stage-examples"',
-                                    'id="stage-probes"', 'id="stage-steering"')]
+    order = [text.index(s) for s in ('id="findings"', 'id="headlines"', 'id="stage-examples"', 'id="stage-probes"',
+                                    'id="stage-steering"', 'id="summary"', 'id="appendix"')]
     assert order == sorted(order)
+    # the first screen is the title, one line, and the findings: no metadata table, no table preview before them
+    before = text[text.index("<body>"):text.index('<section id="findings">')]
+    assert "<table" not in before and "<h2" not in before and len(re.sub(r"<[^>]+>", "", before).strip()) < 300
+    # table previews live in the appendix, the stage sections point there
+    assert text.index('class="preview"') > text.index('id="appendix"')
+    assert 'href="#appendix-probes"' in text[text.index('id="stage-probes"'):text.index('id="stage-steering"')]
     assert 'href="#stage-probes"' in text  # table of contents
     assert "logs/probes.log" in text
 
@@ -197,31 +201,11 @@ def test_format_number():
     assert format_number(np.float32(2.5)) == "2.5"
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None
-
-
 def test_report_renders_in_headless_chromium(run: Path, tmp_path: Path):
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("chromium not installed: no `chromium` on PATH or /usr/bin/chromium "
-                    "(apt-get install chromium); the report was not rendered")
+    from tests.browser import screenshot
+
     out = build_report(run)
-    shot = tmp_path / "shot.png"
-    profile = tmp_path / "chromium-profile"
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
-           f"--screenshot={shot}", "--window-size=1200,1600", out.resolve().as_uri()]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.fail("headless chromium did not finish rendering the report within 60 s")
-    assert shot.is_file(), f"chromium wrote no screenshot (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    shot = screenshot(out, tmp_path / "shot.png", tmp_path / "chromium-profile")
     from PIL import Image
 
     img = np.asarray(Image.open(shot).convert("L"), dtype=float)
@@ -281,3 +265,28 @@ def test_findings_group_the_judged_headlines_by_verdict(run: Path):
     assert re.findall(r'data-verdict="([^"]+)">probes: <b>([^<]+)</b>', findings) == [("above baseline", "lon (r2)"),
                                                                                         ("below baseline", "lat (r2)")]
     assert "no baseline" not in findings
+
+
+def test_findings_are_sentences_with_control_baseline_and_a_link_to_their_figure(run: Path):
+    from sciscope.pipelines.report import finding_sentence
+
+    write_headline(run / "probes", [
+        {"stage": "probes", "name": "lat (r2)", "value": 0.618, "control": -0.01, "control_label": "shuffled labels",
+         "baseline": 0.666, "baseline_label": "the country named in the prompt", "source": "probes/scores.csv",
+         "figure": "probes/score_vs_layer.png", "verdict": "no better than baseline"},
+        {"stage": "probes", "name": "lon (r2)", "value": 0.7, "control": 0.0, "control_label": "shuffled labels",
+         "baseline": 0.4, "baseline_label": "country one-hot", "source": "probes/scores.csv",
+         "figure": "probes/no_such_figure.png"}])
+    text = build_report(run).read_text()
+    findings = text[text.index('<section id="findings">'):text.index('<section id="headlines">')]
+    # a miss is stated as plainly as a hit, with its number, control and baseline
+    assert ("<b>lat (r2)</b> is 0.618 (shuffled labels -0.01), but no better than the country named in the prompt, "
+            "0.666.") in findings
+    assert "<b>lon (r2)</b> is 0.7 (shuffled labels 0), above country one-hot, 0.4." in findings
+    # the link goes to the figure embedded in the report; a missing figure gets no link
+    links = re.findall(r'<a class="figlink" href="#([^"]+)">figure</a>', findings)
+    assert links == ["fig-probes-score-vs-layer-png", "fig-steering-sweep-png"]  # lon's figure does not exist
+    assert all(f'<figure id="{link}">' in text for link in links)
+    # the steering row has a control but no baseline: read beside its control only
+    assert "Beside their control only (1)" in findings and "(random direction 0.09)" in findings
+    assert finding_sentence({"name": "x", "value": 1.0}) == "x is 1."
