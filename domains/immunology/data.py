@@ -23,8 +23,8 @@ import scipy.sparse as sp
 
 from sciscope.core.errors import ConfigError
 
-__all__ = ["BUNDLED", "CellData", "INPUT_TYPES", "detect_input_type", "gene_nonzero_medians", "load_cells", "log_expression",
-           "normalised_expression", "read_h5ad", "stratified_split"]
+__all__ = ["BUNDLED", "CellData", "INPUT_TYPES", "bundled_path", "detect_input_type", "gene_nonzero_medians", "load_cells",
+           "log_expression", "normalised_expression", "read_h5ad", "source_path", "stratified_split"]
 
 BUNDLED = "pbmc68k_reduced"
 INPUT_TYPES = ("auto", "counts", "lognorm", "normalized")
@@ -192,6 +192,18 @@ def _find_cell_type_column(obs: pd.DataFrame, column: str, source: str) -> str:
                       f"to one of {list(obs.columns)}")
 
 
+def bundled_path() -> Path | None:
+    """Where scanpy's bundled ``pbmc68k_reduced`` file sits in the installed package (None without scanpy)."""
+    spec = importlib.util.find_spec("scanpy")
+    return Path(spec.origin).parent / "datasets" / "10x_pbmc68k_reduced.h5ad" if spec and spec.origin else None
+
+
+def source_path(source: str) -> Path | None:
+    """The ``.h5ad`` file of config ``source``: the bundled file or the user's path (None when absent)."""
+    path = bundled_path() if source == BUNDLED else Path(str(source)).expanduser()
+    return path if path is not None and path.is_file() else None
+
+
 def load_cells(source: str = BUNDLED, *, matrix: str = "auto", input_type: str = "auto", gene_column: str = "",
                cell_type_column: str = "", library_size_column: str = "n_counts", min_genes: int = 10,
                min_cells_per_type: int = 5, n_cells: int = 0, seed: int = 0) -> CellData:
@@ -214,8 +226,7 @@ def load_cells(source: str = BUNDLED, *, matrix: str = "auto", input_type: str =
         Bad path or file, missing column, NaN/inf/negative values, no cells left after filtering.
     """
     if source == BUNDLED:  # the file inside the installed scanpy package (no download)
-        spec = importlib.util.find_spec("scanpy")
-        path = Path(spec.origin).parent / "datasets" / "10x_pbmc68k_reduced.h5ad" if spec and spec.origin else None
+        path = bundled_path()
         if path is None or not path.is_file():
             raise ConfigError(f"immunology: source 'pbmc68k_reduced' needs scanpy's bundled dataset (pip install "
                               f"'sciscope[immunology]'); not found at {path}")

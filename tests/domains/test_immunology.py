@@ -576,3 +576,96 @@ def test_cell_type_f1_headline_reads_the_strongest_simple_baseline(tmp_path: Pat
         assert "untrained model, last layer 1.000" in row["note"] and "4 folds" in row["note"]
         t = pd.read_csv(tmp_path / model_site / "probes" / "cell_type_f1.csv")
         assert row["value"] == pytest.approx(t.score_mean.max()) and row["baseline"] == pytest.approx(t["baseline_mean[pca50_logexpr]"].max())
+
+
+# ------------------------------------------------------------------------------------ feature cards
+
+
+def test_card_gene_table_pools_token_activations_over_the_top_cells() -> None:
+    """Each gene's activation at its token, averaged over the top cells with a cell lacking the gene
+    counted as 0 (a gene of one cell cannot top the list), beside how many cells hold it and fire."""
+    from sciscope.domains.immunology.cards import gene_activation_table
+
+    tokens = {3: ["<cls>", "CD79A", "MS4A1", "LYZ", "<eos>"], 8: ["<cls>", "MS4A1", "CD79A", "<eos>"]}
+    frames = {3: pd.DataFrame({"position": [1, 2, 3], "activation": [2.0, 1.0, 9.0]}),
+              8: pd.DataFrame({"position": [1, 2], "activation": [3.0, 0.0]})}
+    t = gene_activation_table(frames, tokens).set_index("gene")
+    assert list(t.index) == ["LYZ", "MS4A1", "CD79A"]  # 9/2 > (1+3)/2 > (2+0)/2
+    assert t.loc["LYZ", "mean_activation"] == pytest.approx(4.5) and t.loc["LYZ", "mean_where_present"] == pytest.approx(9.0)
+    assert (t.loc["LYZ", "n_cells"], t.loc["CD79A", "n_cells"], t.loc["CD79A", "n_firing"]) == (1, 2, 1)
+    assert set(t["n_total"]) == {2}
+
+
+def test_card_positions_are_the_tokens_the_model_read(tiny, tmp_path: Path) -> None:
+    """The position store's ``position`` p of a cell is the gene :func:`position_genes` names there:
+    the captured input embedding at p is LayerNorm(gene embedding + position-p embedding)."""
+    from sciscope.domains.immunology.cards import position_genes
+
+    ad, model = tiny
+    ex = ad.examples("test")
+    store = collect(model, ad.batches(ex, model, batch_size=64), ["embeddings"], out=tmp_path / "pos", pooling="none",
+                    obs=ex.obs.assign(example_row=np.arange(len(ex))), aliases=ad.aliases, progress=False)
+    emb, obs = model.bert.embeddings, store.obs
+    for r in (0, len(ex) - 1):
+        idx = np.flatnonzero(obs["example_row"].to_numpy() == r)
+        toks = position_genes(ad, ex.inputs[r])
+        pos = obs["position"].to_numpy()[idx]
+        assert [toks[p] for p in pos] == list(ex.inputs[r])[: len(pos)] and toks[0] == "<cls>"
+        ids = torch.as_tensor([ad.vocabulary.ids[toks[p]] for p in pos])
+        with torch.no_grad():
+            expected = emb.LayerNorm(emb.word_embeddings.weight[ids] + emb.position_embeddings.weight[torch.as_tensor(pos)]
+                                     + emb.token_type_embeddings.weight[0])
+        assert np.allclose(np.asarray(store.array("embeddings", idx)), expected.numpy(), atol=1e-5)
+
+
+def test_card_lens_basis_is_the_head_output_embedding_of_genes(tiny) -> None:
+    from types import SimpleNamespace
+
+    ad, model = tiny
+    hidden = int(model.config.hidden_size)
+    ctx = SimpleNamespace(model=lambda: model, sae=lambda: SimpleNamespace(cfg=SimpleNamespace(d_in=hidden)))
+    W, names = ad.lens_basis(ctx)
+    assert W.shape == (len(ad.vocabulary.genes), hidden) and sorted(names) == sorted(ad.vocabulary.genes)
+    g = names[5]
+    assert np.allclose(W[5], model.get_output_embeddings().weight[ad.vocabulary.ids[g]].detach().numpy())
+    wrong = SimpleNamespace(model=lambda: model, sae=lambda: SimpleNamespace(cfg=SimpleNamespace(d_in=hidden + 1)))
+    assert ad.lens_basis(wrong) is None  # an SAE at another width: no lens
+    assert "cell_type" in ad.card_columns and set(ad.card_columns) <= set(ad.obs.columns)
+
+
+def test_card_pictures_draw_every_cell_outline_the_top_and_name_markers() -> None:
+    from sciscope.core.cards import Panel
+    from sciscope.domains.immunology.cards import _MARKER_OTHER, _MARKER_OWN, gene_figure, marker_labels, umap_figure
+
+    rng = np.random.default_rng(0)
+    xy = rng.normal(size=(40, 2))
+    act = np.where(np.arange(40) % 3 == 0, 0.0, rng.uniform(0.1, 1.0, 40))
+    top = [int(i) for i in np.argsort(-act)[:5]]
+    fig = umap_figure(xy, act, top, ["CD19+ B"] * 20 + ["CD14+ Monocyte"] * 20, feature=7)
+    cols = fig.axes[0].collections
+    drawn = np.concatenate([c.get_offsets() for c in cols[:2]])
+    assert len(drawn) == 40 and np.allclose(np.sort(drawn, axis=0), np.sort(xy, axis=0))  # every cell, once
+    assert np.allclose(cols[2].get_offsets(), xy[top])  # the outlines sit on the top cells
+    assert len(fig.axes) == 2  # the colour bar
+    png = Panel.from_figure(fig, "cells").png
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+    markers = marker_labels(["CD19+ B", "CD14+ Monocyte"], {"CD14+ Monocyte": ["S100A9"]})
+    assert markers["MS4A1"] == ["CD19+ B"] and markers["S100A9"] == ["CD14+ Monocyte"] and "CD3E" not in markers
+    table = pd.DataFrame({"gene": ["MS4A1", "GENE1", "S100A9"], "mean_activation": [3.0, 2.0, 1.0], "n_cells": [5, 5, 4],
+                          "n_firing": [5, 4, 4], "n_total": 5})
+    fig = gene_figure(table, markers, own_type="CD19+ B", feature=7)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()][::-1]  # strongest at the top
+    colours = [_hex(p.get_facecolor()) for p in ax.patches][::-1]
+    assert labels[0].startswith("MS4A1") and "CD19+ B" in labels[0] and labels[1] == "GENE1"
+    assert colours[0] == _MARKER_OWN and colours[2] == _MARKER_OTHER and colours[1] not in (_MARKER_OWN, _MARKER_OTHER)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _hex(rgba) -> str:
+    from matplotlib.colors import to_hex
+
+    return to_hex(rgba)
