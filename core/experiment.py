@@ -304,37 +304,120 @@ class PlanSweep:
         rows = [self.summary(s) for s in scores]
         return pd.DataFrame([{k: (str(v) if isinstance(v, list) else v) for k, v in r.items()} for r in rows])
 
-    def plot(self, score: str | None = None, *, ax: Any = None) -> Any:
-        """Score vs alpha: the intervention solid, controls grey, broken alphas marked, references dotted."""
-        import matplotlib.pyplot as plt
+    def interval(self, score: str | None = None, condition: str = "steer", *, level: float = 0.95) -> pd.DataFrame:
+        """Per-alpha confidence interval of a score's mean over examples (normal approximation).
+
+        Read from the per-example values the scorer returned (:attr:`samples`): mean +/- z * SE,
+        with NaN examples left out. Alphas without per-example values get NaN bounds.
+
+        Returns
+        -------
+        DataFrame
+            Indexed by alpha: ``value`` (the curve), ``low``, ``high``, ``n`` (examples scored).
+        """
+        from statistics import NormalDist
 
         score = score or self.headline
-        ax = ax or plt.subplots(figsize=(5, 3.5))[1]
-        for i, cond in enumerate(self.controls):
-            c = self.curve(score, cond)
-            ax.plot(c.index, c.values, "-", color="0.7", lw=0.8, label=f"random controls (n={len(self.controls)})" if i == 0 else None)
+        curve = self.curve(score, condition)
+        z = NormalDist().inv_cdf(0.5 + level / 2)
+        rows = []
+        for a, v in curve.items():
+            arr = self.samples.get((condition, float(a), score))
+            arr = np.asarray(arr, dtype=np.float64) if arr is not None else np.array([])
+            fin = arr[np.isfinite(arr)]
+            half = z * float(fin.std(ddof=1)) / math.sqrt(fin.size) if fin.size > 1 else math.nan
+            rows.append({"alpha": float(a), "value": float(v), "low": v - half, "high": v + half, "n": int(fin.size)})
+        return pd.DataFrame(rows, columns=["alpha", "value", "low", "high", "n"]).set_index("alpha")
+
+    def plot(self, score: str | None = None, *, ax: Any = None, band: bool = True, legend: bool = True) -> Any:
+        """Score vs alpha, drawn so that it can be read without a caption.
+
+        The intervention's curve is solid with a shaded 95 % band over examples (when the scorer
+        returned per-example values); the random controls are thin grey lines inside their grey
+        min-max envelope ("random directions (N)"); alpha = 0, the unmodified model, is a hollow
+        black circle; broken runs are red crosses; each reference condition is a horizontal line
+        in its own colour, named in the legend.
+
+        Parameters
+        ----------
+        score
+            Score to draw (default: the plan's headline score).
+        ax
+            Axes to draw into (a new figure when None).
+        band
+            Shade the per-alpha 95 % interval of :meth:`interval`.
+        legend
+            Draw the legend (below the axes, so it never hides a curve).
+
+        Returns
+        -------
+        matplotlib.axes.Axes
+        """
+        from .plotting import draw_alpha_sweep, get_ax
+
+        score = score or self.headline
+        ax = get_ax(ax, figsize=(5.0, 3.8))
         s = self.curve(score)
-        ax.plot(s.index, s.values, "o-", color="C0", label=self.params.get("name", "intervention"), zorder=3)
+        ci = self.interval(score) if band else None
+        n_ex = int(ci["n"].max()) if ci is not None and len(ci) else 0
+        ok = ci is not None and bool(np.isfinite(ci["low"].to_numpy()).any())
         br = self.broken()
-        bad = [a for a in s.index if br.get(a, 0) > 0]
-        if bad:
-            ax.plot(bad, s.reindex(bad).values, "x", color="C3", ms=9, mew=2, label="broken runs", zorder=4)
-        for j, (cond, scores) in enumerate(self.reference.items()):
-            if score in scores:
-                ax.axhline(scores[score], ls=":", color=f"C{j + 2}", label=cond)
-        ax.axvline(0, color="0.85", lw=1, zorder=0)
-        ax.set_xlabel("alpha")
+        draw_alpha_sweep(
+            ax, s, {c: self.curve(score, c) for c in self.controls},
+            label=str(self.params.get("name") or "intervention"),
+            band=(ci["low"].to_numpy(), ci["high"].to_numpy()) if ok else None,  # type: ignore[index]
+            band_label=f"95% CI ({n_ex} examples)",
+            broken=[a for a in s.index if br.get(a, 0) > 0],
+            references={cond: v[score] for cond, v in self.reference.items() if score in v},
+            legend=legend,
+        )
+        role = self.roles.get(score, "other")
+        what = {"target": "target, meant to " + ("fall" if score in self.params.get("decrease", ()) else "rise"),
+                "off_target": "off-target, meant to stay", "damage": "damage"}.get(role)
         ax.set_ylabel(score)
-        ax.set_title(f"{self.params.get('name')}: {score}", fontsize=9)
-        ax.legend(frameon=False, fontsize=7)
+        ax.set_title(f"{self.params.get('name')}: {score}" + (f" ({what})" if what else ""), fontsize=9)
         return ax
 
+    @classmethod
+    def load(cls, directory: str | Path) -> "PlanSweep":
+        """Read a sweep written by :meth:`save`: ``sweep.csv``, ``summary.json`` and, where
+        present, ``samples.npz`` (the steered model's per-example values; without it the plot
+        draws no band and the summary no bootstrap interval)."""
+        import json
+
+        directory = Path(directory)
+        table = pd.read_csv(directory / "sweep.csv")
+        table["alpha"] = table["alpha"].astype(float)
+        meta = json.loads((directory / "summary.json").read_text()) if (directory / "summary.json").is_file() else {}
+        params = dict(meta.get("plan", {}))
+        params.setdefault("name", directory.name)
+        scores = [m for m in dict.fromkeys(table.metric) if m != "__broken__"]
+        params.setdefault("headline", scores[0] if scores else "")
+        targets = params.get("targets") or scores[:1]
+        roles = {m: ("target" if m in targets else "off_target" if m in params.get("off_target", ()) else
+                     "damage" if m in params.get("damage", ()) or m == params.get("broken_score") else "other")
+                 for m in scores}
+        samples: dict[tuple[str, float, str], np.ndarray] = {}
+        if (directory / "samples.npz").is_file():
+            with np.load(directory / "samples.npz", allow_pickle=False) as z:
+                for key in z.files:
+                    cond, alpha, score = key.split("|", 2)
+                    samples[(cond, float(alpha), score)] = z[key]
+        return cls(table, samples, roles, params, {k: dict(v) for k, v in (meta.get("reference") or {}).items()})
+
     def save(self, directory: str | Path) -> None:
-        """``sweep.csv``, ``summary.csv`` (every score) and ``summary.json`` (headline score + params)."""
-        from .io import write_json, write_table
+        """``sweep.csv``, ``summary.csv`` (every score), ``summary.json`` (headline score + params)
+        and, when the scorer returned per-example values, ``samples.npz`` (the steered model's, which
+        the plot's band and the bootstrap read; keys ``condition|alpha|score``)."""
+        from .io import atomic_path, write_json, write_table
 
         directory = Path(directory)
         write_table(directory / "sweep.csv", self.table)
+        steer = {f"{c}|{a!r}|{s}": np.asarray(v, dtype=np.float64) for (c, a, s), v in self.samples.items() if c == "steer"}
+        if steer:
+            with atomic_path(directory / "samples.npz") as tmp:
+                with open(tmp, "wb") as fh:  # a file handle: np.savez would append ".npz" to the temp name
+                    np.savez_compressed(fh, **steer)
         write_table(directory / "summary.csv", self.summaries())
         write_json(directory / "summary.json", {"plan": self.params, "headline": self.summary(),
                                                 "reference": self.reference})

@@ -33,6 +33,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import warnings
@@ -864,8 +865,15 @@ class ProbeSweepResult:
         means = [np.nanmean(self.results[(s, target)].scores[m]) for s in self.sites]
         return self.results[(self.sites[int(np.nanargmax(means))], target)]
 
-    def plot(self, target: str | Sequence[str] | None = None, *, ax: Any = None, metric: str | None = None) -> Any:
-        """Score vs site (layer) with fold std bands; control dashed, baselines dash-dotted.
+    def plot(self, target: str | Sequence[str] | None = None, *, ax: Any = None, metric: str | None = None,
+             band: Literal["range", "se", "std"] = "range", legend: bool = True) -> Any:
+        """Score vs site (layer): the probe's mean over folds with a band over folds, the
+        shuffled-label control in grey, each baseline a horizontal line in its own colour.
+
+        With one target every baseline gets a colour of its own (with a faint band over its folds);
+        with several targets each target has a colour and its baselines differ by line style.
+        Site labels are shortened and thinned (:func:`~sciscope.core.plotting.label_sites`), the
+        cut prefix shown in the axis label.
 
         Parameters
         ----------
@@ -875,13 +883,20 @@ class ProbeSweepResult:
             Axes to draw into (a new figure when None).
         metric
             Metric to plot (default: each target's primary metric).
+        band
+            What the shaded band spans: ``"range"`` the lowest to the highest fold score,
+            ``"se"`` mean +/- the standard error over folds, ``"std"`` mean +/- their standard deviation.
+        legend
+            Draw the legend.
 
         Returns
         -------
         matplotlib.axes.Axes
         """
-        from .plotting import get_ax, label_sites
+        from .plotting import BASELINE_COLOURS, CONTROL_GREY, MAIN_COLOUR, get_ax, label_sites, site_axis_label
 
+        if band not in ("range", "se", "std"):
+            raise ValueError(f"band must be 'range', 'se' or 'std', got {band!r}")
         targets = self.targets if target is None else ([target] if isinstance(target, str) else list(target))
         for t in targets:
             if t not in self.targets:
@@ -889,30 +904,99 @@ class ProbeSweepResult:
         ax = get_ax(ax)
         x = np.arange(len(self.sites))
         metrics_used = []
+        single = len(targets) == 1
+        n_folds = 0
+
+        def spread(folds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """(low, high) of each row of per-fold scores (sites x folds)."""
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows give NaN bounds
+                mean = np.nanmean(folds, axis=1)
+                if band == "range":
+                    return np.nanmin(folds, axis=1), np.nanmax(folds, axis=1)
+                sd = np.nanstd(folds, axis=1, ddof=1 if band == "se" else 0)
+                if band == "se":
+                    sd = sd / np.sqrt(np.maximum(np.sum(np.isfinite(folds), axis=1), 1))
+                return mean - sd, mean + sd
+
+        band_name = {"range": "fold range", "se": "± SE over folds", "std": "± SD over folds"}[band]
         for i, t in enumerate(targets):
-            color = f"C{i % 10}"
+            color = MAIN_COLOUR if single else f"C{i % 10}"
             m = metric if metric is not None else self.results[(self.sites[0], t)].metric
             m = self._metric(t, m)
             metrics_used.append(m)
             res = [self.results[(s, t)] for s in self.sites]
-            mean = np.array([np.nanmean(r.scores[m]) for r in res])
-            std = np.array([np.nanstd(r.scores[m]) for r in res])
-            ax.plot(x, mean, "-o", color=color, label=f"{t}", markersize=4)
-            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+            folds = np.array([np.asarray(r.scores[m], dtype=float) for r in res])  # (sites, folds)
+            n_folds = max(n_folds, folds.shape[1])
+            mean = np.nanmean(folds, axis=1)
+            lo, hi = spread(folds)
+            name = "probe" if single else t
+            ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0, zorder=2)
+            ax.plot(x, mean, "-o", color=color, label=f"{name} (band: {band_name})", markersize=4, zorder=3)
             if res[0].control_scores:
-                ctrl = np.array([np.nanmean(r.control_scores[m]) for r in res])  # type: ignore[index]
-                ax.plot(x, ctrl, "--", color=color, alpha=0.8, label=f"{t} (shuffled control)")
-            for j, (name, sc) in enumerate(res[0].baseline_scores.items()):
-                ax.axhline(
-                    float(np.nanmean(sc[m])), color=color, linestyle=["-.", ":", (0, (5, 1))][j % 3],
-                    alpha=0.8, label=f"{t} (baseline: {name})",
-                )
-        label_sites(ax, self.sites)
-        ax.set_xlabel("site")
-        ax.set_ylabel(" / ".join(dict.fromkeys(metrics_used)))
-        ax.set_title("probe score by site" if len(targets) != 1 else f"probe: {targets[0]}")
-        ax.legend(fontsize="small", frameon=False, loc="best")
+                ctrl = np.array([np.asarray(r.control_scores[m], dtype=float) for r in res])  # type: ignore[index]
+                ccol = CONTROL_GREY if single else color
+                clo, chi = spread(ctrl)
+                if single:
+                    ax.fill_between(x, clo, chi, color=ccol, alpha=0.15, linewidth=0, zorder=1)
+                ax.plot(x, np.nanmean(ctrl, axis=1), "--", color=ccol, lw=1.2, zorder=2,
+                        label="shuffled labels (control)" if single else f"{t}: shuffled labels")
+            for j, (bname, sc) in enumerate(res[0].baseline_scores.items()):
+                vals = np.asarray(sc[m], dtype=float)
+                bcol = BASELINE_COLOURS[j % len(BASELINE_COLOURS)] if single else color
+                style = "-." if single else ["-.", ":", (0, (5, 1))][j % 3]
+                ax.axhline(float(np.nanmean(vals)), color=bcol, linestyle=style, lw=1.5, zorder=2.5,
+                           label=f"baseline: {bname}" if single else f"{t}: baseline {bname}")
+                if single and np.isfinite(vals).sum() > 1:
+                    blo, bhi = spread(vals[None, :])
+                    ax.axhspan(float(blo[0]), float(bhi[0]), color=bcol, alpha=0.08, linewidth=0, zorder=0.5)
+        template = label_sites(ax, self.sites)
+        ax.set_xlabel(site_axis_label(template))
+        ax.set_ylabel(" / ".join(dict.fromkeys(metrics_used)) + (f" ({n_folds} folds)" if n_folds else ""))
+        ax.set_title(f"probe: {targets[0]}" if single else "probe score by site", fontsize=10)
+        if legend:
+            ax.legend(fontsize="x-small", frameon=True, framealpha=0.85, edgecolor="none", loc="best")
         return ax
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "ProbeSweepResult":
+        """Read the per-fold scores a :meth:`save` wrote (``table.csv``, ``params.json``).
+
+        Enough for :meth:`summary`, :meth:`best` and :meth:`plot`; the probes' weights are read
+        back from ``directions.npz`` where saved, their folds are not (``folds`` is empty).
+        """
+        path = Path(path)
+        table = pd.read_csv(path / "table.csv", keep_default_na=False, na_values={"score": ["", "nan", "NaN"],
+                                                                                   "alpha": ["", "nan", "NaN"]})
+        params = json.loads((path / "params.json").read_text()) if (path / "params.json").is_file() else {}
+        arrays = dict(np.load(path / "directions.npz", allow_pickle=False)) if (path / "directions.npz").is_file() else {}
+
+        def per_metric(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+            return {str(m): g.sort_values("fold")["score"].to_numpy(dtype=float) for m, g in rows.groupby("metric", sort=False)}
+
+        probe_rows = table[table.condition != "baseline"]
+        sites = [str(s) for s in dict.fromkeys(probe_rows.site)]
+        targets = [str(t) for t in dict.fromkeys(table.target)]
+        results: dict[tuple[str, str], ProbeResult] = {}
+        for t in targets:
+            tt = table[table.target == t]
+            base = tt[tt.condition == "baseline"]
+            baselines = {str(b): per_metric(g) for b, g in base.groupby("baseline", sort=False)}
+            kind = str(tt.kind.iloc[0])
+            for s in sites:
+                here = tt[tt.site == s]
+                probe, ctrl = here[here.condition == "probe"], here[here.condition == "control"]
+                scores = per_metric(probe)
+                primary = _PRIMARY.get(kind, next(iter(scores), ""))
+                alphas = probe[probe.metric == primary].sort_values("fold")["alpha"].to_numpy(dtype=float)
+                coef = arrays.get(f"{s}|{t}|coef")
+                results[(s, t)] = ProbeResult(
+                    target=t, site=s, kind=kind, metric=primary, scores=scores,
+                    control_scores=per_metric(ctrl) if len(ctrl) else None, baseline_scores=baselines,
+                    alphas=alphas if np.isfinite(alphas).any() else None, coef=coef,
+                    intercept=arrays.get(f"{s}|{t}|intercept"), classes=None, folds=[], params={},
+                )
+        return cls(results, sites, targets, params)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``table.csv``, ``summary.csv``, ``params.json`` and ``directions.npz`` atomically.

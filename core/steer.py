@@ -400,24 +400,34 @@ class SteeringSweep:
         t = t[np.isfinite(t.value)]
         return float(np.polyfit(t.alpha, t.value, 1)[0]) if len(t) > 1 else float("nan")
 
-    def plot(self, metric: str | None = None, *, ax: Any = None) -> Any:
-        """Metric vs alpha, the steering vector solid, random directions dashed grey."""
-        import matplotlib.pyplot as plt
+    def plot(self, metric: str | None = None, *, ax: Any = None, legend: bool = True) -> Any:
+        """Metric vs alpha: the steering vector solid, each random direction a thin grey line inside
+        their grey min-max envelope ("random directions (N)"), alpha = 0 a hollow black circle.
+
+        Parameters
+        ----------
+        metric
+            Metric to draw (default: the first in the table).
+        ax
+            Axes to draw into (a new figure when None).
+        legend
+            Draw the legend (below the axes, so it never hides a curve).
+
+        Returns
+        -------
+        matplotlib.axes.Axes
+        """
+        from .plotting import draw_alpha_sweep, get_ax
 
         metric = metric or self.table.metric.iloc[0]
-        ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+        ax = get_ax(ax, figsize=(5.0, 3.8))
         t = self.table[self.table.metric == metric]
-        for cond, g in t.groupby("condition"):
-            g = g.sort_values("alpha")
-            if cond == "steer":
-                ax.plot(g.alpha, g.value, "o-", color="C0", label="steering vector", zorder=3)
-            else:
-                ax.plot(g.alpha, g.value, "--", color="0.6", label="random direction (same norm)" if cond.endswith("-0") else None)
-        ax.axvline(0, color="0.85", lw=1, zorder=0)
+        curves = {str(c): g.groupby("alpha").value.mean().sort_index() for c, g in t.groupby("condition", sort=False)}
+        steered = curves.pop("steer", pd.Series(dtype=float))
+        draw_alpha_sweep(ax, steered, curves, label="steering vector", legend=legend)
         ax.set_xlabel("alpha" + (" (relative to |h|)" if self.params.get("scale") == "relative" else ""))
         ax.set_ylabel(metric)
-        ax.set_title(f"steering at {self.params.get('site')}")
-        ax.legend(frameon=False, fontsize=8)
+        ax.set_title(f"steering at {self.params.get('site')}", fontsize=9)
         return ax
 
     def save(self, directory: str | os.PathLike[str]) -> None:

@@ -203,6 +203,79 @@ def test_reference_conditions_and_a_bad_headline_are_reported():
         run_plan(model, plan, iv)
 
 
+def test_sweep_plot_has_a_band_over_examples_grey_controls_and_named_references(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    from sciscope.core.experiment import PlanSweep
+
+    model = _mlp()
+    plan, iv = _plan(model, n_controls=4)
+    sweep = run_plan(model, plan, iv, reference={"prompt": {"y0": 1.0}, "real cells": {"y0": -1.0}})
+    ci = sweep.interval("y0")
+    assert list(ci.index) == [-2.0, -1.0, 0.0, 1.0, 2.0, 4.0] and (ci["n"] == 64).all()
+    assert (ci["low"] < ci["value"]).all() and (ci["value"] < ci["high"]).all()
+    y = sweep.samples[("steer", 4.0, "y0")]
+    assert ci.loc[4.0, "high"] - ci.loc[4.0, "value"] == pytest.approx(1.959964 * y.std(ddof=1) / 8, rel=1e-5)
+
+    ax = sweep.plot("y0")
+    handles, labels = ax.get_legend().legend_handles, [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["push_y0", "95% CI (64 examples)", "alpha = 0 (unsteered)", "random directions (4)", "prompt", "real cells"]
+    # the band is the interval, shaded around the steered curve
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(ci["low"].min()) and band.max() == pytest.approx(ci["high"].max())
+    # the controls' envelope spans their min and max at every alpha
+    ctrl = np.array([sweep.curve("y0", c).to_numpy() for c in sweep.controls])
+    env = ax.collections[1].get_paths()[0].vertices[:, 1]
+    assert env.min() == pytest.approx(ctrl.min()) and env.max() == pytest.approx(ctrl.max())
+    # references: horizontal lines at their values, each in its own colour, none grey or the curve's
+    hlines = [line for line in ax.get_lines() if list(line.get_xdata()) == [0, 1]]  # axhline spans the axes
+    assert [line.get_ydata()[0] for line in hlines] == [1.0, -1.0]
+    refs = {lab: h for h, lab in zip(handles, labels) if lab in ("prompt", "real cells")}
+    colours = {to_rgba(h.get_color()) for h in refs.values()}
+    assert colours == {to_rgba(line.get_color()) for line in hlines}
+    assert len(colours) == 2 and not colours & {to_rgba("C0"), to_rgba("0.55")}
+    assert ax.get_title() == "push_y0: y0 (target, meant to rise)"
+    assert sweep.plot("y1").get_title() == "push_y0: y1 (off-target, meant to stay)"
+    plt.close("all")
+
+    # saved with its per-example values, a sweep reads back whole: same summary, same band
+    sweep.save(tmp_path / "push_y0")
+    back = PlanSweep.load(tmp_path / "push_y0")
+    assert back.headline == "y0" and back.roles == sweep.roles and back.reference == sweep.reference
+    a, b = sweep.summary(), back.summary()
+    assert a["effect_plus_ci"] == b["effect_plus_ci"] and a["slope"] == pytest.approx(b["slope"])
+    pd.testing.assert_frame_equal(back.interval("y0"), ci)
+    # without samples.npz there is no band, and the plot says nothing about one
+    (tmp_path / "push_y0" / "samples.npz").unlink()
+    bare = PlanSweep.load(tmp_path / "push_y0")
+    assert np.isnan(bare.summary()["effect_plus_ci"]).all()
+    labels = [t.get_text() for t in bare.plot().get_legend().get_texts()]
+    assert not any("CI" in lab for lab in labels) and "random directions (4)" in labels
+    plt.close("all")
+
+
+def test_sweep_plot_marks_broken_runs():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = _mlp()
+    base = float(_readout(model)["y0"].mean())
+    w = model[2].weight[0].detach()
+    plan, iv = _plan(model, n_controls=2, broken_above=base + 3.0 * float(w @ w))
+    ax = run_plan(model, plan, iv).plot()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "broken runs" in labels
+    cross = next(line for line in ax.get_lines() if line.get_marker() == "x")
+    assert list(cross.get_xdata()) == [4.0]
+    plt.close("all")
+
+
 def test_plan_and_analysis_validation():
     with pytest.raises(ValueError, match="folder name"):
         SteeringPlan("a/b", AddVector(torch.ones(3), "x"), lambda m: {}, alphas=[1])

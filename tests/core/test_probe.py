@@ -212,6 +212,79 @@ def test_sweep_table_summary_best_plot_save(sweep_store: ActivationStore, tmp_pa
     assert len(pd.read_csv(out / "table.csv")) == len(table)
 
 
+def test_probe_plot_bands_span_the_folds_and_baselines_have_their_own_named_colours(sweep_store: ActivationStore, tmp_path) -> None:
+    from matplotlib.colors import to_rgba
+
+    rng = np.random.default_rng(1)
+    baselines = {"noise": rng.normal(size=(300, 4)), "half signal": np.c_[sweep_store.obs["value"].to_numpy()
+                                                                          + rng.normal(size=300)]}
+    sweep = probe_sweep(sweep_store, ["value"], baseline=baselines, progress=False)
+    ax = sweep.plot("value")
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["probe (band: fold range)", "shuffled labels (control)", "baseline: noise", "baseline: half signal"]
+    lines = dict(zip(labels, ax.get_legend_handles_labels()[0]))
+    colours = {name: to_rgba(h.get_color()) for name, h in lines.items()}
+    assert len(set(colours.values())) == 4  # probe, control and each baseline told apart by colour
+    # the probe's band runs from the lowest to the highest fold score at every site
+    folds = np.array([sweep[(s, "value")].scores["r2"] for s in sweep.sites])
+    ys = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(folds.min()) and ys.max() == pytest.approx(folds.max())
+    # each baseline sits at its mean over folds
+    for name in baselines:
+        y = lines[f"baseline: {name}"].get_ydata()[0]
+        assert y == pytest.approx(np.mean(sweep[(sweep.sites[0], "value")].baseline_scores[name]["r2"]))
+    assert ax.get_xlabel() == "site: layers.<i>" and [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]
+    se = sweep.plot("value", band="se")
+    assert se.get_legend_handles_labels()[1][0] == "probe (band: ± SE over folds)"
+    with pytest.raises(ValueError, match="band"):
+        sweep.plot("value", band="iqr")  # type: ignore[arg-type]
+    matplotlib.pyplot.close("all")
+
+    # a saved sweep reads back: same summary, same plot
+    from sciscope.core.probe import ProbeSweepResult
+
+    back = ProbeSweepResult.load(sweep.save(tmp_path / "probes"))
+    assert back.sites == sweep.sites and back.targets == ["value"]
+    cols = ["site", "target", "metric", "score_mean", "score_std", "control_mean", "baseline", "baseline_mean", "alpha"]
+    pd.testing.assert_frame_equal(back.summary()[cols], sweep.summary()[cols])
+    assert np.allclose(back[("layers.2", "value")].coef, sweep[("layers.2", "value")].coef)
+    assert back.plot("value").get_legend_handles_labels()[1] == labels
+    matplotlib.pyplot.close("all")
+
+
+def test_thirty_layer_site_axis_stays_readable() -> None:
+    """30 sites: at most 16 labels, short and distinct, none overlapping; the cut prefix in the axis label."""
+    import matplotlib.pyplot as plt
+
+    from sciscope.core.plotting import label_sites, short_site_labels, site_axis_label
+
+    sites = [f"model.layers.{i}.mlp.down_proj:input" for i in range(30)]
+    labels, template = short_site_labels(sites)
+    assert labels == [str(i) for i in range(30)] and template == "model.layers.<i>.mlp.down_proj:input"
+    mixed = ["model.embed_tokens", *[f"model.layers.{i}" for i in range(30)], "model.norm"]
+    labels, template = short_site_labels(mixed)
+    assert labels[:3] == ["embed_tokens", "0", "1"] and labels[-1] == "norm" and template == "model.layers.<i>"
+    assert len(set(labels)) == len(labels)
+    assert short_site_labels(["layer1", "layer2"]) == (["layer1", "layer2"], "")  # never cut inside a name
+
+    for names in (sites, mixed):
+        fig, ax = plt.subplots(figsize=(4.2, 3.6))  # one panel of the probe stage's figure
+        ax.plot(range(len(names)), np.linspace(0, 1, len(names)))
+        ax.set_xlabel(site_axis_label(label_sites(ax, names)))
+        fig.tight_layout()
+        fig.canvas.draw()
+        shown = [t for t in ax.get_xticklabels() if t.get_text()]
+        texts = [t.get_text() for t in shown]
+        assert 2 <= len(shown) <= 16 and len(set(texts)) == len(texts)
+        assert max(len(t) for t in texts) <= 14
+        # every site keeps a tick (matplotlib hides the minor ticks under the major ones)
+        assert set(ax.get_xticks()) | set(ax.get_xticks(minor=True)) == set(range(len(names)))
+        boxes = sorted((t.get_window_extent() for t in shown), key=lambda b: b.x0)
+        assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), "tick labels overlap"
+        assert ax.get_xlabel().startswith("site: model.layers.<i>")
+        plt.close(fig)
+
+
 def test_sweep_is_deterministic(sweep_store: ActivationStore) -> None:
     a = probe_sweep(sweep_store, ["value", "cls"], seed=7, progress=False).table
     b = probe_sweep(sweep_store, ["value", "cls"], seed=7, progress=False).table

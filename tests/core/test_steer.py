@@ -154,6 +154,22 @@ def test_alpha_sweep_with_random_control(mlp):
     assert ax.get_ylabel() == "out0"
 
 
+def test_alpha_sweep_plot_names_its_random_directions_and_marks_alpha_zero(mlp):
+    import matplotlib.pyplot as plt
+
+    x = torch.randn(16, 8)
+    w = mlp.head.weight[0].detach()
+    v = SteeringVector(w / w.norm(), "layers", "custom")
+    sweep = alpha_sweep(mlp, v, [-1, 1], lambda m: {"out0": float(m(x)[:, 0].mean().detach())}, n_random=3, progress=False)
+    ax = sweep.plot("out0")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["steering vector", "alpha = 0 (unsteered)", "random directions (3)"]
+    zero = next(line for line in ax.get_lines() if line.get_markerfacecolor() == "white")
+    t = sweep.table
+    assert list(zero.get_xdata()) == [0.0] and zero.get_ydata()[0] == t[(t.alpha == 0) & (t.condition == "steer")].value.item()
+    plt.close("all")
+
+
 def test_vector_save_load(tmp_path, store):
     v = contrast_vector(store, "layer", a={"group": "north"}, b={"group": "south"})
     v.save(tmp_path / "v.safetensors")
