@@ -567,3 +567,151 @@ def test_bundled_union_keeps_measured_properties_on_their_own_molecules() -> Non
     sol = ms.table[ms.table["solubility"].notna()]
     assert len(sol) > 1000 and (sol["source"] == "solubility").all()  # only ESOL's molecules carry it
     assert ms.table.loc[ms.table["source"] == "chembl_drugs", "hydration_free_energy"].isna().all()
+
+
+# ------------------------------------------------------------------------------------ feature cards
+
+
+def _png_rgb(png: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+@pytest.mark.parametrize("encoding", ["selfies", "smiles"])
+def test_token_atoms_give_each_atom_its_own_token(encoding: str) -> None:
+    """Every atom owns one token whose symbol is its own; structural tokens belong to the atom before them."""
+    from sciscope.domains.chemistry.cards import token_atoms
+    from sciscope.domains.chemistry.tokenize import selfies_tokens
+
+    smiles = "OC(=O)c1ccccc1Cl"
+    mol, owners = token_atoms(smiles, encoding)
+    tokens = selfies_tokens(smiles) if encoding == "selfies" else smiles_tokens(smiles)
+    assert len(owners) == len(tokens) and set(owners) == set(range(mol.GetNumAtoms()))
+    cl = [t for t, tok in enumerate(tokens) if "Cl" in tok]
+    assert len(cl) == 1 and mol.GetAtomWithIdx(owners[cl[0]]).GetSymbol() == "Cl"
+    structural = [t for t, tok in enumerate(tokens) if "Branch" in tok or "Ring" in tok or tok in "()=1"]
+    assert structural and all(owners[t] == owners[t - 1] for t in structural)  # the atom before them
+    assert Chem.MolToSmiles(mol) == Chem.MolToSmiles(Chem.MolFromSmiles(smiles))  # the same molecule
+
+
+def test_atom_colours_follow_planted_token_activations() -> None:
+    """The atom whose token carries the largest activation is the reddest (pure red at vmax); a [Ring1]
+    token's activation lands on the ring-closing atom before it; atoms at zero are not drawn."""
+    from sciscope.domains.chemistry.cards import activation_colour, atom_activations, atom_colours, token_atoms
+
+    mol, owners = token_atoms("OC(=O)c1ccccc1Cl", "selfies")
+    # tokens: [O] [C] [=Branch1] [C] [=O] [C] [=C] [C] [=C] [C] [=C] [Ring1] [=Branch1] [Cl]
+    planted = np.zeros(len(owners))
+    planted[13], planted[4], planted[11], planted[3] = 2.0, 0.5, 1.0, 0.25  # Cl, =O, Ring1, Branch1's index token
+    values = atom_activations(planted, owners, mol.GetNumAtoms())
+    colours = atom_colours(values, float(values.max()))
+    top = int(np.argmax(values))
+    assert mol.GetAtomWithIdx(top).GetSymbol() == "Cl" and colours[top] == (1.0, 0.0, 0.0)
+    reds = {a: 1.0 - c[1] for a, c in colours.items()}
+    assert max(reds, key=reds.get) == top and set(colours) == {owners[13], owners[4], owners[10], owners[1]}
+    assert mol.GetAtomWithIdx(owners[4]).GetSymbol() == "O" and reds[owners[4]] == pytest.approx(0.25)
+    assert mol.GetAtomWithIdx(owners[10]).GetIsAromatic() and values[owners[10]] == 1.0  # the ring closes there
+    assert values[owners[1]] == 0.25  # the carboxyl C: the branch's index token [C] is no atom of its own
+    assert activation_colour(0.0, 2.0) == (1.0, 1.0, 1.0) and activation_colour(5.0, 2.0) == (1.0, 0.0, 0.0)
+
+
+def _card_examples(ad: ChemistryAdapter) -> pd.DataFrame:
+    obs = ad.molecules.reset_index(drop=True)
+    rows = [0, 1, 2, 3, 4]
+    ex = pd.DataFrame({"band": ["top", "top", "top", "q50", "q25"], "rank": [1, 2, 3, 1, 1], "row": rows,
+                       "activation": [0.9, 0.8, 0.7, 0.2, 0.1]})
+    return pd.concat([ex, obs.iloc[rows].reset_index(drop=True)], axis=1)
+
+
+def test_render_examples_colours_atoms_and_falls_back(tiny_gpt, monkeypatch) -> None:
+    """Per-position run: two PNG panels (top, weaker) with pure red where the planted peak is; pooled run:
+    plain depictions that say why."""
+    from types import SimpleNamespace
+
+    import sciscope.core.cards as core_cards
+    import sciscope.domains.chemistry.cards as chem_cards
+    from sciscope.domains.chemistry.cards import render_examples, token_atoms
+    from sciscope.domains.chemistry.features import molecule_grid
+
+    ad, model = tiny_gpt
+    examples = _card_examples(ad)
+    tok = model.tokenizer
+
+    def planted(ctx, rows, feature):  # the molecule's last token fires, scaled by its rank
+        out = {}
+        for r in rows:
+            n = len(tok.encode(str(ad.molecules["smiles"].iloc[r])))
+            act = np.zeros(n)
+            act[n - 2] = 3.0 if r == 0 else 1.0
+            out[int(r)] = pd.DataFrame({"position": np.arange(n), "activation": act})
+        return out
+
+    def no_features():
+        raise RuntimeError("no features stage")
+
+    drawn = []
+
+    def grid(mols, legends, **kw):  # record what each panel colours, then draw it
+        drawn.append((mols, legends, kw))
+        return molecule_grid(mols, legends, **kw)
+
+    ctx = SimpleNamespace(adapter=ad, sae_row_mode="positions", model=lambda: model, features=no_features)
+    monkeypatch.setattr(core_cards, "position_activations", planted)
+    monkeypatch.setattr(chem_cards, "molecule_grid", grid)
+    panels = render_examples(ctx, 7, examples)
+    assert [p.title for p in panels] == ["top molecules", "weaker activations"]
+    assert all(_png_rgb(p.png).shape[0] > 150 for p in panels)
+    (top_mols, top_legends, top_kw), (_, weak_legends, weak_kw) = drawn
+    first = top_kw["atom_colours"][0]
+    _, owners = token_atoms(str(examples["smiles"].iloc[0]), "selfies")
+    assert first == {owners[-1]: (1.0, 0.0, 0.0)}  # only the atom of row 0's last token, at the scale's top
+    for colours in top_kw["atom_colours"][1:] + weak_kw["atom_colours"]:  # 1.0 of 3.0: a third of the way to red
+        assert min(c[1] for c in colours.values()) == pytest.approx(2 / 3)
+    assert top_legends[0] == "#1: 0.90  (peak atom 3.00)" and weak_legends[0].startswith("q50: 0.20")
+    assert "white -> red" in panels[0].caption and "red = 3.00" in panels[0].caption
+
+    monkeypatch.setattr(core_cards, "position_activations", lambda ctx, rows, feature: {})
+    ctx.sae_row_mode = "pooled"
+    plain = render_examples(ctx, 7, examples)
+    assert len(plain) == 2 and all("no per-token activations" in p.caption for p in plain)
+    assert all(_png_rgb(p.png).shape[1] > 100 for p in plain)
+
+
+def test_group_auroc_statistic_matches_a_direct_auroc(tiny_gpt) -> None:
+    """group_auroc is the largest AUROC over the groups on >= 1% of molecules: a feature that is a group's
+    indicator scores 1.0, a random one near 0.5 and never above the direct computation's max."""
+    from sklearn.metrics import roc_auc_score
+
+    from sciscope.domains.chemistry.features import group_auroc_statistic
+
+    ad, _ = tiny_gpt
+    obs = ad.molecules.reset_index(drop=True)
+    g = max(ad.group_names, key=lambda c: obs[c].sum())
+    rng = np.random.default_rng(0)
+    acts = np.column_stack([obs[g].to_numpy(float), rng.random(len(obs))])
+    out = group_auroc_statistic(ad)(acts, obs)
+    assert list(out.columns) == ["group_auroc"] and out["group_auroc"].iloc[0] == pytest.approx(1.0)
+    direct = max(roc_auc_score(obs[c], acts[:, 1]) for c in ad.group_names if 2 <= obs[c].sum() <= len(obs) - 2)
+    assert out["group_auroc"].iloc[1] == pytest.approx(direct)
+    assert ad.card_ranking == "group_auroc" and "group_auroc" in ad.feature_statistics
+
+
+def test_lens_basis_reads_the_lm_head_over_the_vocabulary(tiny_gpt) -> None:
+    from types import SimpleNamespace
+
+    from sciscope.domains.chemistry.cards import lens_basis
+
+    ad, model = tiny_gpt
+    width = model.config.n_embd
+    ctx = SimpleNamespace(model=lambda: model, sae=lambda: SimpleNamespace(W_dec=torch.zeros(16, width)))
+    matrix, names = lens_basis(ctx)
+    assert matrix.shape == (len(names), width) and "<eos>" in names and "<pad>" not in names and "[C]" in names
+    head = model.lm_head.weight.detach().numpy() * model.transformer.ln_f.weight.detach().numpy()
+    i = model.tokenizer.vocab.index("[C]")
+    assert np.allclose(matrix[names.index("[C]")], head[i] - head[i].mean(), atol=1e-5)
+    ctx.sae = lambda: SimpleNamespace(W_dec=torch.zeros(16, width + 1))
+    assert lens_basis(ctx) is None  # a direction of another width does not live in the head's space
