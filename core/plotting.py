@@ -290,15 +290,45 @@ def draw_alpha_sweep(
     ax.set_xlabel("alpha")
     if legend:
         from matplotlib.legend_handler import HandlerTuple
-        from matplotlib.transforms import ScaledTranslation
 
-        # anchored a fixed distance (in inches) under the axes: below tick labels and axis label
-        # whatever the axes' height
-        below = ax.transAxes + ScaledTranslation(0, -0.42, ax.figure.dpi_scale_trans)
-        ax.legend([h for h, _ in handles], [n for _, n in handles], handler_map={tuple: HandlerTuple(ndivide=1)},
-                  frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=below,
-                  ncol=2, columnspacing=1.0, handlelength=1.8, borderaxespad=0.0)
+        legend_below(ax, [h for h, _ in handles], [n for _, n in handles], handler_map={tuple: HandlerTuple(ndivide=1)})
     return ax
+
+
+def legend_below(ax: Any, handles: Sequence[Any] | None = None, labels: Sequence[str] | None = None, *,
+                 ncol: int = 2, fontsize: float = 7, **kwargs: Any) -> Any:
+    """A legend under the axes, clear of the tick labels and the axis label: it never hides a curve.
+
+    It hangs a fixed distance (in inches) below the axes, measured from what is drawn there now,
+    so it stays put when ``tight_layout`` later resizes the axes (and makes room for it).
+
+    Parameters
+    ----------
+    ax
+        Axes whose artists the legend names.
+    handles, labels
+        As for ``Axes.legend`` (default: the labelled artists of ``ax``).
+    ncol, fontsize, kwargs
+        Passed on to ``Axes.legend``.
+
+    Returns
+    -------
+    matplotlib.legend.Legend
+    """
+    from matplotlib.transforms import ScaledTranslation
+
+    fig = ax.figure
+    drop_in = 0.42  # tick labels and axis label of a plain axis
+    try:
+        bbox = ax.get_tightbbox(fig.canvas.get_renderer())
+        if bbox is not None:
+            drop_in = max(0.0, (ax.get_window_extent().y0 - bbox.y0) / fig.dpi) + 0.04
+    except (AttributeError, TypeError):  # a canvas without a renderer: keep the plain estimate
+        pass
+    below = ax.transAxes + ScaledTranslation(0, -drop_in, fig.dpi_scale_trans)
+    args = [] if handles is None else [list(handles), list(labels or [])]
+    return ax.legend(*args, frameon=False, fontsize=fontsize, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                     bbox_transform=below, ncol=ncol, columnspacing=1.0, handlelength=1.8, borderaxespad=0.0, **kwargs)
 
 
 def save_figure(fig: Any, path: Any, *, dpi: int = 110, tight_bbox: bool = False) -> Any:

@@ -893,7 +893,8 @@ class ProbeSweepResult:
         -------
         matplotlib.axes.Axes
         """
-        from .plotting import BASELINE_COLOURS, CONTROL_GREY, MAIN_COLOUR, get_ax, label_sites, site_axis_label
+        from .plotting import (BASELINE_COLOURS, CONTROL_GREY, MAIN_COLOUR, get_ax, label_sites, legend_below,
+                               site_axis_label)
 
         if band not in ("range", "se", "std"):
             raise ValueError(f"band must be 'range', 'se' or 'std', got {band!r}")
@@ -920,6 +921,8 @@ class ProbeSweepResult:
                 return mean - sd, mean + sd
 
         band_name = {"range": "fold range", "se": "± SE over folds", "std": "± SD over folds"}[band]
+        shown: list[np.ndarray] = []  # what the y axis must hold: bands, curves, controls
+        baselines: list[tuple[float, str, Any, str]] = []  # mean, colour, style, label
         for i, t in enumerate(targets):
             color = MAIN_COLOUR if single else f"C{i % 10}"
             m = metric if metric is not None else self.results[(self.sites[0], t)].metric
@@ -941,21 +944,36 @@ class ProbeSweepResult:
                     ax.fill_between(x, clo, chi, color=ccol, alpha=0.15, linewidth=0, zorder=1)
                 ax.plot(x, np.nanmean(ctrl, axis=1), "--", color=ccol, lw=1.2, zorder=2,
                         label="shuffled labels (control)" if single else f"{t}: shuffled labels")
+                shown += [np.nanmean(ctrl, axis=1)] + ([clo, chi] if single else [])
             for j, (bname, sc) in enumerate(res[0].baseline_scores.items()):
                 vals = np.asarray(sc[m], dtype=float)
                 bcol = BASELINE_COLOURS[j % len(BASELINE_COLOURS)] if single else color
                 style = "-." if single else ["-.", ":", (0, (5, 1))][j % 3]
-                ax.axhline(float(np.nanmean(vals)), color=bcol, linestyle=style, lw=1.5, zorder=2.5,
-                           label=f"baseline: {bname}" if single else f"{t}: baseline {bname}")
-                if single and np.isfinite(vals).sum() > 1:
-                    blo, bhi = spread(vals[None, :])
-                    ax.axhspan(float(blo[0]), float(bhi[0]), color=bcol, alpha=0.08, linewidth=0, zorder=0.5)
+                bmean = float(np.nanmean(vals))
+                baselines.append((bmean, bcol, style, f"baseline: {bname}" if single else f"{t}: baseline {bname}"))
+            shown += [lo, hi, mean]
+        # A baseline far below (or above) everything else (r2 = -23 from failed folds) would squash
+        # the curves into a line: the axis keeps to the curves, and such a baseline is named with
+        # its value, "off scale", in the legend.
+        fin = np.concatenate([np.ravel(v) for v in shown]) if shown else np.array([])
+        fin = fin[np.isfinite(fin)]
+        lo_c, hi_c = (float(fin.min()), float(fin.max())) if fin.size else (0.0, 1.0)
+        reach = max(3 * (hi_c - lo_c), 1.0)  # scores are fractions: a baseline at 0.98 stays in view
+        for bmean, bcol, style, blabel in baselines:
+            off = bool(np.isfinite(bmean)) and not (lo_c - reach <= bmean <= hi_c + reach)
+            if np.isfinite(bmean) and not off:
+                lo_c, hi_c = min(lo_c, bmean), max(hi_c, bmean)
+            ax.axhline(bmean, color=bcol, linestyle=style, lw=1.5, zorder=2.5,
+                       label=f"{blabel} ({bmean:.3g}, off scale)" if off else blabel)
+        pad = 0.06 * max(hi_c - lo_c, 1e-3)
+        ax.set_ylim(lo_c - pad, hi_c + pad)
         template = label_sites(ax, self.sites)
         ax.set_xlabel(site_axis_label(template))
         ax.set_ylabel(" / ".join(dict.fromkeys(metrics_used)) + (f" ({n_folds} folds)" if n_folds else ""))
         ax.set_title(f"probe: {targets[0]}" if single else "probe score by site", fontsize=10)
         if legend:
-            ax.legend(fontsize="x-small", frameon=True, framealpha=0.85, edgecolor="none", loc="best")
+            labels = ax.get_legend_handles_labels()[1]
+            legend_below(ax, ncol=2 if single and max(map(len, labels), default=0) <= 28 else 1)
         return ax
 
     @classmethod
