@@ -70,6 +70,30 @@ def _middle_ellipsis(label: str, max_chars: int) -> str:
     return label[:head] + "…" + label[len(label) - (max_chars - 1 - head):]
 
 
+def _majority_cut(core: list[list[str]], labels: list[str], *, reverse: bool = False) -> tuple[list[list[str]], list[str], str]:
+    """Drop the token prefix most (over half) of ``core`` share from those that share it.
+
+    Kept only when every label stays non-empty and distinct. With ``reverse`` the token lists are
+    read backwards (a shared suffix). Returns the new token lists, labels and the cut text.
+    """
+    counts: dict[tuple[str, ...], int] = {}
+    for c in core:
+        for k in range(2, len(c)):
+            if _SEP.fullmatch(c[k - 1]):
+                counts[tuple(c[:k])] = counts.get(tuple(c[:k]), 0) + 1
+    if not counts:
+        return core, labels, ""
+    best = max(counts, key=lambda p: (counts[p] * len("".join(p)), len(p)))
+    if counts[best] * 2 <= len(core):
+        return core, labels, ""
+    reversed_ = reverse
+    cut_core = [c[len(best):] if tuple(c[:len(best)]) == best else c for c in core]
+    cut = ["".join(c[::-1] if reversed_ else c) for c in cut_core]
+    if len(set(cut)) < len(cut) or not all(cut):
+        return core, labels, ""
+    return cut_core, cut, "".join(best[::-1] if reversed_ else best)
+
+
 def short_site_labels(sites: Sequence[str], *, max_chars: int = 14) -> tuple[list[str], str]:
     """Short, distinct labels for site paths, and a template saying what was cut.
 
@@ -105,23 +129,14 @@ def short_site_labels(sites: Sequence[str], *, max_chars: int = 14) -> tuple[lis
     labels = ["".join(c) for c in core]
     if len(set(labels)) < len(labels) or any(not lab for lab in labels):
         labels, prefix, suffix, core = list(sites), "", "", toks
-    # a prefix most (not all) sites share: "layers." beside "embed_tokens" and "norm"
-    majority = ""
-    firsts: dict[tuple[str, ...], int] = {}
-    for c in core:
-        for k in range(2, len(c)):
-            if _SEP.fullmatch(c[k - 1]):
-                firsts[tuple(c[:k])] = firsts.get(tuple(c[:k]), 0) + 1
-    if firsts:
-        best = max(firsts, key=lambda p: (firsts[p] * len("".join(p)), len(p)))
-        if firsts[best] * 2 > len(core):
-            cut = ["".join(c[len(best):]) if tuple(c[:len(best)]) == best else lab for c, lab in zip(core, labels)]
-            if len(set(cut)) == len(cut) and all(cut):
-                labels, majority = cut, "".join(best)
+    # a prefix most (not all) sites share: "layers." beside "embed_tokens" and "norm"; then a suffix
+    core, labels, majority = _majority_cut(core, labels)
+    core, labels, majority_end = _majority_cut([c[::-1] for c in core], labels, reverse=True)
+    core = [c[::-1] for c in core]
     short = [_middle_ellipsis(lab, max_chars) for lab in labels]
     if len(set(short)) == len(short):
         labels = short
-    template = f"{prefix}{majority}<i>{suffix}" if (prefix or suffix or majority) else ""
+    template = f"{prefix}{majority}<i>{majority_end}{suffix}" if (prefix or suffix or majority or majority_end) else ""
     return labels, template
 
 

@@ -265,6 +265,9 @@ def test_thirty_layer_site_axis_stays_readable() -> None:
     labels, template = short_site_labels(mixed)
     assert labels[:3] == ["embed_tokens", "0", "1"] and labels[-1] == "norm" and template == "model.layers.<i>"
     assert len(set(labels)) == len(labels)
+    # a suffix most sites share goes too, though the named sites lack it
+    labels, template = short_site_labels(["model.embed_tokens", *[f"model.layers.{i}.mlp" for i in range(30)]])
+    assert labels[:2] == ["embed_tokens", "0"] and labels[-1] == "29" and template == "model.layers.<i>.mlp"
     assert short_site_labels(["layer1", "layer2"]) == (["layer1", "layer2"], "")  # never cut inside a name
 
     for names in (sites, mixed):
