@@ -397,8 +397,8 @@ def _examples(column: np.ndarray, obs: pd.DataFrame, k: int) -> pd.DataFrame:
             pick = [int(i) for i in near if int(i) not in used][:PER_BAND]
             used.update(pick)
             frames.append(pd.DataFrame({"band": f"q{int(q * 100)}", "rank": range(1, len(pick) + 1), "row": pick}))
-    ex = pd.concat(frames, ignore_index=True)
-    ex["activation"] = column[ex["row"].to_numpy()] if len(ex) else []
+    ex = pd.concat(frames, ignore_index=True).astype({"row": np.int64, "rank": np.int64})  # empty bands are object
+    ex["activation"] = column[ex["row"].to_numpy()]
     meta = obs.iloc[ex["row"].to_numpy()].reset_index(drop=True)
     meta = meta[[c for c in meta.columns if c not in ex.columns]]
     return pd.concat([ex, meta], axis=1)
@@ -622,8 +622,8 @@ BROWSER_JS = """
     var words = search.value.toLowerCase().split(/\\s+/).filter(Boolean), shown = 0;
     cards.forEach(function (c) {
       var text = c.getAttribute('data-search') || '';
-      var ok = words.every(function (w) { return text.indexOf(w) >= 0 || ('f' + c.dataset.feature) === w
-                                                  || c.dataset.feature === w; });
+      var ok = words.every(function (w) {  // a number or f<number> is a feature id; other words match text
+        var id = w.match(/^f?(\\d+)$/); return id ? c.dataset.feature === id[1] : text.indexOf(w) >= 0; });
       if (sel.value && c.dataset.selection !== sel.value) ok = false;
       if (concept.value && (c.dataset.concepts || '').split('|').map(function (x) { return x.split('=')[0]; })
             .indexOf(concept.value) < 0) ok = false;
@@ -660,7 +660,7 @@ def feature_browser_html(cards: Sequence[FeatureCard], *, title: str, report_hre
     """A self-contained HTML page of cards: search, filter by selection and concept, sort.
 
     Works offline from a file: CSS, script and pictures are inside the page. The search matches
-    feature ids (``12`` or ``f12``), concepts, lens tokens, plan names and the example labels; a
+    feature ids exactly (``12`` or ``f12``), and as text: concepts, lens tokens, plan names and the example labels; a
     ``?q=...`` or ``#q=...`` in the address fills the search box on load. After the script ran the
     ``body`` carries ``data-shown`` (cards visible), ``data-images`` and ``data-broken-images``.
     """

@@ -59,6 +59,12 @@ def test_examples_are_the_top_rows_then_rows_near_lower_quantiles_of_the_nonzero
         # nearest to the quantile among the non-zero values (the zeros are not what the feature does)
         assert abs(rows.activation.iloc[0] - np.quantile(nz, q)) <= np.sort(np.abs(nz - np.quantile(nz, q)))[PER_BAND + 5]
     assert ex.row.is_unique
+    # a feature that fires on fewer rows than k: its top rows only, no lower bands, integer rows
+    rare = np.zeros(50)
+    rare[[4, 9]] = [1.0, 2.0]
+    ex = _examples(rare, obs.iloc[:50], k=5)
+    assert list(ex.row) == [9, 4] and ex.row.dtype.kind == "i" and set(ex.band) == {"top"}
+    assert len(_examples(np.zeros(50), obs.iloc[:50], k=5)) == 0  # a dead feature: nothing to show
 
 
 def _png(color: str = "C0") -> bytes:
