@@ -86,20 +86,19 @@ def _majority_cut(core: list[list[str]], labels: list[str], *, reverse: bool = F
     best = max(counts, key=lambda p: (counts[p] * len("".join(p)), len(p)))
     if counts[best] * 2 <= len(core):
         return core, labels, ""
-    reversed_ = reverse
     cut_core = [c[len(best):] if tuple(c[:len(best)]) == best else c for c in core]
-    cut = ["".join(c[::-1] if reversed_ else c) for c in cut_core]
+    cut = ["".join(c[::-1] if reverse else c) for c in cut_core]
     if len(set(cut)) < len(cut) or not all(cut):
         return core, labels, ""
-    return cut_core, cut, "".join(best[::-1] if reversed_ else best)
+    return cut_core, cut, "".join(best[::-1] if reverse else best)
 
 
 def short_site_labels(sites: Sequence[str], *, max_chars: int = 14) -> tuple[list[str], str]:
     """Short, distinct labels for site paths, and a template saying what was cut.
 
     The token prefix and suffix every site shares are dropped (``"model.layers.12.mlp"`` ->
-    ``"12"``, template ``"model.layers.<i>.mlp"``); then a prefix most sites share (``"layers."``
-    beside ``"embed_tokens"`` and ``"norm"``) is dropped from those sites; labels still longer
+    ``"12"``, template ``"model.layers.<i>.mlp"``); then a prefix and a suffix most sites share
+    (``"layers."`` beside ``"embed_tokens"`` and ``"norm"``) are dropped from those sites; labels still longer
     than ``max_chars`` lose their middle. A step that would make two labels equal is skipped, so
     the labels always name the sites one-to-one.
 
