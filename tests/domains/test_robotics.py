@@ -585,3 +585,95 @@ def test_direction_clusters_are_scored_on_the_direction_they_name() -> None:
 def test_bad_cluster_direction_share_names_the_key() -> None:
     with pytest.raises(ConfigError, match="cluster_direction_share"):
         RoboticsAdapter({**TINY, "cluster_direction_share": 1.5})
+
+
+# ------------------------------------------------------------------------------------ feature cards
+
+
+def _card_ctx(ad: RoboticsAdapter, policy: torch.nn.Module, d_sae: int = 16):
+    """The little of a run context the card hooks read: the adapter, the policy, an SAE's decoder, a live dict."""
+    from types import SimpleNamespace
+
+    hidden = int(policy.config.hidden_size)
+    sae = SimpleNamespace(W_dec=torch.randn(d_sae, hidden, generator=torch.Generator().manual_seed(0)))
+    return SimpleNamespace(adapter=ad, model=lambda: policy, sae=lambda: sae, live={})
+
+
+def test_card_frames_are_the_policys_inputs_and_arrows_point_along_the_actions(tiny) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrow
+
+    from sciscope.domains.robotics import cards
+
+    ad, policy = tiny
+    al = ad.examples("all")
+    rows = np.array([0, 3, len(al) // 2, len(al) - 1])
+    ex = al.obs.iloc[rows].reset_index(drop=True)
+    # re-rendered from the stored state (only the shown episodes rebuilt): the very frames the policy saw
+    im = cards.frames(ad.env_spec, ex, seed=ad.config["seed"], templates=ad.config["templates"])
+    assert np.array_equal(im, np.stack([al.inputs[int(r)][0] for r in rows]))
+    chosen = cards.policy_actions(policy, im, ex["instruction"].tolist())
+    assert chosen.shape == (len(rows), 2) and (np.abs(chosen) <= 1).all()
+    ex = ex.assign(band="top", rank=np.arange(1, len(rows) + 1), activation=[4.0, 3.0, 2.0, 1.0])
+    fig = cards.plot_frames(im, ex, ad.env_spec, chosen, feature=7, max_activation=4.0)
+    for i, ax in enumerate(fig.axes[: len(rows)]):
+        origin = ex.loc[i, ["gripper_x", "gripper_y"]].to_numpy(dtype=float)
+        tips = []
+        for p in [p for p in ax.patches if isinstance(p, FancyArrow)]:
+            xy = p.get_xy()
+            tips.append(xy[np.argmax(np.linalg.norm(xy - origin, axis=1))] - origin)
+        # demonstration first (wide), then the policy: each tip is the action times ARROW_SCALE from the gripper
+        want = [ex.loc[i, ["action_x", "action_y"]].to_numpy(dtype=float), chosen[i]]
+        want = [w for w in want if np.hypot(*w) > 1e-6]
+        assert len(tips) == len(want)
+        for tip, w in zip(tips, want):
+            np.testing.assert_allclose(tip, np.clip(w, -1, 1) * cards.ARROW_SCALE, atol=1e-6)
+        assert ex.loc[i, "instruction"].split()[0] in ax.get_title()
+    plt.close(fig)
+
+
+def test_card_lens_basis_reads_the_decoder_as_action_tokens_and_pictures_are_pngs(tiny) -> None:
+    import io
+
+    from PIL import Image
+
+    from sciscope.core.lens import lens
+    from sciscope.domains.robotics import cards
+
+    ad, policy = tiny
+    ctx = _card_ctx(ad, policy)
+    matrix, tokens = ad.lens_basis(ctx)
+    W = policy.get_output_embeddings().weight.detach()
+    g = policy.llm.model.norm.weight.detach()
+    assert matrix.shape == tuple(W.shape) and tokens == policy.vocab.tokens
+    v = ctx.sae().W_dec[3]
+    # the basis reads a direction as the logit lens does: W (g * v)
+    np.testing.assert_allclose(matrix @ v.numpy(), (W @ (g * v)).numpy(), rtol=1e-5, atol=1e-5)
+    top = lens(v, torch.as_tensor(matrix), tokens=tokens, k=3)
+    assert list(top["token"]) == [tokens[i] for i in np.argsort(-(W @ (g * v)).numpy())[:3]]
+    # the action profile puts each bin's score on its own (dimension, value)
+    prof = cards.action_profile(v.numpy(), matrix, policy.vocab.token_info())
+    scores = matrix @ v.numpy()
+    b = 5
+    row = prof[(prof["dim"] == "dy") & np.isclose(prof["value"], policy.vocab.codec.centres[b])]
+    assert len(row) == 1 and np.isclose(row["score"].iloc[0], scores[policy.vocab.action_id(1, b)])
+    # a width that is not the residual's: no lens
+    narrow = _card_ctx(ad, policy)
+    narrow.sae = lambda: type("S", (), {"W_dec": torch.zeros(4, W.shape[1] + 1)})()
+    assert cards.lens_basis(narrow) is None
+    # the hook: top frames, weaker frames and the action profile, each a readable PNG
+    obs = ad.examples("all").obs
+    ex = pd.concat([obs.iloc[:3].assign(band="top", rank=[1, 2, 3], activation=[3.0, 2.5, 2.0]),
+                    obs.iloc[5:7].assign(band="q50", rank=[1, 2], activation=[1.0, 1.0])], ignore_index=True)
+    ex["row"] = [0, 1, 2, 5, 6]
+    panels = ad.render_examples(ctx, 3, ex)
+    assert [p.title for p in panels] == ["top frames", "weaker activations", "decoder direction as actions"]
+    for p in panels:
+        assert p.png[:8] == b"\x89PNG\r\n\x1a\n"
+        w, h = Image.open(io.BytesIO(p.png)).size
+        assert w > 100 and h > 100
+    assert "policy's action is within 0.2" in panels[0].caption
+    assert set(ad.card_columns) <= set(obs.columns) and ad.card_ranking is None
