@@ -1,7 +1,9 @@
 """Maps of features over places: activation maps, LISA cluster maps, Moran's I histograms.
 
-No coastline data is available offline, so maps are lon/lat scatters with equal aspect. Each
-function returns a :class:`matplotlib.figure.Figure` (no pyplot state, no GUI backend needed).
+Maps are lon/lat scatters with equal aspect over a land outline (:func:`.land.land_outline`:
+Natural Earth where an installed package carries it, else drawn around GeoNames cities; never
+downloaded). Each function returns a :class:`matplotlib.figure.Figure` (no pyplot state, no GUI
+backend needed).
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ def _figure(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Any, np.
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def _map_axes(ax: Any, lon: np.ndarray, lat: np.ndarray) -> None:
+def _map_axes(ax: Any, lon: np.ndarray, lat: np.ndarray, *, land: bool = True) -> None:
+    """Equal-aspect lon/lat axes fitted to the places, over the land outline (``land``)."""
+    from .land import draw_land
+
+    if land:
+        draw_land(ax)  # under the points (zorder 0.5 < 2)
     ax.set_aspect("equal", adjustable="box")  # a degree is a degree on both axes
     pad_x = max(1.0, 0.03 * float(np.ptp(lon))) if lon.size else 1.0
     pad_y = max(1.0, 0.03 * float(np.ptp(lat))) if lat.size else 1.0
@@ -44,7 +51,8 @@ def _marker_size(n: int) -> float:
 
 def plot_feature_maps(acts: Any, obs: pd.DataFrame, features: Sequence[int], *, titles: Sequence[str] | None = None,
                       ncols: int = 3) -> Any:
-    """One lon/lat map per feature, places coloured by the feature's activation.
+    """One lon/lat map per feature, places coloured by the feature's activation (grey where a
+    non-negative feature is 0).
 
     Parameters
     ----------
@@ -70,8 +78,11 @@ def plot_feature_maps(acts: Any, obs: pd.DataFrame, features: Sequence[int], *, 
             ax.set_axis_off()
             continue
         v = np.asarray(A[:, feats[i]], dtype=np.float64)
-        order = np.argsort(v, kind="stable")  # strongest activations drawn last, on top
-        sc = ax.scatter(lon[order], lat[order], c=v[order], s=s, cmap="viridis", linewidths=0, zorder=2)
+        silent = v == 0 if (v >= 0).all() else np.zeros(v.shape, dtype=bool)  # a sparse latent's zeros in grey
+        ax.scatter(lon[silent], lat[silent], c="#c9c9c9", s=0.6 * s, linewidths=0, zorder=2)
+        order = np.flatnonzero(~silent)[np.argsort(v[~silent], kind="stable")]  # strongest drawn last, on top
+        sc = ax.scatter(lon[order], lat[order], c=v[order], s=s, cmap="viridis", linewidths=0, zorder=2,
+                        vmin=0.0 if (v >= 0).all() else None)
         fig.colorbar(sc, ax=ax, shrink=0.8, pad=0.01).ax.tick_params(labelsize=7)
         _map_axes(ax, lon, lat)
         ax.set_title(titles[i] if titles else f"feature {feats[i]}", fontsize=9)

@@ -437,3 +437,142 @@ def test_steering_plan_scores_per_place_moves_latitude_and_has_a_reference(tmp_p
     assert sweep.roles == {"predicted_lat": "target", "predicted_lat_south": "target", "predicted_lon": "off_target"}
     # the steering context is gone: unsteered numbers come back
     np.testing.assert_array_equal(scorer(model)["predicted_lat"], a["predicted_lat"])
+
+
+# ------------------------------------------------------------------------------ feature cards, maps
+
+
+def test_outline_drawn_from_places_covers_them_and_not_the_sea() -> None:
+    """The closing keeps every place inside, fills a gap narrower than 2 x radius between places,
+    and leaves out a point far from all of them (and the sea between two far-apart groups)."""
+    from sciscope.domains.geospatial.land import outline_from_places
+
+    rng = np.random.default_rng(0)
+    mainland = np.column_stack([rng.uniform(0, 20, 300), rng.uniform(30, 50, 300)])  # lon, lat
+    island = np.array([[60.0, 10.0], [60.8, 10.4], [61.3, 9.7]])
+    pts = np.vstack([mainland, island])
+    land = outline_from_places(pts[:, 0], pts[:, 1])
+    import shapely
+
+    assert shapely.intersects_xy(land, pts[:, 0], pts[:, 1]).all()
+    assert shapely.intersects_xy(land, 60.4, 10.2)  # between the island's three towns: filled
+    assert not shapely.intersects_xy(land, 40.0, 20.0)  # planted far from every place: outside
+    assert not shapely.intersects_xy(land, 40.0, 40.0)  # the sea between the groups stays sea
+    assert not shapely.intersects_xy(land, 60.0, 14.0)  # 4 degrees off the island: outside
+    with pytest.raises(ValueError, match="erode"):
+        outline_from_places(pts[:, 0], pts[:, 1], radius=1.0, erode=1.5)
+
+
+@pytest.mark.parametrize("source", ["installed", "drawn"])
+def test_land_outline_has_continents_not_oceans(global_obs: pd.DataFrame, source: str, monkeypatch) -> None:
+    """Both sources of the outline: Natural Earth where installed, else drawn around the GeoNames
+    cities (forced here by hiding the installed copy)."""
+    from sciscope.domains.geospatial import land as land_mod
+
+    if source == "drawn":
+        monkeypatch.setattr(land_mod, "natural_earth_land", lambda: None)
+    elif land_mod.natural_earth_land() is None:
+        pytest.skip("no installed Natural Earth copy (pyogrio's test fixtures)")
+    land = land_mod.land_outline.__wrapped__()  # uncached: each source built here
+    assert land.source.startswith("land: ") and ("GeoNames" in land.source) == (source == "drawn")
+    inland = {"Madrid": (-3.7, 40.4), "Moscow": (37.6, 55.8), "Nairobi": (36.8, -1.3), "Denver": (-105.0, 39.7),
+              "Brasilia": (-47.9, -15.8), "Delhi": (77.2, 28.6)}
+    assert land.contains(*np.array(list(inland.values())).T).all(), land.source
+    oceans = np.array([[-140.0, 0.0], [-30.0, 30.0], [80.0, -30.0], [160.0, -40.0]])  # Pacific, Atlantic, Indian, Tasman
+    assert not land.contains(oceans[:, 0], oceans[:, 1]).any()
+    # most sampled cities are on it (Natural Earth 1:110m misses some coastal and island ones)
+    assert land.contains(global_obs["lon"], global_obs["lat"]).mean() > 0.9
+
+
+def _plain_run(global_obs: pd.DataFrame, tmp_path: Path) -> tuple[RunContext, np.ndarray]:
+    """A run folder of synthetic sparse latents over the 400 places: feature 0 fires in the north
+    (more the further north), feature 1 everywhere a little, feature 2 nowhere."""
+    obs = global_obs.reset_index(drop=True)
+    lat = obs["lat"].to_numpy()
+    latents = np.column_stack([np.maximum(0.0, lat - 40.0) / 10.0, np.full(len(obs), 0.1), np.zeros(len(obs))])
+    _store(tmp_path / "sae" / "latents", {"latents": latents.astype(np.float32)}, obs)
+    ad = GeospatialAdapter({"n_places": 400, "n_blocks": 25, "min_population": 200_000, "permutations": 0})
+    ctx = RunContext(ad, run_dir=tmp_path)
+    ctx.live["features"] = analyze_features(latents.astype(np.float32), obs, concepts=["lat"],
+                                            statistics=ad.feature_statistics, k=3)
+    return ctx, latents
+
+
+def test_card_map_draws_every_place_and_rings_the_top_examples(global_obs: pd.DataFrame, tmp_path: Path) -> None:
+    from sciscope.core.cards import _examples
+    from sciscope.domains.geospatial.cards import ZERO_COLOUR, activation_map
+
+    ctx, latents = _plain_run(global_obs, tmp_path)
+    obs = global_obs.reset_index(drop=True)
+    column = latents[:, 0]
+    ex = _examples(column, obs, 5)
+    top = ex[ex["band"] == "top"]
+    fig = activation_map(obs, column, top, title="feature 0")
+    ax = fig.axes[0]
+    grey, fires, rings = ax.collections[:3]
+    xy = np.vstack([grey.get_offsets(), fires.get_offsets()])
+    # every place drawn exactly once, at its own coordinates: the silent ones grey, the rest coloured
+    assert len(xy) == len(obs)
+    assert sorted(map(tuple, np.round(xy, 6))) == sorted(map(tuple, np.round(obs[["lon", "lat"]].to_numpy(), 6)))
+    assert np.allclose(grey.get_facecolor()[:, :3], matplotlib_rgb(ZERO_COLOUR))
+    assert len(fires.get_offsets()) == int((column > 0).sum())
+    np.testing.assert_allclose(np.sort(fires.get_array()), np.sort(column[column > 0]))
+    # the rings are the top-5 places by activation, the labels "rank name" in rank order
+    np.testing.assert_allclose(rings.get_offsets(), obs[["lon", "lat"]].to_numpy()[np.argsort(-column)[:5]])
+    labels = [t.get_text().split(" ", 1) for t in ax.texts]
+    assert [int(r) for r, _ in labels] == top["rank"].tolist()
+    assert all(str(n).startswith(lab.rstrip("…")) for (_, lab), n in zip(labels, top["name"]))
+    boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in ax.texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])  # readable: no label on another
+    assert any(type(p).__name__ == "PathPatch" for p in ax.patches)  # the land outline is under the places
+
+
+def matplotlib_rgb(colour: str) -> np.ndarray:
+    from matplotlib.colors import to_rgb
+
+    return np.array(to_rgb(colour))
+
+
+def test_render_examples_and_card_hooks(global_obs: pd.DataFrame, tmp_path: Path) -> None:
+    """The adapter's pictures on a pooled run (no per-position store: no token panel), as PNGs,
+    the caption naming the feature's best country; cards ranked by Moran's I."""
+    from sciscope.core.cards import _examples, select_features
+
+    ctx, latents = _plain_run(global_obs, tmp_path)
+    obs = global_obs.reset_index(drop=True)
+    panels = ctx.adapter.render_examples(ctx, 0, _examples(latents[:, 0], obs, 5))
+    assert [p.title for p in panels] == ["map", "latitude and longitude"]
+    assert all(p.png[:8] == b"\x89PNG\r\n\x1a\n" and len(p.png) > 5000 for p in panels)
+    assert "best country is" in panels[0].caption and "land: " in panels[0].caption
+    ad = ctx.adapter
+    assert ad.card_ranking == "morans_i_I" and set(ad.card_columns) <= set(obs.columns)
+    chosen = select_features(ctx.features(), ranking=ad.card_ranking, n_top=1, n_control=0)
+    assert chosen[0][0] == 0  # the northern feature is the most spatial one
+
+
+def test_token_strips_png() -> None:
+    from sciscope.core.cards import Panel
+    from sciscope.domains.geospatial.cards import token_strips
+
+    fig = token_strips(["1 Leipzig", "2 Mainz"], [["[CLS]", "leipzig", "[SEP]"], ["[CLS]", "mainz", "[SEP]"]],
+                       [np.array([0.0, 2.0, 0.5]), np.array([0.0, 0.0, 1.0])])
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts[:4] == ["1 Leipzig", "[CLS]", "leipzig", "[SEP]"]
+    assert Panel.from_figure(fig, "tokens").png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lens_basis_is_the_input_embedding_at_the_sites_width(minilm) -> None:
+    """MiniLM has no LM head: the lens reads the input embedding, its rows aligned with the
+    vocabulary (a token's own embedding reads back as that token); another width: no lens."""
+    from types import SimpleNamespace
+
+    from sciscope.core.lens import lens
+
+    ad, model = minilm
+    ctx = SimpleNamespace(model=lambda: model, sae=lambda: SimpleNamespace(W_dec=torch.zeros(4, 384)))
+    matrix, tokens = ad.lens_basis(ctx)
+    assert tuple(matrix.shape) == (ad.tokenizer.vocab_size, 384) and len(tokens) == matrix.shape[0]
+    paris = ad.tokenizer.convert_tokens_to_ids("paris")
+    assert lens(matrix[paris], matrix / matrix.norm(dim=1, keepdim=True), tokens=tokens, k=1)["token"].tolist() == ["paris"]
+    other = SimpleNamespace(model=lambda: model, sae=lambda: SimpleNamespace(W_dec=torch.zeros(4, 128)))
+    assert ad.lens_basis(other) is None
