@@ -276,9 +276,9 @@ CARD_CSS = """
 .card th, .card td { border: 1px solid #e3e6ea; padding: .1rem .35rem; text-align: left; }
 .card th { background: #f5f7fa; }
 .card .panels { display: flex; flex-wrap: wrap; gap: .6rem; align-items: flex-start; }
-.card figure.panel { margin: 0; max-width: 100%; }
+.card figure.panel { margin: 0; max-width: 100%; display: table; }  /* the caption as wide as its picture */
 .card figure.panel img { max-width: 100%; max-height: 320px; border: 1px solid #e3e6ea; }
-.card figcaption { font-size: .75rem; color: #5f6670; max-width: 420px; }
+.card figcaption { font-size: .75rem; color: #5f6670; display: table-caption; caption-side: bottom; }
 .card .tok { display: inline-block; font-family: ui-monospace, Menlo, Consolas, monospace; background: #f0f3f8;
   border-radius: 3px; padding: 0 .3rem; margin: 0 .2rem .2rem 0; }
 """

@@ -92,3 +92,40 @@ def test_the_quality_table_sets_the_sae_beside_pca_raw_units_and_random_directio
     assert 0 < table.loc["stability (mean best decoder cosine to another seed)", "sae"] <= 1
     names = [r["name"] for r in json.loads((run_dir / "sae" / "headline.json").read_text())]
     assert "SAE k=1 sparse probing, mean balanced accuracy" in names and "SAE stability across seeds" in names
+
+
+def test_feature_cards_agree_with_the_latents_and_the_browser_works_from_disk(run_dir: Path, tmp_path: Path):
+    import numpy as np
+
+    from sciscope.core import ActivationStore
+    from sciscope.pipelines.cards import feature_card, feature_cards
+    from tests.browser import dump_dom
+
+    cards = feature_cards(run_dir)
+    acts = np.asarray(ActivationStore.open(run_dir / "sae" / "latents").array("latents"))
+    top = [c for c in cards if c.selection == "top"]
+    controls = [c for c in cards if c.selection == "control"]
+    assert top and controls and not {c.feature for c in top} & {c.feature for c in controls}
+    for card in cards:
+        column = acts[:, card.feature]
+        assert card.stats["density"] == pytest.approx((column > 0).mean())
+        rows = [e["row"] for e in card.examples if e["band"] == "top"]
+        assert rows == list(np.argsort(-column, kind="stable")[:len(rows)]) and len(rows) == min(10, (column > 0).sum())
+        assert card.histogram is not None and card.histogram.png.startswith(b"\x89PNG")
+    assert all(acts[:, c.feature].max() > 0 for c in controls)  # the controls are live features
+    # the feature the steer_label_feature plan used has a card that says so, with the plan's numbers
+    used = json.loads((run_dir / "steering" / "steer_label_feature" / "summary.json").read_text())["plan"]["intervention"]["features"][0]
+    steered = next(c for c in cards if c.feature == used)
+    assert any(s["plan"] == "steer_label_feature" and s["how"] == "steered with this feature" for s in steered.steering)
+    # the notebook call builds the same card from the finished run
+    again = feature_card(run_dir, top[0].feature)
+    assert again.examples == top[0].examples and again.associations == top[0].associations
+    # the report links the browser; the browser opens from disk, its search narrows the cards, no picture is broken
+    report = (run_dir / "report" / "report.html").read_text()
+    assert 'href="features.html"' in report
+    page = run_dir / "report" / "features.html"
+    dom = dump_dom(page, tmp_path / "profile")
+    assert f'data-shown="{len(cards)}"' in dom and 'data-broken-images="0"' in dom
+    assert f'data-images="{sum(1 + len(c.panels) for c in cards)}"' in dom
+    dom = dump_dom(page, tmp_path / "profile", query=f"f{controls[0].feature}")
+    assert 'data-shown="1"' in dom
