@@ -30,7 +30,10 @@ def _limits(system: str, fields: Sequence[np.ndarray]) -> tuple[float, float]:
     if system == "flow":  # symmetric around zero vorticity
         m = float(np.percentile(np.abs(vals), 99)) or 1.0
         return -m, m
-    return float(vals.min()), float(vals.max()) if vals.max() > vals.min() else float(vals.min()) + 1.0
+    lo, hi = float(vals.min()), float(vals.max())
+    # a (nearly) uniform field, e.g. a Gray-Scott pattern that died out: a unit range, not one that
+    # blows rounding noise up into a pattern
+    return (lo, hi) if hi - lo > 1e-6 * max(1.0, abs(hi)) else (lo, lo + 1.0)
 
 
 def _field_rows(rows: Mapping[str, np.ndarray], systems: Sequence[str], limits: Sequence[tuple[float, float]],

@@ -636,3 +636,97 @@ def test_single_trajectory_features_and_the_rho_verdict() -> None:
     assert _rho_verdict(0.95, 0.94, 96) == "no better than baseline"
     assert _rho_verdict(0.95, 0.5, 96) == "above baseline" and _rho_verdict(0.3, 0.9, 96) == "below baseline"
     assert _rho_verdict(0.9, float("nan"), 96) is None
+
+
+# ----------------------------------------------------------------------------------------- feature cards
+
+
+def test_within_regime_ranking_follows_a_parameter_inside_a_regime_not_the_regime() -> None:
+    """A feature that tracks feed inside the stripes regime scores rho = 1 there; a pure regime detector
+    (constant inside each regime) is not ranked at all, although across regimes it would follow feed."""
+    from sciscope.domains.physics.cards import CARD_RANKING, within_regime_association
+
+    rng = np.random.default_rng(0)
+    n = 8  # trajectories per regime, 3 windows each
+    feed = np.r_[np.linspace(0.05, 0.06, n), np.linspace(0.03, 0.04, n)]
+    traj = np.repeat(np.arange(2 * n), 3)
+    obs = pd.DataFrame({"trajectory": traj, "system": "gray_scott", "regime": np.where(traj < n, "stripes", "spots"),
+                        "feed": feed[traj], "kill": 0.06 + 0.001 * rng.random(2 * n)[traj]})
+    follows = np.where(traj < n, feed[traj], 0.0)  # follows feed among stripes, silent among spots
+    detector = (traj < n).astype(float)
+    acts = np.c_[follows + 1e-4 * rng.random(traj.size), detector, rng.random(traj.size)]
+    out = within_regime_association(acts, obs)
+    assert out.loc[0, "rho"] == pytest.approx(1.0) and out.loc[0, "of"] == "feed in gray_scott/stripes"
+    assert out.loc[0, "n"] == n
+    assert np.isnan(out.loc[1, "rho"]) and out.loc[1, "of"] == ""
+    assert abs(out.loc[2, "rho"]) < 1.0
+    # the card's evidence picture: the coloured points are the stripes trajectories, at their feed
+    import matplotlib.pyplot as plt
+
+    from sciscope.domains.physics.cards import _within_regime_figure
+
+    fig, caption = _within_regime_figure(acts[:, 0], obs, 0)
+    coloured = [c for c in fig.axes[0].collections if c.get_label().startswith("stripes")]
+    assert len(coloured) == 1 and np.allclose(np.sort(coloured[0].get_offsets()[:, 0]), feed[:n])
+    assert "ρ = 1.00 within stripes" in fig.axes[0].get_title() and f"{n} stripes trajectories" in caption
+    plt.close(fig)
+    assert _within_regime_figure(acts[:, 1], obs, 1) is None  # a regime detector: nothing to show
+    # the adapter ranks cards by this statistic's rho column, and the features stage computes it
+    ad = PhysicsAdapter(TINY)
+    assert ad.card_ranking == CARD_RANKING == "within_regime_rho" and "within_regime" in ad.feature_statistics
+    assert ad.lens_basis(None) is None and set(ad.card_columns) <= set(ad.windows.columns)
+
+
+def test_patch_maps_follow_the_predictor_token_order(tiny) -> None:
+    """Position 1 + patch * T + frame is patch (row-major) of frame: checked against the model's own
+    split of its block output into patches and frames (the head reads ``[:, 1:].reshape(B, P, T, D)``)."""
+    from sciscope.domains.physics.cards import patch_maps
+
+    ad, _ = tiny
+    T, side = ad.config["context_frames"], ad.config["grid"] // ad.config["patch_size"]
+    value = np.arange(side * side * T, dtype=np.float64).reshape(side * side, T)  # value[patch, frame]
+    frame = pd.DataFrame({"position": np.arange(1 + side * side * T), "activation": np.r_[7.0, value.ravel()]})
+    maps, cls = patch_maps(frame, n_patches_side=side, context=T)
+    assert cls == 7.0 and maps.shape == (T, side, side)
+    for f in range(T):
+        assert np.array_equal(maps[f], value[:, f].reshape(side, side))
+
+
+def test_field_pictures_draw_each_window_and_its_patch_activation(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The card pictures: one row per drawn window (top windows, then a q50 window for contrast), each a
+    valid PNG; the activation maps drawn are the windows' patch activations, on one scale."""
+    import matplotlib.pyplot as plt
+
+    import sciscope.core.cards as core_cards
+    from sciscope.domains.physics import cards
+
+    ad, _ = tiny
+    obs = ad.windows
+    T, side = ad.config["context_frames"], ad.config["grid"] // ad.config["patch_size"]
+    rows = [0, 1, len(obs) - 1]  # two gray_scott windows of one trajectory, one flow window
+    examples = pd.concat([pd.DataFrame({"band": ["top", "top", "q50"], "rank": [1, 2, 1], "activation": [2.0, 1.5, 0.5],
+                                        "row": rows}), obs.iloc[rows].reset_index(drop=True)], axis=1)
+
+    def fake_positions(ctx, rows, feature):  # the feature fires on patch (1, 2) of the last frame only
+        act = np.zeros((side * side, T))
+        act[1 * side + 2, T - 1] = 3.0
+        return {int(r): pd.DataFrame({"position": np.arange(1 + act.size), "activation": np.r_[0.0, act.ravel()]})
+                for r in rows}
+
+    monkeypatch.setattr(core_cards, "position_activations", fake_positions)
+    panels = cards.render_field_windows(ad, None, 5, examples)
+    assert [p.title for p in panels] == ["strongest windows", "contrast (q50)"]
+    assert all(p.png.startswith(b"\x89PNG") and len(p.png) > 2000 for p in panels)
+    # the figure itself: the activation image of every window is its patch map
+    maps = {r: cards.patch_maps(f, n_patches_side=side, context=T) for r, f in fake_positions(None, rows, 5).items()}
+    fields = {r: np.zeros((T, ad.config["grid"], ad.config["grid"])) for r in rows}
+    fig = cards._draw(examples.iloc[:2], fields, maps, {"gray_scott": (0.0, 1.0)}, 3.0, ad.config["patch_size"], "t")
+    act_images = [ax.images[0] for ax in fig.axes if ax.images and ax.images[0].get_cmap().name == "magma"]
+    assert len(act_images) == 2 * T
+    last = np.asarray(act_images[T - 1].get_array())
+    assert last[1, 2] == 3.0 and last.sum() == 3.0 and act_images[T - 1].get_clim() == (0.0, 3.0)
+    plt.close(fig)
+    # a pooled SAE: fields only, said in the caption
+    monkeypatch.setattr(core_cards, "position_activations", lambda ctx, rows, feature: {})
+    pooled = cards.render_field_windows(ad, None, 5, examples)
+    assert "pooled" in pooled[0].caption and pooled[0].png.startswith(b"\x89PNG")
