@@ -293,15 +293,23 @@ def _interest(analysis: "FeatureAnalysis", ranking: str | None) -> tuple[pd.Seri
     """Per live feature, the value it is ranked by (larger |value| first) and the measure's name."""
     table = analysis.features.set_index("feature")
     live = table["density"] > 0
+    declared = ranking
     if ranking is not None:
         if ranking not in table.columns:
-            raise SciscopeError(f"card_ranking {ranking!r} is not a column of the feature table; columns: "
-                                f"{sorted(map(str, table.columns))}")
-        return table.loc[live, ranking].astype(float), ranking
+            raise SciscopeError(f"card_ranking {ranking!r} is not a column of the feature table (a features stage "
+                                f"older than the adapter? rerun it); columns: {sorted(map(str, table.columns))}")
+        values = pd.to_numeric(table.loc[live, ranking], errors="coerce")
+        values = values[np.isfinite(values)]  # a statistic undefined for a feature (too few groups) ranks nothing
+        if len(values):
+            return values, ranking
+        ranking = None  # undefined for every feature (a tiny run): the default below, and the reason says so
     # default: the strongest significant concept association (|effect|: AUROC - 0.5 scaled, or rho)
     eff = table["best_effect"].astype(float).abs() if "best_effect" in table.columns else pd.Series(0.0, index=table.index)
     sig = table["best_significant"].map(lambda v: v is True or v == "True" or v == 1).astype(bool) if "best_significant" in table.columns else eff > 0
-    return eff.where(sig & live).dropna(), "|effect| of its strongest significant concept association"
+    label = "|effect| of its strongest significant concept association"
+    if declared is not None:
+        label += f" ({declared!r} is undefined for every feature)"
+    return eff.where(sig & live).dropna(), label
 
 
 def select_features(analysis: "FeatureAnalysis", *, ranking: str | None = None, n_top: int = 12, n_control: int = 6,

@@ -43,6 +43,12 @@ def test_the_top_cards_follow_the_interest_and_the_controls_are_other_live_featu
     assert select_features(analysis, ranking="moran", n_top=1, n_control=0)[0][0] == 30  # ranked by |value|
     with pytest.raises(Exception, match="'nope' is not a column"):
         select_features(analysis, ranking="nope")
+    # a statistic undefined for some features ranks the others; undefined for all, the default ranks and says so
+    analysis.extra["moran"] = np.where(np.arange(40) == 30, np.nan, analysis.extra["moran"])
+    assert 30 not in [c[0] for c in select_features(analysis, ranking="moran", n_top=5, n_control=0)]
+    analysis.extra["moran"] = np.nan
+    first = select_features(analysis, ranking="moran", n_top=1, n_control=0)[0]
+    assert first[0] == 3 and "'moran' is undefined for every feature" in first[2]
 
 
 def test_examples_are_the_top_rows_then_rows_near_lower_quantiles_of_the_nonzero_values():
