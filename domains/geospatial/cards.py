@@ -241,7 +241,7 @@ def _token_panel(ctx: "RunContext", feature: int, top: pd.DataFrame, obs: pd.Dat
         return None
     ad = ctx.adapter
     tok = ad._tokenizer()
-    prompts, labels, tokens, acts = [], [], [], []
+    labels, tokens, acts = [], [], []
     for r in top.itertuples():
         frame = per_row.get(int(r.row))
         if frame is None:
@@ -252,11 +252,10 @@ def _token_panel(ctx: "RunContext", feature: int, top: pd.DataFrame, obs: pd.Dat
         # the store's positions are the tokenizer's, [CLS]/<s> included; decode each one alone
         names = [tok.decode([ids[p]]).strip() or repr(tok.convert_ids_to_tokens(ids[p])) if p < len(ids) else f"#{p}"
                  for p in pos]
-        prompts.append(prompt)
         labels.append(f"{int(r.rank)} {_short(r.name)}")
         tokens.append(names)
         acts.append(frame["activation"].to_numpy(dtype=np.float64))
-    if not prompts:
+    if not labels:
         return None
     fig = token_strips(labels, tokens, acts)
     return Panel.from_figure(fig, "tokens", "the top places' prompts as the model reads them, each token shaded by the "
