@@ -320,8 +320,9 @@ class DomainAdapter(ABC):
         return None
 
     def lens_basis(self, ctx: "RunContext") -> "tuple[Any, list[str]] | None":
-        """An ``(V, d)`` (un)embedding matrix at the SAE site's width and the ``V`` token names, for
-        reading a feature's decoder direction as tokens on its card. None: no lens."""
+        """An ``(V, d)`` (un)embedding matrix at the SAE site's width and the ``V`` token names, and
+        optionally a third item naming the basis ("the LM head", "the input embedding"), for reading a
+        feature's decoder direction as tokens on its card. None: no lens."""
         return None
 
     def render_examples(self, ctx: "RunContext", feature: int, examples: pd.DataFrame) -> list[Any]:

@@ -152,6 +152,8 @@ class FeatureCard:
         ``concept``, ``value``, ``statistic``, ``effect``, ``q``, ``significant``; strongest first.
     lens : list of dict
         ``token``, ``score``: the top tokens of the decoder direction (empty without a basis).
+    lens_label : str
+        Which basis the lens read (the adapter's third item of :meth:`DomainAdapter.lens_basis`).
     steering : list of dict
         ``plan``, ``how`` and numbers: plans that steered with this feature, and cosines with
         the run's delta vectors.
@@ -173,6 +175,7 @@ class FeatureCard:
     columns: list[str] = field(default_factory=list)
     associations: list[dict[str, Any]] = field(default_factory=list)
     lens: list[dict[str, Any]] = field(default_factory=list)
+    lens_label: str = ""
     steering: list[dict[str, Any]] = field(default_factory=list)
     duplicates: list[dict[str, Any]] = field(default_factory=list)
     histogram: Panel | None = None
@@ -183,7 +186,7 @@ class FeatureCard:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (pictures as base64 PNG)."""
         d = {k: getattr(self, k) for k in ("feature", "selection", "reason", "interest", "stats", "examples", "columns",
-                                            "associations", "lens", "steering", "duplicates", "notes")}
+                                            "associations", "lens", "lens_label", "steering", "duplicates", "notes")}
         d["histogram"] = None if self.histogram is None else self.histogram.to_dict()
         d["panels"] = [p.to_dict() for p in self.panels]
         return d
@@ -191,7 +194,7 @@ class FeatureCard:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FeatureCard":
         kw = {k: d[k] for k in ("feature", "selection", "reason", "interest", "stats", "examples", "columns",
-                                "associations", "lens", "steering", "duplicates", "notes") if k in d}
+                                "associations", "lens", "lens_label", "steering", "duplicates", "notes") if k in d}
         return cls(**kw, histogram=Panel.from_dict(d["histogram"]) if d.get("histogram") else None,
                    panels=[Panel.from_dict(p) for p in d.get("panels", [])])
 
@@ -240,7 +243,8 @@ class FeatureCard:
         else:
             parts.append('<p class="muted">No concept association was tested for this feature.</p>')
         if self.lens:
-            parts.append("<h4>Decoder direction through the lens</h4><p class=\"lens\">"
+            through = f" ({_esc(self.lens_label)})" if self.lens_label else ""
+            parts.append(f"<h4>Decoder direction through the lens{through}</h4><p class=\"lens\">"
                          + " ".join(f'<span class="tok" title="{_esc(_fmt(t["score"]))}">{_esc(str(t["token"]))}</span>'
                                     for t in self.lens) + "</p>")
         if self.steering:
@@ -543,7 +547,8 @@ def build_card(ctx: "RunContext", feature: int, *, analysis: "FeatureAnalysis | 
     if basis is not None:
         from .lens import lens
 
-        matrix, tokens = basis
+        matrix, tokens, *named = basis
+        card.lens_label = str(named[0]) if named else ""
         table = lens(torch.as_tensor(w_unit[feature]), torch.as_tensor(np.asarray(matrix, dtype=np.float32)), tokens=list(tokens),
                      k=LENS_TOKENS)
         card.lens = [{"token": _plain(r["token"]), "score": float(r["score"])} for r in table.to_dict("records")]

@@ -53,6 +53,8 @@ def feature_card(run_dir: str | os.PathLike[str], feature: int) -> FeatureCard:
     """
     run = _run(run_dir)
     run.ctx.stage, run.ctx.subfolder = "report", ""
+    if "features" not in run.ctx.live:  # read the features stage's tables once per run, not once per card
+        run.ctx.live["features"] = run.ctx.features()
     return build_card(run.ctx, int(feature), selection="chosen", reason=f"feature {int(feature)}, asked for by name")
 
 

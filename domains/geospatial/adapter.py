@@ -459,7 +459,7 @@ class GeospatialAdapter(DomainAdapter):
     def card_columns(self) -> list[str]:
         return ["name", "country_name", "population", "lat", "lon"]
 
-    def lens_basis(self, ctx: "RunContext") -> tuple[Any, list[str]] | None:
+    def lens_basis(self, ctx: "RunContext") -> tuple[Any, list[str], str] | None:
         """A causal LM's unembedding (what a direction writes toward, as next tokens); an encoder's
         *input* embedding (MiniLM has no LM head): which tokens' embeddings a direction at the SAE
         site points along. The residual stream of a middle layer still carries the identity of its
@@ -475,7 +475,7 @@ class GeospatialAdapter(DomainAdapter):
         if matrix.ndim != 2 or matrix.shape[1] != width:
             return None
         tokens = self._tokenizer().convert_ids_to_tokens(list(range(matrix.shape[0])))
-        return matrix, [str(t) for t in tokens]
+        return matrix, [str(t) for t in tokens], "the LM head" if head is not None else "the input embedding"
 
     def render_examples(self, ctx: "RunContext", feature: int, examples: pd.DataFrame) -> list[Any]:
         """Map of every place coloured by the feature (top examples ringed and named, over a land

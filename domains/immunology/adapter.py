@@ -496,7 +496,7 @@ class ImmunologyAdapter(DomainAdapter):
         cols += [c for c in ("louvain", "leiden", "phase", "n_genes_detected", "log10_library_size", "split") if c in obs]
         return cols
 
-    def lens_basis(self, ctx: RunContext) -> tuple[Any, list[str]] | None:
+    def lens_basis(self, ctx: RunContext) -> tuple[Any, list[str], str] | None:
         """The masked-gene head's output embedding (gene rows only, ``(n_genes, hidden)``) and the
         gene names: a decoder direction read as the genes the head would predict from it (the
         head's dense + LayerNorm transform skipped, as a logit lens does). None for an encoder
@@ -510,7 +510,7 @@ class ImmunologyAdapter(DomainAdapter):
             return None
         vocab = self.vocabulary
         ids = vocab.gene_ids()
-        return W[ids], [vocab.tokens[int(i)] for i in ids]
+        return W[ids], [vocab.tokens[int(i)] for i in ids], "the masked-gene head's gene embeddings"
 
     def render_examples(self, ctx: RunContext, feature: int, examples: pd.DataFrame) -> list[Any]:
         """The cells on the expression UMAP coloured by the feature (top cells outlined) and the genes

@@ -480,7 +480,7 @@ class RoboticsAdapter(DomainAdapter):
         """Instruction, target colour, the demonstration's action (direction, dx, dy), episode and step."""
         return list(_cards.CARD_COLUMNS)
 
-    def lens_basis(self, ctx: "RunContext") -> tuple[Any, list[str]] | None:
+    def lens_basis(self, ctx: "RunContext") -> tuple[Any, list[str], str] | None:
         """The LM head with the final norm's gain folded in, and every token's name (:func:`.cards.lens_basis`)."""
         return _cards.lens_basis(ctx)
 

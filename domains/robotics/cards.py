@@ -203,7 +203,7 @@ def plot_action_profile(profile: pd.DataFrame, feature: int) -> Any:
     return fig
 
 
-def lens_basis(ctx: "RunContext") -> tuple[np.ndarray, list[str]] | None:
+def lens_basis(ctx: "RunContext") -> tuple[np.ndarray, list[str], str] | None:
     """The policy's LM head with the final RMSNorm's gain folded in ``(V, d)``, and the ``V`` token names.
 
     ``W * g`` projects a residual direction ``v`` as the logit lens does, ``W (g * v)``, up to the
@@ -220,7 +220,7 @@ def lens_basis(ctx: "RunContext") -> tuple[np.ndarray, list[str]] | None:
     d_in = int(ctx.sae().W_dec.shape[1])
     if W.shape[1] != d_in:
         return None
-    return (W * gain[None, :]).numpy(), list(policy.vocab.tokens)
+    return (W * gain[None, :]).numpy(), list(policy.vocab.tokens), "the LM head, final norm's gain folded in"
 
 
 def _distinct_episodes(top: pd.DataFrame, n: int) -> pd.DataFrame:

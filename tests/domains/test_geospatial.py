@@ -570,7 +570,7 @@ def test_lens_basis_is_the_input_embedding_at_the_sites_width(minilm) -> None:
 
     ad, model = minilm
     ctx = SimpleNamespace(model=lambda: model, sae=lambda: SimpleNamespace(W_dec=torch.zeros(4, 384)))
-    matrix, tokens = ad.lens_basis(ctx)
+    matrix, tokens, _ = ad.lens_basis(ctx)
     assert tuple(matrix.shape) == (ad.tokenizer.vocab_size, 384) and len(tokens) == matrix.shape[0]
     paris = ad.tokenizer.convert_tokens_to_ids("paris")
     assert lens(matrix[paris], matrix / matrix.norm(dim=1, keepdim=True), tokens=tokens, k=1)["token"].tolist() == ["paris"]

@@ -624,7 +624,7 @@ def test_card_lens_basis_is_the_head_output_embedding_of_genes(tiny) -> None:
     ad, model = tiny
     hidden = int(model.config.hidden_size)
     ctx = SimpleNamespace(model=lambda: model, sae=lambda: SimpleNamespace(cfg=SimpleNamespace(d_in=hidden)))
-    W, names = ad.lens_basis(ctx)
+    W, names, _ = ad.lens_basis(ctx)
     assert W.shape == (len(ad.vocabulary.genes), hidden) and sorted(names) == sorted(ad.vocabulary.genes)
     g = names[5]
     assert np.allclose(W[5], model.get_output_embeddings().weight[ad.vocabulary.ids[g]].detach().numpy())

@@ -645,7 +645,7 @@ def test_card_lens_basis_reads_the_decoder_as_action_tokens_and_pictures_are_png
 
     ad, policy = tiny
     ctx = _card_ctx(ad, policy)
-    matrix, tokens = ad.lens_basis(ctx)
+    matrix, tokens, _ = ad.lens_basis(ctx)
     W = policy.get_output_embeddings().weight.detach()
     g = policy.llm.model.norm.weight.detach()
     assert matrix.shape == tuple(W.shape) and tokens == policy.vocab.tokens
