@@ -37,6 +37,7 @@ def test_the_top_cards_follow_the_interest_and_the_controls_are_other_live_featu
     assert top[0] == 3 and 20 in top  # the planted feature leads; a feature a plan used is always carded
     assert len(controls) == 5 and not set(controls) & set(top) and not set(controls) & {10, 11, 12}  # live, disjoint
     assert select_features(analysis, n_top=3, n_control=5, seed=1, always=[20]) == chosen  # seeded
+    assert "strongest concept: label=1 (auroc" in chosen[0][2]
     assert [c[0] for c in select_features(analysis, n_top=3, n_control=5, seed=2)] != [c[0] for c in chosen]
     # a declared ranking column is used, and a missing one is named
     analysis.extra = pd.DataFrame({"feature": np.arange(40), "moran": np.where(np.arange(40) == 30, -5.0, 0.1)})
@@ -49,6 +50,24 @@ def test_the_top_cards_follow_the_interest_and_the_controls_are_other_live_featu
     analysis.extra["moran"] = np.nan
     first = select_features(analysis, ranking="moran", n_top=1, n_control=0)[0]
     assert first[0] == 3 and "'moran' is undefined for every feature" in first[2]
+
+
+def test_top_cards_spread_over_concepts_before_repeating_one():
+    acts, obs, _ = _analysis()
+    rng = np.random.default_rng(5)
+    obs = obs.assign(other=rng.integers(0, 2, len(obs)))
+    for j in range(20, 26):  # six strong detectors of the label, one weaker detector of another concept
+        acts[:, j] = np.where(obs.label == 1, 3.0 + rng.random(len(obs)), 0.0)
+    acts[:, 30] = np.where(obs.other == 1, 1.0 + rng.random(len(obs)), 0.2 * rng.random(len(obs)))
+    analysis = analyze_features(acts, obs, concepts=["label", "other"], control=False)
+    plain = [f for f, *_ in select_features(analysis, n_top=3, n_control=0, per_concept=None)]
+    spread = [f for f, *_ in select_features(analysis, n_top=3, n_control=0, per_concept=2)]
+    best = analysis.features.set_index("feature")["best_concept"]
+    assert set(best[plain]) == {"label"}  # the plain ranking: all three on one concept
+    assert spread[2] == 30 and list(best[spread]) == ["label", "label", "other"]
+    # with no other concept left, the ranking fills the places
+    more = [f for f, *_ in select_features(analysis, n_top=5, n_control=0, per_concept=2)]
+    assert more[:3] == spread and list(best[more[3:]]) == ["label", "label"]
 
 
 def test_examples_are_the_top_rows_then_rows_near_lower_quantiles_of_the_nonzero_values():
