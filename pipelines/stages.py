@@ -209,9 +209,13 @@ def stage_probes(run: Run) -> dict[str, Any]:
     summary = res.summary()
     write_table(out / "summary.csv", summary)
     n = len(targets)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
-    for ax, target in zip(axes[0], targets):
+    cols = min(n, 4)  # rows of at most four panels: seven targets in one row are too small to read
+    rows_ = -(-n // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.4 * cols, 4.0 * rows_), squeeze=False)
+    for ax, target in zip(axes.ravel(), targets):
         res.plot(target, ax=ax)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
     save_figure(fig, out / "score_vs_layer.png")
     rows = []
     for target in targets:
