@@ -302,7 +302,7 @@ def render_examples(ctx: "RunContext", feature: int, examples: pd.DataFrame) -> 
     return panels
 
 
-def lens_basis(ctx: "RunContext") -> tuple[np.ndarray, list[str]] | None:
+def lens_basis(ctx: "RunContext") -> tuple[np.ndarray, list[str], str] | None:
     """The decoder-direction lens: ``(V, d)`` unembedding rows and their token names.
 
     GPT-2: the LM head's rows times the final LayerNorm's gain and centred over the width (what the
@@ -338,4 +338,4 @@ def lens_basis(ctx: "RunContext") -> tuple[np.ndarray, list[str]] | None:
     names = (names + [str(i) for i in range(len(names), W.shape[0])])[: W.shape[0]]
     keep = [i for i, t in enumerate(names) if t not in SPECIAL_TOKENS or t == "<eos>"]
     with torch.no_grad():
-        return W[keep].numpy(), [names[i] for i in keep]
+        return W[keep].numpy(), [names[i] for i in keep], "the LM head, final LayerNorm's gain folded in"

@@ -708,7 +708,7 @@ def test_lens_basis_reads_the_lm_head_over_the_vocabulary(tiny_gpt) -> None:
     ad, model = tiny_gpt
     width = model.config.n_embd
     ctx = SimpleNamespace(model=lambda: model, sae=lambda: SimpleNamespace(W_dec=torch.zeros(16, width)))
-    matrix, names = lens_basis(ctx)
+    matrix, names, _ = lens_basis(ctx)
     assert matrix.shape == (len(names), width) and "<eos>" in names and "<pad>" not in names and "[C]" in names
     head = model.lm_head.weight.detach().numpy() * model.transformer.ln_f.weight.detach().numpy()
     i = model.tokenizer.vocab.index("[C]")
