@@ -681,9 +681,11 @@ def _lead_html(info: Mapping[str, Any], run_dir: Path, base: Path, out_dir: Path
     bits = []
     model = info.get("model")
     if isinstance(model, Mapping):
-        name = model.get("name") or model.get("class") or model.get("cls")
+        name = str(model.get("name") or model.get("class") or model.get("cls") or "")
+        if "/" in name:  # a checkpoint path: its last two parts say which (the run details give it whole)
+            name = "/".join(Path(name).parts[-2:])
         if name:
-            bits.append(f"model <b>{_esc(str(name))}</b>")
+            bits.append(f'model <b title="{_esc(str(model.get("name") or ""))}">{_esc(name)}</b>')
     data = info.get("data")
     if isinstance(data, str) and data:
         bits.append(_esc(data.split(";")[0].split(" (")[0]))
