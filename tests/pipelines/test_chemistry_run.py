@@ -19,7 +19,7 @@ pytest.importorskip("datamol")
 
 pytestmark = pytest.mark.slow
 
-TINY = ["n_molecules=0", "train_steps=80", "n_layers=2", "hidden=32", "n_heads=2", "max_length=96", "n_generate=48",
+TINY = ["card_top=3", "card_controls=2", "n_molecules=0", "train_steps=80", "n_layers=2", "hidden=32", "n_heads=2", "max_length=96", "n_generate=48",
         "sae_steps=150", "sae_expansion=4", "steer_n_random=1", "steer_alphas=-2,2", "steer_groups=halogen",
         "min_group_count=3", "compare_encodings=true", "probe_targets=logp,mol_wt"]
 BAD = {"C1CC": "unclosed ring", "c1ccccc1N(=O)(=O)=O": "valence"}
@@ -112,3 +112,9 @@ def test_notebook_executes_on_the_run(run_dir: Path) -> None:
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert any("frequency" in "".join(o.get("text", "")) for o in outputs if o.get("output_type") == "stream")
+
+
+def test_feature_cards_carry_the_domain_pictures(run_dir: Path):
+    from tests.pipelines.cards_check import check_domain_cards
+
+    check_domain_cards(run_dir)

@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-TINY = ["n_places=600", "min_population=150000", "n_blocks=60", "sae_steps=150", "permutations=19",
+TINY = ["card_top=3", "card_controls=2", "n_places=600", "min_population=150000", "n_blocks=60", "sae_steps=150", "permutations=19",
         "steer_max_eval=60", "steer_n_random=2", "sae_expansion=4"]
 
 
@@ -112,3 +112,9 @@ def test_notebook_executes_on_the_run(run_dir):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_feature_cards_carry_the_domain_pictures(run_dir: Path):
+    from tests.pipelines.cards_check import check_domain_cards
+
+    check_domain_cards(run_dir)

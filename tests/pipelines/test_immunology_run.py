@@ -17,7 +17,7 @@ from sciscope.core.verdict import ABOVE, BELOW, VERDICTS
 pytest.importorskip("scanpy")
 pytestmark = pytest.mark.slow
 
-TINY = ["n_cells=300", "max_genes=32", "n_layers=2", "hidden=32", "n_heads=2", "train_steps=60", "sae_steps=150",
+TINY = ["card_top=3", "card_controls=2", "n_cells=300", "max_genes=32", "n_layers=2", "hidden=32", "n_heads=2", "train_steps=60", "sae_steps=150",
         "sae_expansion=4", "steer_n_random=1", "steer_max_cells=24", "probe_cv=3", "steer_alphas=-1,1,2",
         "gene_baseline=false"]
 
@@ -131,3 +131,9 @@ def test_notebook_executes_on_the_run(run_dir):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
     assert "the pipeline run's results" in str(outputs)  # the run's .h5ad was found and shown
+
+
+def test_feature_cards_carry_the_domain_pictures(run_dir: Path):
+    from tests.pipelines.cards_check import check_domain_cards
+
+    check_domain_cards(run_dir)

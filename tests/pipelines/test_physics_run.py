@@ -16,7 +16,7 @@ from sciscope.core.verdict import VERDICTS
 
 pytestmark = pytest.mark.slow
 
-TINY = ["n_per_regime=4", "grid=16", "n_frames=8", "gs_burn_in=200", "gs_frame_every=50", "flow_burn_in=0.5",
+TINY = ["card_top=3", "card_controls=2", "n_per_regime=4", "grid=16", "n_frames=8", "gs_burn_in=200", "gs_frame_every=50", "flow_burn_in=0.5",
         "flow_k_forcing=2", "hidden=16", "n_layers=2", "n_heads=2", "train_steps=30", "train_batch_size=8",
         "rollout_start=1", "rollout_steps=3", "n_rollouts=2", "score_frames=2", "sae_steps=60", "sae_expansion=4", "sae_k=8",
         "probe_cv=3", "steer_alphas=-0.5,0.5", "steer_n_random=1", "transfer_alphas=-0.2,0.2", "strip_alpha=0.5"]
@@ -129,3 +129,9 @@ def test_notebook_executes_on_the_run(run_dir: Path) -> None:
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_feature_cards_carry_the_domain_pictures(run_dir: Path):
+    from tests.pipelines.cards_check import check_domain_cards
+
+    check_domain_cards(run_dir)

@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-TINY = ["n_episodes=60", "n_example_episodes=16", "image_size=16", "n_bins=32", "hidden=32", "n_layers=2",
+TINY = ["card_top=3", "card_controls=2", "n_episodes=60", "n_example_episodes=16", "image_size=16", "n_bins=32", "hidden=32", "n_layers=2",
         "n_heads=2", "intermediate=64", "train_steps=40", "train_batch_size=32", "n_eval_episodes=6", "max_steps=15",
         "sae_steps=100", "sae_expansion=4", "probe_cv=3", "clusters=fast,right", "clamp_alphas=2.0",
         "clamp_n_random=1", "steer_n_random=1", "steer_alphas=1.0", "cluster_min_share=0.3", "cluster_direction_share=0.3", "n_trajectory_plots=1"]
@@ -129,3 +129,9 @@ def test_notebook_executes_on_the_run(run_dir):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_feature_cards_carry_the_domain_pictures(run_dir: Path):
+    from tests.pipelines.cards_check import check_domain_cards
+
+    check_domain_cards(run_dir)
