@@ -442,31 +442,12 @@ class ChemistryAdapter(DomainAdapter):
         1% of the molecules; :func:`.features.group_auroc_statistic`), the cards' ranking."""
         return {"group_auroc": features.group_auroc_statistic(self)}
 
-    # -- feature cards --------------------------------------------------------------------------------
-    @property
-    def card_ranking(self) -> str | None:
-        """``group_auroc``: features that pick out a functional group come first. The default (|effect| of the
-        strongest significant association over every concept) ranks rare property values first: in the quick
-        run its top 15 are all "7 or 8 rings" or "11 H-bond donors", categories of a dozen molecules each.
-        None (the default) for a run whose features stage predates the statistic."""
-        try:
-            columns = self.ctx.features().features.columns
-        except Exception:  # noqa: BLE001 - no features analysis yet: the column will be there when there is one
-            return "group_auroc"
-        return "group_auroc" if "group_auroc" in columns else None
-
-    @property
-    def card_columns(self) -> list[str]:
-        """The SMILES, its source, and the properties a chemist reads a molecule by: weight, logP, TPSA, rings."""
-        return ["smiles", "source", "mol_wt", "logp", "tpsa", "n_rings"]
-
-    def lens_basis(self, ctx: "RunContext") -> Any:
-        """The LM head's unembedding (final LayerNorm gain folded in) over the model's tokens (:func:`.cards.lens_basis`)."""
-        return cards.lens_basis(ctx)
-
-    def render_examples(self, ctx: "RunContext", feature: int, examples: pd.DataFrame) -> list[Any]:
-        """Molecules with atoms coloured by the feature's per-token activation (:func:`.cards.render_examples`)."""
-        return cards.render_examples(ctx, feature, examples)
+    # -- feature cards (:mod:`.cards`): ranked by group_auroc, since the default (the strongest association over
+    # every concept) puts rare property values first ("7 or 8 rings", a dozen molecules each)
+    card_ranking = "group_auroc"
+    card_columns = ["smiles", "source", "mol_wt", "logp", "tpsa", "n_rings"]
+    lens_basis = staticmethod(cards.lens_basis)
+    render_examples = staticmethod(cards.render_examples)
 
     # -- steering -------------------------------------------------------------------------------------
     def sample_scores(self, model: nn.Module, smarts: str | None = None, *, per_molecule: bool = False) -> dict[str, Any]:

@@ -449,38 +449,19 @@ class GeospatialAdapter(DomainAdapter):
                 Analysis("country_detectors", "features", partial(cf.country_detectors, self), cf.country_detector_rows),
                 Analysis("feature_maps", "features", partial(an.feature_maps, self), lambda sources: [])]
 
-    # -- feature cards ---------------------------------------------------------------------------------
-    @property
-    def card_ranking(self) -> str:
-        """Moran's I: this domain's question is whether a feature is laid out in space."""
-        return "morans_i_I"
-
-    @property
-    def card_columns(self) -> list[str]:
-        return ["name", "country_name", "population", "lat", "lon"]
+    # -- feature cards (:mod:`.cards`): ranked by Moran's I, this domain's question being whether a
+    # feature is laid out in space
+    card_ranking = "morans_i_I"
+    card_columns = ["name", "country_name", "population", "lat", "lon"]
 
     def lens_basis(self, ctx: "RunContext") -> tuple[Any, list[str], str] | None:
-        """A causal LM's unembedding (what a direction writes toward, as next tokens); an encoder's
-        *input* embedding (MiniLM has no LM head): which tokens' embeddings a direction at the SAE
-        site points along. The residual stream of a middle layer still carries the identity of its
-        token, and on the quick run this reads it: the lens of a feature that fires on hyphens is
-        ``-``, of one on "Paris 11 ..." ``11``, of one on "Ara..." ``ara``; features that fire on
-        the closing ``[SEP]`` get no readable lens. None where the basis's width is not the site's."""
-        from sciscope.core.lens import embedding_matrix, unembedding_matrix
+        """The card's lens (:func:`.cards.lens_basis`)."""
+        from . import cards
 
-        model = ctx.model()
-        head = model.get_output_embeddings() if self.causal and hasattr(model, "get_output_embeddings") else None
-        matrix = (unembedding_matrix(model) if head is not None else embedding_matrix(model)).float().cpu()
-        width = int(ctx.sae().W_dec.shape[-1])
-        if matrix.ndim != 2 or matrix.shape[1] != width:
-            return None
-        tokens = self._tokenizer().convert_ids_to_tokens(list(range(matrix.shape[0])))
-        return matrix, [str(t) for t in tokens], "the LM head" if head is not None else "the input embedding"
+        return cards.lens_basis(self, ctx)
 
     def render_examples(self, ctx: "RunContext", feature: int, examples: pd.DataFrame) -> list[Any]:
-        """Map of every place coloured by the feature (top examples ringed and named, over a land
-        outline), the top prompts' tokens shaded by it, and its latitude/longitude profile
-        (:func:`.cards.render_examples`)."""
+        """Map, token strips and latitude/longitude profile of a feature (:func:`.cards.render_examples`)."""
         from . import cards
 
         return cards.render_examples(ctx, feature, examples)

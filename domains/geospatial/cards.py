@@ -324,3 +324,22 @@ def render_examples(ctx: "RunContext", feature: int, examples: pd.DataFrame) -> 
                                     "activation of every place against its latitude and longitude; the line is the "
                                     "mean per 10° band (bands of at least 5 places)"))
     return panels
+
+
+def lens_basis(adapter: Any, ctx: "RunContext") -> tuple[Any, list[str], str] | None:
+    """A causal LM's unembedding (what a direction writes toward, as next tokens); an encoder's
+    *input* embedding (MiniLM has no LM head): which tokens' embeddings a direction at the SAE
+    site points along. The residual stream of a middle layer still carries the identity of its
+    token, and on the quick run this reads it: the lens of a feature that fires on hyphens is
+    ``-``, of one on "Paris 11 ..." ``11``, of one on "Ara..." ``ara``; features that fire on
+    the closing ``[SEP]`` get no readable lens. None where the basis's width is not the site's."""
+    from sciscope.core.lens import embedding_matrix, unembedding_matrix
+
+    model = ctx.model()
+    head = model.get_output_embeddings() if adapter.causal and hasattr(model, "get_output_embeddings") else None
+    matrix = (unembedding_matrix(model) if head is not None else embedding_matrix(model)).float().cpu()
+    width = int(ctx.sae().W_dec.shape[-1])
+    if matrix.ndim != 2 or matrix.shape[1] != width:
+        return None
+    tokens = adapter._tokenizer().convert_ids_to_tokens(list(range(matrix.shape[0])))
+    return matrix, [str(t) for t in tokens], "the LM head" if head is not None else "the input embedding"

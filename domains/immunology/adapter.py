@@ -474,47 +474,22 @@ class ImmunologyAdapter(DomainAdapter):
                                            headline="p_target_type", reference=reference))
         return plans
 
-    # -- feature cards -------------------------------------------------------------------------------------
-    @property
-    def card_ranking(self) -> str | None:
-        """None: the core's default, the |effect| of a feature's strongest significant concept
-        association. Here that is the cell-type one-vs-rest AUROC (effect ``2 (AUROC - 0.5)``) for
-        most live features and every top one, so cards rank cell-type specificity -- this domain's
-        interest -- without a column of its own; a cell cycle or technical feature that is stronger
-        still earns its card."""
-        return None
-
+    # -- feature cards (:mod:`.cards`); ranked by the core's default, which here is the cell-type AUROC
     @property
     def card_columns(self) -> list[str]:
-        """Cell type, the file's clustering (``louvain`` / ``leiden``) and cell-cycle phase where
-        present, genes detected, library size, the split; the original label where rare types
-        were merged."""
-        obs = self.obs
-        cols = ["cell_type"]
-        if "cell_type_original" in obs and (obs["cell_type_original"].astype(str) != obs["cell_type"].astype(str)).any():
-            cols.append("cell_type_original")
-        cols += [c for c in ("louvain", "leiden", "phase", "n_genes_detected", "log10_library_size", "split") if c in obs]
-        return cols
+        """Cell type, clustering, phase, genes detected, library size, split (:func:`.cards.card_columns`)."""
+        from . import cards
+
+        return cards.card_columns(self.obs)
 
     def lens_basis(self, ctx: RunContext) -> tuple[Any, list[str], str] | None:
-        """The masked-gene head's output embedding (gene rows only, ``(n_genes, hidden)``) and the
-        gene names: a decoder direction read as the genes the head would predict from it (the
-        head's dense + LayerNorm transform skipped, as a logit lens does). None for an encoder
-        without a head, or when the SAE's site is not the hidden width."""
-        model = ctx.model()
-        emb = getattr(model, "get_output_embeddings", lambda: None)()
-        if emb is None:
-            return None
-        W = emb.weight.detach().float().cpu().numpy()
-        if W.shape[1] != int(ctx.sae().cfg.d_in):
-            return None
-        vocab = self.vocabulary
-        ids = vocab.gene_ids()
-        return W[ids], [vocab.tokens[int(i)] for i in ids], "the masked-gene head's gene embeddings"
+        """The masked-gene head's gene embeddings (:func:`.cards.lens_basis`)."""
+        from . import cards
+
+        return cards.lens_basis(self, ctx)
 
     def render_examples(self, ctx: RunContext, feature: int, examples: pd.DataFrame) -> list[Any]:
-        """The cells on the expression UMAP coloured by the feature (top cells outlined) and the genes
-        it fires on in its top cells, markers named (:func:`.cards.render_examples`)."""
+        """The cells on the UMAP and the genes the feature fires on (:func:`.cards.render_examples`)."""
         from .cards import render_examples
 
         return render_examples(ctx, feature, examples)

@@ -358,3 +358,31 @@ def render_examples(ctx: "RunContext", feature: int, examples: pd.DataFrame) -> 
     panels.append(Panel.from_figure(gene_figure(table, shared["markers"], own_type=own_type, feature=feature),
                                     "genes", caption, dpi=DPI))
     return panels
+
+
+def card_columns(obs: pd.DataFrame) -> list[str]:
+    """Cell type, the file's clustering (``louvain`` / ``leiden``) and cell-cycle phase where
+    present, genes detected, library size, the split; the original label where rare types
+    were merged."""
+    cols = ["cell_type"]
+    if "cell_type_original" in obs and (obs["cell_type_original"].astype(str) != obs["cell_type"].astype(str)).any():
+        cols.append("cell_type_original")
+    cols += [c for c in ("louvain", "leiden", "phase", "n_genes_detected", "log10_library_size", "split") if c in obs]
+    return cols
+
+
+def lens_basis(adapter: Any, ctx: "RunContext") -> tuple[Any, list[str], str] | None:
+    """The masked-gene head's output embedding (gene rows only, ``(n_genes, hidden)``) and the
+    gene names: a decoder direction read as the genes the head would predict from it (the
+    head's dense + LayerNorm transform skipped, as a logit lens does). None for an encoder
+    without a head, or when the SAE's site is not the hidden width."""
+    model = ctx.model()
+    emb = getattr(model, "get_output_embeddings", lambda: None)()
+    if emb is None:
+        return None
+    W = emb.weight.detach().float().cpu().numpy()
+    if W.shape[1] != int(ctx.sae().cfg.d_in):
+        return None
+    vocab = adapter.vocabulary
+    ids = vocab.gene_ids()
+    return W[ids], [vocab.tokens[int(i)] for i in ids], "the masked-gene head's gene embeddings"

@@ -503,39 +503,20 @@ class PhysicsAdapter(DomainAdapter):
                                f"the {src} regime vector injected into {dst} rollouts (cross-system transfer)")
                           for src, dst in itertools.permutations(systems, 2)]
 
-    # -- feature cards (:mod:`.cards`) --------------------------------------------------------------
+    # -- feature cards (:mod:`.cards`); no lens: the predictor has no vocabulary to read a direction as
     @property
     def feature_statistics(self) -> dict[str, Callable[..., pd.DataFrame]]:
         """``within_regime``: each feature's strongest within-regime Spearman correlation with a physical
-        parameter over trajectories (columns ``within_regime_rho``, ``_of``, ``_n``; :func:`.cards.within_regime_association`)."""
+        parameter over trajectories (:func:`.cards.within_regime_association`), the cards' ranking."""
         from .cards import within_regime_association
 
         return {"within_regime": within_regime_association}
 
-    @property
-    def card_ranking(self) -> str:
-        """``within_regime_rho``: a feature that follows feed, kill, viscosity or Reynolds number *inside* a
-        regime. The default (strongest concept association) ties the many features that only tell the
-        regimes or systems apart (AUROC 1; the regimes' parameter ranges do not overlap)."""
-        from .cards import CARD_RANKING
-
-        return CARD_RANKING
-
-    @property
-    def card_columns(self) -> list[str]:
-        """System, regime, trajectory and time of each window, and its physical parameters."""
-        from .cards import CARD_COLUMNS
-
-        return list(CARD_COLUMNS)
-
-    def lens_basis(self, ctx: Any) -> None:
-        """None: the predictor reads and writes continuous fields through a patch embedding and a
-        per-pixel head, with no vocabulary, so a decoder direction has no tokens to be read as."""
-        return None
+    card_ranking = "within_regime_rho"  # cards.CARD_RANKING; not the default: many features only tell regimes apart
+    card_columns = ["system", "regime", "trajectory", "t", "feed", "kill", "viscosity", "reynolds"]
 
     def render_examples(self, ctx: Any, feature: int, examples: pd.DataFrame) -> list[Any]:
-        """The fields of the feature's strongest windows and of a q50 window, its per-patch activation
-        shaded over them (:func:`.cards.render_field_windows`)."""
+        """The fields of the feature's strongest windows and a q50 window (:func:`.cards.render_field_windows`)."""
         from .cards import render_field_windows
 
         return render_field_windows(self, ctx, feature, examples)

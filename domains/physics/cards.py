@@ -29,12 +29,9 @@ if TYPE_CHECKING:
 
     from .adapter import PhysicsAdapter
 
-__all__ = ["CARD_COLUMNS", "CARD_RANKING", "MIN_TRAJECTORIES", "patch_maps", "render_field_windows",
+__all__ = ["CARD_RANKING", "MIN_TRAJECTORIES", "patch_maps", "render_field_windows",
            "within_regime_association"]
 
-#: Obs columns of a card's example table: what the window is and the physics that made it (the
-#: other system's parameters are blank).
-CARD_COLUMNS = ["system", "regime", "trajectory", "t", "feed", "kill", "viscosity", "reynolds"]
 #: The features-table column cards are ranked by (``within_regime`` statistic, its ``rho``).
 CARD_RANKING = "within_regime_rho"
 #: Fewest trajectories of a regime for a within-regime correlation (fewer: not tested).

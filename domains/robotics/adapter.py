@@ -465,29 +465,10 @@ class RoboticsAdapter(DomainAdapter):
 
         return ctx.cached("prompt_reference", dict(ctx.config), build)
 
-    # -- feature cards (:mod:`.cards`) ---------------------------------------------------------------
-    @property
-    def card_ranking(self) -> str | None:
-        """None: the core default, the |effect| of each feature's strongest significant concept association.
-
-        The concepts here are the action semantics themselves (direction, speed, manner) and the target
-        block, tested across episodes, so the default already ranks features by how well they read as
-        what the policy does; a feature's decoder direction as actions is on its card (the lens)."""
-        return None
-
-    @property
-    def card_columns(self) -> list[str]:
-        """Instruction, target colour, the demonstration's action (direction, dx, dy), episode and step."""
-        return list(_cards.CARD_COLUMNS)
-
-    def lens_basis(self, ctx: "RunContext") -> tuple[Any, list[str], str] | None:
-        """The LM head with the final norm's gain folded in, and every token's name (:func:`.cards.lens_basis`)."""
-        return _cards.lens_basis(ctx)
-
-    def render_examples(self, ctx: "RunContext", feature: int, examples: pd.DataFrame) -> list[Any]:
-        """Camera frames with the instruction, activation, and the policy's and the demonstration's actions
-        as arrows, and the decoder direction over the action bins (:func:`.cards.render_examples`)."""
-        return _cards.render_examples(ctx, feature, examples)
+    # -- feature cards (:mod:`.cards`); ranked by the core's default: the concepts are the action meanings
+    card_columns = list(_cards.CARD_COLUMNS)
+    lens_basis = staticmethod(_cards.lens_basis)
+    render_examples = staticmethod(_cards.render_examples)
 
     def steering_plans(self, ctx: "RunContext") -> list[SteeringPlan]:
         """The fast-minus-slow delta vector (the default contrast plan), then one plan per
