@@ -481,33 +481,44 @@ def _unit(w: np.ndarray) -> np.ndarray:
     return w / np.maximum(np.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
 
 
-def _steering(ctx: "RunContext", feature: int, w_unit: np.ndarray) -> list[dict[str, Any]]:
-    """Plans that steered with this feature, and its cosine with each delta vector at the SAE site."""
+def _steering_plans(ctx: "RunContext", w_unit: np.ndarray) -> list[dict[str, Any]]:
+    """The run's steering plans, read once per context: name, intervention, headline, and the cosine
+    ``(d_sae,)`` of every decoder direction with the plan's delta vector when it lives at the SAE site."""
+    if "card_plans" in ctx.live:
+        return ctx.live["card_plans"]
     root = ctx._root() / "steering"
-    if not root.is_dir():
-        return []
-    out = []
-    for summary in sorted(root.glob("*/summary.json")):
+    plans = []
+    for summary in sorted(root.glob("*/summary.json")) if root.is_dir() else []:
         try:
             info = json.loads(summary.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        plan, inter = info.get("plan", {}), info.get("plan", {}).get("intervention", {})
-        name = str(plan.get("name") or summary.parent.name)
-        head = info.get("headline", {})
-        if feature in (inter.get("features") or []):
-            out.append({"plan": name, "how": "steered with this feature",
-                        "text": f"plan {name} ({inter.get('kind')}) steered with this feature: {head.get('score')} changed by "
-                                f"{_fmt(head.get('effect_plus'))} at alpha {_fmt(head.get('alpha_plus'))} (largest of "
-                                f"{head.get('n_controls')} matched random features: {_fmt(head.get('control_effect_plus_max_abs'))})"})
+        plan = info.get("plan", {})
+        inter = plan.get("intervention", {})
+        cos = None
         vec_file = summary.parent / "vector.safetensors"
         if vec_file.is_file() and inter.get("site") in (ctx.adapter.sae_site, ctx.adapter.aliases.get(ctx.adapter.sae_site)):
             from .steer import SteeringVector
 
             v = SteeringVector.load(vec_file).vector.detach().float().numpy().ravel()
-            if v.shape[0] != w_unit.shape[1]:
-                continue
-            cos = w_unit @ _unit(v)  # (d_sae,)
+            cos = w_unit @ _unit(v) if v.shape[0] == w_unit.shape[1] else None  # (d_sae,)
+        plans.append({"name": str(plan.get("name") or summary.parent.name), "intervention": inter,
+                      "headline": info.get("headline", {}), "cosine": cos})
+    ctx.live["card_plans"] = plans
+    return plans
+
+
+def _steering(ctx: "RunContext", feature: int, w_unit: np.ndarray) -> list[dict[str, Any]]:
+    """Plans that steered with this feature, and its cosine with each delta vector at the SAE site."""
+    out = []
+    for p in _steering_plans(ctx, w_unit):
+        name, inter, head, cos = p["name"], p["intervention"], p["headline"], p["cosine"]
+        if feature in (inter.get("features") or []):
+            out.append({"plan": name, "how": "steered with this feature",
+                        "text": f"plan {name} ({inter.get('kind')}) steered with this feature: {head.get('score')} changed by "
+                                f"{_fmt(head.get('effect_plus'))} at alpha {_fmt(head.get('alpha_plus'))} (largest of "
+                                f"{head.get('n_controls')} matched random features: {_fmt(head.get('control_effect_plus_max_abs'))})"})
+        if cos is not None:
             rank = int((np.abs(cos) > abs(cos[feature])).sum()) + 1
             out.append({"plan": name, "how": "cosine with the plan's delta vector", "cosine": float(cos[feature]), "rank": rank,
                         "text": f"decoder cosine with plan {name}'s delta vector {_fmt(float(cos[feature]))}: rank {rank} of "
@@ -525,6 +536,14 @@ def _show_columns(ctx: "RunContext", obs: pd.DataFrame) -> list[str]:
     concepts = [c for c in ctx.adapter.concepts if c in obs.columns]
     rest = [c for c in obs.columns if c not in concepts and c not in _INTERNAL_COLUMNS and obs[c].dtype == object]
     return (rest[:2] + concepts)[:6]
+
+
+def _card_state(ctx: "RunContext") -> tuple[Any, np.ndarray, Any]:
+    """The latents store, the unit decoder rows ``(d_sae, d_in)`` and the lens basis, read once per context."""
+    if "card_latents" not in ctx.live:
+        w = ctx.sae().W_dec.detach().float().numpy()  # (d_sae, d_in)
+        ctx.live["card_latents"] = (ctx.latents(), _unit(w), ctx.adapter.lens_basis(ctx))
+    return ctx.live["card_latents"]
 
 
 def build_card(ctx: "RunContext", feature: int, *, analysis: "FeatureAnalysis | None" = None, selection: str = "chosen",
@@ -551,12 +570,7 @@ def build_card(ctx: "RunContext", feature: int, *, analysis: "FeatureAnalysis | 
     import torch
 
     analysis = analysis if analysis is not None else ctx.features()
-    if "card_latents" not in ctx.live:
-        latents = ctx.latents()
-        sae = ctx.sae()
-        w = sae.W_dec.detach().float().numpy()  # (d_sae, d_in)
-        ctx.live["card_latents"] = (latents, _unit(w), ctx.adapter.lens_basis(ctx))
-    latents, w_unit, basis = ctx.live["card_latents"]
+    latents, w_unit, basis = _card_state(ctx)
     acts = latents.array("latents")
     feature = int(feature)
     if not 0 <= feature < acts.shape[1]:
@@ -607,13 +621,8 @@ def build_cards(ctx: "RunContext", *, n_top: int | None = None, n_control: int |
     c = ctx.config
     n_top = int(c.get("card_top", 12) if n_top is None else n_top)
     n_control = int(c.get("card_controls", 6) if n_control is None else n_control)
-    used = []
-    root = ctx._root() / "steering"
-    for summary in sorted(root.glob("*/summary.json")) if root.is_dir() else []:
-        try:
-            used += list(json.loads(summary.read_text()).get("plan", {}).get("intervention", {}).get("features") or [])
-        except (OSError, json.JSONDecodeError):
-            continue
+    w_unit = _card_state(ctx)[1]
+    used = [f for p in _steering_plans(ctx, w_unit) for f in (p["intervention"].get("features") or [])]
     chosen = select_features(analysis, ranking=ctx.adapter.card_ranking, n_top=n_top, n_control=n_control,
                              seed=ctx.seed, always=sorted(set(int(f) for f in used)))
     from tqdm.auto import tqdm
