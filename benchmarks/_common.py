@@ -124,3 +124,213 @@ def tokenise(tok: Any, prompts: list[str], batch_size: int, max_length: int = 32
         enc = tok(prompts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out.append(dict(enc))
     return out
+
+
+# ------------------------------------------------------------------ SAE training: data and turns
+# Shared by bench_sae_vs_saelens.py and bench_sae_vs_dictionary_learning.py, so both peers train on
+# the same activations, split and normalisation, and are timed the same way.
+
+
+def sae_activations(n_prompts: int, layer: int) -> tuple[Any, Any, float]:
+    """Token-level MiniLM activations of place names.
+
+    Parameters
+    ----------
+    n_prompts
+        Place-name prompts ("{name}, {country}", seed 1) to run through all-MiniLM-L6-v2.
+    layer
+        Encoder layer whose output is captured (``pooling="none"``: one row per real token).
+
+    Returns
+    -------
+    tuple
+        ``(X, example, seconds)``: float32 (rows, 384) activations, the prompt index of each row,
+        and the capture's wall time.
+    """
+    import tempfile
+
+    import numpy as np
+
+    from sciscope.core import collect
+
+    model, tok = minilm()
+    batches = tokenise(tok, placenames(n_prompts, seed=1), batch_size=128)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        store = collect(model, batches, [f"encoder.layer.{layer}"], out=Path(tmp) / "acts", pooling="none", progress=False)
+        seconds = time.perf_counter() - t0
+        X = np.array(store.array(f"encoder.layer.{layer}"), dtype=np.float32)
+        example = store.obs["example"].to_numpy()
+    return X, example, seconds
+
+
+def split_and_normalise(X: Any, example: Any, seed: int = 0) -> tuple[Any, Any]:
+    """Train / held-out rows split by prompt (20 % of prompts held out), scaled by the training rows.
+
+    Rows are centred and scaled so their mean norm is ``sqrt(d_in)`` (what the SAE libraries'
+    own normalisations aim at); every trainer is then told not to normalise, so all see identical
+    numbers.  Splitting by prompt keeps the tokens of one place on one side.
+
+    Returns
+    -------
+    tuple
+        ``(train, held_out)`` float32 torch tensors.
+    """
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    held = rng.random(int(example.max()) + 1) < 0.2
+    test = held[example]
+    train_x, test_x = X[~test], X[test]
+    mean = train_x.mean(0)
+    scale = np.linalg.norm(train_x - mean, axis=1).mean() / np.sqrt(X.shape[1])
+    return torch.from_numpy((train_x - mean) / scale), torch.from_numpy((test_x - mean) / scale)
+
+
+def explained_variance(reconstruct: Callable[[Any], tuple[Any, Any]], x: Any) -> dict[str, float]:
+    """Held-out explained variance ``1 - sum||x - x_hat||^2 / sum||x - mean||^2`` and L0.
+
+    Parameters
+    ----------
+    reconstruct
+        Any SAE as ``x -> (x_hat, codes)``; codes may be sparse tensors.  The same function scores
+        every library, so a difference in the figure is a difference in the SAE.
+    x
+        Held-out rows (n, d_in).
+    """
+    import torch
+
+    with torch.no_grad():
+        sq_err, l0 = 0.0, 0.0
+        for start in range(0, x.shape[0], 4096):
+            xb = x[start : start + 4096]
+            x_hat, f = reconstruct(xb)
+            f = f.to_dense() if f.is_sparse else f
+            sq_err += float((xb.double() - x_hat.double()).pow(2).sum())
+            l0 += float((f != 0).sum())
+        total = float((x.double() - x.double().mean(0)).pow(2).sum())
+    return {"explained_variance": 1.0 - sq_err / total, "l0": l0 / x.shape[0]}
+
+
+class Turns:
+    """Round-robin turns between trainers that each run in their own thread.
+
+    Only the thread holding the turn computes; the others wait on a condition variable (no CPU).
+    Trainers therefore alternate in blocks of steps inside one process and see the same machine
+    conditions (load from other processes, thermal state), instead of one library running in a
+    quiet minute and the other in a busy one.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        import threading
+
+        self._cond = threading.Condition()
+        self._order = list(names)
+        self._live = list(names)
+        self._holder = names[0]
+
+    def wait(self, name: str) -> None:
+        """Block until ``name`` holds the turn."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._holder == name)
+
+    def _next_after(self, name: str) -> str | None:
+        i = self._order.index(name)
+        for j in range(1, len(self._order) + 1):
+            cand = self._order[(i + j) % len(self._order)]
+            if cand in self._live:
+                return cand
+        return None
+
+    def pass_on(self, name: str) -> None:
+        """Hand the turn to the next live trainer (``name`` keeps it when it is the only one)."""
+        with self._cond:
+            nxt = self._next_after(name)
+            self._holder = nxt if nxt is not None else name
+            self._cond.notify_all()
+
+    def finish(self, name: str) -> None:
+        """``name`` is done: drop it from the rotation and hand the turn on if it held it."""
+        with self._cond:
+            self._live.remove(name)
+            if self._holder == name:
+                self._holder = self._next_after(name) or ""
+            self._cond.notify_all()
+
+
+class InterleavedBatches:
+    """Shuffled training batches for one trainer, time-stamped, taking turns with other trainers.
+
+    Calling the object returns an endless iterator (a new permutation per pass, the same sequence
+    for every trainer built with the same seed).  One step of the trainer is the time from handing
+    out a batch to the trainer's next ``next()`` call: everything the library does per step
+    (forward, loss, backward, clipping, optimiser, decoder normalisation, bookkeeping, its own loop
+    overhead), and nothing of the other trainers, because the turn passes only at a ``next()``.
+    After every ``block`` steps the turn passes to the next trainer.
+
+    A library that prefetches one batch ahead (Lightning does) still shows one step between two
+    pulls in the steady state; the first intervals, which hold set-up and the prefetch, are left
+    out as warm-up.
+    """
+
+    def __init__(self, x: Any, batch_size: int, *, turns: Turns | None, name: str, block: int = 5, seed: int = 0) -> None:
+        self.x, self.batch_size, self.seed = x, batch_size, seed
+        self.turns, self.name, self.block = turns, name, block
+        self.steps: list[float] = []  # seconds of each completed step, in order
+        self._given: float | None = None
+
+    def __call__(self) -> Any:
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed)
+        n = self.x.shape[0]
+        while True:
+            perm = torch.randperm(n, generator=g)
+            for start in range(0, n - self.batch_size + 1, self.batch_size):
+                asked = time.perf_counter()
+                if self._given is not None:
+                    self.steps.append(asked - self._given)
+                    if self.turns is not None and len(self.steps) % self.block == 0:
+                        self.turns.pass_on(self.name)
+                        self.turns.wait(self.name)
+                batch = self.x[perm[start : start + self.batch_size]]
+                self._given = time.perf_counter()
+                yield batch
+
+    def step_seconds(self, warmup: int) -> float:
+        """Median step time after ``warmup`` steps."""
+        import statistics
+
+        return float(statistics.median(self.steps[warmup:]))
+
+
+def run_interleaved(trainers: dict[str, Callable[[], Any]], turns: Turns) -> dict[str, Any]:
+    """Run each trainer in its own thread, taking turns; return each one's result.
+
+    Each thread waits for its first turn before it starts (so set-up also runs alone) and leaves
+    the rotation when its trainer returns or raises; an exception is re-raised here.
+    """
+    import threading
+
+    results: dict[str, Any] = {}
+    errors: dict[str, BaseException] = {}
+
+    def body(name: str, fn: Callable[[], Any]) -> None:
+        turns.wait(name)
+        try:
+            results[name] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors[name] = exc
+        finally:
+            turns.finish(name)
+
+    threads = [threading.Thread(target=body, args=(n, f), name=f"bench-{n}") for n, f in trainers.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        name, exc = next(iter(errors.items()))
+        raise RuntimeError(f"trainer {name} failed") from exc
+    return results
