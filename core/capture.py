@@ -480,13 +480,19 @@ def pooled_activations(
     *,
     pooling: Pooling = "mean",
     aliases: Aliases | None = None,
+    copies: int | None = None,
 ) -> np.ndarray:
     """``(n_examples, d)`` float64 activations of one site, pooled as :func:`collect` pools them.
 
     In memory, for scorers that read a layer of the (intervened) model under each alpha: batches
     are the adapter's (an ``attention_mask`` / ``position_mask`` in a dict batch is used for
     pooling, as in a capture). Pooling ``"none"`` is refused: it has no one row per example.
+    With ``copies=n`` every batch runs as ``n`` stacked copies
+    (:func:`~sciscope.core.interventions.tile_copies`, for
+    :func:`~sciscope.core.interventions.apply_copies`) and the result is ``(n, n_examples, d)``.
     """
+    from .interventions import tile_copies
+
     _check_pooling(pooling)
     if pooling == "none":
         raise ConfigError("pooled_activations needs a pooling that gives one row per example")
@@ -499,6 +505,8 @@ def pooled_activations(
             if isinstance(batch, Mapping) and POSITION_MASK_KEY in batch:
                 batch = dict(batch)
                 position_mask = batch.pop(POSITION_MASK_KEY)
+            if copies is not None:
+                batch, position_mask = tile_copies(batch, copies), tile_copies(position_mask, copies)
             attention_mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             cap.clear()
             _forward(model, _to_device(batch, device))
@@ -508,5 +516,8 @@ def pooled_activations(
             pooled, _ = pool(recs[0], pooling, site=name,
                              attention_mask=None if attention_mask is None else attention_mask.cpu(),
                              position_mask=None if position_mask is None else position_mask.cpu())
-            rows.append(pooled.numpy().astype(np.float64))
-    return np.concatenate(rows) if rows else np.zeros((0, 0))
+            pooled = pooled.numpy().astype(np.float64)
+            rows.append(pooled if copies is None else pooled.reshape(copies, -1, pooled.shape[-1]))
+    if copies is None:
+        return np.concatenate(rows) if rows else np.zeros((0, 0))
+    return np.concatenate(rows, axis=1) if rows else np.zeros((copies, 0, 0))

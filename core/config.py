@@ -113,6 +113,8 @@ PIPELINE_KEYS: dict[str, Key] = {
     "steer_alphas": Key([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0], "steering"),
     "steer_scale": Key("absolute", "steering", choices=("absolute", "relative")),
     "steer_n_random": Key(10, "steering", min=0, help="random controls per steering plan"),
+    "steer_copies": Key(16, "steering", min=1, help="(condition, alpha) jobs of a plan evaluated as copies of one batch "
+                                                   "when its scorer allows (same numbers as 1, one job at a time)"),
 }
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from .interventions import Intervention
+from .interventions import Intervention, apply_copies
 from .sites import Aliases
 from .verdict import ABOVE, BELOW, NO_BETTER
 
@@ -61,6 +61,13 @@ class Scorer:
     decrease
         Target scores the intervention is meant to lower as alpha grows (every other target is
         meant to rise): a target moved the other way reads "below baseline" in the headline.
+    batched
+        Optional ``batched(model, n) -> [scores] * n``: the same scores for ``n`` interventions at
+        once. It stacks ``n`` copies of every batch it feeds the model
+        (:func:`~sciscope.core.interventions.tile_copies`, copy-major) and returns the scores of
+        each copy, which must equal what ``fn`` returns under that copy's intervention alone
+        (same examples, same seeds: anything sampled is drawn once and shared by the copies).
+        :func:`run_plan` then evaluates a plan's alphas and controls in a few batched forwards.
     """
 
     fn: Callable[[nn.Module], Mapping[str, Any]]
@@ -69,6 +76,7 @@ class Scorer:
     damage: Sequence[str] = ()
     broken: str | None = None
     decrease: Sequence[str] = ()
+    batched: Callable[[nn.Module, int], Sequence[Mapping[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         stray = [s for s in self.decrease if s not in self.target]
@@ -447,11 +455,16 @@ def _breakdown(broken: pd.Series) -> float:
 
 
 def run_plan(model: nn.Module, plan: SteeringPlan, intervention: Intervention, *, aliases: Aliases | None = None,
-             reference: Mapping[str, Mapping[str, float]] | None = None, progress: bool = False) -> PlanSweep:
+             reference: Mapping[str, Mapping[str, float]] | None = None, progress: bool = False,
+             max_copies: int = 16) -> PlanSweep:
     """Run a steering plan: alpha = 0 once, every alpha with the intervention and each control.
 
-    A run whose scorer raises a floating-point error, returns NaN in a target score, or flags
-    broken runs through ``scorer.broken`` counts as broken; the sweep goes on.
+    When the scorer has a ``batched`` form and every intervention describes its edits, the
+    (condition, alpha) jobs run ``max_copies`` at a time, as copies of one batch
+    (:func:`~sciscope.core.interventions.apply_copies`); the numbers are those of one job at a
+    time (``max_copies=1``), which the tests check. A run whose scorer raises a floating-point
+    error, returns NaN in a target score, or flags broken runs through ``scorer.broken`` counts
+    as broken; the sweep goes on.
     """
     from tqdm.auto import tqdm
 
@@ -481,15 +494,40 @@ def run_plan(model: nn.Module, plan: SteeringPlan, intervention: Intervention, *
                 names.append(key)
         rows.append({"condition": cond, "alpha": alpha, "metric": "__broken__", "value": broken})
 
-    base = scorer(model)
-    jobs = [(c, iv, a) for c, iv in conditions for a in alphas]
-    for cond, iv, alpha in tqdm(jobs, desc=f"steering {plan.name}", disable=not progress):
-        with iv.apply(model, alpha, aliases=aliases):
+    def evaluate(group: list[tuple[str, Intervention, float]]) -> list[Mapping[str, Any]]:
+        """Scores of each (condition, intervention, alpha) job: one batched call when the scorer and
+        the interventions allow it, else (or when the batch hits a floating-point error, so that
+        only the job that broke counts as broken) one call per job."""
+        if len(group) > 1:
             try:
-                result = scorer(model)
+                with apply_copies(model, [(iv, a) for _, iv, a in group], aliases=aliases):
+                    results = list(scorer.batched(model, len(group)))  # type: ignore[misc]
+                if len(results) != len(group):
+                    raise ValueError(f"steering plan {plan.name!r}: the scorer's batched() returned {len(results)} "
+                                     f"results for {len(group)} copies")
+                return results
             except FloatingPointError:
-                result = {k: math.nan for k in names}
-        record(cond, alpha, result)
+                pass
+        results = []
+        for _, iv, alpha in group:
+            with iv.apply(model, alpha, aliases=aliases):
+                try:
+                    results.append(scorer(model))
+                except FloatingPointError:
+                    results.append({k: math.nan for k in names})
+        return results
+
+    base = scorer(model)
+    names.extend(base)  # a job that breaks before any is recorded still gets every score, as NaN
+    jobs = [(c, iv, a) for c, iv in conditions for a in alphas]
+    batched = scorer.batched is not None and max_copies > 1 and all(iv.batchable for _, iv in conditions)
+    size = max_copies if batched else 1
+    with tqdm(total=len(jobs), desc=f"steering {plan.name}", disable=not progress) as bar:
+        for start in range(0, len(jobs), size):
+            group = jobs[start:start + size]
+            for (cond, _, alpha), result in zip(group, evaluate(group)):
+                record(cond, alpha, result)
+            bar.update(len(group))
     for cond, _ in conditions:  # alpha = 0 is the unmodified model, shared by every condition
         record(cond, 0.0, base)
     table = pd.DataFrame(rows).sort_values(["condition", "metric", "alpha"], kind="stable").reset_index(drop=True)
@@ -505,6 +543,31 @@ def run_plan(model: nn.Module, plan: SteeringPlan, intervention: Intervention, *
               "damage": list(scorer.damage),
               "broken_score": scorer.broken}
     return PlanSweep(table, samples, roles, params, {k: dict(v) for k, v in (reference or {}).items()})
+
+
+def check_batched_scorer(model: nn.Module, plan: SteeringPlan, intervention: Intervention, *,
+                         aliases: Aliases | None = None, max_copies: int = 16) -> PlanSweep:
+    """Run ``plan`` batched and one job at a time; raise ``AssertionError`` unless every number agrees.
+
+    For adapter tests: a scorer's ``batched`` form must return exactly what its plain form
+    returns under each copy's intervention (same examples, same samples). Returns the batched sweep.
+    """
+    scorer = plan.scorer
+    assert isinstance(scorer, Scorer)
+    if scorer.batched is None or not intervention.batchable:
+        raise AssertionError(f"steering plan {plan.name!r}: the scorer has no batched form or the intervention no edits")
+    batched = run_plan(model, plan, intervention, aliases=aliases, max_copies=max_copies)
+    alone = run_plan(model, plan, intervention, aliases=aliases, max_copies=1)
+    a, b = batched.table, alone.table
+    if not (a[["condition", "alpha", "metric"]].equals(b[["condition", "alpha", "metric"]])
+            and np.array_equal(a["value"].to_numpy(), b["value"].to_numpy(), equal_nan=True)):
+        diff = np.nanmax(np.abs(a["value"].to_numpy() - b["value"].to_numpy())) if len(a) == len(b) else math.nan
+        raise AssertionError(f"steering plan {plan.name!r}: batched scores differ from one job at a time "
+                             f"(largest difference {diff:.3g})")
+    for key, values in alone.samples.items():
+        if key not in batched.samples or not np.array_equal(batched.samples[key], values, equal_nan=True):
+            raise AssertionError(f"steering plan {plan.name!r}: per-example scores of {key} differ when batched")
+    return batched
 
 
 def plan_headline_rows(sweep: PlanSweep, *, source: str) -> Rows:

@@ -18,6 +18,11 @@ intervention           at strength alpha                            matched rand
 The experiment runner (:func:`sciscope.core.experiment.run_plan`) never applies an intervention
 at alpha = 0: that point is the unmodified model, run once (for :class:`Clamp` clamping to 0 is a
 different, zero-ablation intervention).
+
+Each built-in intervention describes itself as :class:`~sciscope.core.steer.Edit` s (what to do
+to the canonical ``(B, P, D)`` tensor at a site), so :func:`apply_copies` can run many
+(intervention, alpha) pairs in one forward: the scorer stacks ``n`` copies of its batch
+(copy-major, :func:`tile_copies`) and copy ``i`` of every batch is edited by pair ``i``.
 """
 
 from __future__ import annotations
@@ -32,23 +37,34 @@ import torch
 from torch import nn
 
 from .errors import ShapeError
-from .hooks import HookSet
-from .sites import Aliases, resolve_site, to_canonical
-from .steer import SteeringVector, clamp, steer
+from .sites import Aliases, Site, resolve_site
+from .steer import Edit, SteeringVector, apply_edits, clamp_edit, steer_edit
 
 
 class Intervention(ABC):
     """What a steering plan does to the model at strength ``alpha``.
 
-    Subclasses implement :meth:`apply` (a context manager), :meth:`controls` (matched random
-    controls of the same kind) and :meth:`describe` (JSON-able parameters for the run's record).
+    Subclasses implement :meth:`edits` (the activation edits at strength ``alpha``; then
+    :meth:`apply` and batched sweeps come for free) or, for what edits cannot express, their own
+    :meth:`apply` (a context manager; such a plan is swept one alpha at a time); and
+    :meth:`controls` (matched random controls of the same kind) and :meth:`describe` (JSON-able
+    parameters for the run's record).
     """
 
     kind: str = "intervention"
 
-    @abstractmethod
+    def edits(self, model: nn.Module, alpha: float, *, aliases: Aliases | None = None) -> list[Edit]:
+        """The activation edits at strength ``alpha`` (not implemented: :meth:`apply` is overridden)."""
+        raise NotImplementedError(f"{type(self).__name__} describes no edits; it overrides apply()")
+
+    @property
+    def batchable(self) -> bool:
+        """Whether :meth:`edits` is implemented (copies of a batch can then carry different strengths)."""
+        return type(self).edits is not Intervention.edits
+
     def apply(self, model: nn.Module, alpha: float, *, aliases: Aliases | None = None) -> contextlib.AbstractContextManager[None]:
         """Context manager: the model runs intervened at strength ``alpha`` inside the block."""
+        return apply_edits(self.edits(model, alpha, aliases=aliases))
 
     @abstractmethod
     def controls(self, model: nn.Module, n: int, *, seed: int = 0, aliases: Aliases | None = None) -> list["Intervention"]:
@@ -94,9 +110,9 @@ class AddVector(Intervention):
         self.site = site or vector.site
         self.scale, self.relative_to, self.positions = scale, relative_to, positions
 
-    def apply(self, model: nn.Module, alpha: float, *, aliases: Aliases | None = None) -> contextlib.AbstractContextManager[None]:
-        return steer(model, self.vector, alpha, site=self.site, scale=self.scale, relative_to=self.relative_to,
-                     positions=self.positions, aliases=aliases)
+    def edits(self, model: nn.Module, alpha: float, *, aliases: Aliases | None = None) -> list[Edit]:
+        return [steer_edit(model, self.vector, alpha, site=self.site, scale=self.scale, relative_to=self.relative_to,
+                           positions=self.positions, aliases=aliases)]
 
     def controls(self, model: nn.Module, n: int, *, seed: int = 0, aliases: Aliases | None = None) -> list[Intervention]:
         return [AddVector(self.vector.random_like(seed + i), self.site, scale=self.scale, relative_to=self.relative_to,
@@ -155,11 +171,9 @@ class Clamp(Intervention):
     def n_units(self) -> int:
         return sum(len(u) for u in self.units.values())
 
-    def apply(self, model: nn.Module, alpha: float, *, aliases: Aliases | None = None) -> contextlib.AbstractContextManager[None]:
-        stack = contextlib.ExitStack()
-        for site, units in self.units.items():
-            stack.enter_context(clamp(model, site, units, float(alpha), positions=self.positions, aliases=aliases))
-        return stack
+    def edits(self, model: nn.Module, alpha: float, *, aliases: Aliases | None = None) -> list[Edit]:
+        return [clamp_edit(model, site, units, float(alpha), positions=self.positions, aliases=aliases)
+                for site, units in self.units.items()]
 
     def controls(self, model: nn.Module, n: int, *, seed: int = 0, aliases: Aliases | None = None) -> list[Intervention]:
         widths = {s: self.widths.get(s) or site_width(model, s, aliases) for s in self.units}
@@ -227,26 +241,20 @@ class _FeatureIntervention(Intervention):
         return {"kind": self.kind, "site": self.site, "features": self.features, "d_sae": int(self.sae.cfg.d_sae),
                 "density": None if self.density is None else [float(self.density[f]) for f in self.features]}
 
-    def _edit(self, model: nn.Module, fn: Any, aliases: Aliases | None) -> contextlib.AbstractContextManager[None]:
+    def _edit(self, model: nn.Module, fn: Any, aliases: Aliases | None) -> list[Edit]:
+        """One edit at the SAE's site adding ``fn(h)`` (masked to the positions)."""
         from .steer import _position_mask
 
         parsed, module = resolve_site(model, self.site, aliases)
 
-        def edit(t: torch.Tensor) -> torch.Tensor:
-            h, back = to_canonical(t, parsed)  # (B, P, D)
+        def edit(h: torch.Tensor) -> torch.Tensor:  # (B, P, D)
             delta = fn(h)
             mask = _position_mask(self.positions, h)
             if mask is not None:
                 delta = delta * mask
-            return back(h + delta)
+            return h + delta
 
-        @contextlib.contextmanager
-        def ctx() -> Iterator[None]:
-            with HookSet() as hooks:
-                hooks.edit(module, parsed, edit)
-                yield
-
-        return ctx()
+        return [Edit(parsed, module, edit)]
 
 
 class SteerFeature(_FeatureIntervention):
@@ -257,7 +265,7 @@ class SteerFeature(_FeatureIntervention):
 
     kind = "steer_feature"
 
-    def apply(self, model: nn.Module, alpha: float, *, aliases: Aliases | None = None) -> contextlib.AbstractContextManager[None]:
+    def edits(self, model: nn.Module, alpha: float, *, aliases: Aliases | None = None) -> list[Edit]:
         rows = self.sae.W_dec.detach()[self.features].float()  # (k, d)
         direction = (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).sum(0)  # (d,)
         return self._edit(model, lambda h: float(alpha) * direction.to(h.dtype).expand_as(h), aliases)
@@ -268,7 +276,7 @@ class AblateFeatures(_FeatureIntervention):
 
     kind = "ablate_features"
 
-    def apply(self, model: nn.Module, alpha: float, *, aliases: Aliases | None = None) -> contextlib.AbstractContextManager[None]:
+    def edits(self, model: nn.Module, alpha: float, *, aliases: Aliases | None = None) -> list[Edit]:
         idx = torch.as_tensor(self.features, dtype=torch.long)
         w = self.sae.W_dec.detach()[idx].float()  # (k, d)
 
@@ -278,3 +286,63 @@ class AblateFeatures(_FeatureIntervention):
             return (-float(alpha) * (f @ w)).to(h.dtype)
 
         return self._edit(model, delta, aliases)
+
+
+def tile_copies(batch: Any, n: int) -> Any:
+    """``n`` copies of a batch stacked along its first axis, copy-major (copy ``i`` = rows
+    ``[i * B, (i + 1) * B)``): tensors and arrays, and dicts, lists and tuples of them; other
+    values are passed through. The layout :func:`apply_copies` expects."""
+    if isinstance(batch, torch.Tensor):
+        return batch.repeat(n, *([1] * (batch.ndim - 1))) if batch.ndim else batch
+    if isinstance(batch, np.ndarray):
+        return np.concatenate([batch] * n) if batch.ndim else batch
+    if isinstance(batch, Mapping):  # a tokenizer's BatchEncoding becomes a plain dict
+        return {k: tile_copies(v, n) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(tile_copies(v, n) for v in batch)
+    return batch
+
+
+def split_copies(x: Any, n: int) -> list[Any]:
+    """Inverse of :func:`tile_copies` for a result: the ``n`` copy blocks of its first axis."""
+    if len(x) % n:
+        raise ShapeError(f"a result of {len(x)} rows cannot be {n} equal copies")
+    b = len(x) // n
+    return [x[i * b:(i + 1) * b] for i in range(n)]
+
+
+@contextlib.contextmanager
+def apply_copies(model: nn.Module, items: Sequence[tuple[Intervention | None, float]], *,
+                 aliases: Aliases | None = None) -> Iterator[None]:
+    """Run ``len(items)`` interventions side by side: copy ``i`` of each batch under ``items[i]``.
+
+    Inside the block every forward pass must carry ``n = len(items)`` equal copies of its batch,
+    copy-major (:func:`tile_copies`); at each edited site one hook splits the ``(n * B, P, D)``
+    tensor into its copies and edits copy ``i`` as ``items[i] = (intervention, alpha)`` would
+    alone (``None``: left as it is). Every edit sees only its own copy (its own norms, masks and
+    SAE codes), so each copy computes what a forward of that intervention alone computes.
+
+    Raises
+    ------
+    ShapeError
+        When a forward's batch is not ``n`` equal copies.
+    """
+    n = len(items)
+    by_site: dict[tuple[int, str], tuple[Site, nn.Module, list[Any]]] = {}
+    for i, (iv, alpha) in enumerate(items):
+        if iv is None:
+            continue
+        for site, module, fn in iv.edits(model, alpha, aliases=aliases):
+            by_site.setdefault((id(module), str(site)), (site, module, [None] * n))[2][i] = fn
+
+    def per_copy(fns: list[Any]) -> Any:
+        def edit(h: torch.Tensor) -> torch.Tensor:  # (n * B, P, D)
+            if h.shape[0] % n:
+                raise ShapeError(f"apply_copies: a batch of {h.shape[0]} rows is not {n} equal copies "
+                                 "(stack the scorer's inputs with tile_copies)")
+            return torch.cat([fn(part) if fn is not None else part for fn, part in zip(fns, h.chunk(n))])
+
+        return edit
+
+    with apply_edits([Edit(site, module, per_copy(fns)) for site, module, fns in by_site.values()]):
+        yield

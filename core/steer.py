@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -254,6 +254,78 @@ def _position_mask(positions: Any, h: torch.Tensor) -> torch.Tensor | None:
     return m.unsqueeze(-1).to(h.dtype)
 
 
+class Edit(NamedTuple):
+    """One activation edit: ``fn`` maps the canonical ``(B, P, D)`` tensor at ``site`` of ``module``
+    to its replacement. Interventions describe themselves as edits so that one hook can apply a
+    different edit to each copy of a batch (:func:`sciscope.core.interventions.apply_copies`)."""
+
+    site: Site
+    module: nn.Module
+    fn: Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def apply_edits(edits: Sequence[Edit]) -> Iterator[None]:
+    """Apply every edit to each forward pass inside the block (nothing stays registered after it)."""
+    with HookSet() as hooks:
+        for site, module, fn in edits:
+            hooks.edit(module, site, _on_canonical(site, fn))
+        yield
+
+
+def _on_canonical(site: Site, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Wrap a ``(B, P, D) -> (B, P, D)`` edit into one on the site's own layout."""
+
+    def edit(t: torch.Tensor) -> torch.Tensor:
+        h, back = to_canonical(t, site)
+        return back(fn(h))
+
+    return edit
+
+
+def steer_edit(
+    model: nn.Module,
+    vector: "SteeringVector | torch.Tensor",
+    alpha: float,
+    *,
+    site: "str | Site | None" = None,
+    scale: Literal["absolute", "relative"] = "absolute",
+    relative_to: Literal["position", "example"] = "position",
+    positions: Any = None,
+    aliases: Aliases | None = None,
+) -> Edit:
+    """The :class:`Edit` that :func:`steer` applies (same parameters)."""
+    if isinstance(vector, SteeringVector):
+        parsed, module = vector.placed(model, site, aliases)
+        v = vector.vector
+    else:
+        if site is None:
+            raise ShapeError("steer() needs a site (give one, or a SteeringVector that names one)")
+        parsed, module = resolve_site(model, site, aliases)
+        v = torch.as_tensor(vector, dtype=torch.float32).reshape(-1)
+    v_norm = float(v.norm())
+    if scale == "relative" and v_norm == 0:
+        raise ShapeError("relative steering with a zero vector is undefined")
+
+    def add(h: torch.Tensor) -> torch.Tensor:  # (B, P, D)
+        if h.shape[-1] != v.numel():
+            raise ShapeError(f"site {str(parsed)!r} has width {h.shape[-1]}, steering vector has {v.numel()}")
+        vv = v.to(device=h.device, dtype=h.dtype)
+        if scale == "absolute":
+            delta = alpha * vv.expand_as(h)
+        else:
+            norms = h.norm(dim=-1, keepdim=True)  # (B, P, 1)
+            if relative_to == "example":
+                norms = norms.pow(2).mean(1, keepdim=True).sqrt().expand_as(norms)
+            delta = alpha * (vv / v_norm) * norms
+        mask = _position_mask(positions, h)
+        if mask is not None:
+            delta = delta * mask
+        return h + delta
+
+    return Edit(parsed, module, add)
+
+
 @contextlib.contextmanager
 def steer(
     model: nn.Module,
@@ -288,38 +360,39 @@ def steer(
         Which positions to change: None (all), an index, a slice or list of indices, a boolean
         ``(P,)`` or ``(B, P)`` tensor, or ``callable(h_bpd) -> bool (B, P)``.
     """
-    if isinstance(vector, SteeringVector):
-        parsed, module = vector.placed(model, site, aliases)
-        v = vector.vector
-    else:
-        if site is None:
-            raise ShapeError("steer() needs a site (give one, or a SteeringVector that names one)")
-        parsed, module = resolve_site(model, site, aliases)
-        v = torch.as_tensor(vector, dtype=torch.float32).reshape(-1)
-    v_norm = float(v.norm())
-    if scale == "relative" and v_norm == 0:
-        raise ShapeError("relative steering with a zero vector is undefined")
-
-    def add(t: torch.Tensor) -> torch.Tensor:
-        h, back = to_canonical(t, parsed)  # (B, P, D)
-        if h.shape[-1] != v.numel():
-            raise ShapeError(f"site {str(parsed)!r} has width {h.shape[-1]}, steering vector has {v.numel()}")
-        vv = v.to(device=h.device, dtype=h.dtype)
-        if scale == "absolute":
-            delta = alpha * vv.expand_as(h)
-        else:
-            norms = h.norm(dim=-1, keepdim=True)  # (B, P, 1)
-            if relative_to == "example":
-                norms = norms.pow(2).mean(1, keepdim=True).sqrt().expand_as(norms)
-            delta = alpha * (vv / v_norm) * norms
-        mask = _position_mask(positions, h)
-        if mask is not None:
-            delta = delta * mask
-        return back(h + delta)
-
-    with HookSet() as hooks:
-        hooks.edit(module, parsed, add)
+    with apply_edits([steer_edit(model, vector, alpha, site=site, scale=scale, relative_to=relative_to,
+                                 positions=positions, aliases=aliases)]):
         yield
+
+
+def clamp_edit(
+    model: nn.Module,
+    site: "str | Site",
+    units: Sequence[int] | torch.Tensor,
+    value: float | torch.Tensor,
+    *,
+    positions: Any = None,
+    aliases: Aliases | None = None,
+) -> Edit:
+    """The :class:`Edit` that :func:`clamp` applies (same parameters)."""
+    parsed, module = resolve_site(model, site, aliases)
+    idx = torch.as_tensor(units, dtype=torch.long).reshape(-1)
+
+    def set_units(h: torch.Tensor) -> torch.Tensor:  # (B, P, D)
+        if idx.numel() and (int(idx.max()) >= h.shape[-1] or int(idx.min()) < -h.shape[-1]):
+            raise ShapeError(f"site {str(parsed)!r} has {h.shape[-1]} units; unit index {int(idx.max())} is out of range")
+        h = h.clone()
+        val = torch.as_tensor(value, dtype=h.dtype, device=h.device)
+        mask = _position_mask(positions, h)
+        if mask is None:
+            h[..., idx] = val.expand(h.shape[0], h.shape[1], idx.numel()) if val.ndim else val
+        else:
+            sel = mask.bool().squeeze(-1)  # (B, P)
+            current = h[..., idx]
+            h[..., idx] = torch.where(sel.unsqueeze(-1), val.expand_as(current), current)
+        return h
+
+    return Edit(parsed, module, set_units)
 
 
 @contextlib.contextmanager
@@ -346,26 +419,7 @@ def clamp(
     positions
         As in :func:`steer` (None = every position).
     """
-    parsed, module = resolve_site(model, site, aliases)
-    idx = torch.as_tensor(units, dtype=torch.long).reshape(-1)
-
-    def set_units(t: torch.Tensor) -> torch.Tensor:
-        h, back = to_canonical(t, parsed)
-        if idx.numel() and (int(idx.max()) >= h.shape[-1] or int(idx.min()) < -h.shape[-1]):
-            raise ShapeError(f"site {str(parsed)!r} has {h.shape[-1]} units; unit index {int(idx.max())} is out of range")
-        h = h.clone()
-        val = torch.as_tensor(value, dtype=h.dtype, device=h.device)
-        mask = _position_mask(positions, h)
-        if mask is None:
-            h[..., idx] = val.expand(h.shape[0], h.shape[1], idx.numel()) if val.ndim else val
-        else:
-            sel = mask.bool().squeeze(-1)  # (B, P)
-            current = h[..., idx]
-            h[..., idx] = torch.where(sel.unsqueeze(-1), val.expand_as(current), current)
-        return back(h)
-
-    with HookSet() as hooks:
-        hooks.edit(module, parsed, set_units)
+    with apply_edits([clamp_edit(model, site, units, value, positions=positions, aliases=aliases)]):
         yield
 
 

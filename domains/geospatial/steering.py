@@ -79,11 +79,16 @@ def north_south_scorer(adapter: "GeospatialAdapter", ctx: "RunContext") -> Score
     south = obs["south"].to_numpy(dtype=bool)
     pooling = adapter.pooling
 
-    def score(model: nn.Module) -> dict[str, np.ndarray]:
-        X = pooled_activations(model, batches, readout, aliases=aliases, pooling=pooling)
+    def read(X: np.ndarray) -> dict[str, np.ndarray]:
         lat = probes["lat"].predict(X)
         return {"predicted_lat": lat, **({"predicted_lat_south": lat[south]} if south.any() else {}),
                 "predicted_lon": probes["lon"].predict(X)}
 
+    def score(model: nn.Module) -> dict[str, np.ndarray]:
+        return read(pooled_activations(model, batches, readout, aliases=aliases, pooling=pooling))
+
+    def score_copies(model: nn.Module, n: int) -> list[dict[str, np.ndarray]]:
+        return [read(X) for X in pooled_activations(model, batches, readout, aliases=aliases, pooling=pooling, copies=n)]
+
     targets = ["predicted_lat", "predicted_lat_south"] if south.any() else ["predicted_lat"]
-    return Scorer(score, target=targets, off_target=["predicted_lon"])
+    return Scorer(score, target=targets, off_target=["predicted_lon"], batched=score_copies)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -12,7 +13,9 @@ from torch import nn
 
 from sciscope.core import count_hooks
 from sciscope.core.experiment import Analysis, Scorer, SteeringPlan, plan_headline_rows, run_plan
-from sciscope.core.interventions import AblateFeatures, AddVector, Clamp, SteerFeature, matched_density_features
+from sciscope.core.errors import ShapeError
+from sciscope.core.interventions import (AblateFeatures, AddVector, Clamp, SteerFeature, apply_copies,
+                                         matched_density_features, split_copies, tile_copies)
 from sciscope.core.sae import create_sae, sae_config
 from sciscope.core.steer import SteeringVector
 from sciscope.core.verdict import ABOVE, BELOW, NO_BETTER
@@ -297,3 +300,78 @@ def test_add_vector_at_a_site_object_describes_itself_as_json():
     model = _mlp()
     with iv.apply(model, 1.0):
         assert count_hooks(model) == 1
+
+
+def _readout_copies(model: nn.Module, n: int) -> list[dict[str, np.ndarray]]:
+    with torch.no_grad():
+        y = model(tile_copies(X, n))
+    return [{"y0": p[:, 0].numpy(), "y1": p[:, 1].numpy()} for p in split_copies(y, n)]
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: AddVector(SteeringVector(m[2].weight[0].detach().clone(), "1")),
+    lambda m: AddVector(SteeringVector(m[2].weight[0].detach().clone(), "1"), scale="relative", positions=[0]),
+    lambda m: Clamp({"2:input": [1, 5], "1": [7]}, widths={"1": 64}),
+    lambda m: SteerFeature(create_sae(sae_config("relu", d_in=64, d_sae=16), seed=0), [3], "1",
+                           density=np.linspace(0.0, 1.0, 16)),
+    lambda m: AblateFeatures(create_sae(sae_config("relu", d_in=64, d_sae=16), seed=0), [3, 4], "1",
+                             density=np.linspace(0.0, 1.0, 16)),
+], ids=["add", "add-relative-masked", "clamp-two-sites", "steer-feature", "ablate-features"])
+def test_a_batched_sweep_gives_the_numbers_of_one_job_at_a_time(make):
+    model = _mlp()
+    iv = make(model)
+    plan = SteeringPlan("p", iv, Scorer(_readout, target=["y0"], off_target=["y1"], batched=_readout_copies),
+                        alphas=[-2, -1, 1, 2, 4], n_controls=4, seed=0)
+    calls = {"batched": 0}
+    inner = plan.scorer.batched
+
+    def counted(m: nn.Module, n: int) -> list[dict[str, np.ndarray]]:
+        calls["batched"] += 1
+        return inner(m, n)
+
+    plan.scorer.batched = counted
+    batched = run_plan(model, plan, iv, max_copies=8)
+    assert count_hooks(model) == 0
+    assert calls["batched"] == 3  # 5 alphas x (1 + 4 controls) = 25 jobs in batches of 8
+    alone = run_plan(model, plan, iv, max_copies=1)
+    assert calls["batched"] == 3
+    pd.testing.assert_frame_equal(batched.table, alone.table, check_exact=True)
+    assert batched.samples.keys() == alone.samples.keys()
+    for key in alone.samples:
+        np.testing.assert_array_equal(batched.samples[key], alone.samples[key])
+    assert batched.table.value.std() > 0
+
+
+def test_apply_copies_edits_each_copy_alone_and_refuses_a_batch_that_is_not_copies():
+    model = _mlp()
+    v = SteeringVector(model[2].weight[0].detach().clone(), "1")
+    items = [(AddVector(v), 2.0), (None, 0.0), (Clamp({"2:input": [0, 1]}), -1.0), (AddVector(-v.vector, "1"), 1.0)]
+    with apply_copies(model, items):
+        assert count_hooks(model) == 2  # one hook per edited site (1 and 2:input), whatever the number of copies
+        y = model(tile_copies(X, 4))
+        with pytest.raises(ShapeError, match="not 4 equal copies"):
+            model(X[:64 - 1])
+    assert count_hooks(model) == 0
+    for (iv, alpha), part in zip(items, split_copies(y, 4)):
+        with iv.apply(model, alpha) if iv is not None else contextlib.nullcontext():
+            expected = model(X)
+        assert torch.equal(part, expected)
+
+
+def test_a_floating_point_error_in_a_batch_breaks_only_its_own_job():
+    model = _mlp()
+    v = SteeringVector(model[2].weight[0].detach().clone(), "1")
+    base = float(_readout(model)["y0"].mean())
+
+    def check(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if out["y0"].mean() > base + 3.0 * float(v.vector @ v.vector):
+            raise FloatingPointError("diverged")
+        return out
+
+    plan = SteeringPlan("p", AddVector(v), Scorer(lambda m: check(_readout(m)), target=["y0"],
+                                                  batched=lambda m, n: [check(r) for r in _readout_copies(m, n)]),
+                        alphas=[1, 2, 4], n_controls=2, seed=0)
+    sweep = run_plan(model, plan, plan.intervention)
+    b = sweep.broken()
+    assert b[4.0] == 1.0 and b[2.0] == 0.0 and b[1.0] == 0.0
+    assert sweep.broken("random-0").max() == 0.0  # the controls in the same batch were not lost

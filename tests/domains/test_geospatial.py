@@ -18,7 +18,8 @@ from esda.moran import Moran  # noqa: E402
 
 from sciscope.core import ConfigError, StoreWriter, analyze_features, collect, probe_sweep, resolve_site  # noqa: E402
 from sciscope.core.context import RunContext  # noqa: E402
-from sciscope.core.experiment import Scorer, resolve_intervention, resolve_reference, run_plan  # noqa: E402
+from sciscope.core.experiment import (Scorer, check_batched_scorer, resolve_intervention, resolve_reference,  # noqa: E402
+                                      run_plan)
 from sciscope.core.loading import find_layer_stack  # noqa: E402
 from sciscope.core.testing import check_adapter  # noqa: E402
 from sciscope.core.spatial import (haversine_km, knn_weights, laea_project, lisa_clusters, morans_i,  # noqa: E402
@@ -427,6 +428,8 @@ def test_steering_plan_scores_per_place_moves_latitude_and_has_a_reference(tmp_p
     assert plan.name == "north_south" and plan.n_controls == 10 and 0.0 not in plan.alphas
     plan = dataclasses.replace(plan, alphas=[-1.0, 1.0], n_controls=2)
     sweep = run_plan(model, plan, resolve_intervention(plan, ctx), aliases=ad.aliases, reference=resolve_reference(plan, ctx))
+    # the alphas and controls run as copies of one batch give the numbers of one job at a time
+    check_batched_scorer(model, plan, resolve_intervention(plan, ctx), aliases=ad.aliases)
     lat = sweep.curve("predicted_lat")
     assert lat[-1.0] < lat[0.0] < lat[1.0], lat
     ref = sweep.reference
