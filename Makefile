@@ -10,7 +10,7 @@ EXTRAS ?= dev,geospatial,chemistry,immunology,physics,robotics
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP  := $(VENV)/.sciscope-installed-$(EXTRAS)
 
-.PHONY: setup demo walkthrough test bench bench-test clean
+.PHONY: setup demo walkthrough test bench bench-dictlearn bench-test clean
 
 setup: $(STAMP)
 
@@ -56,10 +56,32 @@ bench: $(BENCH_STAMP)
 	$(BENCH_BIN)/python benchmarks/bench_capture_memory.py $(BENCH_ARGS)
 	$(BENCH_BIN)/python benchmarks/bench_capture_overhead.py $(BENCH_ARGS)
 	$(BENCH_BIN)/python benchmarks/bench_sae_throughput.py $(BENCH_ARGS)
+	$(MAKE) bench-dictlearn BENCH_ARGS='$(BENCH_ARGS)'
+
+# dictionary_learning (saprmarks' SAE library, an SAE-training peer) pins nnsight < 0.4, which the
+# bench environment's nnsight contradicts, so it gets an environment of its own. Torch first (the
+# CPU wheel on disk), so that the library's unpinned torch cannot pull a CUDA build; sciscope
+# editable with the geospatial extra, which the place-name activations need.
+DICTLEARN_VENV  := .venv-dictlearn
+DICTLEARN_BIN   := $(DICTLEARN_VENV)/bin
+DICTLEARN_STAMP := $(DICTLEARN_VENV)/.sciscope-dictlearn-installed-geospatial
+
+$(DICTLEARN_STAMP): pyproject.toml
+	@test -x $(DICTLEARN_BIN)/python || $(PYTHON) -m venv $(DICTLEARN_VENV)
+	@$(DICTLEARN_BIN)/python -c "import torch" 2>/dev/null || $(DICTLEARN_BIN)/pip install -q $(FIND_LINKS) torch==2.13.0
+	$(DICTLEARN_BIN)/pip install -q $(FIND_LINKS) torch==2.13.0 dictionary-learning -e ".[geospatial]"
+	@# nnsight 0.3 requires torchvision, whose wheel from the index does not match the CPU torch
+	@# ("operator torchvision::nms does not exist"), and transformers then fails to import its
+	@# models; nothing on the SAE-training path uses torchvision, so it is removed again.
+	$(DICTLEARN_BIN)/pip uninstall -y -q torchvision
+	@touch $@
+
+bench-dictlearn: $(DICTLEARN_STAMP)
+	$(DICTLEARN_BIN)/python benchmarks/bench_sae_vs_dictionary_learning.py $(BENCH_ARGS)
 
 # the tests that need SAELens (skipped in the main environment), run where it is installed
 bench-test: $(BENCH_STAMP)
 	$(BENCH_BIN)/python -m pytest -q -p no:cacheprovider tests/core/test_sae_formats.py
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(DICTLEARN_VENV) runs .pytest_cache

