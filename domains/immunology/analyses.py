@@ -235,6 +235,7 @@ def steering(adapter: "ImmunologyAdapter", ctx: "RunContext", src: str, tgt: str
     from sklearn.preprocessing import StandardScaler
 
     from sciscope.core.capture import pooled_activations
+    from sciscope.core.interventions import split_copies, tile_copies
 
     if int(adapter.steer_site.split(".")[-1]) > int(adapter.readout_site.split(".")[-1]):
         warnings.warn(f"immunology: steering site {adapter.steer_site!r} is after the read-out layer "
@@ -257,7 +258,7 @@ def steering(adapter: "ImmunologyAdapter", ctx: "RunContext", src: str, tgt: str
     seqs = [vocab.encode(list(g)) for g in ctx.examples().inputs]
     head = int(hasattr(ctx.model(), "cls"))  # whether the model predicts masked genes
 
-    def score(cells: np.ndarray) -> Callable[[nn.Module], dict[str, np.ndarray]]:
+    def score(cells: np.ndarray) -> Callable[[nn.Module, int | None], list[dict[str, np.ndarray]]]:
         batches = [collate([seqs[i] for i in cells[j:j + 64]], vocab) for j in range(0, cells.size, 64)]
         gen, masks = torch.Generator().manual_seed(c["seed"] + 11), []
         for b in batches:
@@ -267,39 +268,44 @@ def steering(adapter: "ImmunologyAdapter", ctx: "RunContext", src: str, tgt: str
             chosen[none, real.float().argmax(1)[none]] = True
             masks.append(chosen)
 
-        def fn(m: nn.Module) -> dict[str, np.ndarray]:
-            out: dict[str, list[torch.Tensor]] = {}
+        def evaluate(m: nn.Module, copies: int | None) -> list[dict[str, np.ndarray]]:
+            """Scores of each of ``copies`` stacked copies of the cells (None: the cells once)."""
+            k = copies or 1
+            out: list[dict[str, list[torch.Tensor]]] = [{} for _ in range(k)]
             was = m.training
             m.eval()
             try:
-                h = pooled_activations(m, batches, readout, pooling="masked", aliases=adapter.aliases)
-                proba = probe.predict_proba(h)
+                h = pooled_activations(m, batches, readout, pooling="masked", aliases=adapter.aliases, copies=copies)
+                proba = [probe.predict_proba(x) for x in (h if copies else [h])]
                 with torch.inference_mode():
                     for b, chosen in zip(batches if head else [], masks):
-                        logits = m(input_ids=b["input_ids"].masked_fill(chosen, vocab.special["mask"]),
-                                   attention_mask=b["attention_mask"]).logits
-                        prob = torch.softmax(logits[..., gene_ids].float(), dim=-1)  # (B, P, G)
+                        ids = b["input_ids"].masked_fill(chosen, vocab.special["mask"])
+                        logits = m(input_ids=tile_copies(ids, k), attention_mask=tile_copies(b["attention_mask"], k)).logits
                         w = chosen.float() / chosen.sum(1, keepdim=True)  # mean over each cell's masked positions
-                        hit = (gene_ids[prob.argmax(-1)] == b["input_ids"]).float()
-                        for key, v in (("target_marker_prob", prob[..., t_cols].sum(-1)),
-                                       ("source_marker_prob", prob[..., s_cols].sum(-1)), ("masked_gene_accuracy", hit)):
-                            out.setdefault(key, []).append((v * w).sum(1))
+                        for res, lg in zip(out, split_copies(logits, k)):
+                            prob = torch.softmax(lg[..., gene_ids].float(), dim=-1)  # (B, P, G)
+                            hit = (gene_ids[prob.argmax(-1)] == b["input_ids"]).float()
+                            for key, v in (("target_marker_prob", prob[..., t_cols].sum(-1)),
+                                           ("source_marker_prob", prob[..., s_cols].sum(-1)), ("masked_gene_accuracy", hit)):
+                                res.setdefault(key, []).append((v * w).sum(1))
             finally:
                 m.train(was)
-            res = {k: torch.cat(v).numpy().astype(np.float64) for k, v in out.items()}
-            return {**res, "p_target_type": proba[:, t_idx], "frac_classified_target": (proba.argmax(1) == t_idx).astype(float)}
+            return [{**{key: torch.cat(v).numpy().astype(np.float64) for key, v in res.items()},
+                     "p_target_type": p[:, t_idx], "frac_classified_target": (p.argmax(1) == t_idx).astype(float)}
+                    for res, p in zip(out, proba)]
 
-        return fn
+        return evaluate
 
     # the source's markers are meant to fall as the cells move to the target type: a target read
     # with that sign (as an off-target score, their intended fall read as a side effect)
-    scorer = Scorer(score(pick_cells(adapter, ctx, src)),
+    evaluate = score(pick_cells(adapter, ctx, src))
+    scorer = Scorer(lambda m: evaluate(m, None)[0], batched=evaluate,
                     target=["target_marker_prob"] * head + ["p_target_type"] + ["source_marker_prob"] * head,
                     decrease=["source_marker_prob"] * head, damage=["masked_gene_accuracy"] * head)
 
     def reference(run: "RunContext") -> dict[str, dict[str, float]]:
         cells = pick_cells(adapter, run, tgt)
-        scores = score(cells)(run.model()) if cells.size else {}
+        scores = score(cells)(run.model(), None)[0] if cells.size else {}
         return {f"real {tgt} cells": {k: float(np.mean(v)) for k, v in scores.items()}} if scores else {}
 
     return scorer, reference

@@ -3,6 +3,8 @@ driver genes, steering, the results AnnData, and every bad-input case of the iss
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -17,7 +19,7 @@ anndata = pytest.importorskip("anndata")
 
 from sciscope.core import ConfigError, collect  # noqa: E402
 from sciscope.core.context import RunContext  # noqa: E402
-from sciscope.core.experiment import resolve_intervention, resolve_reference, run_plan  # noqa: E402
+from sciscope.core.experiment import check_batched_scorer, resolve_intervention, resolve_reference, run_plan  # noqa: E402
 from sciscope.core.sae import create_sae, sae_config  # noqa: E402
 from sciscope.core.testing import check_adapter  # noqa: E402
 from sciscope.domains.immunology import (  # noqa: E402
@@ -451,6 +453,8 @@ def test_steering_plan_moves_the_readout_toward_the_target(tiny, tiny_store) -> 
     assert s["score"] == "p_target_type" and s["effect_plus"] > s["control_effect_plus_max_abs"]
     assert s["n_examples"] == base["p_target_type"].size and s["effect_plus_ci"][0] > 0
     assert s["reference[real CD19+ B cells]"] == pytest.approx(ref["p_target_type"])
+    # the alphas and controls run as copies of one batch give the numbers of one job at a time
+    check_batched_scorer(model, dataclasses.replace(plan, alphas=[-1.0, 2.0], n_controls=2), intervention, aliases=ad.aliases)
 
 
 # ------------------------------------------------------------------- confounds (issue 15)
