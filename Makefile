@@ -29,7 +29,7 @@ walkthrough: setup
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# The peer libraries (SAELens, nnsight, steering-vectors) pin an older transformers, so the
+# The peer libraries (SAELens, nnsight, steering-vectors, TransformerLens) pin an older transformers, so the
 # benchmarks get their own environment; the project is installed there too (editable).
 BENCH_VENV   := .venv-bench
 BENCH_BIN    := $(BENCH_VENV)/bin
@@ -51,6 +51,7 @@ $(BENCH_STAMP): pyproject.toml
 bench: $(BENCH_STAMP)
 	$(BENCH_BIN)/python benchmarks/bench_sae_vs_saelens.py $(BENCH_ARGS)
 	$(BENCH_BIN)/python benchmarks/bench_capture_vs_nnsight.py $(BENCH_ARGS)
+	$(BENCH_BIN)/python benchmarks/bench_capture_vs_transformerlens.py $(BENCH_ARGS)
 	$(BENCH_BIN)/python benchmarks/bench_steering_vectors.py $(BENCH_ARGS)
 	$(BENCH_BIN)/python benchmarks/bench_probe_sweep.py $(BENCH_ARGS)
 	$(BENCH_BIN)/python benchmarks/bench_capture_memory.py $(BENCH_ARGS)

@@ -9,13 +9,25 @@ and one on shuffled labels (the control), standardised features:
 * ``sciscope``: :func:`sciscope.core.probe_sweep` (ridge: one SVD per fold shared by all numeric
   targets and their controls, alpha by efficient LOO; logistic: folds + control in one batched
   L-BFGS), with ``fit_direction=False`` because the loop below fits no all-rows probe;
-* ``sklearn``: ``make_pipeline(StandardScaler(), RidgeCV(alphas, gcv_mode="svd"))`` and
+* ``sklearn``: the loop an informed scikit-learn user writes, on the folds and permutation
+  sciscope used.  Numeric targets: per fold, one multi-target
+  ``make_pipeline(StandardScaler(), RidgeCV(alphas, alpha_per_target=True))`` whose columns are
+  every numeric target and its shuffled control (so one decomposition per fold serves them all,
+  alpha chosen per column by the same efficient leave-one-out criterion).  Categorical target:
   ``make_pipeline(StandardScaler(), LogisticRegression(C=1, max_iter=1000))`` per fold, for the
-  real and the shuffled labels, on the folds and permutation sciscope used.
+  real and the shuffled labels (scikit-learn has no multi-target logistic fit).
+  ``--also-per-target`` adds the naive ridge loop (one ``RidgeCV(gcv_mode="svd")`` per target,
+  condition and fold) as a secondary figure.
+
+Precision: ridge is float64 on both sides.  Logistic: scikit-learn is float64 throughout;
+sciscope keeps its parameters, loss and L-BFGS state in float64 but runs the two large products
+per iteration (whitened design times weights, and its transpose times the residuals) in float32.
+probe_sweep has no float64 switch for them, so the logistic figure is float32-products vs
+float64, and the accuracy difference is reported beside it.
 
 Usage::
 
-    python benchmarks/bench_probe_sweep.py [--n 5000] [--d 384] [--layers 7] [--threads N]
+    python benchmarks/bench_probe_sweep.py [--n 5000] [--d 384] [--layers 7] [--threads N] [--also-per-target]
 
 Prints both times, the ratio and the largest per-fold score difference (R^2 / accuracy), and
 writes ``benchmarks/results/probe_sweep.json`` (atomically).
@@ -56,8 +68,24 @@ def make_store(n: int, d: int, layers: int, seed: int = 0):
     return ActivationStore.from_arrays(obs, arrays)
 
 
-def sklearn_loop(store, sweep, targets):
-    """The loop a scikit-learn user writes, on sciscope's folds and control permutation."""
+def sklearn_loop(store, sweep, targets: list[str], *, per_target: bool = False) -> tuple[dict, dict[str, float]]:
+    """The scikit-learn loop, on sciscope's folds and control permutation.
+
+    Parameters
+    ----------
+    store, sweep
+        The activations and sciscope's sweep (its folds, kinds and control seed are reused).
+    targets
+        Target columns; numeric ones go into one multi-target RidgeCV per fold.
+    per_target
+        Fit one ``RidgeCV(gcv_mode="svd")`` per target, condition and fold instead (the naive
+        loop of the earlier baseline).
+
+    Returns
+    -------
+    tuple
+        Scores keyed by ``(site, target, condition, fold)`` and seconds per probe kind.
+    """
     from sklearn.linear_model import LogisticRegression, RidgeCV
     from sklearn.metrics import accuracy_score, r2_score
     from sklearn.pipeline import make_pipeline
@@ -70,24 +98,41 @@ def sklearn_loop(store, sweep, targets):
     seed = sweep.params["seed"]
     for site in sweep.sites:
         X = np.asarray(store.array(site))
+        perm = _control_permutation(X.shape[0], seed)
+        numeric = [t for t in targets if sweep[(site, t)].kind == "ridge"]
+        if numeric:
+            folds = sweep[(site, numeric[0])].folds
+            # columns: every numeric target, then each one's shuffled control
+            Y = np.column_stack([store.obs[t].to_numpy(dtype=np.float64) for t in numeric])
+            Y = np.column_stack([Y, Y[perm]])
+            cols = [(t, "probe") for t in numeric] + [(t, "control") for t in numeric]
+            t0 = time.perf_counter()
+            for f, (tr, te) in enumerate(folds):
+                if per_target:
+                    pred = np.column_stack([
+                        make_pipeline(StandardScaler(), RidgeCV(alphas=DEFAULT_ALPHAS, gcv_mode="svd"))
+                        .fit(X[tr], Y[tr, j]).predict(X[te]) for j in range(Y.shape[1])
+                    ])
+                else:
+                    model = make_pipeline(StandardScaler(), RidgeCV(alphas=DEFAULT_ALPHAS, alpha_per_target=True))
+                    pred = model.fit(X[tr], Y[tr]).predict(X[te])
+                for j, (t, condition) in enumerate(cols):
+                    scores[(site, t, condition, f)] = r2_score(Y[te, j], pred[:, j])
+            seconds["ridge"] += time.perf_counter() - t0
         for target in targets:
             res = sweep[(site, target)]
+            if res.kind == "ridge":
+                continue
             y = store.obs[target].to_numpy()
-            y_ctrl = y[_control_permutation(len(y), seed)]
+            y_ctrl = y[perm]
             t0 = time.perf_counter()
             for condition, labels in (("probe", y), ("control", y_ctrl)):
                 for f, (tr, te) in enumerate(res.folds):
-                    if res.kind == "ridge":
-                        model = make_pipeline(StandardScaler(), RidgeCV(alphas=DEFAULT_ALPHAS, gcv_mode="svd"))
+                    model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
                         model.fit(X[tr], labels[tr])
-                        s = r2_score(labels[te], model.predict(X[te]))
-                    else:
-                        model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            model.fit(X[tr], labels[tr])
-                        s = accuracy_score(labels[te], model.predict(X[te]))
-                    scores[(site, target, condition, f)] = s
+                    scores[(site, target, condition, f)] = accuracy_score(labels[te], model.predict(X[te]))
             seconds[res.kind] += time.perf_counter() - t0
     return scores, seconds
 
@@ -109,6 +154,9 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=None,
                     help="sciscope's logistic L-BFGS gradient tolerance (default: probe_sweep's 1e-5, ten times "
                          "stricter than LogisticRegression's default tol=1e-4; pass 1e-4 to match it)")
+    ap.add_argument("--also-per-target", action="store_true",
+                    help="also time the naive ridge loop (one RidgeCV per target, condition and fold; about 50 s "
+                         "on one thread) as a secondary figure")
     args = ap.parse_args()
 
     import sklearn.linear_model  # noqa: F401  (load every BLAS/OpenMP library before capping threads)
@@ -143,6 +191,11 @@ def main() -> None:
     t0 = time.perf_counter()
     ref, sk_seconds = sklearn_loop(store, sweep, targets)
     t_sklearn = time.perf_counter() - t0
+    per_target = None
+    if args.also_per_target:
+        ref_pt, sk_pt = sklearn_loop(store, sweep, numeric, per_target=True)
+        per_target = {"sklearn_ridge_s": sk_pt["ridge"], "speedup": sk_pt["ridge"] / t_ridge,
+                      "max_abs_r2_diff_vs_multi_target": max(abs(v - ref[k]) for k, v in ref_pt.items())}
     load_after = os.getloadavg()
 
     diffs = {"ridge": 0.0, "logistic": 0.0}
@@ -181,6 +234,18 @@ def main() -> None:
             "ridge": {"sciscope_s": t_ridge, "sklearn_s": sk_seconds["ridge"], "speedup": sk_seconds["ridge"] / t_ridge},
             "logistic": {"sciscope_s": t_logistic, "sklearn_s": sk_seconds["logistic"], "speedup": sk_seconds["logistic"] / t_logistic},
         },
+        "sklearn_baseline": {
+            "ridge": "per fold one make_pipeline(StandardScaler(), RidgeCV(DEFAULT_ALPHAS, alpha_per_target=True)) "
+                     "on all numeric targets and their shuffled controls as columns (gcv_mode auto)",
+            "logistic": "per fold and condition make_pipeline(StandardScaler(), LogisticRegression(C=1, max_iter=1000))",
+        },
+        "precision": {
+            "sciscope_ridge": "float64",
+            "sklearn_ridge": "float64",
+            "sciscope_logistic": "float64 parameters, loss and L-BFGS; float32 design products (no float64 switch)",
+            "sklearn_logistic": "float64 (lbfgs)",
+        },
+        "ridge_per_target_loop": per_target,
         "max_abs_score_diff": diffs,
         "best_layer": {t: sweep.best(t).site for t in targets},
         "summary": summary[["site", "target", "metric", "score_mean", "control_mean"]].to_dict(orient="records"),
@@ -193,9 +258,13 @@ def main() -> None:
           f"load {load_before[0]:.2f} -> {load_after[0]:.2f}")
     print(f"{args.layers} sites x {len(targets)} targets x {args.cv} folds x (probe + control), n={args.n}, d={args.d}")
     print(f"sciscope probe_sweep: {t_sciscope:8.2f} s")
-    print(f"scikit-learn loop:    {t_sklearn:8.2f} s   ({result['speedup']:.1f}x slower)")
+    print(f"scikit-learn loop:    {t_sklearn:8.2f} s   ({result['speedup']:.1f}x slower; ridge multi-target)")
     for kind, b in result["by_kind"].items():
         print(f"  {kind:8s}: sciscope {b['sciscope_s']:7.2f} s, scikit-learn {b['sklearn_s']:7.2f} s ({b['speedup']:.1f}x)")
+    if per_target:
+        print(f"  ridge, naive per-target loop: scikit-learn {per_target['sklearn_ridge_s']:7.2f} s "
+              f"({per_target['speedup']:.1f}x); max R^2 diff vs multi-target {per_target['max_abs_r2_diff_vs_multi_target']:.1e}")
+    print("precision: ridge float64 both; logistic sciscope float32 products / float64 state, scikit-learn float64")
     print(f"max |score difference| per fold: ridge R^2 {diffs['ridge']:.2e}, logistic accuracy {diffs['logistic']:.4f}")
     print(summary.pivot(index="site", columns="target", values="score_mean").round(3).to_string())
     print(f"wrote {out}")
