@@ -7,8 +7,9 @@ A store is a folder::
       obs.parquet          # one row per observation (example, or example x position)
       arrays/<site>.npy    # one (n_obs, d) array per site, memory-mapped on open
 
-Arrays are written in chunks while capturing (:class:`StoreWriter`), so memory does not grow with
-the number of examples, and read back memory-mapped, so a store larger than RAM streams.
+Arrays and obs rows are written in chunks while capturing (:class:`StoreWriter`), so memory does not
+grow with the number of rows, and arrays are read back memory-mapped, so a store larger than RAM
+streams. How obs chunks whose column types differ are joined is described under :class:`StoreWriter`.
 The folder appears atomically: a crash leaves either no store or a complete one.
 
 Nothing is lost and nothing is silently wrong: a store is written only over nothing, an empty folder
@@ -31,12 +32,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .errors import ConfigError, IntegrityError, NonFiniteError, SciscopeError, ShapeError, SiteError, close_matches
 
 _HEADER_BYTES = 256  # fixed .npy header size, so the final shape can be written after streaming
 _MANIFEST = "manifest.json"
 _OBS = "obs.parquet"
+_OBS_ROW_GROUP = 65_536  # obs rows buffered before a parquet row group is written (a few MB for 20 columns)
 _log = logging.getLogger(__name__)
 _warned_unverified = False  # say once per process that stores without checksums are not verified
 
@@ -117,15 +121,19 @@ class _ArrayAppender:
         self._fh = open(path, "wb")
         self._fh.write(_npy_header(self.dtype, (0, 0)))
 
-    def append(self, chunk: np.ndarray, site: str) -> None:
+    def check(self, chunk: np.ndarray, site: str) -> None:
+        """Raise :class:`ShapeError` unless ``chunk`` is ``(rows, d)`` with the width of earlier chunks."""
         if chunk.ndim != 2:
             raise ShapeError(f"site {site!r}: expected a (rows, d) chunk, got shape {chunk.shape}")
-        if self.width is None:
-            self.width = chunk.shape[1]
-        elif chunk.shape[1] != self.width:
+        if self.width is not None and chunk.shape[1] != self.width:
             raise ShapeError(
                 f"site {site!r}: chunk has width {chunk.shape[1]}, earlier chunks had {self.width}"
             )
+
+    def append(self, chunk: np.ndarray, site: str) -> None:
+        self.check(chunk, site)
+        if self.width is None:
+            self.width = chunk.shape[1]
         self._fh.write(np.ascontiguousarray(chunk, dtype=self.dtype).tobytes())
         self.n_rows += chunk.shape[0]
 
@@ -135,8 +143,328 @@ class _ArrayAppender:
         self._fh.close()
 
 
+class _ObsChunk:
+    """One obs chunk made ready to write: its arrow table and what the close-time join needs."""
+
+    __slots__ = ("table", "dtypes", "value_types")
+
+    def __init__(
+        self, table: pa.Table, dtypes: dict[str, Any], value_types: dict[str, frozenset[type]]
+    ) -> None:
+        self.table = table
+        self.dtypes = dtypes  # column -> pandas dtype of this chunk
+        self.value_types = value_types  # column -> Python types of its non-null values
+
+
+def _value_types(col: pd.Series) -> frozenset[type]:
+    """The Python types of a column's non-null values, as ``pd.concat`` with an object column sees them.
+
+    Object columns are scanned value by value (the check the whole-table writer made); any other
+    dtype holds one type, that of its first non-null value converted to a Python object (an int64
+    column gives ``int``, a categorical of strings ``str``, a datetime column ``Timestamp``).
+    Called on every column of every chunk, so the common dtypes take vectorised shortcuts.
+    """
+    dtype = col.dtype
+    if len(col) == 0:
+        return frozenset()
+    if isinstance(dtype, np.dtype) and dtype.kind in "iub":  # numpy ints and bools hold no nulls
+        return frozenset({bool if dtype.kind == "b" else int})
+    if isinstance(dtype, np.dtype) and dtype.kind == "f":
+        return frozenset({float}) if not np.isnan(col.to_numpy()).all() else frozenset()
+    if dtype == object:
+        values = col.to_numpy()
+        types = set(map(type, values)) - {type(None), type(pd.NA), type(pd.NaT)}
+        if not any(issubclass(t, float) for t in types):
+            return frozenset(types)
+        # a float may be NaN (null): only then look at the values one by one
+        return frozenset(map(type, values[pd.notna(values)]))
+    if isinstance(dtype, pd.CategoricalDtype):
+        codes = col.cat.codes.to_numpy()
+        valid = codes >= 0
+        if not valid.any():
+            return frozenset()
+        first = codes[int(valid.argmax())]
+        return frozenset({type(np.asarray(col.cat.categories[first : first + 1], dtype=object)[0])})
+    valid = col.notna().to_numpy()
+    if not valid.any():
+        return frozenset()
+    pos = int(valid.argmax())
+    return frozenset({type(col.iloc[pos : pos + 1].astype(object).iloc[0])})
+
+
+def _as_strings(values: Sequence[Any]) -> list[str | None]:
+    # str(v) as the whole-table writer did (1 -> "1", 2.5 -> "2.5"), but a null stays null
+    # rather than becoming the text "None" or "nan".
+    return [None if v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and v != v) else str(v)
+            for v in values]
+
+
+def _pandas_meta(schema: pa.Schema) -> dict[str, Any]:
+    return json.loads(schema.metadata[b"pandas"]) if schema.metadata and b"pandas" in schema.metadata else {}
+
+
+def _with_pandas_meta(schema: pa.Schema, meta: dict[str, Any]) -> pa.Schema:
+    return schema.with_metadata({**(schema.metadata or {}), b"pandas": json.dumps(meta).encode()})
+
+
+def _object_column_meta(name: str, typ: pa.DataType) -> dict[str, Any]:
+    """The pandas-metadata entry ``Table.from_pandas`` gives an object column holding ``typ`` values."""
+    from pyarrow.pandas_compat import get_logical_type
+
+    return {"name": name, "field_name": name, "pandas_type": get_logical_type(typ), "numpy_type": "object",
+            "metadata": None}
+
+
+class _ObsWriter:
+    """Stream obs chunks to parquet: a row group per ``row_group`` buffered rows, memory flat in the rows.
+
+    Chunks go to a part file whose arrow schema is that of the chunk that opened it. A later chunk
+    whose arrow types differ (a column int64 in one chunk and float64 in the next, or all-None
+    here and strings there) opens a new part. On :meth:`finish` every column gets the type
+    ``pd.concat`` of all chunks would have given it (see :class:`StoreWriter` for the policy);
+    when that is the one part's own schema (the usual case: every chunk a slice of one table) the
+    part becomes ``obs.parquet`` as it is, otherwise the parts are rewritten row group by row group
+    into ``obs.parquet``, cast to the joined schema, so memory stays flat either way.
+    """
+
+    def __init__(self, folder: Path, row_group: int) -> None:
+        if row_group < 1:
+            raise ConfigError(f"obs_row_group must be >= 1, got {row_group}")
+        self.folder = folder
+        self.row_group = row_group
+        self.columns: list[str] | None = None  # fixed by the first chunk
+        self._empty: pd.DataFrame | None = None  # first chunk, no rows: written when no row ever comes
+        self._dtypes: dict[str, list[Any]] = {}  # column -> distinct pandas dtypes of non-empty chunks
+        self._value_types: dict[str, set[type]] = {}
+        self._parts: list[tuple[Path, pa.Schema, set[str]]] = []  # closed parts, in row order
+        self._valued: set[str] = set()  # columns with a non-null value in the part being filled
+        self._schema: pa.Schema | None = None  # schema of the part being filled
+        self._writer: pq.ParquetWriter | None = None  # opened at the part's first row group
+        self._part_path = folder / ".obs.part-0.parquet"
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+
+    # -- per chunk ------------------------------------------------------------------------------
+    def prepare(self, obs: pd.DataFrame, first_row: int) -> _ObsChunk | None:
+        """Check and convert one chunk (None for a chunk without rows or columns).
+
+        Raises :class:`ShapeError` when its columns differ from the first chunk's or a column cannot
+        be converted to arrow. Only the first chunk leaves a trace (its columns) before :meth:`push`.
+        """
+        names = [str(c) for c in obs.columns]
+        dup = sorted({c for c in names if names.count(c) > 1})
+        if dup:
+            raise ShapeError(f"obs chunk at row {first_row} has duplicate column names {dup}")
+        if self.columns is not None and names != self.columns:
+            missing = [c for c in self.columns if c not in names]
+            extra = [c for c in names if c not in self.columns]
+            if missing or extra:
+                raise ShapeError(
+                    f"obs chunk at row {first_row} "
+                    + (f"lacks column(s) {missing}" if missing else "")
+                    + (" and " if missing and extra else "")
+                    + (f"has new column(s) {extra}" if extra else "")
+                    + f"; every obs chunk must have the columns of the first: {self.columns}"
+                )
+        if list(obs.columns) != names:
+            obs = obs.set_axis(names, axis=1)  # a new frame: the caller's keeps its labels
+        if self.columns is not None and names != self.columns:
+            obs = obs[self.columns]  # same columns in another order: the first chunk's order
+        if len(obs) == 0 or not names:
+            self._first(obs)
+            return None
+        dtypes = {c: obs[c].dtype for c in names}
+        value_types = {c: _value_types(obs[c]) for c in names}
+        converted = {}
+        for c in names:
+            if dtypes[c] == object and len(value_types[c]) > 1:
+                # Parquet holds one type per column: mixed values are written as their text.
+                converted[c] = pd.Series(_as_strings(obs[c].to_numpy()), index=obs.index, dtype=object)
+        if converted:
+            obs = obs.assign(**converted)
+        try:
+            # one thread: a chunk is small, and a thread pool per chunk costs more than it saves
+            table = pa.Table.from_pandas(obs, preserve_index=False, nthreads=1)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise ShapeError(f"obs chunk at row {first_row} cannot be written to parquet: {e}") from e
+        self._first(obs)
+        return _ObsChunk(table, dtypes, value_types)
+
+    def _first(self, obs: pd.DataFrame) -> None:
+        # the first chunk accepted fixes the columns (a refused one fixes nothing)
+        if self.columns is None:
+            self.columns = list(obs.columns)
+            self._empty = obs.iloc[:0].copy()  # a copy: a view would keep the whole chunk alive
+
+    def push(self, chunk: _ObsChunk) -> None:
+        """Add a prepared chunk: record its types, buffer its table, write a row group when due."""
+        for c, dt in chunk.dtypes.items():
+            seen = self._dtypes.setdefault(c, [])
+            if not any(dt == s for s in seen):
+                seen.append(dt)
+            self._value_types.setdefault(c, set()).update(chunk.value_types[c])
+        table = chunk.table
+        if self._schema is not None:
+            fitted = self._fit(table)
+            if fitted is None:
+                self._close_part()
+            else:
+                table = fitted
+        if self._schema is None:
+            self._schema = table.schema
+        self._valued.update(n for n, col in zip(table.column_names, table.columns) if col.null_count < len(col))
+        self._buffer.append(table)
+        self._buffered += table.num_rows
+        if self._buffered >= self.row_group:
+            self._flush()
+
+    def _fit(self, table: pa.Table) -> pa.Table | None:
+        """``table`` in the current part's schema, or None when it needs a part of its own.
+
+        Only nulls are reconciled here, losslessly: an all-None column takes the part's type, and
+        while the part has no row group on disk yet, its all-None column takes the new chunk's.
+        """
+        assert self._schema is not None
+        fill: dict[int, pa.DataType] = {}  # all-None columns of the chunk -> the part's type
+        widen: dict[int, pa.DataType] = {}  # all-None columns of the (unwritten) part -> the chunk's
+        for i, (mine, theirs) in enumerate(zip(self._schema.types, table.schema.types)):
+            if mine == theirs:
+                continue
+            if pa.types.is_null(theirs):
+                fill[i] = mine
+            elif pa.types.is_null(mine) and self._writer is None:
+                widen[i] = theirs
+            else:
+                return None
+        for i, typ in fill.items():
+            table = table.set_column(i, self._schema.field(i), pa.nulls(table.num_rows, typ))
+        if widen:
+            schema, meta = self._schema, _pandas_meta(self._schema)
+            for i, typ in widen.items():
+                schema = schema.set(i, schema.field(i).with_type(typ))
+                self._buffer = [t.set_column(i, schema.field(i), pa.nulls(t.num_rows, typ)) for t in self._buffer]
+                if meta:
+                    meta["columns"][i] = _object_column_meta(schema.field(i).name, typ)
+            self._schema = _with_pandas_meta(schema, meta) if meta else schema
+        return table
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        assert self._schema is not None
+        if self._writer is None:
+            self._part_path = self.folder / f".obs.part-{len(self._parts)}.parquet"
+            self._writer = pq.ParquetWriter(self._part_path, self._schema)
+        table = pa.concat_tables(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+        self._writer.write_table(table, row_group_size=table.num_rows)  # one row group
+        self._buffer, self._buffered = [], 0
+
+    def _close_part(self) -> None:
+        self._flush()
+        if self._writer is not None:
+            self._parts.append((self._part_path, self._schema, self._valued))
+            self._writer.close()
+        self._writer, self._schema, self._valued = None, None, set()
+
+    # -- at the end -----------------------------------------------------------------------------
+    def finish(self, path: Path, n_obs: int) -> None:
+        """Write ``obs.parquet`` at ``path`` from the parts (see the class docstring)."""
+        self._close_part()
+        if not self._parts:
+            # no chunk, no row or no column: the whole-table writer's result
+            if not self.columns:
+                _write_obs(pd.DataFrame(index=pd.RangeIndex(n_obs)), path)
+            else:
+                _write_obs(self._empty if self._empty is not None else pd.DataFrame(), path)
+            return
+        target, render = self._joined_schema()
+        first_path, first_schema, _ = self._parts[0]
+        same = first_schema.equals(target) and _pandas_meta(first_schema) == _pandas_meta(target)
+        if len(self._parts) == 1 and same:
+            os.replace(first_path, path)
+            return
+        with pq.ParquetWriter(path, target) as out:
+            for part, _, _ in self._parts:
+                pf = pq.ParquetFile(part)
+                for g in range(pf.num_row_groups):
+                    table = pf.read_row_group(g)
+                    out.write_table(self._cast(table, target, render), row_group_size=max(table.num_rows, 1))
+                del pf
+                part.unlink()
+
+    def _joined_schema(self) -> tuple[pa.Schema, set[str]]:
+        """The schema of the joined obs and the columns whose values are written as text."""
+        assert self.columns is not None
+        fields, entries, render = [], [], set()
+        first_meta = _pandas_meta(self._parts[0][1])
+        for i, name in enumerate(self.columns):
+            dtypes = self._dtypes[name]
+            # the dtype pd.concat of the chunks gives the column, from empty frames of its dtypes (it
+            # depends on the dtypes only; frames, not series: concat joins bool + int64 to int64 in
+            # frames but to object in series)
+            empties = [pd.DataFrame({name: pd.Series([], dtype=d)}) for d in dtypes]
+            joined = pd.concat(empties, ignore_index=True)[name].dtype
+            if joined != object:
+                empty = pd.DataFrame({name: pd.Series([], dtype=joined)})
+                sample = pa.Schema.from_pandas(empty, preserve_index=False)
+                typ, entry = sample.field(0).type, _pandas_meta(sample)["columns"][0]
+                if len(dtypes) == 1 and first_meta:
+                    entry = first_meta["columns"][i]  # the chunks' own entry (e.g. a tz, categories)
+            elif len(self._value_types[name]) > 1:
+                typ, entry = pa.string(), _object_column_meta(name, pa.string())
+                render.add(name)
+            else:
+                # the types of the parts that hold values: a chunk of NaN floats joins strings
+                types = [_decoded(sch.field(i).type) for _, sch, valued in self._parts if name in valued]
+                types = types or [_decoded(self._parts[0][1].field(i).type)]
+                try:
+                    schemas = [pa.schema([(name, t)]) for t in types]
+                    typ = pa.unify_schemas(schemas, promote_options="permissive").field(0).type
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+                    raise ShapeError(f"obs column {name!r} holds types {sorted(set(map(str, types)))} in "
+                                     f"different chunks that cannot be joined: {e}") from e
+                entry = _object_column_meta(name, typ)
+            fields.append(pa.field(name, typ))
+            entries.append(entry)
+        meta = {**first_meta, "columns": entries} if first_meta else {"columns": entries}
+        return _with_pandas_meta(pa.schema(fields), meta), render
+
+    @staticmethod
+    def _cast(table: pa.Table, target: pa.Schema, render: set[str]) -> pa.Table:
+        columns = []
+        for i, field in enumerate(target):
+            col = table.column(i)
+            if col.type != field.type:
+                if field.name in render and not pa.types.is_string(col.type):
+                    col = pa.chunked_array([pa.array(_as_strings(col.to_pylist()), pa.string())], pa.string())
+                else:
+                    if pa.types.is_dictionary(col.type) and not pa.types.is_dictionary(field.type):
+                        col = col.cast(col.type.value_type)
+                    # int -> float rounds beyond 2**53 as numpy does (safe=False) instead of refusing
+                    to_float = pa.types.is_floating(field.type) and pa.types.is_integer(col.type)
+                    col = col.cast(field.type, safe=not to_float)
+            columns.append(col)
+        return pa.Table.from_arrays(columns, schema=target)
+
+    def discard(self) -> None:
+        """Close an open part (the caller removes the folder)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - the file is being thrown away
+                pass
+        self._writer, self._schema, self._buffer = None, None, []
+
+
+def _decoded(typ: pa.DataType) -> pa.DataType:
+    return typ.value_type if pa.types.is_dictionary(typ) else typ
+
+
 class StoreWriter:
     """Write a store chunk by chunk; the folder appears (atomically) only on :meth:`close`.
+
+    Arrays go to their ``.npy`` files as each chunk arrives, obs rows to a parquet file a row group
+    at a time (every ``obs_row_group`` rows), so the writer's memory does not grow with the rows.
 
     Parameters
     ----------
@@ -150,6 +478,34 @@ class StoreWriter:
         On-disk dtype of the arrays (``float32`` by default; ``float16`` halves the disk).
     check_finite
         Raise :class:`NonFiniteError` naming the site and row when a chunk holds NaN or inf.
+    manifest
+        Provenance to record; ``n_obs``, ``dtype``, ``sites`` and ``sha256`` are filled in on close.
+    obs_row_group
+        Obs rows buffered before they are written as one parquet row group.
+
+    Notes
+    -----
+    Obs chunks are joined as ``pd.concat`` of all of them would join them (what this writer did
+    when it held every chunk until ``close``), decided at ``close`` from each column's dtypes in
+    every chunk, without holding the rows:
+
+    * Every chunk must have the columns of the first (names as ``str``); a chunk that lacks one or
+      adds one raises :class:`ShapeError` naming the columns and the chunk's first row -- never
+      silently filled with nulls. The same columns in another order are put in the first's order.
+    * A column with one dtype in every chunk keeps it (categoricals included, with their
+      categories and order). Numeric dtypes widen as ``pd.concat`` widens them: int32 + int64 ->
+      int64, int + float -> float64 (NaN kept), bool + int -> int64.
+    * Any other mix makes an object column, written as its values: categoricals whose categories
+      differ between chunks as their values (strings), all-None chunks in the type of the others;
+      a column whose non-null values have more than one Python type over all chunks (ints and
+      strings, bools and floats, ...) as ``str(value)``.
+    * Nulls (None, NaN, NA) stay null, also in a column written as text (the whole-table writer
+      wrote them as the strings ``"None"`` and ``"nan"`` there).
+    * A chunk without rows only fixes the columns (and, when no row ever comes, the dtypes).
+
+    When the chunks agree (every chunk a slice of one table, as in :func:`collect`), the parquet
+    file written while capturing is the store's ``obs.parquet``; otherwise ``close`` rewrites it row
+    group by row group in the joined schema. Either way ``pandas.read_parquet`` reads it.
 
     Examples
     --------
@@ -165,6 +521,7 @@ class StoreWriter:
         dtype: Any = np.float32,
         check_finite: bool = True,
         manifest: Mapping[str, Any] | None = None,
+        obs_row_group: int = _OBS_ROW_GROUP,
     ) -> None:
         self.path = Path(path)
         self.sites = list(sites)
@@ -177,27 +534,33 @@ class StoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temp(self.path)
         self._tmp = self.path.with_name(f".{self.path.name}.writing-{os.getpid()}")
+        self._obs = _ObsWriter(self._tmp, obs_row_group)  # checks obs_row_group before anything is made
         if self._tmp.exists():
             shutil.rmtree(self._tmp)
         (self._tmp / "arrays").mkdir(parents=True)
         self._arrays = {
             s: _ArrayAppender(self._tmp / "arrays" / site_filename(s), self.dtype) for s in self.sites
         }
-        self._obs_chunks: list[pd.DataFrame] = []
         self.n_obs = 0
         self._closed = False
 
     def append(self, arrays: Mapping[str, np.ndarray], obs: pd.DataFrame) -> None:
-        """Append one chunk: an array ``(rows, d)`` per site and the matching ``rows`` obs rows."""
+        """Append one chunk: an array ``(rows, d)`` per site and the matching ``rows`` obs rows.
+
+        Everything is checked before anything is written, so a chunk that raises leaves the
+        files as they were.
+        """
         missing = set(self.sites) - set(arrays)
         if missing:
             raise SiteError(f"chunk lacks sites {sorted(missing)}")
+        chunks = {}
         for site in self.sites:
             chunk = np.asarray(arrays[site])
             if chunk.shape[0] != len(obs):
                 raise ShapeError(
                     f"site {site!r}: chunk has {chunk.shape[0]} rows but obs chunk has {len(obs)}"
                 )
+            self._arrays[site].check(chunk, site)
             if self.check_finite and chunk.dtype.kind == "f":
                 bad = ~np.isfinite(chunk).all(axis=tuple(range(1, chunk.ndim)))
                 if bad.any():
@@ -206,18 +569,23 @@ class StoreWriter:
                         f"site {site!r}: NaN or inf activations in {int(bad.sum())} rows "
                         f"(first at obs row {row})"
                     )
+            chunks[site] = chunk
+        obs_chunk = self._obs.prepare(obs, self.n_obs)
+        for site, chunk in chunks.items():
             self._arrays[site].append(chunk, site)
-        self._obs_chunks.append(obs.reset_index(drop=True))
+        if obs_chunk is not None:
+            self._obs.push(obs_chunk)
         self.n_obs += len(obs)
 
     def close(self) -> "ActivationStore":
         """Finish the files, write obs + manifest and move the folder into place."""
         for appender in self._arrays.values():
             appender.close()
-        obs = (
-            pd.concat(self._obs_chunks, ignore_index=True) if self._obs_chunks else pd.DataFrame()
-        )
-        _write_obs(obs, self._tmp / _OBS)
+        self._obs.finish(self._tmp / _OBS, self.n_obs)
+        if self._obs.columns:  # a table without columns is stored without rows (open restores them)
+            rows = pq.ParquetFile(self._tmp / _OBS).metadata.num_rows
+            if rows != self.n_obs:
+                raise IntegrityError(f"obs.parquet holds {rows} rows but {self.n_obs} were appended")
         manifest = dict(self.manifest)
         files = {s: f"arrays/{site_filename(s)}" for s in self.sites}
         manifest.update(
@@ -244,6 +612,7 @@ class StoreWriter:
         for appender in self._arrays.values():
             if not appender._fh.closed:
                 appender._fh.close()
+        self._obs.discard()
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._closed = True
 
@@ -264,7 +633,8 @@ class StoreWriter:
 
 
 def _write_obs(obs: pd.DataFrame, path: Path) -> None:
-    # Parquet needs string column names and no mixed-type object columns.
+    # The whole-table writer, now only for obs without rows or columns (StoreWriter streams the rest
+    # through _ObsWriter). Parquet needs string column names and no mixed-type object columns.
     obs = obs.copy()
     obs.columns = [str(c) for c in obs.columns]
     for col in obs.columns:
