@@ -37,17 +37,11 @@ from sciscope.core.sae.base import (
     _distributed,
     register_sae,
 )
-from sciscope.core.sae.topk import SparseCode, sparse_affine, weighted_rows
+from sciscope.core.sae.topk import SparseCode, bag_samples, sparse_affine, weighted_rows
 
 # Stride of the deterministic subsample used to pre-select top-(k*B) candidates; prime, so it does
 # not alias with d_sae.
 _SAMPLE_STRIDE = 61
-
-
-def bag_samples(offsets: Tensor, n: int) -> Tensor:
-    """Sample index of every entry of a flat code of ``n`` entries with bag ``offsets`` (B,): (n,)."""
-    counts = torch.diff(offsets, append=offsets.new_tensor([n]))  # (B,) entries per sample
-    return torch.repeat_interleave(torch.arange(offsets.numel(), device=offsets.device), counts)
 
 
 @dataclass(kw_only=True)
