@@ -29,8 +29,9 @@ walkthrough: setup
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# The peer libraries (SAELens, nnsight, steering-vectors, TransformerLens) pin an older transformers, so the
-# benchmarks get their own environment; the project is installed there too (editable).
+# The peer libraries (SAELens, nnsight, steering-vectors, TransformerLens) need an older transformers
+# (SAELens pins it), so the benchmarks get their own environment; the project is installed there
+# too (editable).
 BENCH_VENV   := .venv-bench
 BENCH_BIN    := $(BENCH_VENV)/bin
 BENCH_EXTRAS := bench,geospatial

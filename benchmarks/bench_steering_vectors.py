@@ -177,7 +177,13 @@ def run_shape(shape: str, n_pairs: int, args: argparse.Namespace, tmp: Path) -> 
         cos = {i: float(torch.nn.functional.cosine_similarity(ours[i].double(), theirs[i].double(), dim=0)) for i in ours}
         rel = {i: float((ours[i].double() - theirs[i].double()).norm() / theirs[i].double().norm()) for i in ours}
         t_ours, t_theirs = min(times["sciscope"]), min(times["steering_vectors"])
+        # what stop_early skips in this case: the blocks after the last one read, the final norm
+        # (left out of the count) and the LM head
+        skipped = flops["lm_head"] + (n_layers - 1 - max(layers)) * flops["blocks"] / n_layers
+        skip_bound = 1.0 / (1.0 - skipped / (flops["blocks"] + flops["lm_head"]))
         per_case[case] = {
+            "skipped_flop_share": skipped / (flops["blocks"] + flops["lm_head"]),
+            "speedup_from_skipping_alone": skip_bound,
             "layers": layers, "seconds": times, "cosine_by_block": cos, "relative_difference_by_block": rel,
             "min_cosine": min(cos.values()), "max_relative_difference": max(rel.values()),
             "sciscope_s": t_ours, "steering_vectors_s": t_theirs, "speedup_vs_steering_vectors": t_theirs / t_ours,
@@ -186,7 +192,8 @@ def run_shape(shape: str, n_pairs: int, args: argparse.Namespace, tmp: Path) -> 
               f"max |ours - theirs| / |theirs| {max(rel.values()):.1e}")
         print(f"  sciscope (tokenise + collect to disk + contrast_vector): {t_ours:6.2f} s (best of {args.repeats})")
         print(f"  steering-vectors train_steering_vector:                 {t_theirs:6.2f} s")
-        print(f"  sciscope is {t_theirs / t_ours:.2f}x steering-vectors' speed")
+        print(f"  sciscope is {t_theirs / t_ours:.2f}x steering-vectors' speed; stop_early skips "
+              f"{100 * skipped / (flops['blocks'] + flops['lm_head']):.0f}% of the forward FLOPs, worth {skip_bound:.2f}x alone")
     return {
         "model": f"GPT2LMHeadModel from GPT2Config(n_layer={n_layers}, n_embd={width}, n_head={width // 64}, "
                  f"vocab_size={model.config.vocab_size}), random init (seed 0); byte-level BPE tokenizer (vocab 2000) "
