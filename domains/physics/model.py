@@ -29,7 +29,7 @@ from sciscope.core.io import atomic_path, write_json
 from sciscope.core.training import fit_lightning, loss_module
 
 __all__ = ["ModelSpec", "PhysicsPredictor", "RolloutResult", "TrainResult", "WindowDataset", "build_predictor",
-           "load_predictor", "rollout", "save_predictor", "train_predictor"]
+           "load_predictor", "rollout", "rollout_copies", "save_predictor", "train_predictor"]
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "predictor.json"
@@ -120,7 +120,21 @@ class PhysicsPredictor(nn.Module):
         k = s.decoder_channels
         out = self.head(tokens)  # (B, P, k*p*p)
         out = out.reshape(b, hp, wp, k, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, k, h, w)  # (B, k, H, W)
-        return self.mix(self.act(out))  # (B, C, H, W)
+        return self._periodic_mix(self.act(out))  # (B, C, H, W)
+
+    def _periodic_mix(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.mix`` (the periodic 3x3 convolution) as circular pad + unfold + one matmul per example.
+
+        The same numbers as ``self.mix(x)`` up to rounding, and the same parameters; computed this
+        way because oneDNN's convolution picks its algorithm by batch size (a batch of one differs
+        in the last bits from that example inside a larger batch), whereas here every example's
+        output is the same product whatever the batch: ``n`` stacked copies of a batch (batched
+        steering sweeps) then compute exactly what the batch alone computes.
+        """
+        b, _, h, w = x.shape
+        cols = nn.functional.unfold(nn.functional.pad(x, (1, 1, 1, 1), mode="circular"), 3)  # (B, k*9, H*W)
+        weight = self.mix.weight.reshape(self.mix.out_channels, -1)  # (C, k*9), unfold's (channel, ky, kx) order
+        return (weight @ cols + self.mix.bias[:, None]).reshape(b, -1, h, w)
 
 
 def build_predictor(spec: ModelSpec) -> PhysicsPredictor:
@@ -252,7 +266,6 @@ class RolloutResult:
     diverged_at: np.ndarray
 
 
-@torch.no_grad()
 def rollout(model: nn.Module, context: np.ndarray | torch.Tensor, n_steps: int, *, blowup: float = 50.0,
             batch_size: int = 64) -> RolloutResult:
     """Roll ``model`` forward ``n_steps`` frames from ``context`` ``(B, T, C, n, n)``.
@@ -261,16 +274,37 @@ def rollout(model: nn.Module, context: np.ndarray | torch.Tensor, n_steps: int, 
     within a few units) is marked diverged from that step, its later frames are NaN, and its
     input is replaced by zeros so the others go on unchanged.
     """
+    return rollout_copies(model, context, n_steps, 1, blowup=blowup, batch_size=batch_size)[0]
+
+
+@torch.no_grad()
+def rollout_copies(model: nn.Module, context: np.ndarray | torch.Tensor, n_steps: int, copies: int, *,
+                   blowup: float = 50.0, batch_size: int = 64) -> list[RolloutResult]:
+    """:func:`rollout` of ``copies`` stacked copies of ``context``: one :class:`RolloutResult` per copy.
+
+    Each batch of ``batch_size`` contexts is tiled copy-major
+    (:func:`~sciscope.core.interventions.tile_copies`) and rolled out as one, so every forward
+    carries ``copies`` equal copy blocks of the batch :func:`rollout` would feed: under
+    :func:`~sciscope.core.interventions.apply_copies` copy ``i`` evolves under its own
+    intervention, and (every step being per-row) its result is that of :func:`rollout` under
+    that intervention alone.
+    """
+    from sciscope.core.interventions import split_copies, tile_copies
+
     ctx_all = torch.as_tensor(np.asarray(context, dtype=np.float32))
     if ctx_all.ndim != 5:
         raise ConfigError(f"physics: rollout context must be (B, T, C, n, n), got shape {tuple(ctx_all.shape)}")
+    if copies < 1:
+        raise ValueError(f"physics: rollout copies must be >= 1, got {copies}")
     device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.eval()
-    parts = []  # (frames, diverged, diverged_at) per batch
+    parts: list[list[tuple[np.ndarray, ...]]] = [[] for _ in range(copies)]  # per copy: (frames, diverged, at) per batch
     try:
         for b0 in range(0, len(ctx_all), batch_size):
-            ctx = ctx_all[b0: b0 + batch_size].to(device)
+            # tile per batch (not the whole context): the batch boundaries, hence each forward's
+            # rows per copy, stay those of one rollout alone
+            ctx = tile_copies(ctx_all[b0: b0 + batch_size], copies).to(device)
             bsz = len(ctx)
             frames = torch.full((bsz, n_steps, *ctx.shape[2:]), float("nan"))
             bad = torch.zeros(bsz, dtype=torch.bool)
@@ -285,7 +319,8 @@ def rollout(model: nn.Module, context: np.ndarray | torch.Tensor, n_steps: int, 
                 nxt[bad] = float("nan")
                 frames[:, step] = nxt
                 ctx = torch.cat([ctx[:, 1:], torch.nan_to_num(nxt, nan=0.0).to(device)[:, None]], dim=1)
-            parts.append((frames.numpy(), bad.numpy(), at.numpy()))
+            for i, part in enumerate(zip(*(split_copies(x.numpy(), copies) for x in (frames, bad, at)))):
+                parts[i].append(part)
     finally:
         model.train(was_training)
-    return RolloutResult(*(np.concatenate(p) for p in zip(*parts)))
+    return [RolloutResult(*(np.concatenate(p) for p in zip(*per_copy))) for per_copy in parts]

@@ -18,7 +18,7 @@ from sciscope.core.experiment import Scorer
 
 from .data import REGIMES
 from .diagnostics import DIAGNOSTICS, diagnose
-from .model import rollout
+from .model import RolloutResult, rollout, rollout_copies
 from .physicality import PHYSICALITY, physical_bands, physicality, within_bands
 
 if TYPE_CHECKING:
@@ -39,7 +39,9 @@ class RolloutScorer:
     NaN/inf or blow up (*diverged*) and finite ones that leave the simulated data's range by half
     its width or whose rms exceeds twice the largest rms of any simulated frame (*unphysical*:
     e.g. a flow whose energy grew 4-fold), and scores the others over their last ``score_frames``
-    frames. Every score is a per-rollout array (NaN where a rollout is not scored).
+    frames. Every score is a per-rollout array (NaN where a rollout is not scored). :meth:`copies`
+    does the same for ``n`` interventions at once, each rollout batch stacked ``n`` times (the
+    :class:`Scorer`'s batched form; the numbers are those of one call per intervention).
 
     A scored rollout is also read by diagnostics the classifier never sees (:mod:`.physicality`:
     patch-boundary artefacts, boundedness, mass or divergence); it is *physical* when every scored
@@ -89,14 +91,32 @@ class RolloutScorer:
         return Scorer(self, target=[f"p_{a}_physical_from_{b}", f"p_{a}_from_{b}"], off_target=[f"p_{a}_from_{a}"],
                       damage=["diverged_fraction", "unphysical_fraction", "artefact_fraction", f"rollout_mse_from_{b}",
                               f"rollout_mse_from_{a}"],
-                      broken="broken_fraction")
+                      broken="broken_fraction", batched=self.copies)
 
     def __call__(self, model: nn.Module) -> dict[str, np.ndarray]:
+        return self.copies(model, 1)[0]
+
+    def copies(self, model: nn.Module, n: int) -> list[dict[str, np.ndarray]]:
+        """The scores of ``n`` stacked copies of every rollout batch (the :class:`Scorer`'s batched form).
+
+        Under :func:`~sciscope.core.interventions.apply_copies` copy ``i`` of each forward runs
+        under its own intervention (:func:`~.model.rollout_copies`); each copy's rollouts are then
+        scored alone (its own bounds checks, diagnostics and classifier call), so its scores are
+        those of ``self(model)`` under that intervention alone.
+        """
+        runs: dict[str, list[RolloutResult]] = {}
+        for regime in (self.regime_b, self.regime_a):
+            with self.adapter.threads():
+                runs[regime] = rollout_copies(model, self.contexts[regime], self.n_steps, n,
+                                              blowup=self.adapter.config["blowup"])
+        return [self._score({regime: res[i] for regime, res in runs.items()}) for i in range(n)]
+
+    def _score(self, runs: dict[str, RolloutResult]) -> dict[str, np.ndarray]:
+        """The scores of one set of rollouts (one per start context of each regime)."""
         out: dict[str, np.ndarray] = {}
         diverged, unphysical, artefact = [], [], []
         for regime in (self.regime_b, self.regime_a):
-            with self.adapter.threads():
-                res = rollout(model, self.contexts[regime], self.n_steps, blowup=self.adapter.config["blowup"])
+            res = runs[regime]
             finite = ~res.diverged
             # a finite rollout that leaves the data's range by half its width is no physical state:
             # its regime is not read (the classifier would extrapolate), only counted

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sciscope.core import ConfigError, capture, steer
-from sciscope.core.experiment import SteeringPlan, run_plan
+from sciscope.core.experiment import SteeringPlan, check_batched_scorer, run_plan
 from sciscope.core.interventions import AddVector
 from sciscope.core.sites import resolve_site
 from sciscope.core.testing import check_adapter
@@ -405,6 +405,37 @@ def test_scorer_counts_diverged_rollouts_and_the_sweep_goes_on(tiny) -> None:
     first, again = ev(model), ev(model)
     assert first["broken_fraction"].shape == (n,) and first["p_vortex_from_laminar"].shape == (len(ev.starts["laminar"]),)
     assert all(np.array_equal(first[k], again[k], equal_nan=True) for k in first)
+
+
+def test_batched_rollout_scores_equal_one_job_at_a_time(tiny) -> None:
+    """The alphas and controls rolled out as copies of one batch (each forward n copy blocks) score
+    exactly as one job at a time, also when some copies diverge; the bands stay cached."""
+    import dataclasses
+
+    ad, model = tiny
+    ev = RolloutScorer(ad, "gray_scott", model)
+    bands = ev.bands
+    vec = ad.regime_vector(model, "gray_scott")
+    iv = AddVector(vec, scale="relative", relative_to="example")
+    calls: list[int] = []
+
+    def spy(m: torch.nn.Module, n: int) -> list[dict[str, np.ndarray]]:
+        calls.append(n)
+        return ev.copies(m, n)
+
+    plan = SteeringPlan("t", iv, dataclasses.replace(ev.scorer, batched=spy), [-0.5, 0.5], n_controls=2)
+    sweep = check_batched_scorer(model, plan, iv, aliases=ad.aliases)
+    assert calls == [6]  # 3 conditions x 2 alphas in one batched call: the batched path really ran
+    assert sweep.broken("steer")[0.5] == 0.0 and np.isfinite(sweep.curve("p_stripes_physical_from_spots")[0.5])
+    # an infinite alpha breaks its own copies only (per-row divergence, per-copy norms)
+    flow = RolloutScorer(ad, "flow")
+    fvec = ad.regime_vector(model, "flow")
+    fiv = AddVector(fvec, scale="relative", relative_to="example")
+    fsweep = check_batched_scorer(model, SteeringPlan("f", fiv, flow.scorer, [0.5, float("inf")], n_controls=1), fiv,
+                                  aliases=ad.aliases)
+    assert fsweep.curve("diverged_fraction")[float("inf")] == 1.0 and fsweep.broken("steer")[0.5] == 0.0
+    # the unsteered model's bands are cached per (adapter, system, model): a new scorer rolls out nothing
+    assert RolloutScorer(ad, "gray_scott", model).bands is bands
 
 
 def test_steering_plans_and_analyses_write_through_the_context(tiny) -> None:
