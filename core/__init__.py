@@ -1,34 +1,77 @@
 """sciscope.core — the domain-agnostic toolkit.
 
 capture -> ActivationStore -> probe / steer / sae / features / patch / lens.
+
+Names are imported on first use (PEP 562): ``import sciscope.core`` and the command line that only
+reads a config stay light, and a stage that needs no model does not pay for torch's submodules it
+never touches.
 """
 
-from .adapter import DomainAdapter, Examples, available_domains, get_domain, register_domain
-from .capture import capture, collect, model_identity, pool
-from .config import Key
-from .context import RunContext
-from .errors import (
-    AdapterError,
-    ConfigError,
-    ContrastError,
-    IntegrityError,
-    NonFiniteError,
-    ProbeError,
-    SciscopeError,
-    ShapeError,
-    SiteError,
-)
-from .experiment import Analysis, PlanSweep, ProbeSet, Scorer, SteeringPlan, contrast_plan, run_plan
-from .features import FeatureAnalysis, analyze_features, concept_associations, feature_density, top_examples
-from .hooks import HookSet, count_hooks
-from .interventions import AblateFeatures, AddVector, Clamp, Intervention, SteerFeature
-from .lens import embedding_matrix, ffn_value_vectors, lens, unembedding_matrix, value_vector_lens
-from .patch import PatchResult, activation_patching
-from .probe import ProbeResult, ProbeSweepResult, fit_probe, probe_sweep
-from .sites import Site, list_sites, resolve_site
-from .steer import SteeringSweep, SteeringVector, alpha_sweep, clamp, contrast_vector, steer
-from .store import ActivationStore, StoreWriter, merge_shards
-from .threads import limit_threads, threads_per_device, use_threads
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    **dict.fromkeys(['DomainAdapter', 'Examples', 'available_domains', 'get_domain', 'register_domain'], "adapter"),
+    **dict.fromkeys(['capture', 'collect', 'model_identity', 'pool'], "capture"),
+    **dict.fromkeys(['Key'], "config"),
+    **dict.fromkeys(['RunContext'], "context"),
+    **dict.fromkeys(['AdapterError', 'ConfigError', 'ContrastError', 'IntegrityError', 'NonFiniteError', 'ProbeError', 'SciscopeError', 'ShapeError', 'SiteError'], "errors"),
+    **dict.fromkeys(['Analysis', 'PlanSweep', 'ProbeSet', 'Scorer', 'SteeringPlan', 'contrast_plan', 'run_plan'], "experiment"),
+    **dict.fromkeys(['FeatureAnalysis', 'analyze_features', 'concept_associations', 'feature_density', 'top_examples'], "features"),
+    **dict.fromkeys(['HookSet', 'count_hooks'], "hooks"),
+    **dict.fromkeys(['AblateFeatures', 'AddVector', 'Clamp', 'Intervention', 'SteerFeature'], "interventions"),
+    **dict.fromkeys(['embedding_matrix', 'ffn_value_vectors', 'lens', 'unembedding_matrix', 'value_vector_lens'], "lens"),
+    **dict.fromkeys(['PatchResult', 'activation_patching'], "patch"),
+    **dict.fromkeys(['ProbeResult', 'ProbeSweepResult', 'fit_probe', 'probe_sweep'], "probe"),
+    **dict.fromkeys(['Site', 'list_sites', 'resolve_site'], "sites"),
+    **dict.fromkeys(['SteeringSweep', 'SteeringVector', 'alpha_sweep', 'clamp', 'contrast_vector', 'steer'], "steer"),
+    **dict.fromkeys(['ActivationStore', 'StoreWriter', 'merge_shards'], "store"),
+    **dict.fromkeys(['limit_threads', 'threads_per_device', 'use_threads'], "threads"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # what type checkers and editors see
+    from .adapter import DomainAdapter, Examples, available_domains, get_domain, register_domain
+    from .capture import capture, collect, model_identity, pool
+    from .config import Key
+    from .context import RunContext
+    from .errors import (
+        AdapterError,
+        ConfigError,
+        ContrastError,
+        IntegrityError,
+        NonFiniteError,
+        ProbeError,
+        SciscopeError,
+        ShapeError,
+        SiteError,
+    )
+    from .experiment import Analysis, PlanSweep, ProbeSet, Scorer, SteeringPlan, contrast_plan, run_plan
+    from .features import FeatureAnalysis, analyze_features, concept_associations, feature_density, top_examples
+    from .hooks import HookSet, count_hooks
+    from .interventions import AblateFeatures, AddVector, Clamp, Intervention, SteerFeature
+    from .lens import embedding_matrix, ffn_value_vectors, lens, unembedding_matrix, value_vector_lens
+    from .patch import PatchResult, activation_patching
+    from .probe import ProbeResult, ProbeSweepResult, fit_probe, probe_sweep
+    from .sites import Site, list_sites, resolve_site
+    from .steer import SteeringSweep, SteeringVector, alpha_sweep, clamp, contrast_vector, steer
+    from .store import ActivationStore, StoreWriter, merge_shards
+    from .threads import limit_threads, threads_per_device, use_threads
 
 __all__ = [
     "AblateFeatures", "AddVector", "Analysis", "Clamp", "Intervention", "Key", "PlanSweep", "ProbeSet", "RunContext",

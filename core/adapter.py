@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pandas as pd
 from torch import nn
 
-from .config import Key, check_keys
+from .config import ENTRY_POINT_GROUP, Key, check_keys
 from .errors import AdapterError, ConfigError, UnknownDomainError, close_matches
 from .experiment import Analysis, ProbeSet, Scorer, SteeringPlan, contrast_plan
 
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from .fidelity import TaskLoss
     from .context import RunContext
 
-ENTRY_POINT_GROUP = "sciscope.domains"
 
 
 @dataclass
@@ -419,9 +418,13 @@ _RUNTIME_REGISTRY: dict[str, type[DomainAdapter]] = {}
 
 
 @functools.cache
-def _entry_point_domains() -> dict[str, type[DomainAdapter]]:
+def _entry_point_domains(only: str | None = None) -> dict[str, type[DomainAdapter]]:
+    """Adapters registered as entry points (``only``: just that name's, so that looking one up does
+    not import every other domain's dependencies)."""
     found: dict[str, type[DomainAdapter]] = {}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if only is not None and ep.name != only:
+            continue
         try:
             cls = ep.load()
         except Exception as e:  # a broken plugin must not break sciscope
@@ -455,8 +458,16 @@ def available_domains() -> dict[str, type[DomainAdapter]]:
     return {**_entry_point_domains(), **_RUNTIME_REGISTRY}
 
 
+def find_domain(name: str) -> type[DomainAdapter] | None:
+    """The adapter class registered as ``name`` (run-time registrations first), importing only its module."""
+    return _RUNTIME_REGISTRY.get(name) or _entry_point_domains(only=name).get(name)
+
+
 def get_domain(name: str, config: Mapping[str, Any] | None = None) -> DomainAdapter:
     """Instantiate the adapter registered as ``name`` with a validated ``config``."""
+    cls = find_domain(name)
+    if cls is not None:
+        return cls(config)
     domains = available_domains()
     if name not in domains:
         hint = close_matches(name, domains)

@@ -23,6 +23,9 @@ from typing import Any
 
 from .errors import ConfigError
 
+#: The entry-point group domain adapters register under (here, where reading it imports nothing heavy).
+ENTRY_POINT_GROUP = "sciscope.domains"
+
 STAGE_ORDER: tuple[str, ...] = ("examples", "model", "activations", "probes", "sae", "features", "steering", "report")
 
 

@@ -77,6 +77,45 @@ def run_folder(out: str, domain: str, run: str) -> Path:
     return run_dir
 
 
+def validation_key(args: argparse.Namespace) -> str | None:
+    """A hash of what decides a run's validated config: the domain, profile and ``--set`` values,
+    and the size and modification time of every source file of sciscope (and of the adapter's
+    file for ``path.py:Class``). None where the adapter's code cannot be fingerprinted without
+    importing it (a third-party module), which then is always imported and validated."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+    import json
+    import os
+
+    from sciscope.core.config import ENTRY_POINT_GROUP
+    from sciscope.pipelines.skeleton import LOCAL_REGISTRY, local_domains
+
+    files: list[Path] = []
+    for package in ("sciscope.core", "sciscope.domains", "sciscope.pipelines", "sciscope.data"):
+        spec = importlib.util.find_spec(package)
+        for root in (Path(p) for p in (spec.submodule_search_locations or [])) if spec else ():
+            # the data folder's own tables only, not the caches that runs write beneath it
+            found = root.glob("*") if package == "sciscope.data" else root.rglob("*")
+            files += sorted(f for f in found if f.suffix in (".py", ".smk", ".csv") or f.name == "Snakefile")
+    # the adapter's own code: sciscope's domains are among the files above; a local or file adapter adds its file
+    spec = local_domains().get(args.domain, args.domain)
+    own = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    if ":" in spec:
+        target = spec.rpartition(":")[0]
+        if not target.endswith(".py"):
+            return None  # module:Class, possibly of another package
+        folder = Path(target).resolve().parent  # the adapter file and the modules beside it that it may import
+        files += [Path(target).resolve(), *sorted(folder.rglob("*.py"))]
+    elif not own.get(spec, "").startswith("sciscope."):
+        return None  # another package's entry point (or an unknown name, which the full check reports)
+    files.append(Path(LOCAL_REGISTRY).resolve())  # local domains registered in this folder
+    stats = [(str(f), f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else (str(f), None, None) for f in files]
+    what = {"domain": args.domain, "profile": args.profile, "set": list(args.set or []), "python": sys.executable,
+            "cwd": os.getcwd(), "files": stats}
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
 def _failure_line(run_dir: Path) -> str:
     """The failed stage's one-line summary and its log (stages log ``stage X failed: ...`` last)."""
     logs = sorted((run_dir / "logs").glob("*.log"), key=lambda p: p.stat().st_mtime)
@@ -109,51 +148,71 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import time
 
     from sciscope.core.io import write_json
-    from sciscope.pipelines.config import load_adapter_class, parse_sets, resolve_adapter_spec, resolve_config
     from sciscope.pipelines.layout import RUN_FILE, read_run_info
     from sciscope.pipelines.lock import describe_holder, run_lock
 
-    # everything is checked before the run folder is touched: a bad input writes nothing
-    cls = load_adapter_class(args.domain)
-    config = resolve_config(cls, profile=args.profile, overrides=parse_sets(args.set or []))
-    adapter_spec = resolve_adapter_spec(args.domain)
-    run_dir = run_folder(args.out, cls.name, args.run or args.profile)
     if args.cores < 1:
         raise ConfigError(f"--cores must be >= 1, got {args.cores}")
+    # A rerun of the same command on the same code reuses the config that command validated last
+    # time (run.json), without importing the adapter (torch, its domain libraries): a run with
+    # nothing left to do stays a matter of seconds.
+    key = validation_key(args)
+    old = read_run_info(Path(args.out) / args.domain / (args.run or args.profile)) if key and ":" not in args.domain else {}
+    if key and old.get("validated") == key:
+        info = {k: old[k] for k in ("domain", "adapter", "run", "config", "created", "stage_of_key", "steering_uses_features",
+                                    "validated")}
+        run_dir = run_folder(args.out, info["domain"], args.run or args.profile)
+    else:
+        from sciscope.pipelines.config import load_adapter_class, parse_sets, resolve_adapter_spec, resolve_config, stage_of_key
+
+        # everything is checked before the run folder is touched: a bad input writes nothing
+        cls = load_adapter_class(args.domain)
+        config = resolve_config(cls, profile=args.profile, overrides=parse_sets(args.set or []))
+        adapter_spec = resolve_adapter_spec(args.domain)
+        run_dir = run_folder(args.out, cls.name, args.run or args.profile)
+        info = {"domain": cls.name, "adapter": adapter_spec, "run": run_dir.name, "config": config,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                # for the Snakefile, which then plans the run without importing the adapter
+                "stage_of_key": {k: stage_of_key(cls, k) for k in config},
+                "steering_uses_features": bool(cls.steering_uses_features),
+                "validated": key}
+    name = info["domain"]
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir, command=f"sciscope run {args.domain}") as stale, tempfile.TemporaryDirectory() as tmp:
         if stale:
             print(f"sciscope: note: the previous run here ({describe_holder(stale)}) was stopped before it ended; "
                   "resuming", flush=True)
-        info = {"domain": cls.name, "adapter": adapter_spec, "run": run_dir.name, "config": config,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         old = read_run_info(run_dir)
         if args.dry_run:  # a dry run shows what the new config would rerun and leaves run.json as it was
             run_file = Path(tmp) / RUN_FILE
             write_json(run_file, info)
         else:
             run_file = run_dir / RUN_FILE
-            if old.get("adapter") != adapter_spec or old.get("config") != json.loads(json.dumps(config, default=str)):
+            if any(old.get(k) != json.loads(json.dumps(info.get(k), default=str))
+                   for k in ("adapter", "config", "stage_of_key", "steering_uses_features", "validated")):
                 write_json(run_file, info)
         snakefile = Path(__file__).with_name("Snakefile")
         # a Snakemake target first (before the options that take several values): stop after a stage
         target = [f"{args.until}/done.json"] if args.until else []
-        # --nolock: the run lock above is ours (Snakemake's own would need --unlock after a kill)
+        # --nolock: the run lock above is ours (Snakemake's own would need --unlock after a kill).
+        # --rerun-triggers without "code": a rule's command names the interpreter (python or python3
+        # of the same venv) and the progress flag, which change no result; params carry the config.
         cmd = [sys.executable, "-m", "snakemake", *target, "--snakefile", str(snakefile),
                "--directory", str(run_dir.resolve()), "--cores", str(args.cores), "--rerun-incomplete", "--nolock",
+               "--rerun-triggers", "mtime", "params", "input", "software-env",
                "--config", f"run_dir={run_dir.resolve()}", f"run_file={run_file.resolve()}",
                f"progress={not args.quiet}", f"cores={args.cores}", "--quiet", "rules"]
-        if lost := lost_stages(run_dir, args.until or "report", steering_uses_features=cls.steering_uses_features):
+        if lost := lost_stages(run_dir, args.until or "report", steering_uses_features=info["steering_uses_features"]):
             cmd += ["--forcerun", *lost]
         if args.dry_run:
             cmd.append("--dry-run")
         cmd += args.snakemake_arg or []
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        print(f"sciscope: {cls.name} run -> {run_dir}", flush=True)
+        print(f"sciscope: {name} run -> {run_dir}", flush=True)
         t0 = time.time()
         proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
-        print(f"sciscope: error: the {cls.name} pipeline failed{_failure_line(run_dir)}", file=sys.stderr)
+        print(f"sciscope: error: the {name} pipeline failed{_failure_line(run_dir)}", file=sys.stderr)
         return 1
     if args.dry_run:
         print(f"sciscope: dry run: nothing ran; {run_dir} is unchanged", flush=True)

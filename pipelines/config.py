@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sciscope.core.adapter import DomainAdapter, available_domains, merge_config
+from sciscope.core.adapter import DomainAdapter, available_domains, find_domain, merge_config
 from sciscope.core.config import PIPELINE_KEYS as CORE_PIPELINE_KEYS
 from sciscope.core.config import check_keys, pipeline_defaults
 from sciscope.core.errors import AdapterError, ConfigError, UnknownDomainError, close_matches
@@ -25,7 +25,7 @@ def resolve_adapter_spec(domain: str) -> str:
     """A spec that finds the same adapter from any working directory (files made absolute)."""
     from sciscope.pipelines.skeleton import local_domains
 
-    if domain not in available_domains():
+    if find_domain(domain) is None:
         domain = local_domains().get(domain, domain)
     if ":" in domain and domain.rpartition(":")[0].endswith(".py"):
         file, _, name = domain.rpartition(":")
@@ -37,13 +37,14 @@ def load_adapter_class(domain: str) -> type[DomainAdapter]:
     """A registered domain name, ``package.module:Class`` or ``path/to/file.py:Class``."""
     from sciscope.pipelines.skeleton import local_domains
 
-    domains = available_domains()
-    if domain in domains:
-        return domains[domain]
+    found = find_domain(domain)
+    if found is not None:
+        return found
     local = local_domains()
     if domain in local:
         domain = local[domain]
     if ":" not in domain:
+        domains = available_domains()
         hint = close_matches(domain, domains)
         raise UnknownDomainError(
             f"unknown domain {domain!r}"

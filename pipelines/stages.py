@@ -8,13 +8,14 @@ atomically, its headline numbers (each beside its control) and finally ``done.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +114,18 @@ def stage_examples(run: Run) -> dict[str, Any]:
 
 
 def stage_model(run: Run) -> dict[str, Any]:
-    """Build (or train) the model and record its identity."""
+    """Build (or train) the model and record its identity.
+
+    The adapter's model variants (e.g. chemistry's other encoding) train meanwhile in their own
+    processes on a share of the stage's threads: small models use a second thread poorly, so two
+    one-thread trainings side by side finish well before two two-thread ones in a row.
+    """
     from sciscope.core import model_identity
     from sciscope.core.sites import resolve_site
 
     out = run.path("model")
-    model = run.model()
+    with _variants_alongside(run):
+        model = run.model()
     for site in run.adapter.sites:
         resolve_site(model, site, run.adapter.aliases)
     info = {"identity": model_identity(model), "sites": run.adapter.sites, "aliases": run.adapter.aliases,
@@ -130,6 +137,43 @@ def stage_model(run: Run) -> dict[str, Any]:
     rows += run.analyses("model")
     write_headline(out, rows)
     return info
+
+
+@contextlib.contextmanager
+def _variants_alongside(run: Run) -> Iterator[None]:
+    """Build each of the adapter's model variants in a child process (into the run's cache) while the
+    block runs; wait for them at its end and fail with the child's last log lines if one failed."""
+    import subprocess
+    import torch
+
+    from sciscope.core.errors import SciscopeError
+    from sciscope.core.threads import use_threads
+
+    threads = torch.get_num_threads()
+    variants = list(run.adapter.variants) if not run.config.get("model") else []
+    if not variants or threads < 2:  # one thread: the variants train later, in turn (ctx.model)
+        yield
+        return
+    share = max(1, threads // (len(variants) + 1))
+    use_threads(max(1, threads - share * len(variants)))
+    logs = {v: run.path("model") / f"variant-{v}.log" for v in variants}
+    procs = {v: subprocess.Popen([sys.executable, "-m", "sciscope.pipelines.stages", "model", str(run.dir), "--variant", v,
+                                  "--threads", str(share), "--log", str(logs[v])] + ([] if run.progress else ["--no-progress"]),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for v in variants}
+    log.info("model variants %s train alongside (%d thread(s) each)", variants, share)
+    try:
+        yield
+    except BaseException:
+        for p in procs.values():  # the stage failed: its variants are not needed
+            p.kill()
+        raise
+    finally:
+        failed = [v for v, p in procs.items() if p.wait() != 0]
+        use_threads(threads)
+    if failed:
+        tail = logs[failed[0]].read_text().strip().splitlines()[-1:] if logs[failed[0]].is_file() else []
+        raise SciscopeError(f"model variant {failed[0]!r} failed to train ({logs[failed[0]]}): {' '.join(tail)}")
 
 
 def stage_activations(run: Run) -> dict[str, Any]:
@@ -564,7 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard", type=int, default=None, help="activations only: capture this shard (see capture_shards)")
     ap.add_argument("--threads", type=int, default=None,
                     help="cap torch's and the BLAS thread pools at this many threads (the rule's share of the cores)")
+    ap.add_argument("--variant", default=None, help="model only: build this model variant into the run's cache, nothing else")
     args = ap.parse_args(argv)
+    if args.variant is not None and args.stage != "model":
+        ap.error("--variant goes with the model stage")
     if args.threads is not None:
         if args.threads < 1:
             ap.error(f"--threads must be >= 1, got {args.threads}")
@@ -580,7 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", handlers=handlers, force=True)
     log.info("stage %s of %s (threads: %s)", args.stage, args.run_dir, args.threads or "library defaults")
     try:
-        result = run_stage(args.stage, args.run_dir, progress=not args.no_progress, shard=args.shard)
+        if args.variant is not None:  # a model variant trained alongside the model stage (_variants_alongside)
+            Run(args.run_dir, progress=not args.no_progress).model(args.variant)
+            result: Any = {"variant": args.variant}
+        else:
+            result = run_stage(args.stage, args.run_dir, progress=not args.no_progress, shard=args.shard)
     except SciscopeError as e:  # a deliberate error names what to fix: one line is enough
         log.error("stage %s failed: %s", args.stage, e)
         print(f"sciscope: error in stage {args.stage}: {e}", file=sys.stderr)

@@ -157,6 +157,32 @@ def same_config(run: Path) -> list[str]:
     return ["--set", f"sae_steps={json.loads((run / 'run.json').read_text())['config']['sae_steps']}"]
 
 
+def test_a_rerun_imports_no_adapter_until_code_changes_and_any_name_of_the_interpreter_reruns_nothing(project):
+    run = finished_run(project)
+    stages = ["examples", "model", "activations", "probes", "sae", "features", "steering", "report"]
+    adapter = project / "sciscope-toyscience" / "sciscope_toyscience" / "adapter.py"
+    text = adapter.read_text()
+    adapter.write_text(text + '\nimport sys as _sys\n_sys.stderr.write("toyscience adapter imported\\n")\n')
+    try:
+        before = mtimes(run, stages)
+        changed = sciscope("run", "toyscience", "--quiet", *same_config(run), cwd=project)
+        # the adapter's code changed: the CLI validates the config again (Snakemake still reruns nothing)
+        assert changed.returncode == 0 and "toyscience adapter imported" in changed.stderr, changed.stderr[-2000:]
+        again = sciscope("run", "toyscience", "--quiet", *same_config(run), cwd=project)
+        # same command, same code: neither the CLI nor Snakemake's planning imports the adapter
+        assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+        assert "toyscience adapter imported" not in again.stderr
+        # another name of the same interpreter (the console script's python3, a user's python) and
+        # another progress flag change the rules' command lines, and rerun no stage
+        python3 = Path(sys.executable).with_name("python3")
+        other = subprocess.run([str(python3 if python3.exists() else sys.executable), "-m", "sciscope.pipelines.cli",
+                                "run", "toyscience", *same_config(run)], cwd=project, capture_output=True, text=True, timeout=300)
+        assert other.returncode == 0 and "Nothing to be done" in other.stdout + other.stderr, other.stderr[-2000:]
+        assert mtimes(run, stages) == before
+    finally:
+        adapter.write_text(text)
+
+
 def test_copied_and_moved_run_folders_do_not_rerun(project):
     import shutil
 
