@@ -40,7 +40,8 @@ from . import report as _report
 from .claims import DIRECTED, rollout_scores, vocabulary_null
 from .lens import CATEGORIES, CLAMP_POSITIONS, CLUSTER_METRIC, ClusterRule, action_lens, cluster_clamp, layer_summary, \
     neuron_categories, select_clusters
-from .model import PolicySpec, VLAPolicy, VLAVocab, build_policy, load_policy, rollout, save_policy, train_policy
+from .model import (PolicySpec, VLAPolicy, VLAVocab, build_policy, load_policy, rollout, rollout_copies, save_policy,
+                    train_policy)
 from .task import TASK_STATES, action_nll_task, held_out_rows
 from .task import as_policy as _as_policy
 
@@ -369,6 +370,14 @@ class RoboticsAdapter(DomainAdapter):
         self._apply_threads()
         return rollout(_as_policy(policy), scenes, self.env_spec)
 
+    def rollout_copies(self, policy: nn.Module, n: int, scenes: _env.Scenes | None = None) -> list[_env.Rollout]:
+        """:meth:`rollout` of ``n`` copies side by side (:func:`.model.rollout_copies`): every policy forward
+        carries ``n`` copy blocks, so under :func:`~sciscope.core.interventions.apply_copies` copy ``i``'s
+        rollout is :meth:`rollout`'s under its own intervention (held-out neutral scenes by default)."""
+        scenes = self.eval_scenes() if scenes is None else scenes
+        self._apply_threads()
+        return rollout_copies(_as_policy(policy), scenes, self.env_spec, n)
+
     def scripted_rollout(self, scenes: _env.Scenes, kind: str = "expert") -> dict[str, float]:
         """Closed-loop metrics of the noise-free expert (``"expert"``) or of uniform random actions
         in [-1, 1]^2 (``"random"``, the chance level of success) on ``scenes``."""
@@ -443,13 +452,20 @@ class RoboticsAdapter(DomainAdapter):
     def rollout_scorer(self, target: Sequence[str], off_target: Sequence[str] = (), decrease: Sequence[str] = ()) -> Scorer:
         """Closed-loop rollouts on the same neutral held-out scenes under every alpha and control:
         per-episode :data:`.claims.ROLLOUT_SCORES`, success rate as the damage score (``decrease``:
-        targets meant to fall, e.g. displacement under the slow cluster)."""
+        targets meant to fall, e.g. displacement under the slow cluster).
+
+        Batched form: the jobs of a sweep roll out side by side (:meth:`rollout_copies`), each
+        copy in its own environments, so each gets the episodes it would get alone."""
         scenes = self.eval_scenes()
 
         def score(model: nn.Module) -> dict[str, np.ndarray]:
             return rollout_scores(self.rollout(model, scenes).episodes)
 
-        return Scorer(score, target=list(target), off_target=list(off_target), damage=["success_rate"], decrease=list(decrease))
+        def score_copies(model: nn.Module, n: int) -> list[dict[str, np.ndarray]]:
+            return [rollout_scores(r.episodes) for r in self.rollout_copies(model, n, scenes)]
+
+        return Scorer(score, target=list(target), off_target=list(off_target), damage=["success_rate"],
+                      decrease=list(decrease), batched=score_copies)
 
     def steering_scorer(self, ctx: "RunContext", contrast: str) -> Scorer | None:
         """The fast-minus-slow delta vector is scored by per-step displacement."""

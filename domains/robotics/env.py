@@ -28,9 +28,9 @@ from sciscope.core.errors import ConfigError, NonFiniteError, ShapeError
 
 __all__ = [
     "COLORS", "MANNERS", "MANNER_SPEED", "VOCAB_WORDS", "DEFAULT_TEMPLATES", "EnvSpec", "ReachEnv", "Rollout", "Scenes",
-    "baseline_features", "check_instruction", "closed_loop", "demo_table", "episode_metrics", "expert_action",
-    "make_scenes", "parse_instruction", "render", "render_scene", "render_states", "rollout_metrics", "scripted_rollout",
-    "simulate_demos", "split_words",
+    "baseline_features", "check_instruction", "closed_loop", "closed_loops", "demo_table", "episode_metrics",
+    "expert_action", "make_scenes", "parse_instruction", "render", "render_scene", "render_states", "rollout_metrics",
+    "scripted_rollout", "simulate_demos", "split_words",
 ]
 
 #: Block colours (RGB, uint8). Blocks of one scene always have distinct colours.
@@ -376,23 +376,50 @@ class Rollout:
 
 def closed_loop(scenes: Scenes, spec: EnvSpec, act: Callable[[ReachEnv, np.ndarray], np.ndarray]) -> Rollout:
     """Step ``scenes`` with ``act(env, running rows) -> (N, 2) actions`` until every episode succeeds or times out."""
-    env = ReachEnv(scenes, spec)
-    T, n = spec.max_steps, len(scenes)
-    disp, live_m, to_t = np.zeros((T, n, 2)), np.zeros((T, n), dtype=bool), np.zeros((T, n, 2))
-    paths = np.full((T + 1, n, 2), np.nan)
-    paths[0] = env.position
+    return closed_loops(scenes, spec, 1, lambda envs, lives: [act(envs[0], lives[0])])[0]
+
+
+def closed_loops(scenes: Scenes, spec: EnvSpec, n: int,
+                 act: Callable[[list[ReachEnv], list[np.ndarray]], Sequence[np.ndarray | None]]) -> list[Rollout]:
+    """``n`` independent copies of :func:`closed_loop` on the same scenes, stepped in lock-step.
+
+    ``act(envs, lives)`` gets the ``n`` environments and each one's running rows and returns one
+    ``(N, 2)`` action array per copy (ignored, and may be None, for a copy with no running rows).
+    A copy whose episodes have all ended is no longer stepped, as :func:`closed_loop` stops, so
+    copy ``i``'s rollout is the one :func:`closed_loop` gives with copy ``i``'s actions: a policy
+    can decide the actions of all copies in one batch (copies under different steering, see
+    :func:`~.model.rollout_copies`) and still get each copy's own numbers.
+    """
+    if n < 1:
+        raise ValueError(f"robotics: closed_loops needs n >= 1 copies, got {n}")
+    envs = [ReachEnv(scenes, spec) for _ in range(n)]
+    T, N = spec.max_steps, len(scenes)
+    # copy on the leading axis: each copy's block is a contiguous (T, N, ...) array, as closed_loop's
+    disp, live_m, to_t = np.zeros((n, T, N, 2)), np.zeros((n, T, N), dtype=bool), np.zeros((n, T, N, 2))
+    paths = np.full((n, T + 1, N, 2), np.nan)
+    for c, env in enumerate(envs):
+        paths[c, 0] = env.position
     for t in range(T):
-        live = np.flatnonzero(~env.done)
-        if live.size == 0:
+        lives = [np.flatnonzero(~env.done) for env in envs]
+        if all(live.size == 0 for live in lives):
             break
-        actions = act(env, live)
-        live_m[t, live] = True
-        to_t[t] = env.target_pos - env.position
-        disp[t] = env.step(actions)
-        paths[t + 1, live] = env.position[live]
-    metrics = rollout_metrics(disp, live_m, to_t, env.success, env.steps, spec.max_step)
-    metrics.update({"n_clipped": float(env.n_clipped), "n_wall": float(env.n_wall)})
-    return Rollout(metrics, paths, env.success.copy(), episode_metrics(disp, live_m, to_t, env.success, spec.max_step))
+        actions = act(envs, lives)
+        if len(actions) != n:
+            raise ShapeError(f"robotics: act returned {len(actions)} action arrays for {n} copies")
+        for c, (env, live, a) in enumerate(zip(envs, lives, actions)):
+            if live.size == 0:
+                continue
+            live_m[c, t, live] = True
+            to_t[c, t] = env.target_pos - env.position
+            disp[c, t] = env.step(a)
+            paths[c, t + 1, live] = env.position[live]
+    out = []
+    for c, env in enumerate(envs):
+        metrics = rollout_metrics(disp[c], live_m[c], to_t[c], env.success, env.steps, spec.max_step)
+        metrics.update({"n_clipped": float(env.n_clipped), "n_wall": float(env.n_wall)})
+        out.append(Rollout(metrics, paths[c], env.success.copy(),
+                           episode_metrics(disp[c], live_m[c], to_t[c], env.success, spec.max_step)))
+    return out
 
 
 def simulate_demos(scenes: Scenes, spec: EnvSpec, *, noise: float = 0.0,

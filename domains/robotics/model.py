@@ -35,13 +35,14 @@ import torch
 from torch import nn
 
 from sciscope.core.errors import ConfigError, ShapeError
+from sciscope.core.interventions import tile_copies
 from sciscope.core.io import atomic_path
 from sciscope.core.training import fit_lightning, loss_module
 
-from .env import VOCAB_WORDS, EnvSpec, ReachEnv, Rollout, Scenes, check_instruction, closed_loop
+from .env import VOCAB_WORDS, EnvSpec, ReachEnv, Rollout, Scenes, check_instruction, closed_loops
 
 __all__ = ["ActionCodec", "PatchEmbed", "PolicySpec", "VLAPolicy", "VLAVocab", "action_logits", "build_policy",
-           "load_policy", "rollout", "save_policy", "train_policy"]
+           "load_policy", "rollout", "rollout_copies", "save_policy", "train_policy"]
 
 SPECIALS: tuple[str, ...] = ("<pad>", "<bos>", "<act>")
 PAD, BOS, ACT = 0, 1, 2
@@ -299,27 +300,28 @@ class VLAPolicy(nn.Module):
                         logits_to_keep=logits_to_keep, use_cache=False)
 
     @torch.no_grad()
-    def act(self, images: np.ndarray, input_ids: torch.Tensor, text_mask: torch.Tensor) -> tuple[np.ndarray, dict[str, int]]:
+    def act(self, images: np.ndarray, input_ids: torch.Tensor, text_mask: torch.Tensor) -> tuple[np.ndarray, dict[str, Any]]:
         """Greedy action bins ``(B, 2)`` for a batch of observations (two forward passes).
 
-        Returns the bins and ``{"n_non_action": ...}``: how many decoding steps' unrestricted
-        argmax was not a bin of the dimension being decoded (the argmax over that dimension's
-        bins is used either way, as OpenVLA restricts decoding to action tokens).
+        Returns the bins and ``{"n_non_action": ..., "non_action_rows": ...}``: how many decoding
+        steps' unrestricted argmax was not a bin of the dimension being decoded (the argmax over
+        that dimension's bins is used either way, as OpenVLA restricts decoding to action tokens),
+        in all and per row (``(B,)`` int64, so a caller can count only some rows).
         """
         pix = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
         ids, mask = input_ids, text_mask
-        bins, off = [], 0
+        bins, off = [], torch.zeros(len(ids), dtype=torch.long)
         for d in range(len(DIMS)):
             logits = self(pix, ids, mask, logits_to_keep=1).logits[:, -1].float()  # (B, V)
             sl = self.vocab.dim_slice(d)
             b = logits[:, sl].argmax(-1)
             full = logits.argmax(-1)
-            off += int(((full < sl.start) | (full >= sl.stop)).sum())
+            off += ((full < sl.start) | (full >= sl.stop)).long()
             bins.append(b)
             if d + 1 < len(DIMS):
                 ids = torch.cat([ids, self.vocab.action_id(d, b)[:, None]], dim=1)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        return torch.stack(bins, 1).numpy(), {"n_non_action": off}
+        return torch.stack(bins, 1).numpy(), {"n_non_action": int(off.sum()), "non_action_rows": off.numpy()}
 
 
 def build_policy(spec: PolicySpec, vocab: VLAVocab) -> VLAPolicy:
@@ -532,24 +534,57 @@ def rollout(policy: VLAPolicy, scenes: Scenes, spec: EnvSpec, *, batch_size: int
     (steering, clamping) act on every forward pass inside, as they would on a robot. The metrics
     add ``non_action_rate`` (share of decodes whose unrestricted argmax was off the dimension's bins).
     """
+    return rollout_copies(policy, scenes, spec, 1, batch_size=batch_size)[0]
+
+
+@torch.no_grad()
+def rollout_copies(policy: VLAPolicy, scenes: Scenes, spec: EnvSpec, n: int, *,
+                   batch_size: int = 256) -> list[Rollout]:
+    """``n`` closed-loop rollouts of ``scenes`` side by side, one per copy of every policy forward.
+
+    Each forward carries ``n`` equal blocks, copy-major (copy ``i`` = rows ``[i * B, (i + 1) * B)``,
+    the layout of :func:`~sciscope.core.interventions.tile_copies`), of the same scenes, each in
+    copy ``i``'s own environment (:func:`~.env.closed_loops`): under
+    :func:`~sciscope.core.interventions.apply_copies` copy ``i`` runs under its own intervention
+    and its rollout is the one :func:`rollout` gives under that intervention alone. ``n = 1`` is
+    :func:`rollout`.
+
+    The scenes fed at a step are those still running in *any* copy (a copy whose episode has
+    ended gets a row too, so that the blocks stay equal; its actions are dropped and its decodes
+    not counted). Each forward holds at most ``batch_size`` scenes per copy (``n * batch_size``
+    rows: the tiny policy's activations at 16 copies x 256 scenes are about 0.1 GB per layer).
+    """
+    if n < 1:
+        raise ValueError(f"robotics: rollout_copies needs n >= 1 copies, got {n}")
     was_training = policy.training
     policy.eval()
-    ids, mask = policy.vocab.prompt_ids(scenes.instruction)
-    count = {"non_action": 0, "decodes": 0}
+    ids, mask = policy.vocab.prompt_ids(scenes.instruction)  # padded over every scene, as in one rollout
+    counts = [{"non_action": 0, "decodes": 0} for _ in range(n)]
 
-    def act(env: ReachEnv, live: np.ndarray) -> np.ndarray:
-        images, actions = env.observe(), np.zeros((len(scenes), 2))
-        for s in range(0, live.size, batch_size):
-            idx = live[s: s + batch_size]
-            bins, diag = policy.act(images[idx], ids[idx], mask[idx])
-            actions[idx] = policy.vocab.codec.decode(bins)
-            count["non_action"] += diag["n_non_action"]
-            count["decodes"] += idx.size * len(DIMS)
+    def act(envs: list[ReachEnv], lives: list[np.ndarray]) -> list[np.ndarray]:
+        images = [env.observe() for env in envs]
+        actions = [np.zeros((len(scenes), 2)) for _ in range(n)]
+        running = [np.zeros(len(scenes), dtype=bool) for _ in range(n)]
+        for c, live in enumerate(lives):
+            running[c][live] = True
+        union = np.flatnonzero(np.any(running, axis=0))
+        for s in range(0, union.size, batch_size):
+            idx = union[s: s + batch_size]
+            b = idx.size
+            pix = np.concatenate([im[idx] for im in images]) if n > 1 else images[0][idx]
+            bins, diag = policy.act(pix, tile_copies(ids[idx], n), tile_copies(mask[idx], n))
+            for c in range(n):
+                rows = slice(c * b, (c + 1) * b)
+                keep = running[c][idx]  # this copy's running scenes among the batch
+                actions[c][idx[keep]] = policy.vocab.codec.decode(bins[rows][keep])
+                counts[c]["non_action"] += int(diag["non_action_rows"][rows][keep].sum())
+                counts[c]["decodes"] += int(keep.sum()) * len(DIMS)
         return actions
 
     try:
-        out = closed_loop(scenes, spec, act)
+        out = closed_loops(scenes, spec, n, act)
     finally:
         policy.train(was_training)
-    out.metrics["non_action_rate"] = count["non_action"] / max(count["decodes"], 1)
+    for r, count in zip(out, counts):
+        r.metrics["non_action_rate"] = count["non_action"] / max(count["decodes"], 1)
     return out

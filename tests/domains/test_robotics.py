@@ -427,6 +427,58 @@ def test_steering_plans_clamp_each_cluster_beside_controls_and_prompts(tiny) -> 
     assert not isinstance(plan.intervention, AddVector) and count_hooks(policy) == 0
 
 
+def test_rollout_copies_and_batched_steering_equal_one_job_at_a_time(tiny) -> None:
+    """Copies rolled out side by side, each under its own intervention (or none), give the rollouts of each
+    alone, also when one copy's episodes end before the others'; the clamp plans' batched scorer equals
+    one job at a time."""
+    from sciscope.core.context import RunContext
+    from sciscope.core.experiment import check_batched_scorer
+    from sciscope.core.interventions import AddVector, Clamp, apply_copies
+    from sciscope.domains.robotics.model import rollout, rollout_copies
+
+    ad, policy = tiny
+    info = policy.vocab.token_info()
+    right = info[(info.kind == "action") & (info.dim == "dx") & (info.value >= 0.9)].token_id.tolist()
+    planted = _planted(policy, right, layer=1, neuron=11, gain=6.0)  # clamping neuron 11 drives the gripper right
+    # each target block right of the gripper, near: the copies' episodes end at different steps (the one
+    # clamped right reaches some blocks sooner), so later forwards carry some copies' ended episodes too
+    scenes = ad.eval_scenes()
+    target = scenes.target_pos
+    start = np.stack([np.clip(target[:, 0] - np.linspace(0.2, 0.45, len(scenes)), 0.0, None), target[:, 1]], 1)
+    scenes = dataclasses.replace(scenes, gripper=start)
+    spec = dataclasses.replace(ad.env_spec, success_radius=0.15)
+    clamp = Clamp({"llm.model.layers.1.mlp.down_proj:input": [11]}, positions=-1)  # the action position, per copy
+    add = AddVector(torch.randn(int(policy.config.hidden_size), generator=torch.Generator().manual_seed(0)),
+                    ad.steer_site, scale="relative", positions=-1)
+    items = [(clamp, 4.0), (None, 0.0), (add, 2.0), (clamp.controls(planted, 1, seed=0)[0], 4.0)]
+    with apply_copies(planted, items, aliases=ad.aliases):
+        together = rollout_copies(planted, scenes, spec, len(items), batch_size=5)  # 2 batches per step
+    assert count_hooks(planted) == 0
+    for (iv, alpha), got in zip(items, together):
+        if iv is None:
+            want = rollout(planted, scenes, spec, batch_size=5)
+        else:
+            with iv.apply(planted, alpha, aliases=ad.aliases):
+                want = rollout(planted, scenes, spec, batch_size=5)
+        assert list(got.metrics) == list(want.metrics)  # also n_clipped, n_wall and non_action_rate, per copy
+        np.testing.assert_array_equal(list(got.metrics.values()), list(want.metrics.values()))  # NaN equals NaN
+        np.testing.assert_array_equal(got.paths, want.paths)
+        np.testing.assert_array_equal(got.success, want.success)
+        assert set(got.episodes) == set(want.episodes)
+        for k in want.episodes:
+            np.testing.assert_array_equal(got.episodes[k], want.episodes[k])
+    steps = np.stack([r.episodes["steps"] for r in together])
+    assert (steps != steps[1]).any(axis=1).sum() >= 2, steps  # copies ended at other steps than the unsteered one
+
+    # a clamp plan of the run, 2 alphas and 2 controls, batched, equals one job at a time
+    ctx = RunContext(ad, {})
+    plan = next(p for p in ad.steering_plans(ctx) if p.name.startswith("clamp_"))
+    assert plan.intervention.positions == -1 and plan.scorer.batched is not None
+    small = dataclasses.replace(plan, alphas=[1.0, 3.0], n_controls=2)
+    sweep = check_batched_scorer(policy, small, plan.intervention, aliases=ad.aliases)
+    assert set(sweep.conditions) == {"steer", "random-0", "random-1"} and count_hooks(policy) == 0
+
+
 # ------------------------------------------------------------------------------------ adapter
 
 
