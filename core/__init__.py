@@ -10,6 +10,8 @@ never touches.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 _LAZY = {
@@ -30,6 +32,20 @@ _LAZY = {
     **dict.fromkeys(['ActivationStore', 'StoreWriter', 'merge_shards'], "store"),
     **dict.fromkeys(['limit_threads', 'threads_per_device', 'use_threads'], "threads"),
 }
+
+
+class _Package(types.ModuleType):
+    """The import system binds each submodule to its package's attribute once it is imported; where a
+    function shares its module's name (``capture``, ``lens``, ``steer``), the function stays the
+    package's attribute, as when this package imported every name eagerly."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
