@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +17,10 @@ TINY = ["card_top=3", "card_controls=2", "n_places=600", "min_population=150000"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("geo")
-    args = [sys.executable, "-m", "sciscope.pipelines.cli", "run", "geospatial", "--quiet", "--run", "tiny"]
-    for s in TINY:
-        args += ["--set", s]
-    proc = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return root / "runs" / "geospatial" / "tiny"
+def run_dir(geospatial_tiny_run: Path) -> Path:
+    """The session's tiny geospatial run (tests/pipelines/conftest.py), which the cluster test also
+    compares with: these tests only read the run folder."""
+    return geospatial_tiny_run
 
 
 def test_report_headlines_agree_with_tables(run_dir):
