@@ -298,7 +298,8 @@ class RunContext:
         if single_process:
             options.update(devices=1, num_nodes=1, strategy="auto")
         return train_sae(cfg, data, max_steps=steps, lr=float(c["sae_lr"]), seed=seed, progress=self.progress,
-                         val_data=val, patience=int(c.get("sae_patience", 0)), **options)
+                         val_data=val, patience=int(c.get("sae_patience", 0)),
+                         precision=str(c.get("sae_precision", "32-true")), **options)
 
     def example_latents(self, sae: Any) -> Any:
         """``(n_examples, d_sae)`` SAE codes, one row per example in the store's row order: the codes

@@ -182,3 +182,18 @@ def test_the_norm_rule_can_be_turned_off_and_then_keeps_the_sink(sink_config):
     ctx = RunContext(_SinkAdapter(), {**sink_config, "outlier_norm": 0.0})
     _, report = ctx.sae_row_selection()
     assert report["excluded_outlier_norm"] == 0 and report["kept"] == report["positions"]
+
+
+def test_the_run_config_chooses_the_sae_training_precision(sink_config, monkeypatch):
+    import sciscope.core.sae as sae_module
+    from sciscope.core.config import PIPELINE_KEYS, check_keys
+    from sciscope.core.errors import ConfigError
+
+    seen = []
+    monkeypatch.setattr(sae_module, "train_sae", lambda cfg, data, **kw: seen.append(kw["precision"]) or "trained")
+    for value in ("32-true", "bf16-mixed"):
+        assert RunContext(_SinkAdapter(), {**sink_config, "sae_precision": value}).train_sae() == "trained"
+    assert seen == ["32-true", "bf16-mixed"]
+    assert PIPELINE_KEYS["sae_precision"].default == "32-true"  # bf16 is opted into: it is slower without AMX
+    with pytest.raises(ConfigError, match="sae_precision"):
+        check_keys("pipeline", PIPELINE_KEYS, {"sae_precision": "16-mixed"})
