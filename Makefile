@@ -58,6 +58,8 @@ bench: $(BENCH_STAMP)
 	$(BENCH_BIN)/python benchmarks/bench_capture_memory.py $(BENCH_ARGS)
 	$(BENCH_BIN)/python benchmarks/bench_capture_overhead.py $(BENCH_ARGS)
 	$(BENCH_BIN)/python benchmarks/bench_sae_throughput.py $(BENCH_ARGS)
+	$(BENCH_BIN)/python benchmarks/bench_sae_bf16.py $(BENCH_ARGS)
+	$(BENCH_BIN)/python benchmarks/bench_store_obs_memory.py
 	$(MAKE) bench-dictlearn BENCH_ARGS='$(BENCH_ARGS)'
 
 # dictionary_learning (saprmarks' SAE library, an SAE-training peer) pins nnsight < 0.4, which the
