@@ -35,6 +35,16 @@ def timed_run(domain: str, runs: Path) -> tuple[float, int, str]:
     return time.perf_counter() - t0, proc.returncode, (proc.stdout + proc.stderr)[-600:]
 
 
+def stage_seconds(run_dir: Path) -> dict[str, float | None]:
+    """Each stage's own wall seconds, as its ``done.json`` records them (process start-up excluded)."""
+    import json
+
+    from sciscope.pipelines.layout import DONE_FILE, STAGES
+
+    return {s: json.loads((run_dir / s / DONE_FILE).read_text()).get("seconds")
+            for s in STAGES if (run_dir / s / DONE_FILE).is_file()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("domains", nargs="*", default=list(DOMAINS))
@@ -49,12 +59,13 @@ def main() -> None:
             cold, rc, tail = timed_run(domain, root)
             rerun, rc2, _ = timed_run(domain, root) if rc == 0 else (float("nan"), rc, "")
             row = {"domain": domain, "quick_s": round(cold, 1), "noop_rerun_s": round(rerun, 1),
-                   "exit": rc, "rerun_exit": rc2, "load_at_start": load, "load_at_end": load_average()}
+                   "exit": rc, "rerun_exit": rc2, "load_at_start": load, "load_at_end": load_average(),
+                   "stage_s": stage_seconds(root / domain / "quick")}
             if rc != 0:
                 row["output_tail"] = tail
             rows.append(row)
             print(f"{domain:<11} quick {cold:7.1f} s   no-op rerun {rerun:5.1f} s   "
-                  f"(exit {rc}/{rc2}; load {load[0]:.1f} -> {row['load_at_end'][0]:.1f})", flush=True)
+                  f"(exit {rc}/{rc2}; load {load[0]:.1f} -> {row['load_at_end'][0]:.1f})   stages: {row['stage_s']}", flush=True)
     write_result("pipelines", {"machine": machine_info(), "runs": rows,
                                "note": "wall seconds of `sciscope run DOMAIN --profile quick`, cold then again"},
                  load_at_start=start_load)

@@ -190,7 +190,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             run_file = run_dir / RUN_FILE
             if any(old.get(k) != json.loads(json.dumps(info.get(k), default=str))
                    for k in ("adapter", "config", "stage_of_key", "steering_uses_features", "validated")):
-                write_json(run_file, info)
+                # keep what the report stage folded in (model identity, data, stage times): a stage
+                # that reruns folds its own afresh
+                write_json(run_file, {**old, **info})
         snakefile = Path(__file__).with_name("Snakefile")
         # a Snakemake target first (before the options that take several values): stop after a stage
         target = [f"{args.until}/done.json"] if args.until else []
