@@ -168,6 +168,7 @@ def test_a_rerun_imports_no_adapter_until_code_changes_and_any_name_of_the_inter
         changed = sciscope("run", "toyscience", "--quiet", *same_config(run), cwd=project)
         # the adapter's code changed: the CLI validates the config again (Snakemake still reruns nothing)
         assert changed.returncode == 0 and "toyscience adapter imported" in changed.stderr, changed.stderr[-2000:]
+        assert "stages" in json.loads((run / "run.json").read_text())  # the report's stage times are kept
         again = sciscope("run", "toyscience", "--quiet", *same_config(run), cwd=project)
         # same command, same code: neither the CLI nor Snakemake's planning imports the adapter
         assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
