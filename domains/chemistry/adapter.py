@@ -453,14 +453,25 @@ class ChemistryAdapter(DomainAdapter):
     def sample_scores(self, model: nn.Module, smarts: str | None = None, *, per_molecule: bool = False) -> dict[str, Any]:
         """:func:`.data.score_molecules` of ``n_generate`` molecules sampled from ``model`` (the run's temperature
         and seed, so every alpha, direction and model draws alike), novelty against the training molecules."""
+        return self.sample_scores_copies(model, None, smarts, per_molecule=per_molecule)[0]
+
+    def sample_scores_copies(self, model: nn.Module, copies: int | None, smarts: str | None = None, *,
+                             per_molecule: bool = False) -> list[dict[str, Any]]:
+        """:meth:`sample_scores` of each of ``copies`` stacked copies (inside
+        :func:`~sciscope.core.interventions.apply_copies`; the copies share the sampling seed's draws,
+        so copy ``i`` scores what ``sample_scores`` scores under intervention ``i`` alone). ``None``: one
+        plain evaluation, as a list of one."""
         c, obs = self.config, self.molecules
-        mols = generate(model, model.tokenizer, c["n_generate"], temperature=c["temperature"], seed=c["seed"])
+        mols = generate(model, model.tokenizer, c["n_generate"], temperature=c["temperature"], seed=c["seed"],
+                        copies=copies)
         train = set(obs.loc[obs["split"] == "train", "smiles"])
-        return score_molecules(mols, train, smarts, per_molecule=per_molecule)
+        per_copy = [mols] if copies is None else mols
+        return [score_molecules(m, train, smarts, per_molecule=per_molecule) for m in per_copy]
 
     def steering_scorer(self, ctx: "RunContext", contrast: str) -> Scorer | None:
         """Steered generation scored by :meth:`sample_scores` (per-sample arrays: intervals are bootstrapped over
-        samples); causal LMs with this package's tokenizer only (masked LMs do not generate)."""
+        samples); causal LMs with this package's tokenizer only (masked LMs do not generate). Its batched form
+        samples a plan's alphas and controls as copies of each generation batch (:meth:`sample_scores_copies`)."""
         model = ctx.model()
         if not is_causal(model.config) or contrast not in set(self.groups["name"]):
             return None
@@ -470,7 +481,8 @@ class ChemistryAdapter(DomainAdapter):
             return None
         smarts = self.groups.set_index("name").loc[contrast, "smarts"]
         return Scorer(lambda m: self.sample_scores(m, smarts, per_molecule=True), target=["group_frequency"],
-                      off_target=list(PROPERTY_SCORES), damage=["validity", "uniqueness"])
+                      off_target=list(PROPERTY_SCORES), damage=["validity", "uniqueness"],
+                      batched=lambda m, n: self.sample_scores_copies(m, n, smarts, per_molecule=True))
 
     def steering_plans(self, ctx: "RunContext") -> list[SteeringPlan]:
         """The default delta-vector plans, each with the training molecules as reference condition."""

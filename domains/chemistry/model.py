@@ -214,15 +214,48 @@ def load_trained(directory: str | Path) -> nn.Module:
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: MoleculeTokenizer, n: int, *, max_length: int | None = None,
-             temperature: float = 1.0, seed: int = 0, batch_size: int = 128) -> list[str]:
+             temperature: float = 1.0, seed: int = 0, batch_size: int = 128,
+             copies: int | None = None) -> list[str] | list[list[str]]:
     """Sample ``n`` molecules from a causal LM, decoded to SMILES (``""`` when empty).
 
     Sampling starts at ``<bos>`` and stops at ``<eos>`` or ``max_length`` tokens; the first
     token is always an atom (``<eos>``, bonds, branches and ring tokens are masked there, as
-    nothing can start a molecule with them). Each batch uses its own seeded generator, so the same
-    seed gives the same molecules, also under a steering hook (which then changes only what the hook
-    changes). SMILES outputs are returned as sampled (they may be invalid); SELFIES outputs are
-    decoded, which always gives a molecule.
+    nothing can start a molecule with them). SMILES outputs are returned as sampled (they may be
+    invalid); SELFIES outputs are decoded, which always gives a molecule.
+
+    Each batch of ``batch_size`` sequences has its own generator, seeded by ``seed`` and the batch's
+    offset, which draws one uniform per sequence per step, whether or not the sequence has ended;
+    the token is the one whose cumulative probability first exceeds it (inverse-CDF sampling). The
+    same seed therefore gives the same molecules, also under a steering hook (which then changes
+    only what the hook changes), and two models that share a seed share their uniforms.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A causal LM and this package's tokenizer.
+    n
+        Molecules to sample.
+    max_length
+        Token limit including ``<bos>`` (the tokenizer's by default, at most the model's positions).
+    temperature
+        Softmax temperature; ``<= 0`` takes the most likely token (no randomness).
+    seed
+        Seeds the sampling.
+    batch_size
+        Distinct sequences sampled per forward pass (with ``copies``, each forward carries
+        ``copies * batch_size`` rows).
+    copies
+        For batched steering (:func:`~sciscope.core.interventions.apply_copies`): every forward
+        carries ``copies`` stacked copies of the batch (copy-major), which share the uniforms;
+        returns one list of molecules per copy, each what ``generate`` without ``copies`` returns
+        under that copy's intervention alone. ``None``: one list.
+
+    Notes
+    -----
+    Earlier versions sampled with ``torch.multinomial``: the same seed now draws other molecules
+    (from the same distribution). Inverse-CDF sampling was chosen because its randomness (one
+    uniform per sequence and step) does not depend on the probabilities, so copies under different
+    interventions can share it.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -231,16 +264,20 @@ def generate(model: nn.Module, tokenizer: MoleculeTokenizer, n: int, *, max_leng
     first_banned = tokenizer.non_atom_ids
     # transformers 5 renamed the key/value cache argument ``past_key_values`` -> ``cache``
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out: list[str] = []
+    k = 1 if copies is None else int(copies)
+    if k < 1:
+        raise ValueError(f"generate: copies must be at least 1, got {copies}")
+    out: list[list[str]] = [[] for _ in range(k)]
     try:
         for b0 in range(0, n, batch_size):
             bs = min(batch_size, n - b0)
+            rows = k * bs
             g = torch.Generator().manual_seed(seed * 100_003 + b0)
-            ids = torch.full((bs, 1), BOS, dtype=torch.long, device=device)
-            done = torch.zeros(bs, dtype=torch.bool, device=device)
+            ids = torch.full((rows, 1), BOS, dtype=torch.long, device=device)
+            done = torch.zeros(rows, dtype=torch.bool)
             past, step_in = None, ids
             for t in range(limit - 1):
-                att = torch.ones(bs, ids.shape[1], dtype=torch.long, device=device)  # no padding while sampling
+                att = torch.ones(rows, ids.shape[1], dtype=torch.long, device=device)  # no padding while sampling
                 res = model(input_ids=step_in, attention_mask=att, use_cache=True, **{cache_arg: past})
                 past = res.get("cache", None) or res.get("past_key_values", None)
                 logits = res.logits[:, -1, :].float().cpu()
@@ -250,14 +287,33 @@ def generate(model: nn.Module, tokenizer: MoleculeTokenizer, n: int, *, max_leng
                 if temperature <= 0:
                     nxt = logits.argmax(-1)
                 else:
-                    nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=g).reshape(-1)
-                nxt = torch.where(done.cpu(), torch.full_like(nxt, PAD), nxt).to(device)
-                ids = torch.cat([ids, nxt[:, None]], dim=1)
+                    # drawn every step, also once all sequences of this call have ended: a batched call
+                    # (copies) runs on while any copy samples, and its draws must line up with these
+                    u = torch.rand(bs, generator=g, dtype=torch.float64).repeat(k)
+                    nxt = _inverse_cdf(torch.softmax(logits / temperature, dim=-1), u)
+                nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)  # an ended sequence stays ended
+                ids = torch.cat([ids, nxt[:, None].to(device)], dim=1)
                 done |= nxt == EOS
                 if bool(done.all()):
                     break
-                step_in = nxt[:, None]
-            out.extend(tokenizer.decode(row.tolist()) for row in ids)
+                step_in = nxt[:, None].to(device)
+            for i in range(k):
+                out[i].extend(tokenizer.decode(row.tolist()) for row in ids[i * bs:(i + 1) * bs].cpu())
     finally:
         model.train(was_training)
-    return out
+    return out[0] if copies is None else out
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first token whose cumulative probability exceeds ``u * total`` (``u`` in [0, 1)).
+
+    The cumulative sum is taken in float64 and ``u`` scaled by the row's own total (the softmax
+    need not sum to exactly 1); ``right=True`` skips zero-probability tokens (their bins are
+    empty), so a masked token is never drawn, also at ``u = 0``. Should ``u * total`` round up to the
+    total, no bin exceeds it: the last token of positive probability is taken.
+    """
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).reshape(-1)
+    vocab = probs.shape[-1]
+    last = vocab - 1 - (probs > 0).flip(-1).int().argmax(-1)  # last token of positive probability
+    return torch.where(idx >= vocab, last, idx)

@@ -442,6 +442,61 @@ def test_steering_scorer_runs_under_steering(tiny_gpt, tmp_path: Path) -> None:
     assert all(p.n_controls == ad.ctx.config["steer_n_random"] for p in plans)
 
 
+def test_generate_copies_equal_one_at_a_time(tiny_gpt) -> None:
+    """Copies of each generation batch (the batched steering layout) sample what separate calls
+    sample: the copies share each step's uniforms, and a copy whose sequences all ended stays ended
+    while the others run on. Several batches (a ragged last one), and greedy decoding too."""
+    from sciscope.core.interventions import apply_copies
+
+    ad, model = tiny_gpt
+    for kwargs in ({"seed": 0}, {"seed": 3, "batch_size": 7}, {"seed": 1, "temperature": 0.0}):
+        one = generate(model, model.tokenizer, 17, **kwargs)
+        assert len(one) == 17
+        with apply_copies(model, [(None, 0.0)] * 3, aliases=ad.aliases):
+            three = generate(model, model.tokenizer, 17, copies=3, **kwargs)
+        assert three == [one, one, one], kwargs
+    with pytest.raises(ValueError, match="copies"):
+        generate(model, model.tokenizer, 4, copies=0)
+
+
+def test_inverse_cdf_sampling_never_draws_a_masked_token() -> None:
+    """Zero-probability tokens have empty bins (also at u = 0 and past the last bin), and the
+    draws follow the probabilities."""
+    from sciscope.domains.chemistry.model import _inverse_cdf
+
+    p = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    for u, want in [(0.0, [1, 2]), (0.49, [1, 2]), (0.5, [3, 2]), (1 - 2**-53, [3, 2]), (1.0, [3, 2])]:
+        assert _inverse_cdf(p, torch.full((2,), u, dtype=torch.float64)).tolist() == want, u
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(1, 10, generator=g), -1)
+    drawn = _inverse_cdf(probs.expand(100_000, -1), torch.rand(100_000, generator=g, dtype=torch.float64))
+    np.testing.assert_allclose(torch.bincount(drawn, minlength=10).numpy() / 100_000, probs[0].numpy(), atol=0.006)
+
+
+def test_steering_plan_batched_equals_one_at_a_time(tiny_gpt, tmp_path: Path) -> None:
+    """The steering scorer's batched form: a plan's alphas and controls sampled as copies of each
+    generation batch score exactly what one job at a time scores, and steering does change them."""
+    import dataclasses
+
+    from sciscope.core.experiment import check_batched_scorer, resolve_intervention
+
+    ad = ChemistryAdapter(TINY)  # its own context, so the module's adapter keeps its own
+    ctx = RunContext(ad, run_dir=tmp_path)
+    model, ex = ctx.model(), ad.examples("all")
+    collect(model, ad.batches(ex, model, batch_size=32), ad.sites, out=tmp_path / "activations" / "store", obs=ex.obs,
+            aliases=ad.aliases, progress=False)
+    plan = next(p for p in ad.steering_plans(ctx) if p.name == "halogen")
+    assert plan.scorer.batched is not None
+    # the tiny model's contrast vector is short (|v| ~ 0.03): alphas that size do change the samples
+    plan = dataclasses.replace(plan, alphas=[-100.0, 100.0], n_controls=2)
+    sweep = check_batched_scorer(model, plan, resolve_intervention(plan, ctx), aliases=ad.aliases)
+    # the identity is not trivial: the six copies sampled differently from the unsteered model and each other
+    base = sweep.samples[("steer", 0.0, "mol_wt")]
+    pushed = [sweep.samples[(c, a, "mol_wt")] for c in ("steer", "random-0", "random-1") for a in (-100.0, 100.0)]
+    assert all(not np.array_equal(v, base, equal_nan=True) for v in pushed)
+    assert len({v.tobytes() for v in pushed}) == len(pushed)
+
+
 # ------------------------------------------------------------------------------ user checkpoints
 
 
