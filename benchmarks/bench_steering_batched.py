@@ -26,17 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_average, machine_info, write_result  # noqa: E402
 
 
-def identical(a, b) -> bool:
-    """Same table (conditions, alphas, scores, values incl. NaN) and the same per-example scores."""
-    same_table = (a.table[["condition", "alpha", "metric"]].equals(b.table[["condition", "alpha", "metric"]])
-                  and np.array_equal(a.table["value"].to_numpy(), b.table["value"].to_numpy(), equal_nan=True))
-    return same_table and a.samples.keys() == b.samples.keys() and all(
-        np.array_equal(a.samples[k], b.samples[k], equal_nan=True) for k in a.samples)
-
-
 def bench_run(run_dir: Path, *, copies: int, repeats: int) -> dict:
     """Time every plan of one run, batched and one job at a time, alternating ``repeats`` times."""
-    from sciscope.core.experiment import resolve_intervention, resolve_reference, run_plan
+    from sciscope.core.experiment import resolve_intervention, resolve_reference, run_plan, sweeps_equal
     from sciscope.pipelines.stages import Run
 
     run = Run(run_dir, progress=False)
@@ -57,7 +49,7 @@ def bench_run(run_dir: Path, *, copies: int, repeats: int) -> dict:
                 sweeps[label] = run_plan(model, plan, intervention, aliases=run.adapter.aliases, reference=reference,
                                          max_copies=n)
                 t[label].append(time.perf_counter() - t0)
-        same = identical(sweeps["batched"], sweeps["one_at_a_time"])
+        same = sweeps_equal(sweeps["batched"], sweeps["one_at_a_time"])
         jobs = len(plan.alphas) * (1 + plan.n_controls)
         per_plan.append({"plan": plan.name, "jobs": jobs, "batchable": bool(plan.scorer.batched is not None and
                                                                             intervention.batchable),
