@@ -7,6 +7,7 @@ shared machine other processes slow every figure, and the load average says how 
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import os
 import platform
@@ -337,3 +338,55 @@ def run_interleaved(trainers: dict[str, Callable[[], Any]], turns: Turns) -> dic
         name, exc = next(iter(errors.items()))
         raise RuntimeError(f"trainer {name} failed") from exc
     return results
+
+
+def sae_bench_parser(doc: str | None, *, steps: int, block: int) -> argparse.ArgumentParser:
+    """The arguments every SAE training benchmark shares (data, SAE shape, schedule, interleaving)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=4000, help="place-name prompts to capture (default 4000)")
+    p.add_argument("--layer", type=int, default=3, help="MiniLM layer whose output is read (default 3)")
+    p.add_argument("--d-sae", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=steps, help=f"optimiser steps of each run (default {steps})")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the step-time median")
+    p.add_argument("--block", type=int, default=block, help=f"steps each trainer runs before the turn passes (default {block})")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--dead-window", type=int, default=50, help="steps without firing before a latent is dead")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None)
+    return p
+
+
+def sae_bench_start(args: Any, packages: Iterable[str]) -> tuple[list[float], dict[str, Any], Any, Any, float]:
+    """Threads, the machine and load printed, then the MiniLM activations split and normalised:
+    ``(load_at_start, machine_info, train_x, test_x, capture_seconds)``."""
+    import warnings
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    load_start = load_average()
+    info = machine_info(packages)
+    print(f"command: {command_line()}")
+    print(f"machine: {info['platform']}, {info['cpu_count']} CPUs, torch threads {info['torch_threads']}, load {load_start}")
+    X, example, capture_s = sae_activations(args.prompts, args.layer)
+    train_x, test_x = split_and_normalise(X, example)
+    print(f"activations: MiniLM encoder.layer.{args.layer}, {args.prompts} place names -> {X.shape[0]} token rows "
+          f"x {X.shape[1]} ({train_x.shape[0]} train, {test_x.shape[0]} held out), captured in {capture_s:.1f} s")
+    return load_start, info, train_x, test_x, capture_s
+
+
+def train_sciscope_topk(args: Any, data: Any, **options: Any) -> tuple[Any, float]:
+    """sciscope's TopK SAE through ``train_sae`` as the SAE benchmarks configure it (no input
+    normalisation, the dead-latent window in samples, clip 1); ``(train_sae's result, seconds)``."""
+    from sciscope.core.sae import TopKConfig, train_sae
+
+    cfg = TopKConfig(d_in=data.x.shape[1], d_sae=args.d_sae, k=args.k, normalize="none",
+                     dead_after=args.dead_window * args.batch_size)
+    t0 = time.perf_counter()
+    result = train_sae(cfg, data, max_steps=args.steps, lr=args.lr, grad_clip=1.0, norm_batches=1, progress=False,
+                       **options)
+    return result, time.perf_counter() - t0

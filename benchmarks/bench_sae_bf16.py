@@ -36,8 +36,6 @@ import argparse
 import json
 import statistics
 import time
-import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,20 +48,8 @@ PRECISIONS = ("32-true", "bf16-mixed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=4000, help="place-name prompts to capture (default 4000)")
-    p.add_argument("--layer", type=int, default=3, help="MiniLM layer whose output is read (default 3)")
-    p.add_argument("--d-sae", type=int, default=4096)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=120, help="optimiser steps of each run (default 120)")
-    p.add_argument("--block", type=int, default=10, help="steps a run takes before handing over (default 10)")
-    p.add_argument("--warmup", type=int, default=5, help="first steps of each run left out of the timing")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--dead-window", type=int, default=50, help="steps without firing before a latent is dead")
+    p = _common.sae_bench_parser(__doc__, steps=120, block=10)
     p.add_argument("--profile-steps", type=int, default=4)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
 
@@ -95,10 +81,6 @@ def matmul_rates(B: int, d_in: int, d_sae: int) -> dict[str, dict[str, float]]:
 
 def train_interleaved(args: argparse.Namespace, train_x: torch.Tensor) -> dict[str, dict[str, Any]]:
     """Both precisions through ``train_sae``, in two threads taking turns every ``--block`` steps."""
-    from sciscope.core.sae import TopKConfig, train_sae
-
-    cfg = TopKConfig(d_in=train_x.shape[1], d_sae=args.d_sae, k=args.k, normalize="none",
-                     dead_after=args.dead_window * args.batch_size)
     turns = _common.Turns(list(PRECISIONS))
     data = {p: _common.InterleavedBatches(train_x, args.batch_size, turns=turns, name=p, block=args.block)
             for p in PRECISIONS}
@@ -107,10 +89,8 @@ def train_interleaved(args: argparse.Namespace, train_x: torch.Tensor) -> dict[s
         def fit() -> dict[str, Any]:
             if args.threads:  # set per thread: a new thread starts with torch's default
                 torch.set_num_threads(args.threads)
-            t0 = time.perf_counter()
-            result = train_sae(cfg, data[precision], max_steps=args.steps, lr=args.lr, grad_clip=1.0,
-                               norm_batches=1, precision=precision, progress=False)
-            return {"result": result, "fit_wall_s": time.perf_counter() - t0, "steps": data[precision].steps}
+            result, seconds = _common.train_sciscope_topk(args, data[precision], precision=precision)
+            return {"result": result, "fit_wall_s": seconds, "steps": data[precision].steps}
         return fit
 
     return _common.run_interleaved({p: trainer(p) for p in PRECISIONS}, turns)
@@ -192,19 +172,8 @@ def profile_steps(args: argparse.Namespace, x: torch.Tensor, precision: str) -> 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    load_start = _common.load_average()
-    info = _common.machine_info(["lightning"])
-    print(f"command: {_common.command_line()}")
-    print(f"machine: {info['platform']}, {info['cpu_count']} CPUs, torch threads {info['torch_threads']}, load {load_start}")
-
-    X, example, capture_s = _common.sae_activations(args.prompts, args.layer)
-    train_x, test_x = _common.split_and_normalise(X, example)
-    d_in, B = X.shape[1], args.batch_size
-    print(f"activations: MiniLM encoder.layer.{args.layer}, {args.prompts} place names -> {X.shape[0]} token rows "
-          f"({train_x.shape[0]} train, {test_x.shape[0]} held out), captured in {capture_s:.1f} s")
+    load_start, info, train_x, test_x, capture_s = _common.sae_bench_start(args, ["lightning"])
+    d_in, B = train_x.shape[1], args.batch_size
 
     mm_before = matmul_rates(B, d_in, args.d_sae)
     runs_raw = train_interleaved(args, train_x)

@@ -45,43 +45,21 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: trainSAE 
 
 import argparse
 import time
-import warnings
-from pathlib import Path
 from typing import Any
 
-import torch
 
 import _common
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=4000, help="place-name prompts to capture (default 4000)")
-    p.add_argument("--layer", type=int, default=3, help="MiniLM layer whose output is read (default 3)")
-    p.add_argument("--d-sae", type=int, default=4096)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--warmup", type=int, default=5, help="steps left out of the step-time median")
-    p.add_argument("--block", type=int, default=5, help="steps each trainer runs before the turn passes (default 5)")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--dead-window", type=int, default=50, help="steps without firing before a latent is dead")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None)
+    p = _common.sae_bench_parser(__doc__, steps=60, block=5)
     return p.parse_args(argv)
 
 
 def train_sciscope(args: argparse.Namespace, data: _common.InterleavedBatches) -> tuple[Any, float]:
     """sciscope's TopK SAE through ``train_sae`` (the same call as in bench_sae_vs_saelens.py)."""
-    from sciscope.core.sae import TopKConfig, train_sae
-
-    cfg = TopKConfig(
-        d_in=data.x.shape[1], d_sae=args.d_sae, k=args.k, normalize="none",
-        dead_after=args.dead_window * args.batch_size,
-    )
-    t0 = time.perf_counter()
-    result = train_sae(cfg, data, max_steps=args.steps, lr=args.lr, grad_clip=1.0, norm_batches=1, progress=False)
-    return result.sae, time.perf_counter() - t0
+    result, seconds = _common.train_sciscope_topk(args, data)
+    return result.sae, seconds
 
 
 def train_dictionary_learning(args: argparse.Namespace, data: _common.InterleavedBatches) -> tuple[Any, float]:
@@ -114,19 +92,8 @@ def train_dictionary_learning(args: argparse.Namespace, data: _common.Interleave
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    load_start = _common.load_average()
-    info = _common.machine_info(["dictionary-learning", "nnsight", "lightning"])
-    print(f"command: {_common.command_line()}")
-    print(f"machine: {info['platform']}, {info['cpu_count']} CPUs, torch threads {info['torch_threads']}, load {load_start}")
-
-    X, example, capture_s = _common.sae_activations(args.prompts, args.layer)
-    train_x, test_x = _common.split_and_normalise(X, example)
-    d_in, B = X.shape[1], args.batch_size
-    print(f"activations: MiniLM encoder.layer.{args.layer}, {args.prompts} place names -> {X.shape[0]} token rows "
-          f"x {d_in} ({train_x.shape[0]} train, {test_x.shape[0]} held out), captured in {capture_s:.1f} s")
+    load_start, info, train_x, test_x, capture_s = _common.sae_bench_start(args, ["dictionary-learning", "nnsight", "lightning"])
+    d_in, B = train_x.shape[1], args.batch_size
     print(f"config: d_sae {args.d_sae}, k {args.k}, batch {B}, lr {args.lr}, {args.steps} steps "
           f"({args.steps * B / train_x.shape[0]:.1f} epochs)")
 

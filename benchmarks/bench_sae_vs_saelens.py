@@ -58,7 +58,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: SAELens' 
 import argparse
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,19 +67,7 @@ from bench_sae_throughput import time_matmul
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=4000, help="place-name prompts to capture (default 4000)")
-    p.add_argument("--layer", type=int, default=3, help="MiniLM layer whose output is read (default 3)")
-    p.add_argument("--d-sae", type=int, default=4096)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--warmup", type=int, default=5, help="steps left out of the step-time median")
-    p.add_argument("--block", type=int, default=5, help="steps each trainer runs before the turn passes (default 5)")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--dead-window", type=int, default=50, help="steps without firing before a latent is dead")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None)
+    p = _common.sae_bench_parser(__doc__, steps=60, block=5)
     return p.parse_args(argv)
 
 
@@ -88,15 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train_sciscope(args: argparse.Namespace, data: _common.InterleavedBatches) -> tuple[Any, float]:
-    from sciscope.core.sae import TopKConfig, train_sae
-
-    cfg = TopKConfig(
-        d_in=data.x.shape[1], d_sae=args.d_sae, k=args.k, normalize="none",
-        dead_after=args.dead_window * args.batch_size,
-    )
-    t0 = time.perf_counter()
-    result = train_sae(cfg, data, max_steps=args.steps, lr=args.lr, grad_clip=1.0, norm_batches=1, progress=False)
-    return result.sae, time.perf_counter() - t0
+    result, seconds = _common.train_sciscope_topk(args, data)
+    return result.sae, seconds
 
 
 def train_saelens(args: argparse.Namespace, data: _common.InterleavedBatches, *, sparse: bool) -> tuple[Any, float]:
