@@ -456,13 +456,15 @@ def _breakdown(broken: pd.Series) -> float:
 
 def run_plan(model: nn.Module, plan: SteeringPlan, intervention: Intervention, *, aliases: Aliases | None = None,
              reference: Mapping[str, Mapping[str, float]] | None = None, progress: bool = False,
-             max_copies: int = 16) -> PlanSweep:
+             max_copies: int = 1) -> PlanSweep:
     """Run a steering plan: alpha = 0 once, every alpha with the intervention and each control.
 
-    When the scorer has a ``batched`` form and every intervention describes its edits, the
-    (condition, alpha) jobs run ``max_copies`` at a time, as copies of one batch
-    (:func:`~sciscope.core.interventions.apply_copies`); the numbers are those of one job at a
-    time (``max_copies=1``), which the tests check. A run whose scorer raises a floating-point
+    When the scorer has a ``batched`` form, every intervention describes its edits and
+    ``max_copies > 1``, the (condition, alpha) jobs run ``max_copies`` at a time, as copies of one
+    batch (:func:`~sciscope.core.interventions.apply_copies`); the numbers are those of one job at
+    a time (``max_copies=1``, the default), which the tests check. It pays where the scorer's
+    forwards are small (few examples, short batches); where they are large already, stacking
+    copies only adds memory traffic. A run whose scorer raises a floating-point
     error, returns NaN in a target score, or flags broken runs through ``scorer.broken`` counts
     as broken; the sweep goes on.
     """

@@ -484,7 +484,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
         reference = resolve_reference(plan, ctx)
         log.info("steering plan %s: %s, %d alphas x (1 + %d controls)", plan.name, intervention.kind, len(plan.alphas), plan.n_controls)
         sweep = run_plan(model, plan, intervention, aliases=run.adapter.aliases, reference=reference, progress=run.progress,
-                         max_copies=int(run.config.get("steer_copies", 16)))
+                         max_copies=int(run.config.get("steer_copies", 1)))
         pdir = out / plan.name
         sweep.save(pdir)
         ctx.live[f"steering:{plan.name}"] = sweep  # for the adapter's analyses after the steering stage

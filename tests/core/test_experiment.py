@@ -371,7 +371,7 @@ def test_a_floating_point_error_in_a_batch_breaks_only_its_own_job():
     plan = SteeringPlan("p", AddVector(v), Scorer(lambda m: check(_readout(m)), target=["y0"],
                                                   batched=lambda m, n: [check(r) for r in _readout_copies(m, n)]),
                         alphas=[1, 2, 4], n_controls=2, seed=0)
-    sweep = run_plan(model, plan, plan.intervention)
+    sweep = run_plan(model, plan, plan.intervention, max_copies=16)
     b = sweep.broken()
     assert b[4.0] == 1.0 and b[2.0] == 0.0 and b[1.0] == 0.0
     assert sweep.broken("random-0").max() == 0.0  # the controls in the same batch were not lost
