@@ -340,6 +340,16 @@ def run_interleaved(trainers: dict[str, Callable[[], Any]], turns: Turns) -> dic
     return results
 
 
+def fit_interleaved(trainers: dict[str, Callable[["InterleavedBatches"], Any]], x: Any, batch_size: int,
+                    block: int) -> tuple[dict[str, Any], dict[str, "InterleavedBatches"]]:
+    """Each ``trainer(batches)`` on its own stream of ``x``, the trainers taking turns every ``block``
+    steps (:func:`run_interleaved`); ``(results, streams)``, the streams holding each one's step times."""
+    turns = Turns(list(trainers))
+    streams = {n: InterleavedBatches(x, batch_size, turns=turns, name=n, block=block) for n in trainers}
+    print(f"interleaved: {', '.join(trainers)} take turns every {block} steps")
+    return run_interleaved({n: (lambda f=f, d=streams[n]: f(d)) for n, f in trainers.items()}, turns), streams
+
+
 def sae_bench_parser(doc: str | None, *, steps: int, block: int) -> argparse.ArgumentParser:
     """The arguments every SAE training benchmark shares (data, SAE shape, schedule, interleaving)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -56,24 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------- matmul rates
 
 
-def time_matmul_bf16(batch: int, d_in: int, d_sae: int, steps: int, warmup: int) -> dict[str, float]:
-    """Seconds per (batch, d_in) @ (d_in, d_sae) bf16 matmul (bf16 in, bf16 out) and its FLOP/s."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(batch, d_in, generator=g).bfloat16()
-    b = torch.randn(d_in, d_sae, generator=g).bfloat16()
-    out = torch.empty(batch, d_sae, dtype=torch.bfloat16)
-    for _ in range(warmup):
-        torch.mm(a, b, out=out)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        torch.mm(a, b, out=out)
-    sec = (time.perf_counter() - t0) / steps
-    return {"seconds": sec, "flop_per_s": 2 * batch * d_in * d_sae / sec}
-
-
 def matmul_rates(B: int, d_in: int, d_sae: int) -> dict[str, dict[str, float]]:
     return {"fp32": time_matmul(B, d_in, d_sae, steps=10, warmup=2),
-            "bf16": time_matmul_bf16(B, d_in, d_sae, steps=40, warmup=5)}
+            "bf16": time_matmul(B, d_in, d_sae, steps=40, warmup=5, dtype=torch.bfloat16)}
 
 
 # ----------------------------------------------------------------------------- interleaved runs
@@ -81,19 +66,14 @@ def matmul_rates(B: int, d_in: int, d_sae: int) -> dict[str, dict[str, float]]:
 
 def train_interleaved(args: argparse.Namespace, train_x: torch.Tensor) -> dict[str, dict[str, Any]]:
     """Both precisions through ``train_sae``, in two threads taking turns every ``--block`` steps."""
-    turns = _common.Turns(list(PRECISIONS))
-    data = {p: _common.InterleavedBatches(train_x, args.batch_size, turns=turns, name=p, block=args.block)
-            for p in PRECISIONS}
+    def fit(precision: str) -> Any:
+        def run(data: _common.InterleavedBatches) -> dict[str, Any]:
+            result, seconds = _common.train_sciscope_topk(args, data, precision=precision)
+            return {"result": result, "fit_wall_s": seconds, "steps": data.steps}
+        return run
 
-    def trainer(precision: str) -> Any:
-        def fit() -> dict[str, Any]:
-            if args.threads:  # set per thread: a new thread starts with torch's default
-                torch.set_num_threads(args.threads)
-            result, seconds = _common.train_sciscope_topk(args, data[precision], precision=precision)
-            return {"result": result, "fit_wall_s": seconds, "steps": data[precision].steps}
-        return fit
-
-    return _common.run_interleaved({p: trainer(p) for p in PRECISIONS}, turns)
+    fitted, _ = _common.fit_interleaved({p: fit(p) for p in PRECISIONS}, train_x, args.batch_size, args.block)
+    return fitted
 
 
 # ------------------------------------------------------------------------------------- profiling

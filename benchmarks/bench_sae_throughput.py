@@ -70,11 +70,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def time_matmul(batch: int, d_in: int, d_sae: int, steps: int, warmup: int) -> dict[str, float]:
-    """Seconds per (batch, d_in) @ (d_in, d_sae) fp32 matmul and the FLOP/s it reaches."""
+def time_matmul(batch: int, d_in: int, d_sae: int, steps: int, warmup: int,
+                dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Seconds per (batch, d_in) @ (d_in, d_sae) matmul in ``dtype`` (in and out) and the FLOP/s it reaches."""
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(batch, d_in, generator=g), torch.randn(d_in, d_sae, generator=g)
-    out = torch.empty(batch, d_sae)
+    a, b = torch.randn(batch, d_in, generator=g).to(dtype), torch.randn(d_in, d_sae, generator=g).to(dtype)
+    out = torch.empty(batch, d_sae, dtype=dtype)
     for _ in range(warmup):
         torch.mm(a, b, out=out)
     t0 = time.perf_counter()

@@ -101,10 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sciscope": lambda d: train_sciscope(args, d),
         "dictionary_learning": lambda d: train_dictionary_learning(args, d),
     }
-    turns = _common.Turns(list(trainers))
-    streams = {n: _common.InterleavedBatches(train_x, B, turns=turns, name=n, block=args.block) for n in trainers}
-    print(f"interleaved: {', '.join(trainers)} take turns every {args.block} steps")
-    fitted = _common.run_interleaved({n: (lambda f=f, d=streams[n]: f(d)) for n, f in trainers.items()}, turns)
+    fitted, streams = _common.fit_interleaved(trainers, train_x, B, args.block)
 
     runs: dict[str, dict[str, Any]] = {}
     for name, (sae, total_s) in fitted.items():

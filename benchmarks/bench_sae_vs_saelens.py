@@ -57,7 +57,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: SAELens' 
 
 import argparse
 import time
-import warnings
 from typing import Any
 
 import torch
@@ -152,19 +151,8 @@ def profile_sciscope_step(args: argparse.Namespace, x: torch.Tensor, steps: int 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    load_start = _common.load_average()
-    info = _common.machine_info(["sae-lens", "lightning"])
-    print(f"command: {_common.command_line()}")
-    print(f"machine: {info['platform']}, {info['cpu_count']} CPUs, torch threads {info['torch_threads']}, load {load_start}")
-
-    X, example, capture_s = _common.sae_activations(args.prompts, args.layer)
-    train_x, test_x = _common.split_and_normalise(X, example)
-    d_in, B = X.shape[1], args.batch_size
-    print(f"activations: MiniLM encoder.layer.{args.layer}, {args.prompts} place names -> {X.shape[0]} token rows "
-          f"x {d_in} ({train_x.shape[0]} train, {test_x.shape[0]} held out), captured in {capture_s:.1f} s")
+    load_start, info, train_x, test_x, capture_s = _common.sae_bench_start(args, ["sae-lens", "lightning"])
+    d_in, B = train_x.shape[1], args.batch_size
     print(f"config: d_sae {args.d_sae}, k {args.k}, batch {B}, lr {args.lr}, {args.steps} steps "
           f"({args.steps * B / train_x.shape[0]:.1f} epochs)")
 
@@ -174,10 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "saelens_dense": lambda d: train_saelens(args, d, sparse=False),
         "saelens_sparse": lambda d: train_saelens(args, d, sparse=True),
     }
-    turns = _common.Turns(list(trainers))
-    streams = {n: _common.InterleavedBatches(train_x, B, turns=turns, name=n, block=args.block) for n in trainers}
-    print(f"interleaved: {', '.join(trainers)} take turns every {args.block} steps")
-    fitted = _common.run_interleaved({n: (lambda f=f, d=streams[n]: f(d)) for n, f in trainers.items()}, turns)
+    fitted, streams = _common.fit_interleaved(trainers, train_x, B, args.block)
     runs: dict[str, dict[str, Any]] = {}
     for name, (sae, total_s) in fitted.items():
         step_s = streams[name].step_seconds(args.warmup)
