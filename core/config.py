@@ -119,11 +119,11 @@ PIPELINE_KEYS: dict[str, Key] = {
     "steer_alphas": Key([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0], "steering"),
     "steer_scale": Key("absolute", "steering", choices=("absolute", "relative")),
     "steer_n_random": Key(10, "steering", min=0, help="random controls per steering plan"),
-    # 1 by default: at the quick profiles every scorer's forwards are large already, and 16 copies
-    # measured 0.85-0.91x of one job at a time (benchmarks/bench_steering_batched.py)
+    # 1 by default: 16 copies measured 0.85-0.91x of one job at a time on this CPU, at the quick
+    # profiles and at the tests' tiny sizes alike (benchmarks/bench_steering_batched.py)
     "steer_copies": Key(1, "steering", min=1, help="(condition, alpha) jobs of a plan evaluated as copies of one batch "
-                                                  "when its scorer allows (same numbers as 1); pays when the scorer's "
-                                                  "batches are small (2.8-5.9x at the tests' tiny sizes)"),
+                                                  "when its scorer allows (same numbers as 1); meant for devices where "
+                                                  "one large forward beats many small ones"),
 }
 
 

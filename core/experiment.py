@@ -462,9 +462,9 @@ def run_plan(model: nn.Module, plan: SteeringPlan, intervention: Intervention, *
     When the scorer has a ``batched`` form, every intervention describes its edits and
     ``max_copies > 1``, the (condition, alpha) jobs run ``max_copies`` at a time, as copies of one
     batch (:func:`~sciscope.core.interventions.apply_copies`); the numbers are those of one job at
-    a time (``max_copies=1``, the default), which the tests check. It pays where the scorer's
-    forwards are small (few examples, short batches); where they are large already, stacking
-    copies only adds memory traffic. A run whose scorer raises a floating-point
+    a time (``max_copies=1``, the default), which the tests check. On a 2-core CPU it did not
+    beat one job at a time (benchmarks/README.md); it is meant for devices where one large forward
+    costs less than many small ones. A run whose scorer raises a floating-point
     error, returns NaN in a target score, or flags broken runs through ``scorer.broken`` counts
     as broken; the sweep goes on.
     """
