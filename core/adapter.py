@@ -29,8 +29,9 @@ from .errors import AdapterError, ConfigError, UnknownDomainError, close_matches
 from .experiment import Analysis, ProbeSet, Scorer, SteeringPlan, contrast_plan
 
 if TYPE_CHECKING:
-    from .fidelity import TaskLoss
     from .context import RunContext
+    from .fidelity import TaskLoss
+    from .tracing import CounterfactualPairs
 
 
 
@@ -279,6 +280,20 @@ class DomainAdapter(ABC):
         With it, the core's fidelity analysis splices the SAE's reconstruction (and PCA at equal
         L0) into the model at :attr:`sae_site` and reports the loss recovered. None: no fidelity.
         """
+        return None
+
+    # -- where the model computes it (all optional) --------------------------------------------------
+    def tracing_pairs(self, ctx: "RunContext") -> "CounterfactualPairs | None":
+        """Clean / corrupted inputs that differ in one concept, and the output readout
+        (:class:`~sciscope.core.tracing.CounterfactualPairs`). With them the core traces every layer x
+        component x position group, and attributes the score to SAE and transcoder features.
+        None: no tracing."""
+        return None
+
+    @property
+    def component_templates(self) -> dict[str, str] | None:
+        """``{component: "path.{i}..."}`` for blocks whose attention / MLP outputs discovery does not
+        know (see :func:`sciscope.core.components.block_components`); None: discover them."""
         return None
 
     @property
