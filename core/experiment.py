@@ -159,12 +159,14 @@ def core_analyses() -> list[Analysis]:
     nothing it needs): fidelity of the SAE spliced into the model (:mod:`sciscope.core.fidelity`),
     then the SAE's quality table against PCA, raw units and random directions (:mod:`sciscope.core.sae.quality`),
     and, after the features stage, every maximum and count over the SAE's units beside the same over
-    control units (:mod:`sciscope.core.unit_controls`)."""
+    control units (:mod:`sciscope.core.unit_controls`); after the probes stage, causal tracing over
+    every layer x component x position group (:mod:`sciscope.core.tracing`)."""
     from .fidelity import fidelity_analysis
     from .sae.quality import quality_analysis
+    from .tracing import tracing_analysis
     from .unit_controls import unit_controls_analysis
 
-    return [fidelity_analysis(), quality_analysis(), unit_controls_analysis()]
+    return [tracing_analysis(), fidelity_analysis(), quality_analysis(), unit_controls_analysis()]
 
 
 @dataclass

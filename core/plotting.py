@@ -358,7 +358,8 @@ def save_figure(fig: Any, path: Any, *, dpi: int = 110, tight_bbox: bool = False
     from .io import atomic_path
 
     path = Path(path)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure laid out already (constrained layout) keeps its engine
+        fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight" if tight_bbox else None)
     plt.close(fig)
