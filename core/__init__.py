@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 _LAZY = {
     **dict.fromkeys(['DomainAdapter', 'Examples', 'available_domains', 'get_domain', 'register_domain'], "adapter"),
     **dict.fromkeys(['capture', 'collect', 'model_identity', 'pool'], "capture"),
+    **dict.fromkeys(['BlockComponents', 'block_components'], "components"),
     **dict.fromkeys(['Key'], "config"),
     **dict.fromkeys(['RunContext'], "context"),
     **dict.fromkeys(['AdapterError', 'ConfigError', 'ContrastError', 'IntegrityError', 'NonFiniteError', 'ProbeError', 'SciscopeError', 'ShapeError', 'SiteError'], "errors"),
@@ -31,6 +32,7 @@ _LAZY = {
     **dict.fromkeys(['SteeringSweep', 'SteeringVector', 'alpha_sweep', 'clamp', 'contrast_vector', 'steer'], "steer"),
     **dict.fromkeys(['ActivationStore', 'StoreWriter', 'merge_shards'], "store"),
     **dict.fromkeys(['limit_threads', 'threads_per_device', 'use_threads'], "threads"),
+    **dict.fromkeys(['CounterfactualPairs', 'TracingResult', 'trace'], "tracing"),
 }
 
 
@@ -64,6 +66,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and editors see
     from .adapter import DomainAdapter, Examples, available_domains, get_domain, register_domain
     from .capture import capture, collect, model_identity, pool
+    from .components import BlockComponents, block_components
     from .config import Key
     from .context import RunContext
     from .errors import (
@@ -88,6 +91,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from .steer import SteeringSweep, SteeringVector, alpha_sweep, clamp, contrast_vector, steer
     from .store import ActivationStore, StoreWriter, merge_shards
     from .threads import limit_threads, threads_per_device, use_threads
+    from .tracing import CounterfactualPairs, TracingResult, trace
 
 __all__ = [
     "AblateFeatures", "AddVector", "Analysis", "Clamp", "Intervention", "Key", "PlanSweep", "ProbeSet", "RunContext",
@@ -99,5 +103,5 @@ __all__ = [
     "alpha_sweep", "available_domains", "capture", "clamp", "collect", "contrast_vector",
     "count_hooks", "embedding_matrix", "ffn_value_vectors", "get_domain", "lens", "list_sites",
     "limit_threads", "model_identity", "pool", "register_domain", "resolve_site", "steer", "unembedding_matrix", "threads_per_device", "use_threads",
-    "value_vector_lens",
+    "value_vector_lens", "BlockComponents", "block_components", "CounterfactualPairs", "TracingResult", "trace",
 ]

@@ -116,9 +116,11 @@ class TracingResult:
         return self.clean_score - self.corrupted_score
 
     def top(self, n: int = 3, measure: str = "restore") -> "pd.DataFrame":
-        """The ``n`` non-trivial cells with the largest ``measure``."""
+        """The ``n`` non-trivial cells with the largest ``measure``; among equal ones, the cell that
+        patches fewer positions first (it says more about where)."""
         cells = self.table[~self.table.trivial].dropna(subset=[measure])
-        return cells.sort_values(measure, ascending=False).head(n)
+        order = cells.assign(_m=cells[measure].round(6)).sort_values(["_m", "n_positions"], ascending=[False, True], kind="stable")
+        return order.drop(columns="_m").head(n)
 
     def control_max(self) -> float:
         """The largest control effect over every non-trivial cell (as many cells as the restores)."""
