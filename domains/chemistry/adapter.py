@@ -49,13 +49,14 @@ from sciscope.core.fidelity import TaskLoss, TokenPredictionTask
 from sciscope.core.loading import checkpoint_config, checkpoint_dir, checkpoint_layer_stack, is_causal, layer_aliases
 
 from . import data as _data
-from . import cards, encodings, features
+from . import cards, encodings, features, tracing
 from .data import PROPERTY_SCORES, morgan_fingerprints, score_molecules
 from .model import ARCHITECTURES, ModelSpec, generate, load_trained, save_trained, train_model
 from .tokenize import ENCODINGS, SPECIAL_TOKENS, MoleculeTokenizer, selfies_tokens
 
 if TYPE_CHECKING:
     from sciscope.core.context import RunContext
+    from sciscope.core.tracing import CounterfactualPairs
 
 __all__ = ["ChemistryAdapter"]
 
@@ -112,6 +113,7 @@ class ChemistryAdapter(DomainAdapter):
         "temperature": Key(1.0, "steering", min=0.0),
         "n_draw_groups": Key(6, "features", min=0, help="functional groups whose best feature's top molecules are drawn"),
         "n_draw_molecules": Key(8, "features", min=1),
+        **tracing.CONFIG_KEYS,  # trace_pairs, trace_group
     }
     #: Overrides for ``sciscope run chemistry --profile NAME``.
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
@@ -147,6 +149,7 @@ class ChemistryAdapter(DomainAdapter):
         if unknown:
             raise ConfigError(f"chemistry: config 'steer_groups' names unknown functional groups {unknown}; "
                               f"the table has {list(groups['name'])}")
+        tracing.check_config(config, list(groups["name"]))
         if config["model"]:
             checkpoint_dir(config["model"])  # fail early on a path that is not a model directory
 
@@ -408,6 +411,10 @@ class ChemistryAdapter(DomainAdapter):
         """``{group: ("group == True", "group == False")}`` for each present steering group."""
         present = set(self.group_names)
         return {g: (f"{g} == True", f"{g} == False") for g in self.config["steer_groups"] if g in present}
+
+    def tracing_pairs(self, ctx: "RunContext") -> "CounterfactualPairs | None":
+        """Molecules with ``trace_group`` and the same skeleton without it, atom for atom (:mod:`.tracing`)."""
+        return tracing.tracing_pairs(self, ctx)
 
     # -- analyses -------------------------------------------------------------------------------------
     def analyses(self) -> list[Analysis]:

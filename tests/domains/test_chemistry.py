@@ -770,3 +770,51 @@ def test_lens_basis_reads_the_lm_head_over_the_vocabulary(tiny_gpt) -> None:
     assert np.allclose(matrix[names.index("[C]")], head[i] - head[i].mean(), atol=1e-5)
     ctx.sae = lambda: SimpleNamespace(W_dec=torch.zeros(16, width + 1))
     assert lens_basis(ctx) is None  # a direction of another width does not live in the head's space
+
+
+# ------------------------------------------------------------------------------------------- tracing
+
+
+def test_tracing_pairs_swap_the_groups_atoms_and_keep_the_token_count(tiny_gpt) -> None:
+    from sciscope.domains.chemistry.tracing import group_pairs, strip_group
+
+    from .tracing_checks import check_pairs, differing_positions
+
+    # an atom for an atom, in the SMILES string itself: the skeleton and the token count stay
+    assert strip_group("OC(CCl)CCl", "[F,Cl,Br,I]") == ("OC(CC)CC", 2)
+    assert strip_group("O=C(O)c1ccccc1", "[CX3](=O)[OX2H1,OX1-]") == ("C=C(C)c1ccccc1", 2)
+    assert strip_group("CCO", "[F,Cl,Br,I]") is None  # no group: no pair
+    ad, model = tiny_gpt
+    ctx = RunContext(ad)
+    pairs = ad.tracing_pairs(ctx)
+    assert pairs is not None and "halogen" in pairs.concept
+    ids, att = pairs.clean["input_ids"], pairs.clean["attention_mask"]
+    measured = check_pairs(model, pairs, n_positions=ids.shape[1])
+    assert measured["B"] == min(TINY.get("trace_pairs", 32), 32)
+    # exactly the swapped atoms differ, and each is a halogen token in the clean molecule
+    n_diff = differing_positions(pairs)
+    assert (n_diff >= 1).all() and torch.equal(pairs.position_groups["changed atoms"].sum(1), n_diff)
+    vocab = model.tokenizer.vocab
+    clean_tokens = {vocab[int(t)] for t in ids[pairs.position_groups["changed atoms"]]}
+    assert clean_tokens <= {"[F]", "[Cl]", "[Br]", "[I]"}, clean_tokens
+    # each corrupted molecule is valid and has no halogen
+    _, _, cs, xs = group_pairs(ad, model.tokenizer, "halogen", 4)
+    assert all(Chem.MolFromSmiles(x) is not None and not any(h in x for h in ("F", "Cl", "Br", "I")) for x in xs)
+    # the groups partition the real tokens; the readout position is the last token before <eos>
+    g = pairs.position_groups
+    assert torch.equal((g["changed atoms"] | g["rest of the molecule"] | g["<bos>/<eos>"]), att.bool())
+    assert torch.equal(g["readout position"].float().argmax(1), att.sum(1) - 2)
+    # a masked LM reads a masked, unchanged position instead
+    mlm = ChemistryAdapter({**TINY, "architecture": "roberta", "trace_pairs": 6})
+    mp = mlm.tracing_pairs(RunContext(mlm))
+    pos = mp.position_groups["readout position"]
+    assert (mp.clean["input_ids"][pos] == 3).all() and (mp.corrupted["input_ids"][pos] == 3).all()  # <mask> in both
+    assert not (pos & mp.position_groups["changed atoms"]).any()
+    check_pairs(mlm.ctx.model(), mp, n_positions=mp.clean["input_ids"].shape[1])
+
+
+def test_tracing_config_keys_are_checked() -> None:
+    with pytest.raises(ConfigError, match="trace_group"):
+        ChemistryAdapter({**TINY, "trace_group": "unobtainium"})
+    with pytest.raises(ConfigError, match="trace_pairs"):
+        ChemistryAdapter({**TINY, "trace_pairs": 0})
