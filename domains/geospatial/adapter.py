@@ -53,10 +53,12 @@ from sciscope.core.spatial import morans_i_table
 
 from . import data as _data
 from . import task as _task
+from . import tracing as _tracing
 from .task import tokenise
 
 if TYPE_CHECKING:
     from sciscope.core.context import RunContext
+    from sciscope.core.tracing import CounterfactualPairs
 
 __all__ = ["GeospatialAdapter", "default_model_dir"]
 
@@ -132,6 +134,7 @@ class GeospatialAdapter(DomainAdapter):
                              help="a spatial feature whose best-country AUROC reaches this is a country detector"),
         # steering
         "steer_max_eval": Key(400, "steering", min=2, help="held-out places scored per steering evaluation"),
+        **_tracing.CONFIG_KEYS,  # trace_pairs
     }
     #: Overrides for ``sciscope run geospatial --profile NAME``.
     profiles: dict[str, dict[str, Any]] = {
@@ -474,6 +477,10 @@ class GeospatialAdapter(DomainAdapter):
         scorer = self.steering_scorer(ctx, "north_south")
         return [contrast_plan(ctx, "north_south", "north", "south", scorer, site=self.steer_site,
                               reference=lambda run: self.readout(run)["reference"])]
+
+    def tracing_pairs(self, ctx: "RunContext") -> "CounterfactualPairs | None":
+        """A northern and a southern place in the same prompt, scored by the latitude probe (:mod:`.tracing`)."""
+        return _tracing.tracing_pairs(self, ctx)
 
     def readout(self, ctx: "RunContext") -> dict[str, Any]:
         """Ridge probes of lat and lon at :attr:`readout_site` and the held-out places the steering

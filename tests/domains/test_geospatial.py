@@ -579,3 +579,34 @@ def test_lens_basis_is_the_input_embedding_at_the_sites_width(minilm) -> None:
     assert lens(matrix[paris], matrix / matrix.norm(dim=1, keepdim=True), tokens=tokens, k=1)["token"].tolist() == ["paris"]
     other = SimpleNamespace(model=lambda: model, sae=lambda: SimpleNamespace(W_dec=torch.zeros(4, 128)))
     assert ad.lens_basis(other) is None
+
+
+# ------------------------------------------------------------------------------------------- tracing
+
+
+@pytest.mark.parametrize("prompt", ["{name}", "{name} is a city in {country}"])
+def test_tracing_pairs_north_and_south_places_align_word_pieces(prompt: str, tmp_path: Path) -> None:
+    from .tracing_checks import check_pairs, differing_positions
+
+    ad = GeospatialAdapter({"n_places": 120, "n_blocks": 12, "min_population": 300_000, "prompt": prompt,
+                            "variant_prompt": "", "trace_pairs": 12})
+    ctx = RunContext(ad, run_dir=tmp_path)
+    model, ex = ctx.model(), ctx.examples()
+    # the latitude read-out is fitted on the run's store: capture the read-out layer only
+    collect(model, ad.batches(ex, model, batch_size=64), [ad.readout_site], out=tmp_path / "activations" / "store",
+            obs=ex.obs, aliases=ad.aliases, progress=False)
+    pairs = ad.tracing_pairs(ctx)
+    assert pairs is not None
+    ids = pairs.clean["input_ids"]
+    m = check_pairs(model, pairs, n_positions=ids.shape[1])
+    assert m["B"] >= 6
+    # clean places read further north than corrupted ones (the total effect is the latitude gap)
+    assert float(m["score_clean"].mean() - m["score_corrupted"].mean()) > 2.0
+    g = pairs.position_groups
+    assert g["[CLS]"] == [0] and (ids[:, 0] == ad._tokenizer().cls_token_id).all()
+    # only place-name tokens differ; the template (if any) and the specials are the same tokens
+    differ = pairs.clean["input_ids"] != pairs.corrupted["input_ids"]
+    assert not (differ & ~g["place name"]).any() and (differing_positions(pairs) >= 1).all()
+    assert ("template" in g) == (prompt != "{name}")
+    words = ad._tokenizer().convert_ids_to_tokens(ids[0][g["template"][0]].tolist()) if "template" in g else []
+    assert words[:3] == (["is", "a", "city"] if "template" in g else [])
