@@ -39,6 +39,7 @@ from sciscope.core.interventions import AddVector
 from sciscope.core.loading import find_layer_stack, layer_index, load_factory_model
 
 from . import data as _data
+from . import tracing as _tracing
 from .data import REGIMES, TrajectorySet
 from .diagnostics import DIAGNOSTICS, SHARED_DIAGNOSTICS, RegimeClassifier, diagnose, radial_power
 from .model import ModelSpec, WindowDataset, load_predictor, rollout, save_predictor, train_predictor
@@ -112,6 +113,7 @@ class PhysicsAdapter(DomainAdapter):
         "physical_margin": Key(0.25, "steering", help="a steered rollout is physical when its patch-artefact, boundedness and "
                                "mass/divergence diagnostics lie in the simulations' and unsteered rollouts' range widened by "
                                "this fraction of its width (>= 0)"),
+        **_tracing.CONFIG_KEYS,  # trace_pairs, trace_system
     }
     #: Overrides for ``sciscope run physics --profile NAME``.
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
@@ -166,6 +168,7 @@ class PhysicsAdapter(DomainAdapter):
             if not finite:
                 raise ConfigError(f"physics: config {key!r} must be finite numbers, got {c[key]!r}")
         _data.check_config(c)  # ranges and the simulators' stability limits (CFL, explicit diffusion)
+        _tracing.check_config(c)
 
     def threads(self) -> contextlib.AbstractContextManager[None]:
         """Context manager capping torch's (and BLAS') threads at config ``torch_threads`` (0 = unchanged)."""
@@ -356,6 +359,10 @@ class PhysicsAdapter(DomainAdapter):
         """Per system: ``(regime A windows, regime B windows)`` (stripes vs spots, vortex vs laminar)."""
         return {s: (f"system == '{s}' and regime == '{REGIMES[s][0]}'", f"system == '{s}' and regime == '{REGIMES[s][1]}'")
                 for s in self.config["systems"]}
+
+    def tracing_pairs(self, ctx: Any) -> Any:
+        """Windows of two regimes at the same time, frame for frame (:func:`.tracing.tracing_pairs`)."""
+        return _tracing.tracing_pairs(self, ctx)
 
     @property
     def metrics(self) -> dict[str, Callable[..., Any]]:

@@ -761,3 +761,62 @@ def test_field_pictures_draw_each_window_and_its_patch_activation(tiny, monkeypa
     monkeypatch.setattr(core_cards, "position_activations", lambda ctx, rows, feature: {})
     pooled = cards.render_field_windows(ad, None, 5, examples)
     assert "pooled" in pooled[0].caption and pooled[0].png.startswith(b"\x89PNG")
+
+
+# ------------------------------------------------------------------------------------------- tracing
+
+
+def test_tracing_pairs_align_windows_of_two_regimes(tiny) -> None:
+    from sciscope.domains.physics.tracing import window_pairs
+
+    from .tracing_checks import check_pairs
+
+    ad, model = tiny
+    pairs = ad.tracing_pairs(ad.ctx)
+    assert pairs is not None and "spots vs a stripes" in pairs.concept
+    (clean,), (bad,) = pairs.clean, pairs.corrupted
+    T, n_patches = ad.config["context_frames"], (TINY["grid"] // TINY["patch_size"]) ** 2
+    m = check_pairs(model, pairs, n_positions=1 + n_patches * T)
+    assert clean.shape == bad.shape == (m["B"], T, 2, TINY["grid"], TINY["grid"])
+    # the same time in a spots and a stripes trajectory: every frame differs, none is shared
+    windows = window_pairs(ad, m["B"])
+    traj = ad.trajectories.table.set_index("trajectory")
+    assert all(traj.loc[a, "regime"] == "spots" and traj.loc[b, "regime"] == "stripes" for a, b, _ in windows)
+    assert (clean != bad).flatten(2).any(-1).all()
+    g = pairs.position_groups
+    assert g["class token"] == [0] and len(g["last frame's patches"]) == n_patches
+    assert sorted(g["class token"] + g["last frame's patches"] + g["earlier frames' patches"]) == list(range(1 + n_patches * T))
+    assert g["last frame's patches"][:2] == [T, 2 * T]  # patch-major, frame-minor: token 1 + p * T + (T - 1)
+    with pytest.raises(ConfigError, match="trace_system"):
+        PhysicsAdapter({**TINY, "systems": ["flow"], "trace_system": "gray_scott"})
+
+
+def test_component_layouts_rebuild_the_block_output(tiny) -> None:
+    """The spatial and temporal attention outputs, moved to the block outputs' layout, add up with the block's
+    input and its MLP output to the block's output; and from_canonical inverts to_canonical."""
+    from sciscope.core.components import block_components
+    from sciscope.domains.physics.tracing import from_canonical, to_canonical
+
+    ad, model = tiny
+    comps = block_components(model, ad.component_templates)[0]
+    assert set(comps.parts) == {"attn", "attn_time", "mlp"}
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [modules[comps.resid].register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0]))]
+    hooks += [modules[comps.resid].register_forward_hook(lambda m, a, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o))]
+    for name, site in comps.parts.items():
+        hooks.append(modules[site].register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, o)))
+    x = next(iter(ad.batches(ad.examples("test"), model, batch_size=4)))[0]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    T = ad.config["context_frames"]
+    assert seen["attn"].shape[0] == 4 * T and seen["attn_time"].shape[1] == seen["out"].shape[1] - 1
+    rebuilt = seen["in"] + to_canonical("attn_time", seen["attn_time"], T) + to_canonical("attn", seen["attn"], T) + seen["mlp"]
+    torch.testing.assert_close(rebuilt, seen["out"], atol=1e-5, rtol=1e-5)
+    for name in ("attn", "attn_time"):
+        canon = to_canonical(name, seen[name], T)
+        torch.testing.assert_close(to_canonical(name, from_canonical(name, canon, T), T), canon)
