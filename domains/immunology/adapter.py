@@ -48,6 +48,7 @@ from . import analyses as _a
 from . import confounds as _cf
 from . import data as _data
 from . import features as _f
+from . import tracing as _tracing
 from .markers import _B, _MONO, match_types, wilcoxon_markers
 from .model import ModelSpec, build_model, load_checkpoint, save_trained, train_model
 from .tokenize import GeneVocab, collate, rank_value_encode
@@ -112,6 +113,7 @@ class ImmunologyAdapter(DomainAdapter):
         "top_genes": Key(10, "features", min=1, help="driver genes listed per feature (marker recovery looks here)"),
         "n_data_markers": Key(3, "features", min=1, help="data-driven (Wilcoxon) markers per type tested for recovery"),
         "n_umap_features": Key(6, "features", min=0, help="features drawn on the UMAP"),
+        **_tracing.CONFIG_KEYS,  # trace_pairs, trace_mask_rank
     }
     #: Overrides for ``sciscope run immunology --profile NAME`` (quick: within 15 minutes on 2 CPU cores).
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
@@ -473,6 +475,10 @@ class ImmunologyAdapter(DomainAdapter):
                 plans.append(contrast_plan(ctx, name, *self.contrasts[name], scorer, site=self.steer_site,
                                            headline="p_target_type", reference=reference))
         return plans
+
+    def tracing_pairs(self, ctx: RunContext) -> Any:
+        """A source-type and a target-type cell, rank slot by rank slot (:func:`.tracing.tracing_pairs`)."""
+        return _tracing.tracing_pairs(self, ctx)
 
     # -- feature cards (:mod:`.cards`); ranked by the core's default, which here is the cell-type AUROC
     @property

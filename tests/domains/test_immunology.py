@@ -673,3 +673,41 @@ def _hex(rgba) -> str:
     from matplotlib.colors import to_hex
 
     return to_hex(rgba)
+
+
+# ------------------------------------------------------------------------------------------- tracing
+
+
+def test_tracing_pairs_align_rank_slots_of_two_cell_types(tiny) -> None:
+    from .tracing_checks import check_pairs, differing_positions
+
+    ad, model = tiny
+    pairs = ad.tracing_pairs(RunContext(ad))
+    assert pairs is not None and "CD14+ Monocyte" in pairs.concept and "CD19+ B" in pairs.concept
+    ids, bad = pairs.clean["input_ids"], pairs.corrupted["input_ids"]
+    # the tiny model (30 steps) barely reads the context: its total effect is tiny but not zero
+    m = check_pairs(model, pairs, n_positions=ids.shape[1])
+    assert m["B"] >= 5
+    g, mask = pairs.position_groups, ad.vocabulary.special["mask"]
+    assert g["<cls>"] == [0] and g["masked slot"] == [1]  # rank 1 (after <cls>) is masked in both cells
+    assert (ids[:, 1] == mask).all() and (bad[:, 1] == mask).all()
+    # the cells differ only at gene slots (not <cls>, <eos>, the masked slot or padding)
+    genes = g["top-ranked genes (ranks <= 5)"] | g["lower-ranked genes"]
+    differ = ids != bad
+    assert not (differ & ~genes).any() and (differing_positions(pairs) >= genes.sum(1) // 2).all()
+    assert torch.equal(g["<eos>"].float().argmax(1), pairs.clean["attention_mask"].sum(1) - 1)
+    assert (g["marker genes (either cell)"] <= genes).all()
+    with pytest.raises(ConfigError, match="trace_mask_rank"):
+        ImmunologyAdapter({**TINY, "trace_mask_rank": 0})
+
+
+@pytest.mark.slow
+def test_tracing_total_effect_of_a_trained_model() -> None:
+    """Trained ten times longer than the tiny model, the head puts more of the monocyte markers' mass at the
+    masked top rank of a monocyte than of a B cell (0.16 nats when measured)."""
+    ad = ImmunologyAdapter({**TINY, "train_steps": 300})
+    from .tracing_checks import check_pairs
+
+    pairs = ad.tracing_pairs(RunContext(ad))
+    m = check_pairs(ad.ctx.model(), pairs, n_positions=pairs.clean["input_ids"].shape[1])
+    assert float(m["score_clean"].mean() - m["score_corrupted"].mean()) > 0.05
