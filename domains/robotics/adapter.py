@@ -37,6 +37,7 @@ from sciscope.core.loading import layer_index
 from . import cards as _cards
 from . import env as _env
 from . import report as _report
+from . import tracing as _tracing
 from .claims import DIRECTED, rollout_scores, vocabulary_null
 from .lens import CATEGORIES, CLAMP_POSITIONS, CLUSTER_METRIC, ClusterRule, action_lens, cluster_clamp, layer_summary, \
     neuron_categories, select_clusters
@@ -117,6 +118,7 @@ class RoboticsAdapter(DomainAdapter):
         # sites
         "sae_layer": Key(None, stage="sae", help="None = the last layer (where actions are decided)"),
         "steer_layer": Key(None, stage=_STEER, help="None = the middle layer (delta-vector steering plan)"),
+        **_tracing.CONFIG_KEYS,  # trace_pairs
     }
     #: Overrides for ``sciscope run robotics --profile NAME``. Every plan has 10 random controls
     #: (``steer_n_random``, ``clamp_n_random``): each adds one 64-scene rollout per alpha.
@@ -480,6 +482,10 @@ class RoboticsAdapter(DomainAdapter):
                     for w in ("quickly", "slowly")}
 
         return ctx.cached("prompt_reference", dict(ctx.config), build)
+
+    def tracing_pairs(self, ctx: "RunContext") -> Any:
+        """The same states with "quickly" and "slowly" in the instruction (:func:`.tracing.tracing_pairs`)."""
+        return _tracing.tracing_pairs(self, ctx)
 
     # -- feature cards (:mod:`.cards`); ranked by the core's default: the concepts are the action meanings
     card_columns = list(_cards.CARD_COLUMNS)

@@ -729,3 +729,36 @@ def test_card_lens_basis_reads_the_decoder_as_action_tokens_and_pictures_are_png
         assert w > 100 and h > 100
     assert "policy's action is within 0.2" in panels[0].caption
     assert set(ad.card_columns) <= set(obs.columns) and ad.card_ranking is None
+
+
+# ------------------------------------------------------------------------------------------- tracing
+
+
+def test_tracing_pairs_differ_in_the_speed_word_only(tiny) -> None:
+    from .tracing_checks import check_pairs, differing_positions
+
+    ad, policy = tiny
+    pairs = ad.tracing_pairs(ad.ctx)
+    assert pairs is not None and "quickly" in pairs.concept
+    ids, bad = pairs.clean["input_ids"], pairs.corrupted["input_ids"]
+    n_patches = (TINY["image_size"] // TINY["patch_size"]) ** 2
+    m = check_pairs(policy, pairs, n_positions=n_patches + ids.shape[1])
+    assert m["B"] == 32
+    # one token differs, "quickly" in clean and "slowly" in corrupted; the image is the same
+    assert (differing_positions(pairs) == 1).all()
+    assert torch.equal(pairs.clean["pixel_values"], pairs.corrupted["pixel_values"])
+    vocab = policy.vocab
+    assert {vocab.tokens[int(t)] for t in ids[ids != bad]} == {"quickly"}
+    assert {vocab.tokens[int(t)] for t in bad[ids != bad]} == {"slowly"}
+    g = pairs.position_groups
+    assert g["image patches"] == list(range(n_patches)) and g["<act> (emits dx)"] == [n_patches + ids.shape[1] - 1]
+    assert torch.equal(g["speed word"][:, n_patches:], ids != bad)
+    assert not (g["instruction words"] & g["speed word"]).any() and (g["instruction words"].sum(1) >= 3).all()
+    # even the 30-step policy puts more dx mass on fast bins after "quickly" than after "slowly"
+    assert float(m["score_clean"].mean()) > float(m["score_corrupted"].mean())
+    # the states are those whose first action carries the manner: far along x, farther than along y
+    from sciscope.domains.robotics.tracing import speed_states
+
+    obs, _, _ = ad.demos
+    rows = speed_states(ad, 32)
+    assert (obs["target_dx"].abs().to_numpy()[rows] >= ad.env_spec.max_step).all()
