@@ -234,9 +234,15 @@ class RunContext:
         those of examples with ``split == 'test'`` (an SAE wider than the data can memorise it, so
         in-sample explained variance flatters it); without a split column both are every row.
         Training rows are capped at ``sae_max_rows`` (whole examples, seeded)."""
+        rows, _ = self.sae_row_selection()
+        return self.split_rows(rows)
+
+    def split_rows(self, rows: "ActivationStore") -> "tuple[ActivationStore, ActivationStore]":
+        """``(train_rows, test_rows)`` of any rows as :meth:`sae_rows` splits the SAE's: held out are
+        the rows of examples with ``split == 'test'`` (without a split column both are every row);
+        training rows capped at ``sae_max_rows`` (whole examples, seeded)."""
         from .sae.rows import subsample_rows
 
-        rows, _ = self.sae_row_selection()
         obs = rows.obs
         train, test = rows, rows
         if "split" in obs.columns and (obs.split == "test").any() and (obs.split != "test").sum() >= 2:
@@ -267,11 +273,32 @@ class RunContext:
         ``seed`` other than the run's trains the same recipe from another start (stability).
         ``single_process`` trains on one device whatever the run's strategy.
         """
+        rows, _ = self.sae_rows()
+        return self.train_on_rows(rows, self.adapter.sae_site, seed=seed, single_process=single_process)
+
+    def train_on_rows(self, rows: "ActivationStore", site: str, *, target_site: str | None = None,
+                      architecture: str | None = None, seed: int | None = None, single_process: bool = False) -> Any:
+        """The run's SAE recipe (:meth:`train_sae`: config keys ``sae_*``) on any rows of a store.
+
+        Parameters
+        ----------
+        rows
+            Training rows (a validation tenth of their examples is set aside when ``sae_patience`` > 0).
+        site
+            The array the SAE reads.
+        target_site
+            The array it must predict (a transcoder: ``site`` an MLP's input, ``target_site`` its
+            output); None: ``site`` itself (an autoencoder).
+        architecture
+            A registered architecture other than the run's ``sae_architecture``.
+        seed, single_process
+            As in :meth:`train_sae`.
+        """
         from .sae import sae_config, sae_fields, train_sae
         from .sae.rows import EXAMPLE_ROW
 
-        c, site = self.config, self.adapter.sae_site
-        rows, _ = self.sae_rows()
+        c = self.config
+        arch = architecture or c["sae_architecture"]
         seed = self.seed if seed is None else int(seed)
         train_rows, val = rows, None
         if int(c.get("sae_patience", 0)) > 0 and rows.n_obs >= 20:
@@ -280,12 +307,13 @@ class RunContext:
             uniq = np.unique(group)
             held = np.random.default_rng([seed, 0x7A1]).permutation(uniq)[: max(1, len(uniq) // 10)]
             is_val = np.isin(group, held)
-            train_rows, val = rows.select(~is_val), rows.array(site, np.flatnonzero(is_val))
+            train_rows, idx = rows.select(~is_val), np.flatnonzero(is_val)
+            val = rows.array(site, idx) if target_site is None else (rows.array(site, idx), rows.array(target_site, idx))
         d_in = train_rows.dim(site)
         fields: dict[str, Any] = {"d_in": d_in, "d_sae": d_in * int(c["sae_expansion"])}
-        if "k" in sae_fields(c["sae_architecture"]):  # a fixed number of active latents (TopK, BatchTopK ...)
+        if "k" in sae_fields(arch):  # a fixed number of active latents (TopK, BatchTopK ...)
             fields["k"] = min(int(c["sae_k"]), fields["d_sae"])
-        cfg = sae_config(c["sae_architecture"], **fields)
+        cfg = sae_config(arch, **fields)
         # at least 16 batches a pass: a few hundred pooled rows in one batch would give one step an epoch
         bs = min(int(c["sae_batch_size"]), max(16, train_rows.n_obs // 16), train_rows.n_obs)
         steps = int(c["sae_steps"])
@@ -293,7 +321,14 @@ class RunContext:
         if max_epochs > 0:
             steps = max(1, min(steps, int(max_epochs * train_rows.n_obs / bs)))
         epoch = iter(range(10**9))
-        data = lambda: train_rows.iter_batches(site, bs, shuffle=True, seed=seed + next(epoch), drop_last=True)  # noqa: E731
+
+        def data() -> Any:  # one shuffled pass; a transcoder's input and target rows in the same order
+            s = seed + next(epoch)
+            batches = train_rows.iter_batches(site, bs, shuffle=True, seed=s, drop_last=True)
+            if target_site is None:
+                return batches
+            return zip(batches, train_rows.iter_batches(target_site, bs, shuffle=True, seed=s, drop_last=True))
+
         options = dict(self.trainer_options)
         if single_process:
             options.update(devices=1, num_nodes=1, strategy="auto")

@@ -197,6 +197,86 @@ def splice(model: nn.Module, site: "str | Site", replace: Reconstruction, *, pos
         yield
 
 
+@dataclass(frozen=True)
+class FromSite:
+    """A replacement computed from *another* site's vectors: what a transcoder (or a dense map of an
+    MLP's input to its output) puts in place of the MLP's output. As a value of :func:`fidelity`'s
+    ``reconstructions``, the spliced site's vectors become ``fn(source's vectors)``.
+
+    Parameters
+    ----------
+    source
+        The site read (e.g. the MLP's input), reached in the same forward pass before the spliced one.
+    fn
+        ``(N, D_source) -> (N, D)``, per position.
+    """
+
+    source: "str | Site"
+    fn: Reconstruction
+
+
+@contextlib.contextmanager
+def splice_from(model: nn.Module, source: "str | Site", site: "str | Site", fn: Reconstruction, *,
+                positions: Any = None, aliases: Aliases | None = None) -> Iterator[None]:
+    """Replace the activation at ``site`` by ``fn(activation at source)`` for every forward pass
+    inside the block: a transcoder spliced in place of an MLP reads the MLP's input (``source``,
+    e.g. BERT's ``intermediate:input``) and writes the MLP's output (``site``, ``output.dense``).
+
+    Parameters
+    ----------
+    model
+        The model.
+    source, site
+        Where to read and where to write (module paths, ``Site`` objects or aliases); they may be
+        different modules, or the two sides of one (GPT-2's ``mlp:input`` and ``mlp``). Both must
+        have the same ``(batch, positions)`` axes.
+    fn
+        ``(N, D_source) -> (N, D_site)``, applied to every position's vector (in float32).
+    positions
+        Which positions of ``site`` to replace (see :func:`sciscope.core.steer.steer`); the others
+        keep the model's own values. None = all.
+    aliases
+        Site aliases of the model.
+
+    Raises
+    ------
+    ShapeError
+        ``site`` ran before ``source`` in a forward pass, or the two disagree in their batch and
+        position axes, or ``fn`` returns another shape than the site's.
+    """
+    from .steer import _position_mask
+
+    src, src_module = resolve_site(model, source, aliases)
+    parsed, module = resolve_site(model, site, aliases)
+    seen: list[torch.Tensor] = []  # the source's (B, P, D_source) of the forward pass in progress
+
+    def read(t: torch.Tensor) -> None:
+        seen[:] = [to_canonical(t, src)[0]]
+
+    def swap(t: torch.Tensor) -> torch.Tensor:
+        if not seen:
+            raise ShapeError(f"splice_from: {str(parsed)!r} ran before its source {str(src)!r} in a forward pass")
+        x = seen.pop()  # (B, P, D_source); used once, so a stale one never feeds a later pass
+        h, back = to_canonical(t, parsed)  # (B, P, D)
+        if x.shape[:2] != h.shape[:2]:
+            raise ShapeError(f"splice_from: source {str(src)!r} has (batch, positions) {tuple(x.shape[:2])}, "
+                             f"{str(parsed)!r} has {tuple(h.shape[:2])}")
+        new = fn(x.reshape(-1, x.shape[-1]).float())  # (B * P, D)
+        if tuple(new.shape) != (h.shape[0] * h.shape[1], h.shape[-1]):
+            raise ShapeError(f"splice_from {str(src)!r} -> {str(parsed)!r}: the replacement has shape {tuple(new.shape)}, "
+                             f"the site gives {h.shape[0] * h.shape[1]} vectors of width {h.shape[-1]}")
+        new = new.to(h.dtype).reshape(h.shape)
+        mask = _position_mask(positions, h)
+        if mask is not None:
+            new = h + (new - h) * mask
+        return back(new)
+
+    with HookSet() as hooks:
+        hooks.read(src_module, src, read)
+        hooks.edit(module, parsed, swap)
+        yield
+
+
 @contextlib.contextmanager
 def _site_mean(model: nn.Module, site: "str | Site", aliases: Aliases | None,
                positions: Any = None) -> Iterator[list[torch.Tensor]]:
@@ -281,7 +361,7 @@ def fidelity(
     model: nn.Module,
     site: "str | Site",
     task: TaskLoss,
-    reconstructions: Mapping[str, Reconstruction],
+    reconstructions: "Mapping[str, Reconstruction | FromSite]",
     *,
     positions: Any = None,
     aliases: Aliases | None = None,
@@ -297,7 +377,9 @@ def fidelity(
     task
         The model's task loss (and optionally its output log-probabilities).
     reconstructions
-        ``{name: (N, D) -> (N, D)}``, e.g. ``{"sae": sae_reconstruction(sae), "pca": ...}``.
+        ``{name: (N, D) -> (N, D)}``, e.g. ``{"sae": sae_reconstruction(sae), "pca": ...}``; a
+        :class:`FromSite` value computes the site's vectors from another site's (a transcoder in
+        place of an MLP, :func:`splice_from`).
     positions
         Splice only these positions (None: all).
 
@@ -323,7 +405,9 @@ def fidelity(
         }
         rows = [{"condition": "clean", "loss": clean, "kl": 0.0 if clean_lp is not None else np.nan}]
         for name, fn in conditions.items():
-            with splice(model, site, fn, positions=positions, aliases=aliases):
+            spliced = (splice_from(model, fn.source, site, fn.fn, positions=positions, aliases=aliases)
+                       if isinstance(fn, FromSite) else splice(model, site, fn, positions=positions, aliases=aliases))
+            with spliced:
                 loss = float(task.fn(model))
                 kl = np.nan
                 if clean_lp is not None:

@@ -29,6 +29,7 @@ from sciscope.core.sae.matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from sciscope.core.sae.metrics import evaluate_sae
 from sciscope.core.sae.relu import ReLUConfig, ReLUSAE
 from sciscope.core.sae.topk import TopKConfig, TopKSAE
+from sciscope.core.sae.transcoder import TopKTranscoder, TopKTranscoderConfig
 from sciscope.core.sae.train import SAELightningModule, SAETrainResult, fit_normalization, train_sae
 
 __all__ = [
@@ -47,6 +48,8 @@ __all__ = [
     "SparseAutoencoder",
     "TopKConfig",
     "TopKSAE",
+    "TopKTranscoder",
+    "TopKTranscoderConfig",
     "TrainForward",
     "available_saes",
     "config_from_dict",

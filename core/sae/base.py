@@ -392,6 +392,9 @@ class SparseAutoencoder(nn.Module):
     """
 
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    #: True for architectures that predict another tensor than their input (transcoders): the
+    #: trainer then accepts ``(input, target)`` batches and normalises the two sides separately.
+    transcodes: ClassVar[bool] = False
     # Norm of the decoder rows at initialisation; ReLU SAEs start small (Anthropic, April 2024).
     init_decoder_norm: ClassVar[float] = 1.0
 
@@ -420,12 +423,18 @@ class SparseAutoencoder(nn.Module):
 
     def _pre_act_operands(self, x2: Tensor) -> tuple[Tensor, Tensor]:
         """``(inputs, bias)`` with pre-activations ``inputs @ W_enc + bias``; x2 is (B, d_in)."""
-        if torch.is_grad_enabled() and not x2.requires_grad and self.b_dec.requires_grad:
+        b_in = self._input_bias()  # (d_in,)
+        if torch.is_grad_enabled() and not x2.requires_grad and b_in.requires_grad:
             # Training: x @ W_enc + (b_enc - b_dec @ W_enc) is the same map, but autograd then needs
             # no (B, d_in) input gradient of the big matmul -- only a vector-matrix product for
             # b_dec (~1.3x per step). Inference keeps (x - b_dec) first: exact for large offsets.
-            return x2, self.b_enc - self.b_dec @ self.W_enc
-        return x2 - self.b_dec, self.b_enc
+            return x2, self.b_enc - b_in @ self.W_enc
+        return x2 - b_in, self.b_enc
+
+    def _input_bias(self) -> Tensor:
+        """The pre-encoder bias subtracted from the input: ``b_dec`` (input and output share a
+        space); a transcoder, whose output lives elsewhere, has its own (``b_in``)."""
+        return self.b_dec
 
     def encode(self, x: Tensor) -> Tensor:
         """Sparse codes ``f``: (..., d_in) -> (..., d_sae)."""
@@ -468,7 +477,7 @@ class SparseAutoencoder(nn.Module):
     # ---- training ------------------------------------------------------------------------------
 
     def loss(
-        self, x: Tensor, *, sparsity_scale: float = 1.0, update_stats: bool = False
+        self, x: Tensor, *, target: Tensor | None = None, sparsity_scale: float = 1.0, update_stats: bool = False
     ) -> dict[str, Tensor]:
         """Training loss on a batch ``x`` (B, d_in), in the space the SAE trains in.
 
@@ -476,6 +485,9 @@ class SparseAutoencoder(nn.Module):
         ----------
         x
             Batch of (already normalised) activations.
+        target
+            What the output should match, (B, d_in); None: ``x`` itself (an autoencoder).  A
+            transcoder (:attr:`transcodes`) reads an MLP's input and matches its output.
         sparsity_scale
             Multiplier of the sparsity penalty (for a warm-up of the L1 / L0 coefficient).
         update_stats
@@ -494,7 +506,11 @@ class SparseAutoencoder(nn.Module):
             raise ShapeError(f"loss expects a (batch, d_in) tensor, got shape {tuple(x.shape)}")
         dead = self.dead_mask()  # (d_sae,) judged before this batch counts
         out = self._train_forward(x)
-        err = x - out.x_hat  # (B, d_in)
+        if target is not None:
+            target = self._check_input(target)
+            if target.shape != x.shape:
+                raise ShapeError(f"loss: target has shape {tuple(target.shape)}, input {tuple(x.shape)}")
+        err = (x if target is None else target) - out.x_hat  # (B, d_in)
         recon = err.pow(2).sum(dim=-1).mean()
         if self.cfg.aux_coeff > 0:
             aux = self.aux_loss(x, err.detach(), dead)
@@ -549,7 +565,7 @@ class SparseAutoencoder(nn.Module):
             return err.new_zeros(())
         dead_idx = dead.nonzero().squeeze(1)  # (n_dead,)
         pre_dead = torch.addmm(
-            self.b_enc[dead_idx], x - self.b_dec.detach(), self.W_enc[:, dead_idx]
+            self.b_enc[dead_idx], x - self._input_bias().detach(), self.W_enc[:, dead_idx]
         )  # (B, n_dead)
         vals, j = pre_dead.topk(min(self.cfg.aux_k, n_dead), dim=-1, sorted=False)  # (B, k_aux)
         # vals are bf16 under autocast; embedding_bag wants them in W_dec's dtype (fp32)

@@ -90,7 +90,8 @@ SAELENS_ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumpre
 # subclass that encodes like one of them (Matryoshka is BatchTopK at inference) exports as it.
 SAELENS_EXPORT = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
 # The methods that make up encode(); a subclass overriding none of them encodes like its base.
-_ENCODE_METHODS = ("encode", "_encode", "pre_acts", "_pre_act_operands", "_check_input")
+# ``_input_bias``: a transcoder subtracts its own input bias, not b_dec, so it encodes unlike a TopK SAE
+_ENCODE_METHODS = ("encode", "_encode", "pre_acts", "_pre_act_operands", "_input_bias", "_check_input")
 # SAELens' names of the training architectures of sciscope's BatchTopK-like ones.
 _SAELENS_TRAINING_NAMES = {"matryoshka": "matryoshka_batchtopk"}
 # SAELens training architectures whose inference SAE is a JumpReLU with one threshold for all latents.

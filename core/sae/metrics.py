@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from sciscope.core.errors import SciscopeError
-from sciscope.core.sae.base import SparseAutoencoder, as_batch
+from sciscope.core.sae.base import SparseAutoencoder
 
 Batches = Iterable[Tensor] | Callable[[], Iterator[Tensor]] | Tensor
 
@@ -26,17 +26,20 @@ def evaluate_sae(sae: SparseAutoencoder, batches: Batches) -> dict[str, float]:
         A trained SAE (its weights take raw activations: normalisation is folded in).
     batches
         Tensors of shape (batch, d_in), an iterable of them, or a zero-arg callable returning an
-        iterator of them.
+        iterator of them.  For a transcoder, ``(input, target)`` tuples of them (one tuple, or an
+        iterable of tuples): the output is scored against the target (an MLP's output).
 
     Returns
     -------
     dict
         ``mse``: mean squared error over all elements; ``explained_variance``:
-        ``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the evaluated data (NaN when the
-        data has no variance); ``l0``: mean number of active latents per sample;
+        ``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the evaluated data, ``x`` the
+        target when there is one (NaN when the data has no variance); ``l0``: mean number of active latents per sample;
         ``dead_fraction``: fraction of latents that never fired on the data; ``n_samples``.
     """
-    if isinstance(batches, Tensor):
+    from sciscope.core.sae.train import check_batch, is_pair
+
+    if isinstance(batches, Tensor) or is_pair(batches):
         batches = [batches]
     elif callable(batches):
         batches = batches()
@@ -53,8 +56,11 @@ def evaluate_sae(sae: SparseAutoencoder, batches: Batches) -> dict[str, float]:
     sae.eval()
     try:
         for i, batch in enumerate(batches):
-            x = as_batch(batch, i, d_in).to(device=device, dtype=sae.W_enc.dtype)  # (B, d_in)
-            x_hat, f = sae(x)  # (B, d_in), (B, d_sae)
+            checked = check_batch(batch, i, d_in)
+            inputs, x = checked if isinstance(checked, tuple) else (checked, checked)  # x: what x_hat should match
+            inputs = inputs.to(device=device, dtype=sae.W_enc.dtype)  # (B, d_in)
+            x = x.to(device=device, dtype=sae.W_enc.dtype)  # (B, d_in)
+            x_hat, f = sae(inputs)  # (B, d_in), (B, d_sae)
             x64 = x.double()
             sq_err += (x64 - x_hat.double()).pow(2).sum()
             sum_x += x64.sum(dim=0)

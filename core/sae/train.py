@@ -11,6 +11,11 @@ Steps of :func:`train_sae`:
    one-shot iterable runs out, or -- with ``val_data`` and ``patience`` -- until the explained
    variance of the validation rows stops improving);
 3. fold the normalisation into the weights, so the returned SAE reads raw activations.
+
+A transcoder (an architecture with ``transcodes``, :mod:`sciscope.core.sae.transcoder`) trains on
+the same path from ``(input, target)`` batches: input and target each get their own normalisation
+(an MLP's input and output differ in mean and scale), ``b_dec`` starts at the targets' mean, and
+both are folded in at the end.
 """
 
 from __future__ import annotations
@@ -28,17 +33,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from sciscope.core.errors import ConfigError, SciscopeError
+from sciscope.core.errors import ConfigError, SciscopeError, ShapeError
 from sciscope.core.io import atomic_path
 from sciscope.core.sae.base import SAEConfig, SparseAutoencoder, as_batch, config_from_dict, create_sae
 from sciscope.core.threads import threads_per_device
 
 Data = Iterable[Tensor] | Callable[[], Iterable[Tensor]]
+#: what one checked batch is: (B, d_in) rows, or (input, target) rows of a transcoder
+Batch = Tensor | tuple[Tensor, Tensor]
 
 HISTORY_COLUMNS = ("loss", "recon", "mse", "sparsity", "aux", "l0", "dead_fraction", "lr")
 
@@ -109,12 +117,13 @@ class _BatchStream(IterableDataset):
     stops when the iterable does.  Under DDP each rank takes every world_size-th batch.
     """
 
-    def __init__(self, data: Data, first_pass: Iterator[Any], d_in: int) -> None:
+    def __init__(self, data: Data, first_pass: Iterator[Any], d_in: int, paired: bool = False) -> None:
         super().__init__()
         self.data = data
         self.repeat = callable(data)
         self._first_pass: Iterator[Any] | None = first_pass
         self.d_in = d_in
+        self.paired = paired
 
     def _passes(self) -> Iterator[Iterator[Any]]:
         first, self._first_pass = self._first_pass, None
@@ -125,7 +134,7 @@ class _BatchStream(IterableDataset):
         while self.repeat:
             yield iter(self.data())  # type: ignore[operator]
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Batch]:
         rank, world = 0, 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -134,14 +143,38 @@ class _BatchStream(IterableDataset):
             n_in_pass = 0
             for batch in it:
                 if index % world == rank:
-                    yield as_batch(batch, index, self.d_in)
+                    yield check_batch(batch, index, self.d_in, paired=self.paired)
                 index += 1
                 n_in_pass += 1
             if n_in_pass == 0:
                 raise SciscopeError("the data callable returned an empty iterator")
 
 
-def _peek(data: Data, n: int, d_in: int) -> tuple[list[Tensor], Iterator[Any]]:
+def is_pair(batch: Any) -> bool:
+    """A transcoder's ``(input, target)`` batch: a 2-*tuple* of tensors or arrays (a list of two
+    tensors stays a list of batches, as :func:`~sciscope.core.sae.evaluate_sae` has always read it)."""
+    return isinstance(batch, tuple) and len(batch) == 2 and all(isinstance(b, (Tensor, np.ndarray)) for b in batch)
+
+
+def check_batch(batch: Any, index: int, d_in: int, *, paired: bool | None = None) -> Batch:
+    """:func:`~sciscope.core.sae.base.as_batch` for a batch or an ``(input, target)`` pair of them.
+
+    ``paired`` True / False insists on pairs / plain batches (a stream must not mix them); None
+    takes what comes.  Both sides of a pair are (B, d_in) with the same B.
+    """
+    pair = is_pair(batch)
+    if paired is not None and pair != paired:
+        want = "an (input, target) pair" if paired else "a plain (batch, d_in) tensor"
+        raise ShapeError(f"batch {index}: expected {want} like the first batch, got {type(batch).__name__}")
+    if not pair:
+        return as_batch(batch, index, d_in)
+    x, y = as_batch(batch[0], index, d_in), as_batch(batch[1], index, d_in)
+    if x.shape[0] != y.shape[0]:
+        raise ShapeError(f"batch {index}: {x.shape[0]} input rows but {y.shape[0]} target rows")
+    return x, y
+
+
+def _peek(data: Data, n: int, d_in: int) -> tuple[list[Batch], Iterator[Any]]:
     """First ``n`` batches (checked) and an iterator over the whole first pass, peeked ones included."""
     source = data() if callable(data) else data
     try:
@@ -154,7 +187,8 @@ def _peek(data: Data, n: int, d_in: int) -> tuple[list[Tensor], Iterator[Any]]:
     peeked = list(itertools.islice(it, n))
     if not peeked:
         raise SciscopeError("the training data yielded no batches")
-    checked = [as_batch(b, i, d_in) for i, b in enumerate(peeked)]
+    paired = is_pair(peeked[0])
+    checked = [check_batch(b, i, d_in, paired=paired) for i, b in enumerate(peeked)]
     return checked, itertools.chain(checked, it)
 
 
@@ -213,11 +247,16 @@ class SAELightningModule(L.LightningModule):
         sparsity_warmup_steps: int = 0,
         log_progress: bool = False,
         fused_adam: bool = False,
+        target_mean: Tensor | None = None,
+        target_scale: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.sae = sae
         self.register_buffer("norm_mean", mean.clone())  # (d_in,)
         self.register_buffer("norm_scale", scale.clone())  # () or (d_in,)
+        # a transcoder's targets (an MLP's output) have their own statistics; an SAE's are its inputs'
+        self.register_buffer("target_mean", (mean if target_mean is None else target_mean).clone())  # (d_in,)
+        self.register_buffer("target_scale", (scale if target_scale is None else target_scale).clone())  # () or (d_in,)
         self.lr, self.adam_betas, self.max_steps = lr, adam_betas, max_steps
         self.lr_warmup_steps, self.lr_decay_steps = lr_warmup_steps, lr_decay_steps
         self.sparsity_warmup_steps = sparsity_warmup_steps
@@ -228,11 +267,18 @@ class SAELightningModule(L.LightningModule):
         self.fused_adam = fused_adam
         self._history: list[Tensor] = []  # one (len(HISTORY_COLUMNS),) row per step, detached
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        x = (batch - self.norm_mean) / self.norm_scale  # (B, d_in), normalised space
+    def normalize(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """``(x, target)`` in the normalised space the SAE trains in; target None for a plain batch."""
+        if isinstance(batch, (tuple, list)):  # a transcoder's (input, target); the loader may make it a list
+            x, y = batch
+            return (x - self.norm_mean) / self.norm_scale, (y - self.target_mean) / self.target_scale
+        return (batch - self.norm_mean) / self.norm_scale, None  # (B, d_in)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        x, target = self.normalize(batch)  # (B, d_in) each, normalised space
         step = self.global_step
         scale = min(1.0, (step + 1) / self.sparsity_warmup_steps) if self.sparsity_warmup_steps else 1.0
-        out = self.sae.loss(x, sparsity_scale=scale, update_stats=True)
+        out = self.sae.loss(x, target=target, sparsity_scale=scale, update_stats=True)
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         row = [out[k].detach().float() for k in HISTORY_COLUMNS[:-1]]
         # Kept as tensors (no .item() per step) so an accelerator never waits for the host.
@@ -303,7 +349,7 @@ class HeldOutEarlyStopping(L.Callback):
     is agreed across ranks.
     """
 
-    def __init__(self, rows: Tensor, *, every: int, patience: int, min_delta: float = 1e-4) -> None:
+    def __init__(self, rows: Batch, *, every: int, patience: int, min_delta: float = 1e-4) -> None:
         super().__init__()
         self.rows, self.every, self.patience, self.min_delta = rows, max(1, int(every)), int(patience), float(min_delta)
         self.checks: list[tuple[int, float]] = []
@@ -318,8 +364,10 @@ class HeldOutEarlyStopping(L.Callback):
 
         module: SAELightningModule = pl_module  # type: ignore[assignment]
         with torch.no_grad():
-            x = (self.rows.to(module.norm_mean.device) - module.norm_mean) / module.norm_scale  # (N, d_in) normalised
-            ev = float(evaluate_sae(module.sae, x.float())["explained_variance"])
+            dev = module.norm_mean.device
+            rows = tuple(r.to(dev) for r in self.rows) if isinstance(self.rows, tuple) else self.rows.to(dev)
+            x, target = module.normalize(rows)  # (N, d_in) each, normalised
+            ev = float(evaluate_sae(module.sae, x.float() if target is None else (x.float(), target.float()))["explained_variance"])
         self.checks.append((step, ev))
         if ev > self.best + self.min_delta:
             self.best, self.waited = ev, 0
@@ -370,7 +418,8 @@ def train_sae(
         Config of a registered architecture (or a mapping with an ``architecture`` key).
     data
         An iterable of tensors of shape (batch, d_in) (one pass), or a zero-arg callable returning
-        a fresh iterable (passes repeat until ``max_steps``).  Numpy arrays are accepted.
+        a fresh iterable (passes repeat until ``max_steps``).  Numpy arrays are accepted.  For a
+        transcoder, ``(input, target)`` pairs of such tensors (an MLP's input and output rows).
     max_steps
         Optimiser steps (one per batch).
     lr, adam_betas
@@ -400,8 +449,9 @@ def train_sae(
     progress
         Show Lightning's progress bar and its start-up messages.
     val_data
-        ``(N, d_in)`` raw validation rows, not trained on: their explained variance is checked
-        every ``val_every`` steps (default ``max(25, max_steps // 40)``) into ``.validation``.
+        ``(N, d_in)`` raw validation rows, not trained on (a transcoder: an ``(inputs, targets)``
+        pair): their explained variance is checked every ``val_every`` steps (default
+        ``max(25, max_steps // 40)``) into ``.validation``.
     patience
         Stop after this many checks without a gain in that explained variance (0: never stop
         early). The steps then follow the data: a small dataset stops before it is memorised.
@@ -445,11 +495,18 @@ def train_sae(
     sae = create_sae(cfg, seed=seed)  # raises ConfigError for an unknown architecture
 
     peeked, first_pass = _peek(data, norm_batches, cfg.d_in)
-    on_cpu = [b.detach().cpu() for b in peeked]  # batches may arrive on an accelerator
+    paired = isinstance(peeked[0], tuple)
+    if paired and not sae.transcodes:
+        raise ConfigError(f"train_sae: the batches are (input, target) pairs, but {cfg.architecture!r} is an "
+                          "autoencoder; train a transcoder (e.g. 'topk_transcoder') on pairs")
+    # batches may arrive on an accelerator; inputs and targets are normalised each with their own statistics
+    on_cpu = [(b[0] if paired else b).detach().cpu() for b in peeked]  # (B, d_in) inputs
+    targets = [b[1].detach().cpu() for b in peeked] if paired else on_cpu  # (B, d_in) what the output matches
     mean, scale = fit_normalization(on_cpu, cfg.normalize)
+    t_mean, t_scale = fit_normalization(targets, cfg.normalize) if paired else (mean, scale)
     with torch.no_grad():
-        n = sum(b.shape[0] for b in on_cpu)
-        sae.b_dec.copy_(sum(((b - mean) / scale).sum(dim=0) for b in on_cpu) / n)
+        n = sum(b.shape[0] for b in targets)
+        sae.b_dec.copy_(sum(((b - t_mean) / t_scale).sum(dim=0) for b in targets) / n)
 
     module = SAELightningModule(
         sae,
@@ -463,8 +520,10 @@ def train_sae(
         sparsity_warmup_steps=sparsity_warmup_steps,
         log_progress=progress,
         fused_adam=_low_precision(precision),
+        target_mean=t_mean,
+        target_scale=t_scale,
     )
-    loader = DataLoader(_BatchStream(data, first_pass, cfg.d_in), batch_size=None, num_workers=0)
+    loader = DataLoader(_BatchStream(data, first_pass, cfg.d_in, paired), batch_size=None, num_workers=0)
     trainer_args: dict[str, Any] = {
         "max_steps": max_steps,
         "max_epochs": 1,  # the stream is one long epoch; max_steps (or the data) ends it
@@ -483,9 +542,14 @@ def train_sae(
     }
     early = None
     if val_data is not None:
-        rows = torch.as_tensor(val_data, dtype=torch.float32)
-        if rows.ndim != 2 or rows.shape[1] != cfg.d_in or not len(rows):
-            raise ConfigError(f"train_sae: val_data must be (N > 0, d_in={cfg.d_in}) rows, got shape {tuple(rows.shape)}")
+        if is_pair(val_data) != paired:
+            raise ConfigError("train_sae: val_data must be " + ("an (inputs, targets) pair like the batches" if paired
+                                                                 else "plain rows like the batches"))
+        parts = [torch.as_tensor(v, dtype=torch.float32) for v in (val_data if paired else (val_data,))]
+        for part in parts:
+            if part.ndim != 2 or part.shape[1] != cfg.d_in or not len(part) or len(part) != len(parts[0]):
+                raise ConfigError(f"train_sae: val_data must be (N > 0, d_in={cfg.d_in}) rows, got shape {tuple(part.shape)}")
+        rows = (parts[0], parts[1]) if paired else parts[0]
         every = int(val_every) if val_every is not None else max(25, max_steps // 40)
         early = HeldOutEarlyStopping(rows, every=every, patience=patience)
         trainer_args["callbacks"] = [early]
@@ -504,9 +568,13 @@ def train_sae(
             stacklevel=2,
         )
     sae = sae.cpu().eval()
-    if cfg.normalize != "none":
+    if cfg.normalize != "none" and sae.transcodes:
+        sae.fold_normalization(mean, scale, target_mean=t_mean, target_scale=t_scale)
+    elif cfg.normalize != "none":
         sae.fold_normalization(mean, scale)
     normalization = {"method": cfg.normalize, "mean": mean.tolist(), "scale": scale.tolist()}
+    if paired:
+        normalization.update(target_mean=t_mean.tolist(), target_scale=t_scale.tolist())
     result = SAETrainResult(sae=sae, cfg=cfg, history=history, normalization=normalization, params=params)
     if early is not None:
         result.validation, result.stopped_early = early.frame(), early.stopped
@@ -564,4 +632,4 @@ def _quiet_lightning(quiet: bool) -> Iterator[None]:
             lg.setLevel(level)
 
 
-__all__ = ["Data", "HeldOutEarlyStopping", "SAELightningModule", "SAETrainResult", "fit_normalization", "train_sae"]
+__all__ = ["Batch", "Data", "HeldOutEarlyStopping", "check_batch", "is_pair", "SAELightningModule", "SAETrainResult", "fit_normalization", "train_sae"]

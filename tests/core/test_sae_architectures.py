@@ -44,6 +44,8 @@ CASES: dict[str, dict[str, object]] = {
     "batchtopk": {"k": 3},
     "jumprelu": {"threshold_init": 0.5, "bandwidth": 0.1},
     "matryoshka": {"k": 3, "prefixes": [64, 128]},
+    # plain batches train a transcoder as an autoencoder: a TopK SAE with its own input bias
+    "topk_transcoder": {"k": 3},
 }
 D_IN, D_SAE, N_ATOMS = 32, 128, 64
 
