@@ -382,6 +382,20 @@ class _Tracer(TorchFunctionMode):
         return out
 
 
+def _tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Every tensor in what a forward returned (tensors, tuples, lists, dicts and ModelOutputs)."""
+    if depth > 4:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o, depth + 1)
+    elif isinstance(obj, Mapping):
+        for o in obj.values():
+            yield from _tensors(o, depth + 1)
+
+
 def _contains_tensor(obj: Any) -> bool:
     if isinstance(obj, torch.Tensor):
         return True
@@ -547,10 +561,15 @@ def reading_subspace(
         if (inputs is None) == (forward is None):
             raise ValueError("reading_subspace: give exactly one of inputs (a batch) or forward (a callable), or readers=")
         with torch.no_grad(), _tracing(model, parsed, module) as tracer:
-            forward(model) if forward is not None else _run_inputs(model, inputs)
+            returned = forward(model) if forward is not None else _run_inputs(model, inputs)
+            # a tensor the pass hands back (last_hidden_state, hidden_states) is read outside the
+            # model (a scorer's probe, a pooling): by weights no hook can see
+            escaped = any(tracer.lookup(t) is not None for t in _tensors(returned))
         if not tracer.seen_site:
             raise SiteError(f"reading_subspace: the forward pass never reached site {str(parsed)!r}")
         found, other, explicit = tracer.readers, list(tracer.other), False
+        if escaped:
+            other.append("the model's output (returned, read outside the model)")
         first = next(iter(tracer.tracked.values()))
         width = int(first.tensor.shape[first.axis])
     blocks, described, norms = [], [], []
@@ -994,7 +1013,13 @@ def _compute_subspace(ctx: "RunContext") -> dict[str, Any] | None:
             log.warning("subspace check of plan %s failed: %s", plan.name, err)
             out.append({**base, "alpha": float(alpha), "verdict": "failed", "reason": f"{type(err).__name__}: {err}"})
             continue
-        out.append({**base, **check.to_row(), "readers_detail": check.subspace.describe()})
+        # whether the sweep's effect at this alpha beats its random controls: a split of an effect
+        # no larger than a random direction's is read as such
+        plus = np.isfinite(s["alpha_plus"])
+        ctrl = {"sweep_effect": s["effect_plus"] if plus else s["effect_minus"],
+                "controls_max_abs_effect": s["control_effect_plus_max_abs"] if plus else s["control_effect_minus_max_abs"],
+                "n_controls": s["n_controls"]}
+        out.append({**base, **check.to_row(), **ctrl, "readers_detail": check.subspace.describe()})
     if not out:
         return None
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "readers_detail"} for r in out])
@@ -1020,6 +1045,10 @@ def _subspace_rows(result: dict[str, Any] | None) -> list[dict[str, Any]]:
                 f"{fmt(r['effect_full'])}, read part alone {fmt(r['effect_row'])}, unread part alone {fmt(r['effect_null'])}")
         if r["readers"]:
             note += f"; readers: {r['readers']}"
+        if r.get("n_controls"):
+            beats = abs(r["sweep_effect"]) > r["controls_max_abs_effect"]
+            note += (f"; the sweep's effect here {fmt(r['sweep_effect'])} {'beats' if beats else 'does not beat'} the largest "
+                     f"|effect| of its {r['n_controls']} random controls ({fmt(r['controls_max_abs_effect'])})")
         finite = lambda x: float(x) if x is not None and np.isfinite(x) else None  # noqa: E731  # JSON has no NaN
         rows.append({"name": name, "value": finite(r["row_fraction"]), "control": finite(r["null_fraction"]),
                      "control_label": "the unread (null-space) part of the vector alone",

@@ -234,6 +234,14 @@ def test_hf_mlp_hidden_is_read_by_its_output_projection_and_the_residual_is_not_
         assert resid.through_norm == ["transformer.h.1.ln_1"] and resid.rank == 15
         _, null = resid.split(np.ones(16))
         assert np.allclose(null, 1.0)
+    # the last block's output: read by the LM head through the final norm, or handed back to the caller
+    last = reading_subspace(model, block_components(model)[-1].resid, ids)
+    if family == "bert":  # BertModel returns it (last_hidden_state): read outside the model, by weights no hook sees
+        assert not last.applicable and any("output" in u for u in last.other_uses)
+    else:
+        head = "lm_head"
+        assert [r["name"] for r in last.readers] == [head] and last.applicable
+        assert last.rank == (15 if family == "gpt2" else 16)  # LayerNorm leaves the all-ones direction unread, RMSNorm nothing
     # the check says "not applicable" at the residual rather than splitting
     v = torch.randn(16)
 
@@ -290,3 +298,6 @@ def test_subspace_analysis_reads_the_saved_sweeps_and_flags_the_illusory_plan():
     assert all({"name", "value", "control", "control_label", "note", "source"} <= set(r) for r in rows)
     illusory = next(r for r in rows if r["name"].startswith("illusory"))
     assert ILLUSION in illusory["note"] and illusory["value"] == pytest.approx(1.0, rel=1e-5)
+    # read beside the sweep's controls: random directions of |v| move the output more than v's dormant part does
+    assert "does not beat the largest |effect| of its 2 random controls" in illusory["note"]
+    assert table.sweep_effect["illusory"] == pytest.approx(table.effect_full["illusory"], rel=1e-5)
