@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -52,6 +52,9 @@ from . import tracing as _tracing
 from .markers import _B, _MONO, match_types, wilcoxon_markers
 from .model import ModelSpec, build_model, load_checkpoint, save_trained, train_model
 from .tokenize import GeneVocab, collate, rank_value_encode
+
+if TYPE_CHECKING:
+    from sciscope.core.tracing import CounterfactualPairs
 
 __all__ = ["ImmunologyAdapter"]
 
@@ -476,7 +479,7 @@ class ImmunologyAdapter(DomainAdapter):
                                            headline="p_target_type", reference=reference))
         return plans
 
-    def tracing_pairs(self, ctx: RunContext) -> Any:
+    def tracing_pairs(self, ctx: RunContext) -> "CounterfactualPairs | None":
         """A source-type and a target-type cell, rank slot by rank slot (:func:`.tracing.tracing_pairs`)."""
         return _tracing.tracing_pairs(self, ctx)
 
