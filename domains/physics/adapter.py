@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,10 @@ from .data import REGIMES, TrajectorySet
 from .diagnostics import DIAGNOSTICS, SHARED_DIAGNOSTICS, RegimeClassifier, diagnose, radial_power
 from .model import ModelSpec, WindowDataset, load_predictor, rollout, save_predictor, train_predictor
 from .steering import RolloutScorer
+
+if TYPE_CHECKING:
+    from sciscope.core.context import RunContext
+    from sciscope.core.tracing import CounterfactualPairs
 
 __all__ = ["PARAMETER_TARGETS", "PhysicsAdapter"]
 
@@ -360,7 +364,7 @@ class PhysicsAdapter(DomainAdapter):
         return {s: (f"system == '{s}' and regime == '{REGIMES[s][0]}'", f"system == '{s}' and regime == '{REGIMES[s][1]}'")
                 for s in self.config["systems"]}
 
-    def tracing_pairs(self, ctx: Any) -> Any:
+    def tracing_pairs(self, ctx: "RunContext") -> "CounterfactualPairs | None":
         """Windows of two regimes at the same time, frame for frame (:func:`.tracing.tracing_pairs`)."""
         return _tracing.tracing_pairs(self, ctx)
 
