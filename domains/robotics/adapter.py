@@ -48,6 +48,7 @@ from .task import as_policy as _as_policy
 
 if TYPE_CHECKING:
     from sciscope.core.context import RunContext
+    from sciscope.core.tracing import CounterfactualPairs
 
 __all__ = ["RoboticsAdapter"]
 
@@ -483,7 +484,7 @@ class RoboticsAdapter(DomainAdapter):
 
         return ctx.cached("prompt_reference", dict(ctx.config), build)
 
-    def tracing_pairs(self, ctx: "RunContext") -> Any:
+    def tracing_pairs(self, ctx: "RunContext") -> "CounterfactualPairs | None":
         """The same states with "quickly" and "slowly" in the instruction (:func:`.tracing.tracing_pairs`)."""
         return _tracing.tracing_pairs(self, ctx)
 
