@@ -99,6 +99,11 @@ _ALIAS_OPS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten"
               "bfloat16", "double", "type", "type_as", "clone", "detach", "dropout", "alpha_dropout", "feature_dropout",
               "__getitem__", "unsqueeze", "squeeze", "expand", "expand_as", "permute", "transpose", "movedim",
               "requires_grad_", "cpu", "cuda", "identity"}
+# ops that read only the tensor's shape, dtype and device
+_SHAPE_ONLY = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
+               "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
+# ops that take the values out of the tensor without returning a tensor (or write them into another)
+_VALUE_READS = {"__setitem__", "numpy", "tolist", "item", "__array__", "copy_", "index_put_", "scatter_"}
 # ops that read the tensor's last axis with a 2-D weight: (name, index of the activation, index of
 # the weight, whether the weight is stored (out, in) as F.linear's is, else (in, out))
 _MATMUL_OPS = {"linear": (0, 1, True), "addmm": (1, 2, False), "matmul": (0, 1, False), "mm": (0, 1, False),
@@ -355,8 +360,11 @@ class _Tracer(TorchFunctionMode):
         if not hits:
             return out
         name = getattr(func, "__name__", str(func))
-        if not _contains_tensor(out):
-            return out  # .size(), .shape, .dtype: reads no values
+        if name in _VALUE_READS or (name.endswith("_") and not name.startswith("_") and name != "requires_grad_"):
+            self.other.append(name)  # values written elsewhere, read as numbers, or edited in place
+            return out
+        if not _contains_tensor(out) or name in _SHAPE_ONLY:
+            return out  # .size(), .shape, .dtype, zeros_like: read no values
         pos, e = hits[0]
         x = args[pos] if isinstance(pos, int) else kwargs[pos]
         if name in _ALIAS_OPS and isinstance(out, torch.Tensor) and len(hits) == 1:

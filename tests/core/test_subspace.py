@@ -97,6 +97,23 @@ def test_readers_of_the_planted_hidden_layer_are_down_only_with_rank_four():
     assert count_hooks(Planted()) == 0
 
 
+def test_uses_other_than_a_linear_read_make_the_split_not_applicable():
+    class Leaky(Planted):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.act(self.up(x))
+            buf = torch.zeros_like(h)  # reads only h's shape
+            buf[:] = h  # ... but this copies its values where no weight-hook sees them
+            return self.down(h).sum(-1) + buf[:, 3]
+
+    assert reading_subspace(Planted(), "act", X[:8]).applicable
+    leaky = reading_subspace(Leaky(), "act", X[:8])
+    assert not leaky.applicable and leaky.other_uses == ["__setitem__"]
+    returned = reading_subspace(nn.Sequential(nn.Linear(4, 16)), "0", X[:8])  # the site is the model's output
+    assert not returned.applicable and not returned.readers
+    check = illusion_check(Leaky(), AddVector(e(3), "act"), scorer(), 1.0)
+    assert check.verdict == NOT_APPLICABLE and check.effect_full == pytest.approx(1.0, rel=1e-5)
+
+
 def test_dormant_direction_is_flagged_and_its_null_part_does_nothing():
     model = Planted()
     v = e(3, 2.0) + e(8, 0.2)  # separates the classes (unit 3), moves the output only through unit 8
