@@ -159,14 +159,21 @@ def core_analyses() -> list[Analysis]:
     nothing it needs): fidelity of the SAE spliced into the model (:mod:`sciscope.core.fidelity`),
     then the SAE's quality table against PCA, raw units and random directions (:mod:`sciscope.core.sae.quality`),
     and, after the features stage, every maximum and count over the SAE's units beside the same over
-    control units (:mod:`sciscope.core.unit_controls`); after the probes stage, causal tracing over
-    every layer x component x position group (:mod:`sciscope.core.tracing`)."""
+    control units (:mod:`sciscope.core.unit_controls`). Where the model computes it: after the probes
+    stage, causal tracing over every layer x component x position group (:mod:`sciscope.core.tracing`);
+    after the sae stage, a transcoder of the SAE layer's MLP (:mod:`sciscope.core.sae.transcoder`) and
+    the attribution of the tracing score to SAE and transcoder features (:mod:`sciscope.core.attribution`);
+    after the steering stage, the subspace-illusion check of every added vector (:mod:`sciscope.core.subspace`)."""
+    from .attribution import attribution_analysis
     from .fidelity import fidelity_analysis
     from .sae.quality import quality_analysis
+    from .sae.transcoder import transcoder_analysis
+    from .subspace import subspace_analysis
     from .tracing import tracing_analysis
     from .unit_controls import unit_controls_analysis
 
-    return [tracing_analysis(), fidelity_analysis(), quality_analysis(), unit_controls_analysis()]
+    return [tracing_analysis(), fidelity_analysis(), quality_analysis(), transcoder_analysis(), attribution_analysis(),
+            unit_controls_analysis(), subspace_analysis()]
 
 
 @dataclass
