@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from .adapter import PhysicsAdapter
 
-__all__ = ["CONFIG_KEYS", "check_config", "from_canonical", "position_groups", "to_canonical", "tracing_pairs",
+__all__ = ["CONFIG_KEYS", "check_config", "component_layouts", "from_canonical", "position_groups", "to_canonical", "tracing_pairs",
            "window_pairs"]
 
 #: Config keys of the tracing analysis (it runs after the probes stage).
@@ -147,3 +147,13 @@ def from_canonical(component: str, h: torch.Tensor, n_frames: int) -> torch.Tens
     if component == "attn_time":
         return h[:, 1:]
     return h
+
+
+def component_layouts(n_frames: int) -> dict[str, tuple[Any, Any]]:
+    """``{component: (to_canonical, from_canonical)}`` for the components whose outputs are not in the block
+    outputs' layout (the spatial ``"attn"`` and temporal ``"attn_time"`` attention), each a function of the
+    tensor alone (``n_frames`` bound): what a tracer needs to patch them at a position group."""
+    from functools import partial
+
+    return {name: (partial(to_canonical, name, n_frames=n_frames), partial(from_canonical, name, n_frames=n_frames))
+            for name in ("attn", "attn_time")}

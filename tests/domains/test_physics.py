@@ -795,7 +795,7 @@ def test_component_layouts_rebuild_the_block_output(tiny) -> None:
     """The spatial and temporal attention outputs, moved to the block outputs' layout, add up with the block's
     input and its MLP output to the block's output; and from_canonical inverts to_canonical."""
     from sciscope.core.components import block_components
-    from sciscope.domains.physics.tracing import from_canonical, to_canonical
+    from sciscope.domains.physics.tracing import component_layouts, to_canonical
 
     ad, model = tiny
     comps = block_components(model, ad.component_templates)[0]
@@ -817,6 +817,7 @@ def test_component_layouts_rebuild_the_block_output(tiny) -> None:
     assert seen["attn"].shape[0] == 4 * T and seen["attn_time"].shape[1] == seen["out"].shape[1] - 1
     rebuilt = seen["in"] + to_canonical("attn_time", seen["attn_time"], T) + to_canonical("attn", seen["attn"], T) + seen["mlp"]
     torch.testing.assert_close(rebuilt, seen["out"], atol=1e-5, rtol=1e-5)
-    for name in ("attn", "attn_time"):
-        canon = to_canonical(name, seen[name], T)
-        torch.testing.assert_close(to_canonical(name, from_canonical(name, canon, T), T), canon)
+    for name, (to, back) in component_layouts(T).items():
+        canon = to(seen[name])
+        torch.testing.assert_close(canon, to_canonical(name, seen[name], T))
+        torch.testing.assert_close(to(back(canon)), canon)
