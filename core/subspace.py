@@ -543,7 +543,8 @@ def reading_subspace(
     -------
     ReadingSubspace
         Basis, readers, and whatever else uses the tensor (then :attr:`~ReadingSubspace.applicable`
-        is False).
+        is False): an op that is not a linear read (a residual addition, a nonlinearity, a copy of
+        its values), or the model's return value (what the caller does with it is not seen).
 
     Raises
     ------
