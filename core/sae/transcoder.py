@@ -18,7 +18,9 @@ The MLP's input and output both have the model's width, so ``d_out == d_in``; a 
 target) trains it as an autoencoder, a TopK SAE with a separate input bias.
 
 Trained by :func:`~sciscope.core.sae.train_sae` from ``(input, target)`` batches; spliced into a
-model in place of its MLP by :func:`sciscope.core.transcoding.splice_transcoder`.
+model in place of its MLP by :func:`splice_transcoder`; the core's analysis of a run's MLP is
+:func:`transcoder_analysis` (``sae/transcoder/``, ``sae/transcoder_quality.csv``), read back in a
+later process by :func:`load_run_transcoder`.
 """
 
 from __future__ import annotations
@@ -419,10 +421,20 @@ def transcoder_rows(result: dict[str, Any] | None) -> list[dict[str, Any]]:
             f"{lr['untrained_transcoder']:.3f}, ridge {lr['ridge']:.3f}")
     if np.isfinite(t.loss_recovered_vs_mean["transcoder"]):
         note += f"; against mean ablation: transcoder {t.loss_recovered_vs_mean['transcoder']:.3f}"
+    gap = float(t.loss["zero_ablation"] - t.loss["clean"])
+    value, control, baseline = float(lr["transcoder"]), float(t.loss_recovered["mean_ablation"]), float(lr["pca_at_l0"])
+    if not gap > 0:
+        # the ratio's denominator: an MLP whose removal does not cost the task leaves nothing to recover,
+        # and any number would be noise over a gap of zero (the table keeps them)
+        value = control = baseline = float("nan")
+        note = (f"NOT MEASURED: zero-ablating the MLP does not raise the task loss (gap {gap:+.3g}), so the task "
+                f"does not read this MLP and loss recovered has no denominator; " + note)
+    else:
+        note += f"; the zero-ablation gap is {gap:.3g} ({gap / max(abs(float(t.loss['clean'])), 1e-12):.1%} of the clean loss)"
     return [
-        {"name": "loss recovered (transcoder in place of the MLP)", "value": float(lr["transcoder"]),
-         "control": float(t.loss_recovered["mean_ablation"]), "control_label": "MLP mean-ablated (its mean output spliced in)",
-         "baseline": float(lr["pca_at_l0"]), "baseline_label": "PCA of the MLP output with as many components as the transcoder's L0",
+        {"name": "loss recovered (transcoder in place of the MLP)", "value": value,
+         "control": control, "control_label": "MLP mean-ablated (its mean output spliced in)",
+         "baseline": baseline, "baseline_label": "PCA of the MLP output with as many components as the transcoder's L0",
          "tolerance": FRACTION_MARGIN, "note": note, "source": result["source"]},
         {"name": "transcoder explained variance of the MLP output (held-out)", "value": float(ev["transcoder"]),
          "control": float(ev["untrained_transcoder"]), "control_label": "the same transcoder untrained (random init)",

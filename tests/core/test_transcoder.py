@@ -88,11 +88,21 @@ def pair_batches(x: torch.Tensor, y: torch.Tensor, size: int = 256):
     return lambda: ((x[i:i + size], y[i:i + size]) for i in range(0, len(x), size))
 
 
+def held_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    """MLP input / output rows of the 64 held-out sequences: (1024, 32) each."""
+    model, _, _, _, held = gpt2_rows()
+    with torch.no_grad(), capture(model, [MLP_IN, MLP_OUT]) as cap:
+        model(held)
+    return cap[MLP_IN].flatten(0, 1), cap[MLP_OUT].flatten(0, 1)
+
+
 @functools.cache
 def trained_gpt2_transcoder() -> SAETrainResult:
+    """200 steps on the training rows, the held-out rows checked every 50 steps (validation pairs)."""
     _, x, y, _, _ = gpt2_rows()
     cfg = sae_config("topk_transcoder", d_in=WIDTH, d_sae=8 * WIDTH, k=16, dead_after=2000)
-    return train_sae(cfg, pair_batches(x, y), max_steps=200, lr=5e-3, seed=0, progress=False)
+    return train_sae(cfg, pair_batches(x, y), max_steps=200, lr=5e-3, seed=0, progress=False,
+                     val_data=held_rows(), val_every=50)
 
 
 # ----------------------------------------------------------------------------- the module and its file
@@ -125,11 +135,10 @@ def test_export_to_saelens_refuses_it_rather_than_writing_a_plain_sae(tmp_path: 
 def test_the_normalisation_is_folded_in_so_it_reads_raw_inputs_and_writes_raw_outputs() -> None:
     """Held-out explained variance of raw MLP outputs from raw MLP inputs: far above the untrained
     transcoder (the control) and above a dense ridge map of the input (the no-sparsity baseline)."""
-    model, x, y, _, held = gpt2_rows()
-    with torch.no_grad(), capture(model, [MLP_IN, MLP_OUT]) as cap:
-        model(held)
-    xt, yt = cap[MLP_IN].flatten(0, 1), cap[MLP_OUT].flatten(0, 1)
-    tc = trained_gpt2_transcoder().sae
+    _, x, y, _, _ = gpt2_rows()
+    xt, yt = held_rows()
+    result = trained_gpt2_transcoder()
+    tc = result.sae
     ev = evaluate_sae(tc, (xt, yt))["explained_variance"]
     untrained = evaluate_sae(create_sae(tc.cfg, seed=1), (xt, yt))["explained_variance"]
     w, b = fit_ridge(x.numpy(), y.numpy())
@@ -138,6 +147,11 @@ def test_the_normalisation_is_folded_in_so_it_reads_raw_inputs_and_writes_raw_ou
     assert ev > 0.83, ev
     assert untrained < 0.2, untrained
     assert ev > ridge + 0.05, (ev, ridge)
+    # the validation checks read the same pairs in the normalised space it trains in: the same number
+    v = result.validation
+    assert list(v.step) == [50, 100, 150, 200] and v.explained_variance.iloc[-1] > v.explained_variance.iloc[0]
+    assert v.explained_variance.iloc[-1] == pytest.approx(
+        evaluate_sae(tc, (xt, yt))["explained_variance"], abs=1e-3)  # the last check is the final weights
 
 
 def test_pairs_need_a_transcoder_and_a_stream_does_not_mix_pairs_with_plain_batches() -> None:
@@ -371,3 +385,29 @@ def test_the_layer_is_the_sae_sites_block_else_the_middle_and_no_task_loss_means
     ctx = RunContext(Middle(), RECIPE, stage="sae")
     assert transcoder_analysis().run(ctx)[0] == []
     assert load_run_transcoder(ctx) is None
+
+
+def test_loss_recovered_is_not_measured_where_removing_the_mlp_costs_the_task_nothing() -> None:
+    """Measured on MiniLM's layer-3 MLP under the geospatial read-out task: zero ablation *lowered* the
+    loss (0.586 < 0.596), and the ratio came out at 0.73 for the transcoder and 4.4 for an untrained
+    one. A ratio over a gap <= 0 is noise: the headline says so and gives no number."""
+    from sciscope.core.sae.transcoder import transcoder_rows
+
+    conditions = ["clean", "transcoder", "untrained_transcoder", "pca_at_l0", "ridge", "zero_ablation", "mean_ablation"]
+    losses = [0.5957, 0.5932, 0.6272, 0.5915, 0.5966, 0.5864, 0.5996]
+    fid = pd.DataFrame({"condition": conditions, "loss": losses, "kl": np.nan})
+    fid["loss_recovered"] = (0.5864 - fid.loss) / (0.5864 - 0.5957)
+    fid["loss_recovered_vs_mean"] = (0.5996 - fid.loss) / (0.5996 - 0.5957)
+    t = fid.set_index("condition")
+    metrics = ["explained variance of the MLP output (held-out)", "L0 (active units per row)",
+               "dead fraction (held-out)", "loss recovered"]
+    quality = pd.DataFrame({"metric": metrics, "transcoder": [0.99, 32, 0.4, t.loss_recovered["transcoder"]],
+                            "untrained_transcoder": [0.02, 32, 0.2, t.loss_recovered["untrained_transcoder"]],
+                            "pca_at_l0": [0.98, 32, np.nan, t.loss_recovered["pca_at_l0"]],
+                            "ridge": [0.99, 384, np.nan, t.loss_recovered["ridge"]]})
+    result = {"quality": quality, "fidelity": fid, "task": "chord error", "k": 32, "layer": 3, "mlp_in": "a:input",
+              "mlp_out": "b", "steps": 10, "n_train": 10, "n_test": 5, "source": "sae/transcoder_quality.csv"}
+    loss_row, ev_row = transcoder_rows(result)
+    assert np.isnan(loss_row["value"]) and np.isnan(loss_row["control"]) and np.isnan(loss_row["baseline"])
+    assert loss_row["note"].startswith("NOT MEASURED: zero-ablating the MLP does not raise the task loss")
+    assert ev_row["value"] == 0.99 and ev_row["baseline"] == 0.99  # the explained variance still stands
