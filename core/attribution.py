@@ -7,22 +7,23 @@ A *feature dictionary* (an SAE, or a transcoder standing in for an MLP) is splic
 
     write = decode(encode(x_read)) + (y - decode(encode(x_read)))      # == y, the true activation
 
-so the forward pass is the model's own, to the bit, while every gradient that reaches the write
-site flows through the dictionary's codes: the codes are the nodes of the graph and the error term
-is a frozen constant. An SAE reads and writes one site (its reconstruction replaces the site's
-activation); a transcoder reads the MLP's input and writes the MLP's output.
+so the forward pass is the model's own, to the bit, and the features' codes are the nodes of the
+graph. An SAE reads and writes one site (its reconstruction replaces the site's activation); a
+transcoder reads the MLP's input and writes the MLP's output.
 
 On the clean inputs of the adapter's :class:`~sciscope.core.tracing.CounterfactualPairs`,
 :func:`attribute` measures
 
 * **attribution** of every feature: activation x gradient of the pairs' score, ``a * dS/da``,
-  summed over (valid) positions and averaged over pairs -- the first-order prediction of what
-  zeroing the feature does, through every path (later dictionaries included);
-* **edges**: feature -> feature between an upstream and a downstream dictionary,
-  ``a_up * d a_down / d a_up`` with every other dictionary's codes and every error term frozen
-  (direct edges), and feature -> output, ``a * dS/da`` along the direct paths. Each edge also gets
-  its *effect* on the score in score units (the target's gradient weighed in), so edges into
-  different targets compare; the strongest are kept and drawn;
+  summed over (valid) positions and averaged over pairs, with the *model's own* gradient at the
+  write site read through the decoder (``dS/da = W_dec dS/dy``) -- the first-order prediction of
+  what zeroing the feature does in the real model, through every path;
+* **edges** in the local replacement model (every error term frozen, as in circuit tracing):
+  feature -> feature between an upstream and a downstream dictionary, ``a_up * d a_down / d a_up``
+  with every other dictionary's codes frozen too (direct edges), and feature -> output, ``a *
+  dS/da`` along the direct paths only. Each feature edge also gets its *effect* on the score in
+  score units (``a_up * d a_down / d a_up * dS/d a_down``, the target's total gradient weighed
+  in), so edges into different targets compare; the strongest of each kind are kept and drawn;
 * **the check**: the top-k features by ``|attribution|`` are really ablated (codes set to 0, the
   rest of the activation -- the error term -- kept, so the model computes on) and the true score
   change is set beside the prediction (minus the sum of their attributions) and beside the
@@ -58,10 +59,12 @@ if TYPE_CHECKING:
     from .tracing import CounterfactualPairs
 
 #: Splice modes: the graph the codes sit in.
-#: ``"connected"``: codes computed from the live input and decoded as they are (total gradients);
-#: ``"direct"``: codes decoded through a detached copy (a leaf), so a gradient reaching one
-#: dictionary's codes stops there (direct edges); ``"ablate"``: chosen codes set to zero.
-MODES = ("connected", "direct", "ablate")
+#: ``"total"``: the model's own gradients; each dictionary's codes are a leaf whose gradient is
+#: the decoder's read of the model's gradient at the write site (total effects, as the real model
+#: computes them); ``"direct"``: the error terms frozen and every dictionary decoding a leaf copy
+#: of its codes, so a gradient stops at the first dictionary it reaches (direct edges of the local
+#: replacement model); ``"ablate"``: chosen codes set to zero, no gradient.
+MODES = ("total", "direct", "ablate")
 
 
 @dataclass
@@ -101,9 +104,9 @@ class FeatureDictionary:
 class _Pass:
     """What the splice saw of one dictionary in the forward pass in progress.
 
-    ``codes`` (B, P, F): computed from the live read-site input (connected to everything upstream);
-    ``source`` (B, P, F): the tensor that was decoded -- ``codes`` itself, or (direct mode) a
-    detached leaf copy whose gradient is the dictionary's direct effect; ``nodes`` (B, P, 1): the
+    ``codes`` (B, P, F): computed from the live read-site input (in direct mode connected to the
+    upstream dictionaries' leaves: the targets of edges); ``source`` (B, P, F): the leaf that was
+    decoded, whose gradient is the dictionary's total (total mode) or direct (direct mode) effect; ``nodes`` (B, P, 1): the
     positions whose codes are nodes (the dictionary's positions x the valid, non-padding ones);
     ``order``: when its read ran in the forward pass.
     """
@@ -152,14 +155,17 @@ def _decode(module: nn.Module, c: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def splice_dictionaries(model: nn.Module, dictionaries: Sequence[FeatureDictionary], *, mode: str = "connected",
+def splice_dictionaries(model: nn.Module, dictionaries: Sequence[FeatureDictionary], *, mode: str = "total",
                         ablate: Mapping[str, Sequence[int] | torch.Tensor] | None = None,
                         aliases: Aliases | None = None) -> Iterator[SpliceRecord]:
     """Splice every dictionary into ``model`` with its error term kept, for the forward passes inside.
 
-    The forward value at every write site is the model's own activation ``y`` (bit for bit in the
-    gradient modes: ``y.detach() + (r - r.detach())`` with ``r = decode(codes)``), while gradients
-    reaching it flow only through the codes (the error term ``y - r`` is frozen). Padding positions
+    The forward value at every write site is the model's own activation ``y``, bit for bit: in the
+    gradient modes it is ``y + (r - r.detach())`` (total) or ``y.detach() + (r - r.detach())``
+    (direct) with ``r = decode(codes)``, and ``r - r.detach()`` is exactly zero. In total mode the
+    model's gradient flows as without the splice and the codes receive ``dS/dy`` read through the
+    decoder; in direct mode it flows only through the codes (the error term ``y - r`` is frozen).
+    Padding positions
     (zeros of an ``attention_mask`` keyword of the site's ``(B, P)`` shape) and positions outside a
     dictionary's ``positions`` are left alone.
 
@@ -170,9 +176,10 @@ def splice_dictionaries(model: nn.Module, dictionaries: Sequence[FeatureDictiona
     dictionaries
         What to splice; names must be unique.
     mode
-        ``"connected"`` (total gradients: the codes of later dictionaries depend on earlier ones),
-        ``"direct"`` (each dictionary decodes a detached leaf copy of its codes: a gradient stops at
-        the first dictionary it reaches; the direct edges), or ``"ablate"`` (no gradient: the codes
+        ``"total"`` (the model's own gradients, the codes leaves beside them: total effects),
+        ``"direct"`` (error terms frozen and each dictionary decoding a detached leaf copy of its
+        codes: a gradient stops at the first dictionary it reaches; the direct edges), or
+        ``"ablate"`` (no gradient: the codes
         listed in ``ablate`` are zeroed at the node positions, i.e. their decoded contribution
         ``decode(c) - decode(c with them zeroed)`` is subtracted from the true activation).
     ablate
@@ -219,15 +226,17 @@ def splice_dictionaries(model: nn.Module, dictionaries: Sequence[FeatureDictiona
         if d.name in record.passes:
             raise SciscopeError(f"attribution: the read site {str(d.read_site)!r} of dictionary {d.name!r} ran twice "
                                 "in one forward pass (a shared module); splice it at a site that runs once")
-        codes = _encode(d.module, h)  # (B, P, F)
-        if mode == "direct" or (mode == "connected" and not codes.requires_grad and torch.is_grad_enabled()):
-            # a leaf: in direct mode the gradient stops here; in connected mode nothing upstream
-            # requires a gradient (frozen model and dictionary), so the codes become the graph's root
+        if mode == "total":
+            # the codes are a side branch: nothing upstream is differentiated through them
+            with torch.no_grad():
+                codes = _encode(d.module, h.detach())  # (B, P, F)
+            codes = source = codes.requires_grad_(torch.is_grad_enabled())
+        elif mode == "direct":
+            codes = _encode(d.module, h)  # (B, P, F), connected to upstream leaves: an edge target
+            # a leaf: the gradient from downstream stops here
             source = codes.detach().requires_grad_(torch.is_grad_enabled())
-            if mode == "connected":
-                codes = source
         else:
-            source = codes
+            codes = source = _encode(d.module, h)
         rec = _Pass(codes, source, node_mask(d, h), counter[0])
         counter[0] += 1
         record.passes[d.name] = rec
@@ -251,8 +260,9 @@ def splice_dictionaries(model: nn.Module, dictionaries: Sequence[FeatureDictiona
         if r.shape != y.shape:
             raise ShapeError(f"attribution: dictionary {d.name!r} decodes to width {r.shape[-1]}, its write site "
                              f"{str(d.write_site or d.read_site)!r} has {tuple(y.shape)} (batch, positions, width)")
-        # value: exactly y (r - r.detach() is exactly zero); gradient: through the codes only
-        spliced = y.detach() + (r - r.detach()).to(y.dtype)
+        # value: exactly y (r - r.detach() is exactly zero); gradient: the model's own plus the
+        # codes' (total), or through the codes only, the error term frozen (direct)
+        spliced = (y if mode == "total" else y.detach()) + (r - r.detach()).to(y.dtype)
         nodes = rec.nodes.to(y.dtype)
         return spliced * nodes + y * (1 - nodes) if bool((rec.nodes < 1).any()) else spliced
 
@@ -446,10 +456,11 @@ class AttributionResult:
         out["spearman_activation"] = _corr(_ranks(t.activation.abs().to_numpy(float)), rank_true)
         return out
 
-    def plot_graph(self, ax: Any = None, *, n_nodes: int = 6, n_edges: int = 20) -> Any:
+    def plot_graph(self, ax: Any = None, *, n_nodes: int = 6, n_edges: int = 12) -> Any:
         """The small attribution graph: dictionaries as columns in forward order and the output last;
         each column's ``n_nodes`` strongest features (by ``|attribution|``, node size ~ it); the
-        ``n_edges`` strongest edges among them by ``|effect|`` (width ~ it, colour by sign)."""
+        ``n_edges`` strongest feature -> feature and as many feature -> output edges among them by
+        ``|effect|`` (width ~ it, colour by sign)."""
         from .plotting import get_ax
 
         order = list(self.params["order"])
@@ -466,7 +477,8 @@ class AttributionResult:
                 sizes[node] = float(abs(r.attribution)) / top_attr if top_attr > 0 else 0.0
         pos["output"] = (float(len(order)), 0.0)
         e = self.edges[self.edges.source.isin(list(pos)) & self.edges.target.isin(list(pos))]
-        e = e.reindex(e.effect.abs().sort_values(ascending=False).index).head(n_edges)
+        e = e.reindex(e.effect.abs().sort_values(ascending=False, kind="stable").index)
+        e = e.groupby("kind", sort=False).head(n_edges)
         widest = float(e.effect.abs().max()) if len(e) else 0.0
         e = e[e.effect.abs() > 1e-3 * widest]  # an edge with no effect on the score is not drawn
         for _, r in e.iterrows():
@@ -497,8 +509,8 @@ class AttributionResult:
 
         ax.legend([Line2D([], [], color="C0", lw=3), Line2D([], [], color="C1", lw=3)],
                   ["raises the score", "lowers the score"], loc="upper left", fontsize=8, frameon=False,
-                  bbox_to_anchor=(0, -0.08), ncol=2)
-        ax.set_title(f"attribution graph on {self.params['n_pairs']} pairs: node = feature (activation x gradient), "
+                  bbox_to_anchor=(0, -0.14), ncol=2)
+        ax.set_title(f"attribution graph, {self.params['n_pairs']} pairs\nnode: a feature (its activation x gradient); "
                      f"edge width ~ |effect on the score|", fontsize=8, color="0.1")
         return ax
 
@@ -526,7 +538,7 @@ def attribute(
     n_random: int = 8,
     n_single: int = 16,
     n_targets: int = 10,
-    n_edges: int = 60,
+    n_edges: int = 40,
     batch_size: int = 64,
     seed: int = 0,
     aliases: Aliases | None = None,
@@ -557,7 +569,7 @@ def attribute(
         Downstream features (the strongest by ``|attribution|`` per dictionary) whose incoming
         feature -> feature edges are computed (one backward pass each, twice).
     n_edges
-        Edges kept (by ``|effect|``), feature -> feature and feature -> output together.
+        Edges kept of each kind, feature -> feature and feature -> output (the strongest by ``|effect|``).
     batch_size
         Pairs per forward pass (all at once where a dictionary's positions are a per-pair ``(B, P)`` mask).
     seed
@@ -605,7 +617,8 @@ def _attribute(model: nn.Module, pairs: "CounterfactualPairs", dicts: list[Featu
     def inputs(idx: torch.Tensor) -> Any:
         return _to_device(_slice_inputs(pairs.clean, idx, n), device)
 
-    # ---- total attribution (connected splice): a * dS/da per feature, summed over node positions
+    # ---- total attribution: a * dS/da per feature with the model's own gradient dS/dy read
+    # through the decoder (what zeroing the feature does to first order), summed over node positions
     attr = {k: None for k in names}  # name -> (F,) float64 sums over pairs
     act: dict[str, Any] = {}
     fires: dict[str, Any] = {}
@@ -613,7 +626,7 @@ def _attribute(model: nn.Module, pairs: "CounterfactualPairs", dicts: list[Featu
     order: list[str] = []
     err = 0.0
     grads_total: list[dict[str, torch.Tensor]] = []  # per chunk: name -> (b, P, F) dS/dcodes (detached)
-    with torch.enable_grad(), splice_dictionaries(model, dicts, mode="connected", aliases=aliases) as rec:
+    with torch.enable_grad(), splice_dictionaries(model, dicts, mode="total", aliases=aliases) as rec:
         for idx in chunks:
             s = scorer(_forward(model, inputs(idx)), idx)  # (b,)
             err = max(err, float((s.detach() - scorer.clean[idx]).abs().max()))
@@ -750,7 +763,8 @@ def _attribute(model: nn.Module, pairs: "CounterfactualPairs", dicts: list[Featu
 def _edge_table(names: list[str], targets: dict[str, list[int]], weights: dict[tuple[str, str], torch.Tensor],
                 effects: dict[tuple[str, str], torch.Tensor], direct: dict[str, torch.Tensor],
                 live: dict[str, torch.Tensor], n: int, n_eff: int, n_edges: int) -> pd.DataFrame:
-    """Feature -> feature and feature -> output edges, the ``n_edges`` strongest by |effect|.
+    """Feature -> feature and feature -> output edges, the ``n_edges`` strongest of each kind by |effect|
+    (output edges are usually the larger: a feature's own direct effect against one of its paths).
 
     Weights are means over all ``n`` pairs; effects on the score over the ``n_eff`` scored ones.
     """
@@ -775,7 +789,8 @@ def _edge_table(names: list[str], targets: dict[str, list[int]], weights: dict[t
             "weight", "effect"]
     table = pd.DataFrame(rows, columns=cols)
     if len(table):
-        table = table.reindex(table.effect.abs().sort_values(ascending=False, kind="stable").index).head(n_edges)
+        table = table.reindex(table.effect.abs().sort_values(ascending=False, kind="stable").index)
+        table = table.groupby("kind", sort=False).head(n_edges)  # keeps the order by |effect|
     return table.reset_index(drop=True)
 
 

@@ -149,7 +149,7 @@ def test_the_spliced_model_with_error_terms_reproduces_the_model_exactly_and_lea
         h0 = pairs.clean.reshape(-1, D_MODEL)
         sae = _dicts()[0].module
         assert (h0 - sae.decode(sae.encode(h0))).abs().max() > 0.1
-    for mode in ("connected", "direct", "ablate"):
+    for mode in ("total", "direct", "ablate"):
         with torch.enable_grad(), splice_dictionaries(model, _dicts(), mode=mode) as rec:
             assert count_hooks(model) == 4  # model pre-hook + SAE edit + transcoder read and write
             out = model(pairs.clean)
@@ -161,21 +161,31 @@ def test_the_spliced_model_with_error_terms_reproduces_the_model_exactly_and_lea
     assert count_hooks(model) == 0 and torch.equal(model(pairs.clean), before)
 
 
-def test_gradients_flow_through_the_codes_only_the_error_terms_are_frozen():
+def test_total_mode_keeps_the_models_gradient_and_direct_mode_freezes_the_error_terms():
     model, pairs = _toy(), _pairs()
     x = pairs.clean.clone().requires_grad_(True)
     model(x).sum().backward()
     true_grad, x.grad = x.grad.clone(), None
     assert true_grad[..., 7].abs().min() > 0.1  # the model reads e7 (head, and block 1's e7 unit)
-    with splice_dictionaries(model, _dicts()) as rec:
+    sae = _dicts()[0].module
+    # total: the model's own gradient, and each code's is the decoder's read of the gradient at its site
+    with splice_dictionaries(model, _dicts(), mode="total") as rec:
         model(x).sum().backward()
-        assert rec.passes["sae"].codes.requires_grad and rec.passes["transcoder"].codes.requires_grad
+        code_grad = rec.passes["sae"].source.grad  # (B, P, 6)
+    assert torch.equal(x.grad, true_grad)  # resid0 = x: dS/d resid0 is dS/dx
+    torch.testing.assert_close(code_grad, true_grad @ sae.W_dec.T)
     assert count_hooks(model) == 0
-    # e7 is no feature's: it lives in the SAE's error term, frozen, so no gradient reaches it
-    assert torch.equal(x.grad[..., 7], torch.zeros(B, P))
-    # e0 runs through A, then B: the same gradient as the model's own MLP unit gives
-    torch.testing.assert_close(x.grad[..., 0], true_grad[..., 0])
-    assert torch.equal(x.grad[..., 0], torch.full((B, P), 2.0))
+    # direct: the gradient stops at the first dictionary it reaches; nothing flows past the SAE's
+    # codes into x, and the SAE's codes see only the paths that avoid the transcoder's codes
+    x.grad = None
+    with splice_dictionaries(model, _dicts(), mode="direct") as rec:
+        model(x).sum().backward()
+        direct = rec.passes["sae"].source.grad  # (B, P, 6)
+        tc_direct = rec.passes["transcoder"].source.grad  # (B, P, 4)
+    assert x.grad is None
+    assert torch.equal(direct[..., SAE_A], torch.zeros(B, P))  # A acts only through B
+    assert torch.equal(direct[..., SAE_E], torch.full((B, P), 0.2))  # E: the head reads e1 directly
+    assert torch.equal(tc_direct[..., TC_B], torch.full((B, P), 2.0))  # B writes 2 e5, the head reads e5
 
 
 def test_attribution_of_a_planted_circuit_recovers_its_edges():
@@ -365,3 +375,23 @@ def test_degenerate_pairs_are_left_out_of_the_means():
     f = res.features.set_index(["dictionary", "feature"])
     assert f.attribution[("sae", SAE_A)] == pytest.approx(1.0, abs=1e-5)
     assert f.true[("sae", SAE_A)] == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_attribution_is_the_real_models_even_where_a_later_dictionary_misses_the_path():
+    """A third dictionary, an SAE of the last residual with no e5 feature, would put B's output in its
+    frozen error term: a replacement-model gradient gives A and B nothing. The attribution reads the
+    model's own gradient, so it still predicts the true ablations."""
+    late = create_sae(sae_config("relu", d_in=D_MODEL, d_sae=2, normalize="none"))
+    with torch.no_grad():
+        late.W_enc.zero_(), late.b_enc.zero_(), late.W_dec.zero_(), late.b_dec.zero_()
+        late.W_enc[0, 0] = late.W_dec[0, 0] = 1.0  # e0
+        late.W_enc[2, 1] = late.W_dec[1, 2] = 1.0  # e2
+    dicts = [*_dicts(), FeatureDictionary("late", late.eval(), "blocks.1")]
+    res = attribute(_toy(), _pairs(), dicts, ks=(1,), n_random=1, n_single=20)
+    f = res.features.set_index(["dictionary", "feature"])
+    for key in (("sae", SAE_A), ("transcoder", TC_B)):
+        assert f.attribution[key] == pytest.approx(1.0, abs=1e-5)
+        assert f.true[key] == pytest.approx(-1.0, abs=1e-5)
+    # in the local replacement model B's direct path to the output runs into the late SAE's error
+    assert f.direct[("transcoder", TC_B)] == 0.0
+    assert _edge(res, f"sae#{SAE_A}", f"transcoder#{TC_B}").effect == pytest.approx(1.0, abs=1e-5)
