@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 _LAZY = {
     **dict.fromkeys(['DomainAdapter', 'Examples', 'available_domains', 'get_domain', 'register_domain'], "adapter"),
+    **dict.fromkeys(['AttributionResult', 'FeatureDictionary', 'attribute'], "attribution"),
     **dict.fromkeys(['capture', 'collect', 'model_identity', 'pool'], "capture"),
     **dict.fromkeys(['BlockComponents', 'block_components'], "components"),
     **dict.fromkeys(['Key'], "config"),
@@ -29,6 +30,7 @@ _LAZY = {
     **dict.fromkeys(['PatchResult', 'activation_patching'], "patch"),
     **dict.fromkeys(['ProbeResult', 'ProbeSweepResult', 'fit_probe', 'probe_sweep'], "probe"),
     **dict.fromkeys(['Site', 'list_sites', 'resolve_site'], "sites"),
+    **dict.fromkeys(['IllusionCheck', 'check_direction', 'illusion_check', 'reading_subspace', 'split_direction'], "subspace"),
     **dict.fromkeys(['SteeringSweep', 'SteeringVector', 'alpha_sweep', 'clamp', 'contrast_vector', 'steer'], "steer"),
     **dict.fromkeys(['ActivationStore', 'StoreWriter', 'merge_shards'], "store"),
     **dict.fromkeys(['limit_threads', 'threads_per_device', 'use_threads'], "threads"),
@@ -65,6 +67,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and editors see
     from .adapter import DomainAdapter, Examples, available_domains, get_domain, register_domain
+    from .attribution import AttributionResult, FeatureDictionary, attribute
     from .capture import capture, collect, model_identity, pool
     from .components import BlockComponents, block_components
     from .config import Key
@@ -90,6 +93,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from .sites import Site, list_sites, resolve_site
     from .steer import SteeringSweep, SteeringVector, alpha_sweep, clamp, contrast_vector, steer
     from .store import ActivationStore, StoreWriter, merge_shards
+    from .subspace import IllusionCheck, check_direction, illusion_check, reading_subspace, split_direction
     from .threads import limit_threads, threads_per_device, use_threads
     from .tracing import CounterfactualPairs, TracingResult, trace
 
@@ -104,4 +108,6 @@ __all__ = [
     "count_hooks", "embedding_matrix", "ffn_value_vectors", "get_domain", "lens", "list_sites",
     "limit_threads", "model_identity", "pool", "register_domain", "resolve_site", "steer", "unembedding_matrix", "threads_per_device", "use_threads",
     "value_vector_lens", "BlockComponents", "block_components", "CounterfactualPairs", "TracingResult", "trace",
+    "AttributionResult", "FeatureDictionary", "attribute",
+    "IllusionCheck", "check_direction", "illusion_check", "reading_subspace", "split_direction",
 ]

@@ -52,6 +52,7 @@ from .capture import _forward
 from .errors import SciscopeError, ShapeError
 from .hooks import HookSet
 from .sites import Aliases, Site, expand_alias, resolve_site, to_canonical
+from .tracing import projection_scale
 
 if TYPE_CHECKING:
     from .context import RunContext
@@ -354,11 +355,9 @@ class _Scorer:
         if pairs.score is None:
             diff = self.r_clean - self.r_corrupted  # (N, R)
             norm2 = diff.pow(2).sum(-1)  # (N,)
-            # a pair whose clean and corrupted readouts (nearly) agree has no direction to project
-            # on: it scores 0 instead of dividing by rounding noise
-            ok = norm2 > 1e-12 * float(norm2.max()) if len(norm2) and float(norm2.max()) > 0 else torch.zeros_like(norm2, dtype=torch.bool)
-            self.inv_norm2 = torch.where(ok, 1.0 / norm2.clamp_min(1e-30), torch.zeros_like(norm2))  # (N,)
-            self.n_degenerate = int((~ok).sum())
+            self.inv_norm2 = projection_scale(diff)  # (N,): tracing's common weight, so both read the same score
+            # pairs whose clean and corrupted readouts (nearly) agree: counted for the record
+            self.n_degenerate = int((norm2 <= 1e-12 * float(norm2.max())).sum()) if float(norm2.max()) > 0 else len(norm2)
         else:
             self.n_degenerate = 0
         self.clean = torch.cat([self.of_readout(self.r_clean[i], i) for i in chunks]).detach()  # (N,)
@@ -609,9 +608,9 @@ def _attribute(model: nn.Module, pairs: "CounterfactualPairs", dicts: list[Featu
                n_single: int, n_targets: int, n_edges: int, seed: int, aliases: Aliases | None) -> AttributionResult:
     scorer = _Scorer(model, pairs, chunks, n, device)
     names = [d.name for d in dicts]
-    # means over the pairs that have a score: a degenerate pair (clean and corrupted readouts agree)
-    # scores 0 with no gradient, and is left out of every mean, as causal tracing leaves it out
-    n_eff = max(n - scorer.n_degenerate, 1)
+    # means over every pair, as causal tracing takes them (with the default projection score a pair
+    # whose clean and corrupted readouts agree weighs ~0 through the common scale)
+    n_eff = n
     clean_mean = float(scorer.clean.sum()) / n_eff
 
     def inputs(idx: torch.Tensor) -> Any:

@@ -11,9 +11,10 @@ every layer x component (residual stream, attention output, MLP output) x positi
 * **knockouts**: the component zeroed, or set to its mean over the pairs, in the clean run, as the
   fraction of the total effect it removes ``(score(clean) - score(ablated)) / (score(clean) -
   score(corrupted))``;
-* **control**: the activation of a *random other* clean example patched in (a derangement of the
-  pairs), normalised the same way; a cell means something only where restore beats its control,
-  and the largest restore is compared with the largest control over as many cells.
+* **control**: the activation of a *random other corrupted* example patched into the corrupted run (a
+  derangement of the pairs: what patching an unrelated input does, without the concept), normalised
+  the same way; a cell means something only where restore beats its control, and the largest
+  restore is compared with the largest control over as many cells.
 
 Scores are means over pairs before they are normalised (per-pair ratios explode where a pair's
 clean and corrupted outputs nearly agree).
@@ -62,7 +63,8 @@ class CounterfactualPairs:
     score
         Optional ``score(readout) -> (B,)``, larger for clean-like outputs (a logit difference, a probe
         read). None: each pair's readout projected on its own clean-minus-corrupted readout,
-        ``<r - r_corrupted, r_clean - r_corrupted> / |r_clean - r_corrupted|^2`` (1 = clean, 0 = corrupted).
+        ``<r - r_corrupted, r_clean - r_corrupted>``, over the pairs' mean ``|r_clean - r_corrupted|^2``
+        (mean 1 = clean, 0 = corrupted; :func:`projection_scale`).
     position_groups
         ``{name: positions}`` on the residual stream's position axis (canonical ``P``): a list of
         ints, a slice, or a ``(B, P)`` boolean tensor for positions that differ per pair (the atoms
@@ -329,14 +331,27 @@ def _scorer(pairs: CounterfactualPairs, r_clean: torch.Tensor, r_corrupted: torc
     if pairs.score is not None:
         return lambda r: float(pairs.score(r).float().mean())  # type: ignore[misc]
     diff = (r_clean - r_corrupted).reshape(len(r_clean), -1)  # (B, K)
-    denom = (diff * diff).sum(1)  # (B,)
-    keep = denom > 1e-12 * float(denom.max().clamp_min(1e-30))  # pairs whose outputs differ at all
+    scale = projection_scale(diff)  # (B,)
 
     def project(r: torch.Tensor) -> float:
         d = (r - r_corrupted).reshape(len(r), -1)
-        return float(((d * diff).sum(1)[keep] / denom[keep]).mean())
+        return float(((d * diff).sum(1) * scale).mean())
 
     return project
+
+
+def projection_scale(diff: torch.Tensor) -> torch.Tensor:
+    """The weight of each pair's projection in the default score, ``(N,)`` from the ``(N, R)``
+    clean-minus-corrupted readouts: one common ``1 / mean_i |d_i|^2`` (0 when no pair differs).
+
+    The mean score over pairs is then ``sum_i <r_i - c_i, d_i> / sum_i |d_i|^2``: 1 for the clean runs,
+    0 for the corrupted ones. A per-pair denominator would let the pairs whose outputs barely differ
+    dominate every mean (their ratios explode under any patch: chemistry's pairs span two orders of
+    magnitude in ``|d_i|``).
+    """
+    mean_sq = diff.pow(2).sum(-1).mean()
+    inv = 1.0 / mean_sq if float(mean_sq) > 0 else torch.zeros_like(mean_sq)
+    return inv.expand(len(diff)).clone()
 
 
 def tracing_analysis() -> "Analysis":
