@@ -395,9 +395,15 @@ def _tracing_rows(found: dict[str, Any] | None) -> list[dict[str, Any]]:
     n_cells = int((~res.table.trivial).sum())
     control_max = res.control_max()
     rows = []
-    for rank, (_, cell) in enumerate(res.top(3).iterrows(), 1):
+    top = res.top(3)
+    cells = [(f"#{rank}", cell) for rank, (_, cell) in enumerate(top.iterrows(), 1)]
+    if (top.component == "resid").all():  # the stream carries what the blocks wrote: name the strongest writer too
+        parts = res.table[res.table.component != "resid"].dropna(subset=["restore"])
+        if len(parts):
+            cells.append(("strongest attention/MLP cell", parts.loc[parts.restore.idxmax()]))
+    for rank, cell in cells:
         rows.append({
-            "name": f"tracing #{rank}: {cell.component} of layer {cell.layer} at {cell.group} positions (restore)",
+            "name": f"tracing {rank}: {cell.component} of layer {cell.layer} at {cell.group} positions (restore)",
             "value": float(cell.restore), "unit": "fraction of the total effect",
             "control": float(cell.control), "control_label": "a random other corrupted example's activation, same cell",
             "baseline": control_max, "baseline_label": f"largest random-example control over the {n_cells} cells",
