@@ -82,6 +82,11 @@ class CounterfactualPairs:
     position_groups: Mapping[str, Any] = field(default_factory=dict)
     concept: str = ""
     score_name: str = "projection on the clean-minus-corrupted output"
+    #: ``{component: (to_stream, from_stream)}`` for components whose tensor is not laid out like the
+    #: residual stream (TimeSformer's frame-major spatial attention): ``to_stream(t) -> (B, P, D)`` in the
+    #: stream's positions, ``from_stream`` its inverse. Without one such a component is traced at "all" only.
+    component_views: Mapping[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = \
+        field(default_factory=dict)
 
 
 #: Knockouts and patches each cell runs: (measure, which run is edited, what replaces the activation).
@@ -207,9 +212,10 @@ def trace(
     Notes
     -----
     Position groups apply where a component's tensor is ``(B, P, D)`` with the residual stream's
-    ``P``. A component whose tensor folds positions into the batch axis (TimeSformer's attention,
-    ``(B * frames, patches, D)``) is traced at every position only (its other groups are NaN); its
-    control and mean read it example-major, as ``(B, -1)``.
+    ``P``, or has a view into it (``pairs.component_views``). A component whose tensor folds positions
+    into the batch axis (TimeSformer's attention, ``(B * frames, patches, D)``) without a view is traced
+    at every position only (its other groups are NaN); its control and mean read it example-major, as
+    ``(B, -1)``.
     """
     from tqdm.auto import tqdm
 
@@ -255,7 +261,9 @@ def trace(
             for layer, comp, site, gname in tqdm(jobs, desc="tracing", disable=not progress):
                 parsed, module = resolved[site]
                 clean_t, corrupted_t = clean_acts[site], corrupted_acts[site]
-                canon_ok = clean_t.ndim >= 2 and _canonical_shape(clean_t, parsed) == (batch, n_pos)
+                view = pairs.component_views.get(comp)
+                shape = tuple(view[0](clean_t).shape[:2]) if view else _canonical_shape(clean_t, parsed)
+                canon_ok = clean_t.ndim >= 2 and shape == (batch, n_pos)
                 if gname != "all" and not canon_ok:
                     rows.append({"layer": layer, "component": comp, "site": site, "group": gname, "n_positions": np.nan,
                                  **{m: np.nan for m in MEASURES}})
@@ -270,7 +278,7 @@ def trace(
                 row = {"layer": layer, "component": comp, "site": site, "group": gname,
                        "n_positions": float(mask.sum(1).float().mean())}
                 for measure, (inputs, source) in sources.items():
-                    edit = _patch(parsed, source, mask if canon_ok else None, site)
+                    edit = _patch(parsed, source, mask if canon_ok else None, site, view)
                     with HookSet() as hooks:
                         hooks.edit(module, parsed, edit)
                         s = score(pairs.readout(_forward(model, inputs)).float())
@@ -307,8 +315,11 @@ def _pair_mean(clean_t: torch.Tensor, corrupted_t: torch.Tensor, batch: int) -> 
     return both.mean(0, keepdim=True).expand(batch, -1).reshape(clean_t.shape)
 
 
-def _patch(site: Site, source: torch.Tensor, mask: torch.Tensor | None, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An edit putting ``source`` in place of the site's tensor at the ``(B, P)`` ``mask`` (None: everywhere)."""
+def _patch(site: Site, source: torch.Tensor, mask: torch.Tensor | None, name: str,
+           view: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None,
+           ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An edit putting ``source`` in place of the site's tensor at the ``(B, P)`` ``mask`` (None: everywhere),
+    the positions read through the component's ``view`` when it has one."""
 
     def edit(t: torch.Tensor) -> torch.Tensor:
         if t.shape != source.shape:
@@ -316,8 +327,11 @@ def _patch(site: Site, source: torch.Tensor, mask: torch.Tensor | None, name: st
                              "source run; clean and corrupted inputs must have the same shapes")
         if mask is None:
             return source.to(t.dtype)
-        h, back = to_canonical(t.clone(), site)
-        src = to_canonical(source, site)[0]
+        if view is not None:
+            h, back, src = view[0](t.clone()), view[1], view[0](source)
+        else:
+            h, back = to_canonical(t.clone(), site)
+            src = to_canonical(source, site)[0]
         m = mask.to(h.device)
         h[m] = src[m].to(h.dtype)
         return back(h)

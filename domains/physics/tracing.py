@@ -113,7 +113,8 @@ def tracing_pairs(ad: "PhysicsAdapter", ctx: "RunContext") -> "CounterfactualPai
         position_groups=position_groups(n_patches, T),
         concept=f"a {clean_regime} vs a {corrupt_regime} window of {trace_system(c)} at the same time "
                 f"({len(pairs)} pairs, {T} context frames)",
-        score_name="projection of the predicted change of the next frame on its clean-minus-corrupted difference")
+        score_name="projection of the predicted change of the next frame on its clean-minus-corrupted difference",
+        component_views=component_layouts(T))
 
 
 def to_canonical(component: str, h: torch.Tensor, n_frames: int) -> torch.Tensor:

@@ -821,3 +821,22 @@ def test_component_layouts_rebuild_the_block_output(tiny) -> None:
         canon = to(seen[name])
         torch.testing.assert_close(canon, to_canonical(name, seen[name], T))
         torch.testing.assert_close(to(back(canon)), canon)
+
+
+def test_tracing_patches_the_attention_outputs_per_position_group(tiny) -> None:
+    """With the pairs' component views, the spatial and temporal attention are traced at every
+    position group (not only at all positions), and patching a view at every position does what
+    patching the whole tensor does."""
+    from sciscope.core.components import block_components
+    from sciscope.core.tracing import trace
+
+    ad, model = tiny
+    pairs = ad.tracing_pairs(ad.ctx)
+    n_pos = 1 + (TINY["grid"] // TINY["patch_size"]) ** 2 * ad.config["context_frames"]
+    pairs.position_groups = {**pairs.position_groups, "every position": list(range(n_pos))}
+    res = trace(model, pairs, block_components(model, ad.component_templates), progress=False)
+    attn = res.table[res.table.component.isin(["attn", "attn_time"])]
+    assert attn[["restore", "control", "zero_ablation", "mean_ablation"]].notna().all().all()
+    t = res.table.set_index(["component", "group"])
+    for comp in ("attn", "attn_time", "mlp"):
+        np.testing.assert_allclose(t.loc[(comp, "every position"), "restore"], t.loc[(comp, "all"), "restore"], atol=1e-4)
