@@ -52,7 +52,7 @@ from .capture import _forward
 from .errors import SciscopeError, ShapeError
 from .hooks import HookSet
 from .sites import Aliases, Site, expand_alias, resolve_site, to_canonical
-from .tracing import projection_scale
+from .tracing import PairScore
 
 if TYPE_CHECKING:
     from .context import RunContext
@@ -338,9 +338,9 @@ def _n_pairs(inputs: Any) -> int:
 
 
 class _Scorer:
-    """``score(model output, pair index) -> (b,)`` for the pairs: the pairs' own score, or the
-    projection of each pair's readout on its clean-minus-corrupted readout (both computed once in
-    the unspliced model)."""
+    """``score(model output, pair index) -> (b,)`` for the pairs: tracing's :class:`PairScore` (the pairs'
+    own score, or the projection on each pair's clean-minus-corrupted readout over one common scale),
+    with the clean and corrupted readouts computed once in the unspliced model."""
 
     def __init__(self, model: nn.Module, pairs: "CounterfactualPairs", chunks: list[torch.Tensor], n: int,
                  device: torch.device) -> None:
@@ -350,30 +350,18 @@ class _Scorer:
             for idx in chunks:
                 clean.append(pairs.readout(_forward(model, _to_device(_slice_inputs(pairs.clean, idx, n), device))).float())
                 corrupted.append(pairs.readout(_forward(model, _to_device(_slice_inputs(pairs.corrupted, idx, n), device))).float())
-        self.r_clean = torch.cat(clean).reshape(n, -1)  # (N, R)
-        self.r_corrupted = torch.cat(corrupted).reshape(n, -1)  # (N, R)
-        if pairs.score is None:
-            diff = self.r_clean - self.r_corrupted  # (N, R)
-            norm2 = diff.pow(2).sum(-1)  # (N,)
-            self.inv_norm2 = projection_scale(diff)  # (N,): tracing's common weight, so both read the same score
-            # pairs whose clean and corrupted readouts (nearly) agree: counted for the record
-            self.n_degenerate = int((norm2 <= 1e-12 * float(norm2.max())).sum()) if float(norm2.max()) > 0 else len(norm2)
-        else:
-            self.n_degenerate = 0
-        self.clean = torch.cat([self.of_readout(self.r_clean[i], i) for i in chunks]).detach()  # (N,)
-        self.corrupted = torch.cat([self.of_readout(self.r_corrupted[i], i) for i in chunks]).detach()  # (N,)
-
-    def of_readout(self, r: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Scores (b,) of readouts ``r`` (b, ...) of the pairs ``idx``."""
-        if self.pairs.score is not None:
-            return self.pairs.score(r).float().reshape(-1)
-        r = r.float().reshape(len(idx), -1)  # (b, R)
-        base = self.r_corrupted[idx].to(r.device)  # (b, R)
-        diff = self.r_clean[idx].to(r.device) - base  # (b, R)
-        return ((r - base) * diff).sum(-1) * self.inv_norm2[idx].to(r.device)
+        r_clean, r_corrupted = torch.cat(clean), torch.cat(corrupted)  # (N, ...) in the readout's own shape
+        self.pair_score = PairScore(pairs, r_clean, r_corrupted)
+        norm2 = self.pair_score.diff.pow(2).sum(-1)  # (N,)
+        # pairs whose clean and corrupted readouts (nearly) agree, for the record: with the default
+        # projection they weigh ~0 through the common scale, with an adapter's score they count as any pair
+        self.n_degenerate = (int((norm2 <= 1e-12 * float(norm2.max())).sum()) if float(norm2.max()) > 0 else n) \
+            if pairs.score is None else 0
+        self.clean = torch.cat([self.pair_score.per_pair(r_clean[i], i) for i in chunks]).detach()  # (N,)
+        self.corrupted = torch.cat([self.pair_score.per_pair(r_corrupted[i], i) for i in chunks]).detach()  # (N,)
 
     def __call__(self, output: Any, idx: torch.Tensor) -> torch.Tensor:
-        return self.of_readout(self.pairs.readout(output), idx)
+        return self.pair_score.per_pair(self.pairs.readout(output), idx)
 
 
 # --------------------------------------------------------------------------------------- the result

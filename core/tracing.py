@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .capture import _forward
+from .capture import _forward, _to_device
 from .errors import NonFiniteError, ShapeError
 from .hooks import HookSet
 from .sites import Aliases, Site, resolve_site, to_canonical
@@ -64,7 +64,7 @@ class CounterfactualPairs:
         Optional ``score(readout) -> (B,)``, larger for clean-like outputs (a logit difference, a probe
         read). None: each pair's readout projected on its own clean-minus-corrupted readout,
         ``<r - r_corrupted, r_clean - r_corrupted>``, over the pairs' mean ``|r_clean - r_corrupted|^2``
-        (mean 1 = clean, 0 = corrupted; :func:`projection_scale`).
+        (mean 1 = clean, 0 = corrupted; :class:`PairScore`).
     position_groups
         ``{name: positions}`` on the residual stream's position axis (canonical ``P``): a list of
         ints, a slice, or a ``(B, P)`` boolean tensor for positions that differ per pair (the atoms
@@ -89,7 +89,7 @@ class CounterfactualPairs:
         field(default_factory=dict)
 
 
-#: Knockouts and patches each cell runs: (measure, which run is edited, what replaces the activation).
+#: What each cell measures (the columns of :attr:`TracingResult.table`).
 MEASURES = ("restore", "control", "zero_ablation", "mean_ablation")
 
 
@@ -221,7 +221,9 @@ def trace(
 
     sites = [(blk.layer, comp, site) for blk in components for comp, site in blk.sites().items()]
     resolved = {site: resolve_site(model, site, aliases) for _, _, site in sites}
-    was_training = model.training
+    device = next(model.parameters()).device
+    pairs_clean, pairs_corrupted = _to_device(pairs.clean, device), _to_device(pairs.corrupted, device)
+    modes = {m: m.training for m in model.modules()}  # restored one by one: a submodule may be frozen in eval
     model.eval()
     clean_acts: dict[str, torch.Tensor] = {}
     corrupted_acts: dict[str, torch.Tensor] = {}
@@ -230,18 +232,18 @@ def trace(
             with HookSet() as hooks:
                 for site, (parsed, module) in resolved.items():
                     hooks.read(module, parsed, lambda t, site=site: clean_acts.setdefault(site, t.detach().clone()))
-                r_clean = pairs.readout(_forward(model, pairs.clean)).float()
+                r_clean = pairs.readout(_forward(model, pairs_clean)).float()
             with HookSet() as hooks:
                 for site, (parsed, module) in resolved.items():
                     hooks.read(module, parsed, lambda t, site=site: corrupted_acts.setdefault(site, t.detach().clone()))
-                r_corrupted = pairs.readout(_forward(model, pairs.corrupted)).float()
+                r_corrupted = pairs.readout(_forward(model, pairs_corrupted)).float()
             missing = [s for s in resolved if s not in clean_acts]
             if missing:
                 raise ShapeError(f"tracing: the forward pass never reached {missing}")
             batch = int(r_clean.shape[0])
             if tuple(r_clean.shape) != tuple(r_corrupted.shape):
                 raise ShapeError(f"tracing: clean readout {tuple(r_clean.shape)} vs corrupted {tuple(r_corrupted.shape)}")
-            score = _scorer(pairs, r_clean, r_corrupted)
+            score = PairScore(pairs, r_clean, r_corrupted).mean
             clean_score, corrupted_score = score(r_clean), score(r_corrupted)
             total = clean_score - corrupted_score
             if not math.isfinite(total) or abs(total) < 1e-8:
@@ -270,10 +272,10 @@ def trace(
                     continue
                 mask = groups[gname]
                 sources = {
-                    "restore": (pairs.corrupted, clean_t),
-                    "control": (pairs.corrupted, _example_major(corrupted_t, batch)[perm].reshape(corrupted_t.shape)),
-                    "zero_ablation": (pairs.clean, torch.zeros_like(clean_t)),
-                    "mean_ablation": (pairs.clean, _pair_mean(clean_t, corrupted_t, batch)),
+                    "restore": (pairs_corrupted, clean_t),
+                    "control": (pairs_corrupted, _example_major(corrupted_t, batch)[perm.to(clean_t.device)].reshape(corrupted_t.shape)),
+                    "zero_ablation": (pairs_clean, torch.zeros_like(clean_t)),
+                    "mean_ablation": (pairs_clean, _pair_mean(clean_t, corrupted_t, batch)),
                 }
                 row = {"layer": layer, "component": comp, "site": site, "group": gname,
                        "n_positions": float(mask.sum(1).float().mean())}
@@ -285,7 +287,8 @@ def trace(
                     row[measure] = (s - corrupted_score) / total if measure in ("restore", "control") else (clean_score - s) / total
                 rows.append(row)
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     table = pd.DataFrame(rows)
     table["trivial"] = (table.component == "resid") & (table.group == "all")
     params = {"n_pairs": batch, "groups": list(groups), "concept": pairs.concept, "score": pairs.score_name,
@@ -339,33 +342,41 @@ def _patch(site: Site, source: torch.Tensor, mask: torch.Tensor | None, name: st
     return edit
 
 
-def _scorer(pairs: CounterfactualPairs, r_clean: torch.Tensor, r_corrupted: torch.Tensor) -> Callable[[torch.Tensor], float]:
-    """``readout -> mean score over pairs``: the pairs' own score, or the projection on each pair's
-    clean-minus-corrupted readout."""
-    if pairs.score is not None:
-        return lambda r: float(pairs.score(r).float().mean())  # type: ignore[misc]
-    diff = (r_clean - r_corrupted).reshape(len(r_clean), -1)  # (B, K)
-    scale = projection_scale(diff)  # (B,)
+class PairScore:
+    """The pairs' score of a readout, per pair: ``pairs.score`` where the adapter gives one, else the
+    projection of each pair's readout on its clean-minus-corrupted readout, over one common scale.
 
-    def project(r: torch.Tensor) -> float:
-        d = (r - r_corrupted).reshape(len(r), -1)
-        return float(((d * diff).sum(1) * scale).mean())
+    The common scale is ``1 / mean_i |d_i|^2`` (``d_i`` = clean minus corrupted readout of pair ``i``),
+    so the mean score is ``sum_i <r_i - c_i, d_i> / sum_i |d_i|^2``: 1 for the clean runs, 0 for the
+    corrupted ones. A per-pair denominator would let the pairs whose outputs barely differ dominate
+    every mean (their ratios explode under any patch). Tracing and attribution read the same score.
 
-    return project
-
-
-def projection_scale(diff: torch.Tensor) -> torch.Tensor:
-    """The weight of each pair's projection in the default score, ``(N,)`` from the ``(N, R)``
-    clean-minus-corrupted readouts: one common ``1 / mean_i |d_i|^2`` (0 when no pair differs).
-
-    The mean score over pairs is then ``sum_i <r_i - c_i, d_i> / sum_i |d_i|^2``: 1 for the clean runs,
-    0 for the corrupted ones. A per-pair denominator would let the pairs whose outputs barely differ
-    dominate every mean (their ratios explode under any patch: chemistry's pairs span two orders of
-    magnitude in ``|d_i|``).
+    Parameters
+    ----------
+    pairs
+        The pairs (their ``score``, if any).
+    r_clean, r_corrupted
+        ``(N, ...)`` readouts of the clean and corrupted runs.
     """
-    mean_sq = diff.pow(2).sum(-1).mean()
-    inv = 1.0 / mean_sq if float(mean_sq) > 0 else torch.zeros_like(mean_sq)
-    return inv.expand(len(diff)).clone()
+
+    def __init__(self, pairs: CounterfactualPairs, r_clean: torch.Tensor, r_corrupted: torch.Tensor) -> None:
+        self.score = pairs.score
+        self.r_corrupted = r_corrupted.detach().float().reshape(len(r_corrupted), -1)  # (N, R)
+        self.diff = r_clean.detach().float().reshape(len(r_clean), -1) - self.r_corrupted  # (N, R)
+        mean_sq = float(self.diff.pow(2).sum(-1).mean()) if len(self.diff) else 0.0
+        self.scale = 1.0 / mean_sq if mean_sq > 0 else 0.0
+
+    def per_pair(self, r: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``(b,)`` scores of the readouts ``r`` ``(b, ...)`` of pairs ``idx`` (None: all, in order)."""
+        if self.score is not None:
+            return self.score(r).float().reshape(-1)
+        base, diff = (self.r_corrupted, self.diff) if idx is None else (self.r_corrupted[idx], self.diff[idx])
+        d = r.float().reshape(len(r), -1) - base.to(r.device)  # (b, R)
+        return (d * diff.to(r.device)).sum(-1) * self.scale
+
+    def mean(self, r: torch.Tensor) -> float:
+        """The mean score over all pairs of the readouts ``r`` ``(N, ...)``."""
+        return float(self.per_pair(r).mean())
 
 
 def tracing_analysis() -> "Analysis":
