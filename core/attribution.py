@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .capture import _forward
+from .capture import _batch_size, _forward, _to_device
 from .errors import SciscopeError, ShapeError
 from .hooks import HookSet
 from .sites import Aliases, Site, expand_alias, resolve_site, to_canonical
@@ -317,26 +317,6 @@ def _slice_inputs(inputs: Any, index: torch.Tensor, n: int) -> Any:
     return inputs
 
 
-def _to_device(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, Mapping):
-        return {k: _to_device(v, device) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to_device(v, device) for v in inputs)
-    return inputs
-
-
-def _n_pairs(inputs: Any) -> int:
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0])
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.ndim:
-            return int(v.shape[0])
-    raise ShapeError("attribution: the pairs' inputs hold no batched tensor")
-
-
 class _Scorer:
     """``score(model output, pair index) -> (b,)`` for the pairs: tracing's :class:`PairScore` (the pairs'
     own score, or the projection on each pair's clean-minus-corrupted readout over one common scale),
@@ -395,8 +375,10 @@ class AttributionResult:
     params
         Parameters and the scores: ``score_clean``, ``score_corrupted`` (means over pairs),
         ``splice_max_error`` (largest |score| difference the exact splice made: 0 in exact
-        arithmetic), ``n_degenerate_pairs`` (pairs whose clean and corrupted readouts agree: no
-        default score, left out of every mean), ``dictionaries`` and their order, ``n_pairs``,
+        arithmetic), ``n_degenerate_pairs`` (pairs whose clean and corrupted readouts agree, for the
+        record: every mean is over all ``n_pairs``; with the default score such a pair scores ~0
+        clean and corrupted, so it weighs ~0 through the common scale, while an adapter's own score
+        counts it as any pair), ``dictionaries`` and their order, ``n_pairs``,
         ``top_k``, ``top_k_used``, ``n_random``, ``seed``.
     """
 
@@ -573,22 +555,24 @@ def attribute(
     for d in dictionaries:
         if "#" in d.name or d.name == "output":
             raise ValueError(f"attribute: dictionary name {d.name!r} may not contain '#' or be 'output'")
-    n = _n_pairs(pairs.clean)
-    if _n_pairs(pairs.corrupted) != n:
-        raise ShapeError(f"attribute: {n} clean inputs but {_n_pairs(pairs.corrupted)} corrupted ones")
+    n = int(_batch_size(pairs.clean))
+    if int(_batch_size(pairs.corrupted)) != n:
+        raise ShapeError(f"attribute: {n} clean inputs but {int(_batch_size(pairs.corrupted))} corrupted ones")
     device = _module_device(model)
     chunks = list(torch.arange(n).split(max(1, int(batch_size))))
     if any(isinstance(d.positions, torch.Tensor) and d.positions.ndim == 2 for d in dictionaries):
         chunks = [torch.arange(n)]  # per-pair positions (B, P) are given for the whole batch
-    training = {m: m.training for m in (model, *(d.module for d in dictionaries))}
-    for m in training:
-        m.eval()
+    # every submodule's own flag, restored one by one (a submodule may be frozen in eval on purpose)
+    training = {m: m.training for root in (model, *(d.module for d in dictionaries)) for m in root.modules()}
+    model.eval()
+    for d in dictionaries:
+        d.module.eval()
     try:
         return _attribute(model, pairs, list(dictionaries), n, chunks, device, top_k=top_k, ks=ks, n_random=n_random,
                           n_single=n_single, n_targets=n_targets, n_edges=n_edges, seed=seed, aliases=aliases)
     finally:
         for m, was in training.items():
-            m.train(was)
+            m.training = was
 
 
 def _attribute(model: nn.Module, pairs: "CounterfactualPairs", dicts: list[FeatureDictionary], n: int,
@@ -598,8 +582,7 @@ def _attribute(model: nn.Module, pairs: "CounterfactualPairs", dicts: list[Featu
     names = [d.name for d in dicts]
     # means over every pair, as causal tracing takes them (with the default projection score a pair
     # whose clean and corrupted readouts agree weighs ~0 through the common scale)
-    n_eff = n
-    clean_mean = float(scorer.clean.sum()) / n_eff
+    clean_mean = float(scorer.clean.sum()) / n
 
     def inputs(idx: torch.Tensor) -> Any:
         return _to_device(_slice_inputs(pairs.clean, idx, n), device)
@@ -636,7 +619,7 @@ def _attribute(model: nn.Module, pairs: "CounterfactualPairs", dicts: list[Featu
                 fires[k] = f + (fires[k] if k in fires else 0)
                 n_nodes[k] += float(nodes.sum())
             grads_total.append(chunk_grads)
-    attr = {k: (v / n_eff).cpu() for k, v in attr.items()}
+    attr = {k: (v / n).cpu() for k, v in attr.items()}
     act = {k: (v / n).cpu() for k, v in act.items()}
     freq = {k: (fires[k] / max(n_nodes[k], 1.0)).cpu() for k in names}
     live = {k: torch.nonzero(fires[k] > 0).reshape(-1).cpu() for k in names}
@@ -677,8 +660,8 @@ def _attribute(model: nn.Module, pairs: "CounterfactualPairs", dicts: list[Featu
                             if key not in table:
                                 table[key] = torch.zeros(len(w), len(targets[down]), dtype=torch.float64)
                             table[key][:, j] += w
-    direct = {k: v / n_eff for k, v in direct.items()}
-    edges = _edge_table(names, targets, weights, effects, direct, live, n, n_eff, n_edges)
+    direct = {k: v / n for k, v in direct.items()}
+    edges = _edge_table(names, targets, weights, effects, direct, live, n, n_edges)
 
     # ---- the check: real ablations (codes set to 0 at the node positions, the error term kept)
     flat = [(k, int(i), float(attr[k][i])) for k in names for i in live[k].tolist()]
@@ -694,9 +677,9 @@ def _attribute(model: nn.Module, pairs: "CounterfactualPairs", dicts: list[Featu
         with torch.no_grad(), splice_dictionaries(model, dicts, mode="ablate", ablate=by, aliases=aliases):
             for idx in chunks:
                 total += float(scorer(_forward(model, inputs(idx)), idx).sum())
-        return total / n_eff - clean_mean
+        return total / n - clean_mean
 
-    effect = clean_mean - float(scorer.corrupted.sum()) / n_eff
+    effect = clean_mean - float(scorer.corrupted.sum()) / n
     # at most a quarter of the live features: random draws of as many must be a control, not
     # nearly the same set
     top_used = min(int(top_k), max(1, n_live // 4), n_live)
@@ -739,7 +722,7 @@ def _attribute(model: nn.Module, pairs: "CounterfactualPairs", dicts: list[Featu
                                                       "transcoder": d.is_transcoder, "n_live": int(len(live[d.name])),
                                                       "sum_attribution": float(attr[d.name].sum())} for d in dicts},
               "order": order or names, "score_clean": clean_mean,
-              "score_corrupted": float(scorer.corrupted.sum()) / n_eff, "splice_max_error": err,
+              "score_corrupted": float(scorer.corrupted.sum()) / n, "splice_max_error": err,
               "n_degenerate_pairs": scorer.n_degenerate,
               "score": pairs.score_name, "concept": pairs.concept, "top_k": int(top_k), "top_k_used": top_used,
               "ks": sorted(set(int(k) for k in ablation.k)), "n_random": int(n_random), "n_single": int(n_single),
@@ -749,11 +732,12 @@ def _attribute(model: nn.Module, pairs: "CounterfactualPairs", dicts: list[Featu
 
 def _edge_table(names: list[str], targets: dict[str, list[int]], weights: dict[tuple[str, str], torch.Tensor],
                 effects: dict[tuple[str, str], torch.Tensor], direct: dict[str, torch.Tensor],
-                live: dict[str, torch.Tensor], n: int, n_eff: int, n_edges: int) -> pd.DataFrame:
+                live: dict[str, torch.Tensor], n: int, n_edges: int) -> pd.DataFrame:
     """Feature -> feature and feature -> output edges, the ``n_edges`` strongest of each kind by |effect|
     (output edges are usually the larger: a feature's own direct effect against one of its paths).
 
-    Weights are means over all ``n`` pairs; effects on the score over the ``n_eff`` scored ones.
+    Weights and effects are means over all ``n`` pairs (with the default score a pair whose clean and
+    corrupted readouts agree adds ~0 to an effect: the common scale weighs it so, it is not left out).
     """
     rows = []
     for (up, down), w in weights.items():
@@ -764,7 +748,7 @@ def _edge_table(names: list[str], targets: dict[str, list[int]], weights: dict[t
                     continue
                 rows.append({"source": f"{up}#{f}", "target": f"{down}#{g}", "source_dictionary": up,
                              "source_feature": f, "target_dictionary": down, "target_feature": g, "kind": "feature",
-                             "weight": float(w[f, j]) / n, "effect": float(e[f, j]) / n_eff})
+                             "weight": float(w[f, j]) / n, "effect": float(e[f, j]) / n})
     for k in names:
         for f in live[k].tolist():
             v = float(direct[k][f])
@@ -803,18 +787,11 @@ def _run_transcoder(ctx: "RunContext") -> FeatureDictionary | None:
     """The run's transcoder as a dictionary (its MLP's input -> the MLP's output), or None.
 
     The transcoder analysis leaves ``(transcoder, layer, mlp_in, mlp_out)`` in ``ctx.live`` (and on
-    disk, read back by :func:`sciscope.core.sae.transcoder.load_run_transcoder`); a
-    :class:`FeatureDictionary` put there is taken as it is.
+    disk); :func:`sciscope.core.sae.transcoder.load_run_transcoder` returns it from either.
     """
-    found = ctx.live.get("transcoder")
-    if isinstance(found, FeatureDictionary):
-        return found
-    try:
-        from .sae.transcoder import load_run_transcoder
-    except ImportError:  # a build without transcoders
-        load_run_transcoder = None
-    if found is None and load_run_transcoder is not None:
-        found = load_run_transcoder(ctx)
+    from .sae.transcoder import load_run_transcoder
+
+    found = load_run_transcoder(ctx)
     if found is None:
         return None
     module, layer, mlp_in, mlp_out = found
@@ -827,10 +804,12 @@ def _compute_attribution(ctx: "RunContext") -> dict[str, Any] | None:
     pairs = adapter.tracing_pairs(ctx)
     if pairs is None:
         return None
-    try:
-        sae = ctx.live["sae"] if "sae" in ctx.live else ctx.sae()
-    except SciscopeError:
-        return None
+    if "sae" in ctx.live:
+        sae = ctx.live["sae"]
+    elif (ctx._root() / "sae" / "model").exists():  # the artifact ctx.sae() loads
+        sae = ctx.sae()  # a corrupt SAE file raises
+    else:
+        return None  # the run has no SAE
     site = expand_alias(adapter.sae_site, adapter.aliases)
     dicts = [FeatureDictionary("sae", sae, site, positions=adapter.fidelity_positions)]
     tc = _run_transcoder(ctx)

@@ -303,10 +303,21 @@ class _Ctx:
     def model(self):
         return _toy()
 
-    def _artifact(self, *parts):  # what load_run_transcoder asks a run without a transcoder
+    def _root(self):  # the run's folder: sae/model is the SAE ctx.sae() loads
+        return self.dir
+
+    def sae(self):
+        from sciscope.core.sae import load_sae
+
+        return load_sae(self._artifact("sae", "model"))
+
+    def _artifact(self, *parts):  # as RunContext: a missing artifact raises SciscopeError
         from sciscope.core.errors import SciscopeError
 
-        raise SciscopeError(f"no {'/'.join(parts)} in this run")
+        path = self.dir.joinpath(*parts)
+        if not path.exists():
+            raise SciscopeError(f"no {'/'.join(parts)} in this run")
+        return path
 
     def write_table(self, name, table):
         table.to_csv(self.dir / name, index=False)
@@ -325,9 +336,11 @@ class _Ctx:
 def test_the_analysis_writes_its_tables_and_figure_and_headline_rows(tmp_path):
     analysis = attribution_analysis()
     assert (analysis.name, analysis.stage) == ("attribution", "sae")
-    # as the transcoder analysis leaves it: (transcoder, layer, mlp_in, mlp_out)
-    ctx = _Ctx(tmp_path, _pairs(), (Transcoder(), 1, "blocks.1.mlp:input", "blocks.1.mlp"))
+    # as the transcoder analysis leaves it in ctx.live: (transcoder, layer, mlp_in, mlp_out)
+    tc = Transcoder()
+    ctx = _Ctx(tmp_path, _pairs(), (tc, 1, "blocks.1.mlp:input", "blocks.1.mlp"))
     rows, _ = analysis.run(ctx)
+    assert not (tmp_path / "sae").exists()  # the transcoder came from ctx.live, not from disk
     assert set(ctx.written) == {"attribution_features.csv", "attribution_edges.csv", "attribution_ablation.csv",
                                 "attribution_graph.png"}
     assert (tmp_path / "attribution_graph.png").stat().st_size > 1000
@@ -335,7 +348,13 @@ def test_the_analysis_writes_its_tables_and_figure_and_headline_rows(tmp_path):
     head = rows[0]
     assert {"name", "value", "control", "control_label", "note", "source"} <= set(head)
     assert head["value"] > head["control"]
-    assert ctx.live["attribution"].params["dictionaries"]["transcoder"]["write_site"] == "blocks.1.mlp"
+    dictionaries = ctx.live["attribution"].params["dictionaries"]
+    assert list(dictionaries) == ["sae", "transcoder"]
+    assert dictionaries["transcoder"]["read_site"] == "blocks.1.mlp:input"
+    assert dictionaries["transcoder"]["write_site"] == "blocks.1.mlp" and dictionaries["transcoder"]["transcoder"]
+    assert ctx.live["transcoder"][0] is tc
+    f = ctx.live["attribution"].features.set_index(["dictionary", "feature"])
+    assert f.attribution[("transcoder", TC_B)] == pytest.approx(1.0, abs=1e-5)
     edges = pd.read_csv(tmp_path / "attribution_edges.csv")
     assert (edges.source.iloc[0], edges.target.iloc[0]) in {(f"sae#{SAE_A}", f"transcoder#{TC_B}"),
                                                             (f"transcoder#{TC_B}", "output")}
@@ -348,15 +367,24 @@ def test_the_analysis_skips_itself_without_pairs_or_sae_and_runs_without_a_trans
     rows, _ = analysis.run(ctx)
     assert list(ctx.live["attribution"].params["dictionaries"]) == ["sae"] and rows
     ctx = _Ctx(tmp_path, _pairs())
+    del ctx.live["sae"]  # and no sae/model on disk: the run has no SAE
+    assert analysis.run(ctx)[0] == [] and "attribution" not in ctx.live
+
+
+def test_the_analysis_loads_the_runs_sae_and_lets_a_corrupt_one_raise(tmp_path):
+    from sciscope.core.errors import SciscopeError
+
+    analysis = attribution_analysis()
+    _sae().save(tmp_path / "sae" / "model")
+    ctx = _Ctx(tmp_path, _pairs())
     del ctx.live["sae"]
-
-    def no_sae():
-        from sciscope.core.errors import SciscopeError
-
-        raise SciscopeError("no sae/model in this run yet")
-
-    ctx.sae = no_sae
-    assert analysis.run(ctx)[0] == []
+    rows, _ = analysis.run(ctx)  # the SAE read back from sae/model
+    assert rows and list(ctx.live["attribution"].params["dictionaries"]) == ["sae"]
+    (tmp_path / "sae" / "model" / "cfg.json").write_text("{not json")  # a corrupt SAE file: no silent skip
+    ctx = _Ctx(tmp_path, _pairs())
+    del ctx.live["sae"]
+    with pytest.raises(SciscopeError, match="cfg.json"):
+        analysis.run(ctx)
 
 
 def test_pairs_whose_readouts_agree_score_zero_instead_of_dividing_by_noise():
@@ -366,15 +394,51 @@ def test_pairs_whose_readouts_agree_score_zero_instead_of_dividing_by_noise():
     assert res.params["score_clean"] == 0.0 and (res.features.attribution == 0).all()
 
 
-def test_degenerate_pairs_are_left_out_of_the_means():
+def test_pairs_whose_readouts_agree_weigh_nothing_through_the_common_scale():
+    """Every mean is over all pairs; two pairs whose clean input is their corrupted one score 0 clean
+    and corrupted (their projection is 0), so the common scale alone makes them weigh ~0: the result
+    is that of the four other pairs, though n_pairs counts six."""
+    from sciscope.core.attribution import _Scorer
+
     pairs = _pairs()
     pairs.clean[:2, :, 0] = 0.0  # two pairs whose clean input is their corrupted one
     res = attribute(_toy(), pairs, _dicts(), ks=(1,), n_random=1, n_single=2)
-    assert res.params["n_degenerate_pairs"] == 2
+    assert res.params["n_degenerate_pairs"] == 2 and res.params["n_pairs"] == B
+    scorer = _Scorer(_toy(), pairs, [torch.arange(B)], B, torch.device("cpu"))
+    assert torch.equal(scorer.clean[:2], torch.zeros(2)) and torch.equal(scorer.corrupted[:2], torch.zeros(2))
+    assert float(scorer.clean.sum()) / B == pytest.approx(1.0)  # the mean over all six is still 1
     assert res.params["score_clean"] == pytest.approx(1.0) and res.params["score_corrupted"] == pytest.approx(0.0)
     f = res.features.set_index(["dictionary", "feature"])
     assert f.attribution[("sae", SAE_A)] == pytest.approx(1.0, abs=1e-5)
     assert f.true[("sae", SAE_A)] == pytest.approx(-1.0, abs=1e-5)
+    # the same as the four non-degenerate pairs alone
+    kept = CounterfactualPairs(pairs.clean[2:], pairs.corrupted[2:], readout=lambda out: out)
+    alone = attribute(_toy(), kept, _dicts(), ks=(1,), n_random=1, n_single=2)
+    assert alone.params["n_degenerate_pairs"] == 0 and alone.params["n_pairs"] == B - 2
+    g = alone.features.set_index(["dictionary", "feature"])
+    for key in (("sae", SAE_A), ("transcoder", TC_B)):
+        assert f.attribution[key] == pytest.approx(g.attribution[key], abs=1e-5)
+        assert f.direct[key] == pytest.approx(g.direct[key], abs=1e-5)
+    ab = (f"sae#{SAE_A}", f"transcoder#{TC_B}")
+    assert _edge(res, *ab).effect == pytest.approx(_edge(alone, *ab).effect, abs=1e-5)
+    # a weight is in the target's units, not the score's: the two silent pairs add 0 but count in the mean
+    assert _edge(res, *ab).weight == pytest.approx(_edge(alone, *ab).weight * (B - 2) / B, rel=1e-5)
+
+
+def test_every_submodules_train_eval_mode_is_restored():
+    model, dicts = _toy(), _dicts()
+    model.train()
+    model.blocks[1].mlp.eval()  # frozen in eval on purpose inside a model in training mode
+    dicts[1].module.train()
+    dicts[0].module.train()
+    before = {m: m.training for root in (model, *(d.module for d in dicts)) for m in root.modules()}
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append((model.training, mod.training)))
+    attribute(model, _pairs(), dicts, ks=(1,), n_random=1, n_single=0)
+    assert seen and all(not a and not b for a, b in seen)  # eval mode during the call
+    after = {m: m.training for root in (model, *(d.module for d in dicts)) for m in root.modules()}
+    assert after == before
+    assert model.training and not model.blocks[1].mlp.training and model.blocks[1].training
 
 
 def test_attribution_is_the_real_models_even_where_a_later_dictionary_misses_the_path():
