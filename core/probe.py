@@ -341,6 +341,11 @@ def _ridge_cv(
             mu_c = (col_sum - Xte.sum(axis=0)) / n_tr  # training mean, in centred coordinates
             C = gram - Xte.T @ Xte - n_tr * np.outer(mu_c, mu_c)  # (d, d) centred scatter
             var = np.clip(np.diag(C) / n_tr, 0.0, None)
+            # the downdate's round-off is relative to the whole column's scatter, not to the fold's
+            # mean: a column constant on the training rows (a one-hot country none of them has) keeps
+            # a residue of ~n eps |gram_jj| that would otherwise be read as a tiny spread and blow up
+            # the test rows that have the country
+            var[var <= 4 * n * np.finfo(np.float64).eps * np.diag(gram) / n_tr] = 0.0
             sd = _scale(g_mean + mu_c, var, n_tr) if standardize else np.ones(d)
             lam, V = np.linalg.eigh(C / np.outer(sd, sd))  # eigen-decomposition of Xs^T Xs
             lam = np.clip(lam, 0.0, None)

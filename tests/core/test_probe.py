@@ -376,3 +376,22 @@ def test_logistic_matches_sklearn_when_fold_means_differ() -> None:
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, tol=1e-10, max_iter=5000)).fit(X[tr], y[tr])
         ref.append(roc_auc_score(y[te], model.decision_function(X[te])))
     np.testing.assert_allclose(res.scores["auroc"], ref, atol=2e-3)
+
+
+def test_ridge_folds_treat_a_column_constant_on_the_training_rows_as_sklearn_does():
+    """A one-hot column none of a fold's training rows has (a country held out whole) is constant
+    there: StandardScaler gives it scale 1. The fold downdate's round-off must not turn it into a
+    tiny spread that blows up the test rows (this test fails without the fix)."""
+    from sciscope.core.probe import _ridge_cv
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 8)  # 40 countries, 8 places each
+    X = np.eye(40)[groups] + 0.0  # (320, 40) one-hot
+    y = rng.normal(size=40)[groups] + 0.3 * rng.normal(size=len(groups))
+    order = rng.permutation(40)
+    folds = [(np.flatnonzero(~np.isin(groups, order[k::5])), np.flatnonzero(np.isin(groups, order[k::5]))) for k in range(5)]
+    alphas = np.asarray(DEFAULT_ALPHAS, dtype=float)
+    ours = _ridge_cv(X, y[:, None], folds, alphas, standardize=True)["r2"][0]
+    ref = [r2_score(y[te], make_pipeline(StandardScaler(), RidgeCV(alphas=alphas)).fit(X[tr], y[tr]).predict(X[te]))
+           for tr, te in folds]
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
