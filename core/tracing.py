@@ -147,16 +147,16 @@ class TracingResult:
         labels = {"restore": "restore clean -> corrupted", "control": "control: random other example",
                   "zero_ablation": "knock out: zero", "mean_ablation": "knock out: mean"}
         first = self.matrix(measures[0])
-        w = 1.6 + 0.42 * first.shape[1]
-        fig, axes = plt.subplots(1, len(measures), figsize=(w * len(measures), 1.4 + 0.38 * first.shape[0]),
-                                 squeeze=False, constrained_layout=True)
-        for ax, measure in zip(axes[0], measures):
+        # panels stacked: the columns (component @ group) are many, the layers few
+        fig, axes = plt.subplots(len(measures), 1, figsize=(2.5 + 0.36 * first.shape[1], 1.6 + (0.5 + 0.3 * first.shape[0]) * len(measures)),
+                                 squeeze=False, sharex=True, constrained_layout=True)
+        for ax, measure in zip(axes[:, 0], measures):
             m = self.matrix(measure)
             im = ax.imshow(m.to_numpy(dtype=float), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
             ax.set_yticks(range(m.shape[0]), [f"layer {i}" for i in m.index], fontsize=7)
-            ax.set_xticks(range(m.shape[1]), m.columns, fontsize=7, rotation=90)
-            ax.set_title(labels.get(measure, measure), fontsize=8)
-        fig.colorbar(im, ax=axes[0].tolist(), label="fraction of the total effect", shrink=0.8)
+            ax.set_title(labels.get(measure, measure), fontsize=8, loc="left")
+        axes[-1, 0].set_xticks(range(first.shape[1]), first.columns, fontsize=7, rotation=90)
+        fig.colorbar(im, ax=axes[:, 0].tolist(), label="fraction of the total effect", shrink=0.8)
         fig.suptitle(title or f"causal tracing: {self.params.get('concept', '')} "
                               f"(total effect {self.total_effect:.3g}, {self.params.get('n_pairs')} pairs)", fontsize=9)
         return fig
