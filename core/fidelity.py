@@ -176,21 +176,11 @@ def splice(model: nn.Module, site: "str | Site", replace: Reconstruction, *, pos
     aliases
         Site aliases of the model.
     """
-    from .steer import _position_mask
-
     parsed, module = resolve_site(model, site, aliases)
 
     def swap(t: torch.Tensor) -> torch.Tensor:
         h, back = to_canonical(t, parsed)  # (B, P, D)
-        new = replace(h.reshape(-1, h.shape[-1]).float())
-        if tuple(new.shape) != (h.shape[0] * h.shape[1], h.shape[-1]):
-            raise ShapeError(f"splice at {str(parsed)!r}: the reconstruction has shape {tuple(new.shape)}, "
-                             f"the site gives {h.shape[0] * h.shape[1]} vectors of width {h.shape[-1]}")
-        new = new.to(h.dtype).reshape(h.shape)
-        mask = _position_mask(positions, h)
-        if mask is not None:
-            new = h + (new - h) * mask
-        return back(new)
+        return back(_put(h, replace(h.reshape(-1, h.shape[-1]).float()), positions, f"splice at {str(parsed)!r}: the reconstruction"))
 
     with HookSet() as hooks:
         hooks.edit(module, parsed, swap)
@@ -244,8 +234,6 @@ def splice_from(model: nn.Module, source: "str | Site", site: "str | Site", fn: 
         ``site`` ran before ``source`` in a forward pass, or the two disagree in their batch and
         position axes, or ``fn`` returns another shape than the site's.
     """
-    from .steer import _position_mask
-
     src, src_module = resolve_site(model, source, aliases)
     parsed, module = resolve_site(model, site, aliases)
     seen: list[torch.Tensor] = []  # the source's (B, P, D_source) of the forward pass in progress
@@ -262,19 +250,24 @@ def splice_from(model: nn.Module, source: "str | Site", site: "str | Site", fn: 
             raise ShapeError(f"splice_from: source {str(src)!r} has (batch, positions) {tuple(x.shape[:2])}, "
                              f"{str(parsed)!r} has {tuple(h.shape[:2])}")
         new = fn(x.reshape(-1, x.shape[-1]).float())  # (B * P, D)
-        if tuple(new.shape) != (h.shape[0] * h.shape[1], h.shape[-1]):
-            raise ShapeError(f"splice_from {str(src)!r} -> {str(parsed)!r}: the replacement has shape {tuple(new.shape)}, "
-                             f"the site gives {h.shape[0] * h.shape[1]} vectors of width {h.shape[-1]}")
-        new = new.to(h.dtype).reshape(h.shape)
-        mask = _position_mask(positions, h)
-        if mask is not None:
-            new = h + (new - h) * mask
-        return back(new)
+        return back(_put(h, new, positions, f"splice_from {str(src)!r} -> {str(parsed)!r}: the replacement"))
 
     with HookSet() as hooks:
         hooks.read(src_module, src, read)
         hooks.edit(module, parsed, swap)
         yield
+
+
+def _put(h: torch.Tensor, new: torch.Tensor, positions: Any, what: str) -> torch.Tensor:
+    """``h`` ``(B, P, D)`` with the ``(B * P, D)`` vectors ``new`` put in at ``positions`` (None: all)."""
+    from .steer import _position_mask
+
+    if tuple(new.shape) != (h.shape[0] * h.shape[1], h.shape[-1]):
+        raise ShapeError(f"{what} has shape {tuple(new.shape)}, the site gives {h.shape[0] * h.shape[1]} vectors "
+                         f"of width {h.shape[-1]}")
+    new = new.to(h.dtype).reshape(h.shape)
+    mask = _position_mask(positions, h)
+    return new if mask is None else h + (new - h) * mask
 
 
 @contextlib.contextmanager
