@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .capture import _forward  # a batch as keyword args (dict), positional args (tuple/list) or one tensor
 from .errors import ShapeError, SiteError
 from .hooks import HookSet
 from .interventions import AddVector
@@ -357,9 +358,18 @@ class _Tracer(TorchFunctionMode):
             return out
         hits = [(i, e) for i, a in enumerate(args) if (e := self.lookup(a)) is not None]
         hits += [(k, e) for k, a in kwargs.items() if (e := self.lookup(a)) is not None]
-        if not hits:
+        # a tracked tensor inside a container (torch.cat([h, ...]), torch.stack, list-form einsum,
+        # an index tuple): the op mixes its values with others', which no reader's rows describe
+        nested = any(self.lookup(t) is not None for a in (*args, *kwargs.values()) if not isinstance(a, torch.Tensor)
+                     for t in _tensors(a))
+        if not hits and not nested:
             return out
         name = getattr(func, "__name__", str(func))
+        if nested and _contains_tensor(out) and name not in _SHAPE_ONLY:
+            self.other.append(name)  # (an alias op counts too: __getitem__ reads a tensor in its index as indices)
+            return out
+        if not hits:
+            return out  # read no values (a shape-only op, or no tensor back)
         if name in _VALUE_READS or (name.endswith("_") and not name.startswith("_") and name != "requires_grad_"):
             self.other.append(name)  # values written elsewhere, read as numbers, or edited in place
             return out
@@ -475,15 +485,6 @@ def _tracing(model: nn.Module, site: Site, module: nn.Module) -> Iterator[_Trace
                 h.remove()
 
 
-def _run_inputs(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` on a batch: keyword arguments (a dict), positional ones (a tuple/list) or one tensor."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _default_rtol(shape: tuple[int, int]) -> float:
     """numpy's ``matrix_rank`` rule at the precision weights are stored in: ``max(R, D) * eps(float32)``."""
     return float(max(shape) * np.finfo(np.float32).eps)
@@ -570,7 +571,7 @@ def reading_subspace(
         if (inputs is None) == (forward is None):
             raise ValueError("reading_subspace: give exactly one of inputs (a batch) or forward (a callable), or readers=")
         with torch.no_grad(), _tracing(model, parsed, module) as tracer:
-            returned = forward(model) if forward is not None else _run_inputs(model, inputs)
+            returned = forward(model) if forward is not None else _forward(model, inputs)
             # a tensor the pass hands back (last_hidden_state, hidden_states) is read outside the
             # model (a scorer's probe, a pooling): by weights no hook can see
             escaped = any(tracer.lookup(t) is not None for t in _tensors(returned))
@@ -854,20 +855,21 @@ def illusion_check(
             return _value(fn(model), name)
 
     score_full = run(intervention, float(alpha))
+    data = np.asarray(rows, dtype=np.float64) if rows is not None else (
+        np.concatenate(state["rows"]) if state["rows"] else np.zeros((0, sub.dim)))
+    common = dict(site=sub.site, alpha=float(alpha), score=name, scale=intervention.scale, score_zero=score_zero,
+                  score_full=score_full, n_rows=int(len(data)), subspace=sub)
+    if not sub.applicable:  # numbers about an uninformative split would only be misread: none are computed
+        return IllusionCheck(score_row=math.nan, score_null=math.nan, row_share=math.nan, chance_share=math.nan,
+                             dormancy=math.nan, row_variance_share=math.nan, verdict=NOT_APPLICABLE, reason=sub.reason,
+                             **common)
     v = intervention.vector.vector.double().numpy()
     v_row, v_null = sub.split(v)
     v2 = float(v @ v)
     row_share = float(v_row @ v_row) / v2 if v2 > 0 else math.nan
     chance = sub.rank / sub.dim if sub.dim else math.nan
-    data = np.asarray(rows, dtype=np.float64) if rows is not None else (
-        np.concatenate(state["rows"]) if state["rows"] else np.zeros((0, sub.dim)))
     dormancy, var_share = _dormancy(data, sub.basis, v_row, v_null, n_random=n_random, seed=seed)
-    common = dict(site=sub.site, alpha=float(alpha), score=name, scale=intervention.scale, score_zero=score_zero,
-                  score_full=score_full, row_share=row_share, chance_share=chance, dormancy=dormancy,
-                  row_variance_share=var_share, n_rows=int(len(data)), subspace=sub)
-    if not sub.applicable:  # numbers about an uninformative split would only be misread
-        common.update(row_share=math.nan, chance_share=math.nan, dormancy=math.nan, row_variance_share=math.nan)
-        return IllusionCheck(score_row=math.nan, score_null=math.nan, verdict=NOT_APPLICABLE, reason=sub.reason, **common)
+    common.update(row_share=row_share, chance_share=chance, dormancy=dormancy, row_variance_share=var_share)
     (row_iv, a_row), (null_iv, a_null) = split_intervention(intervention, alpha, sub.basis)
     check = IllusionCheck(score_row=run(row_iv, a_row), score_null=run(null_iv, a_null), verdict="", reason="", **common)
     check.verdict, check.reason = _verdict(check)
@@ -988,52 +990,58 @@ def _plan_sweep(ctx: "RunContext", name: str) -> Any:
 
 
 def _compute_subspace(ctx: "RunContext") -> dict[str, Any] | None:
-    from .experiment import resolve_intervention
-
-    adapter = ctx.adapter
-    stage, sub = ctx.stage, ctx.subfolder
-    plans = adapter.steering_plans(ctx)
+    plans = ctx.adapter.steering_plans(ctx)
     model = ctx.model()
     out: list[dict[str, Any]] = []
     for plan in plans:
-        ctx.stage, ctx.subfolder = "steering", plan.name  # as the stage builds it (a builder may write)
+        known: dict[str, Any] = {"plan": plan.name}  # filled in by the check as it goes, for a "failed" row
         try:
-            iv = resolve_intervention(plan, ctx)
-        finally:
-            ctx.stage, ctx.subfolder = stage, sub
-        base = {"plan": plan.name, "kind": iv.kind}
-        added = as_added_vector(iv)
-        if added is None:
-            out.append({**base, "verdict": "skipped", "reason": f"{iv.kind} adds no fixed vector"})
-            continue
-        sweep = _plan_sweep(ctx, plan.name)
-        if sweep is None:
-            out.append({**base, "verdict": "skipped", "reason": "no saved sweep of this plan"})
-            continue
-        s = sweep.summary(n_boot=0)
-        alpha = s["alpha_plus"] if np.isfinite(s["alpha_plus"]) else s["alpha_minus"]
-        if not np.isfinite(alpha):
-            out.append({**base, "verdict": "skipped", "reason": "every nonzero alpha broke the model"})
-            continue
-        try:
-            check = illusion_check(model, added, plan.scorer, float(alpha), score=sweep.headline, aliases=adapter.aliases,
-                                   seed=int(plan.seed))
+            out.append(_check_plan(ctx, plan, model, known))
+        except (TypeError, AttributeError, NameError):
+            raise  # a programming error (in sciscope or the adapter) is a bug to see, not a failed check
         except Exception as err:  # noqa: BLE001 - one plan's failed check is reported, not fatal to the stage
             log.warning("subspace check of plan %s failed: %s", plan.name, err)
-            out.append({**base, "alpha": float(alpha), "verdict": "failed", "reason": f"{type(err).__name__}: {err}"})
-            continue
-        # whether the sweep's effect at this alpha beats its random controls: a split of an effect
-        # no larger than a random direction's is read as such
-        plus = np.isfinite(s["alpha_plus"])
-        ctrl = {"sweep_effect": s["effect_plus"] if plus else s["effect_minus"],
-                "controls_max_abs_effect": s["control_effect_plus_max_abs"] if plus else s["control_effect_minus_max_abs"],
-                "n_controls": s["n_controls"]}
-        out.append({**base, **check.to_row(), **ctrl, "readers_detail": check.subspace.describe()})
+            out.append({**known, "verdict": "failed", "reason": f"{type(err).__name__}: {err}"})
     if not out:
         return None
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "readers_detail"} for r in out])
     source = ctx.write_table("subspace_check.csv", table)
     return {"rows": out, "source": source}
+
+
+def _check_plan(ctx: "RunContext", plan: Any, model: nn.Module, known: dict[str, Any]) -> dict[str, Any]:
+    """One plan's row of ``subspace_check.csv``; ``known`` gets the plan's ``kind`` and ``alpha`` as
+    they are found (what a "failed" row can say when a later step raises)."""
+    from .experiment import resolve_intervention
+
+    stage, sub = ctx.stage, ctx.subfolder
+    ctx.stage, ctx.subfolder = "steering", plan.name  # as the stage builds it (a builder may write)
+    try:
+        iv = resolve_intervention(plan, ctx)
+    finally:
+        ctx.stage, ctx.subfolder = stage, sub
+    known["kind"] = iv.kind
+    base = {"plan": plan.name, "kind": iv.kind}
+    added = as_added_vector(iv)
+    if added is None:
+        return {**base, "verdict": "skipped", "reason": f"{iv.kind} adds no fixed vector"}
+    sweep = _plan_sweep(ctx, plan.name)
+    if sweep is None:
+        return {**base, "verdict": "skipped", "reason": "no saved sweep of this plan"}
+    s = sweep.summary(n_boot=0)
+    alpha = s["alpha_plus"] if np.isfinite(s["alpha_plus"]) else s["alpha_minus"]
+    if not np.isfinite(alpha):
+        return {**base, "verdict": "skipped", "reason": "every nonzero alpha broke the model"}
+    known["alpha"] = float(alpha)
+    check = illusion_check(model, added, plan.scorer, float(alpha), score=sweep.headline, aliases=ctx.adapter.aliases,
+                           seed=int(plan.seed))
+    # whether the sweep's effect at this alpha beats its random controls: a split of an effect
+    # no larger than a random direction's is read as such
+    plus = np.isfinite(s["alpha_plus"])
+    ctrl = {"sweep_effect": s["effect_plus"] if plus else s["effect_minus"],
+            "controls_max_abs_effect": s["control_effect_plus_max_abs"] if plus else s["control_effect_minus_max_abs"],
+            "n_controls": s["n_controls"]}
+    return {**base, **check.to_row(), **ctrl, "readers_detail": check.subspace.describe()}
 
 
 def _subspace_rows(result: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -1047,7 +1055,8 @@ def _subspace_rows(result: dict[str, Any] | None) -> list[dict[str, Any]]:
         if r.get("verdict") == "failed":
             rows.append({"name": f"{r['plan']}: subspace-illusion check", "value": None, "control": None,
                          "control_label": "the unread (null-space) part of the vector alone",
-                         "note": f"the check failed at alpha {fmt(r['alpha'])}: {r['reason']}", "source": result["source"]})
+                         "note": ("the check failed" + (f" at alpha {fmt(r['alpha'])}" if r.get("alpha") is not None else "")
+                                  + f": {r['reason']}"), "source": result["source"]})
             continue
         name = f"{r['plan']}: share of the change in {r['score']} carried by the read subspace (alpha {fmt(r['alpha'])})"
         note = (f"{r['verdict']}{' (FLAGGED)' if r['flagged'] else ''} at {r['site']}: {r['reason']}; whole effect "

@@ -14,6 +14,49 @@ from sciscope.core.sae.base import SparseAutoencoder
 Batches = Iterable[Tensor] | Callable[[], Iterator[Tensor]] | Tensor
 
 
+class ExplainedVariance:
+    """Running ``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over batches of ``(x_hat, x)``.
+
+    float64 accumulators (sums over millions of samples lose digits in float32); the total variance
+    is ``sum ||x||^2 - n ||mean||^2``, so one pass suffices.
+    """
+
+    def __init__(self, d: int, device: torch.device | str | None = None) -> None:
+        self.n = 0
+        self.sq_err = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum_x = torch.zeros(d, dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, x_hat: Tensor, x: Tensor) -> None:
+        """Add a batch: ``x_hat`` the prediction of ``x``, both (B, d)."""
+        x64 = x.double()
+        self.sq_err += (x64 - x_hat.double()).pow(2).sum()
+        self.sum_x += x64.sum(dim=0)
+        self.sum_sq += x64.pow(2).sum()
+        self.n += x.shape[0]
+
+    def value(self) -> float:
+        """The explained variance (NaN when the data has no variance or none was added)."""
+        total_var = self.sum_sq - self.sum_x.pow(2).sum() / max(self.n, 1)
+        return float(1.0 - self.sq_err / total_var) if self.n and float(total_var) > 0 else float("nan")
+
+
+@torch.no_grad()
+def predictor_explained_variance(predict: Callable[[Tensor], Tensor],
+                                 pairs: Iterable[tuple[Tensor, Tensor]] | Callable[[], Iterator[tuple[Tensor, Tensor]]]
+                                 ) -> float:
+    """Explained variance of the targets by ``predict(inputs)`` over ``(input, target)`` batches (or a
+    zero-arg callable returning an iterator of them): a dense baseline (a ridge map) scored as
+    :func:`evaluate_sae` scores a transcoder."""
+    acc: ExplainedVariance | None = None
+    for x, y in (pairs() if callable(pairs) else pairs):
+        acc = acc or ExplainedVariance(y.shape[-1], y.device)
+        acc.add(predict(x), y)
+    if acc is None:
+        raise SciscopeError("predictor_explained_variance got no batches")
+    return acc.value()
+
+
 @torch.no_grad()
 def evaluate_sae(sae: SparseAutoencoder, batches: Batches) -> dict[str, float]:
     """Reconstruction and sparsity metrics of ``sae`` over ``batches`` of raw activations.
@@ -45,11 +88,7 @@ def evaluate_sae(sae: SparseAutoencoder, batches: Batches) -> dict[str, float]:
         batches = batches()
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
     device = sae.W_enc.device
-    # float64 accumulators: sums over millions of samples lose digits in float32.
-    n = 0
-    sq_err = torch.zeros((), dtype=torch.float64, device=device)
-    sum_x = torch.zeros(d_in, dtype=torch.float64, device=device)
-    sum_sq = torch.zeros((), dtype=torch.float64, device=device)
+    ev = ExplainedVariance(d_in, device)
     n_active = torch.zeros((), dtype=torch.float64, device=device)
     fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
     was_training = sae.training
@@ -61,24 +100,18 @@ def evaluate_sae(sae: SparseAutoencoder, batches: Batches) -> dict[str, float]:
             inputs = inputs.to(device=device, dtype=sae.W_enc.dtype)  # (B, d_in)
             x = x.to(device=device, dtype=sae.W_enc.dtype)  # (B, d_in)
             x_hat, f = sae(inputs)  # (B, d_in), (B, d_sae)
-            x64 = x.double()
-            sq_err += (x64 - x_hat.double()).pow(2).sum()
-            sum_x += x64.sum(dim=0)
-            sum_sq += x64.pow(2).sum()
+            ev.add(x_hat, x)
             active = f != 0
             n_active += active.sum()
             fired |= active.any(dim=0)
-            n += x.shape[0]
     finally:
         sae.train(was_training)
+    n = ev.n
     if n == 0:
         raise SciscopeError("evaluate_sae got no batches")
-    # sum ||x - mean||^2 = sum ||x||^2 - n ||mean||^2
-    total_var = sum_sq - sum_x.pow(2).sum() / n
-    explained = 1.0 - sq_err / total_var if float(total_var) > 0 else torch.tensor(float("nan"))
     return {
-        "mse": float(sq_err) / (n * d_in),
-        "explained_variance": float(explained),
+        "mse": float(ev.sq_err) / (n * d_in),
+        "explained_variance": ev.value(),
         "l0": float(n_active) / n,
         "dead_fraction": float((~fired).sum()) / d_sae,
         "n_samples": n,

@@ -189,6 +189,8 @@ def fit_ridge(inputs: np.ndarray, targets: np.ndarray, *, rel_alpha: float = 1e-
     (numpy.ndarray, numpy.ndarray)
         ``W`` ``(D_in, D_out)`` and ``b`` ``(D_out,)``.
     """
+    # not core/probe.py's ridge: that one holds (N, D) standardised rows in memory for an SVD and picks
+    # alpha by leave-one-out; here N is every MLP position (a memory map) and a fixed small penalty is enough
     n, d = inputs.shape
     sx, sy = np.zeros(d), np.zeros(targets.shape[1])
     xx, xy = np.zeros((d, d)), np.zeros((d, targets.shape[1]))
@@ -211,21 +213,6 @@ def linear_map(w: np.ndarray, b: np.ndarray) -> Callable[[Tensor], Tensor]:
     """``h -> h @ w + b`` on ``(N, D_in)`` tensors (float32)."""
     wt, bt = torch.as_tensor(w, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
     return lambda h: h @ wt.to(h.device) + bt.to(h.device)
-
-
-def paired_explained_variance(predict: Callable[[Tensor], Tensor], rows: "ActivationStore", mlp_in: str,
-                              mlp_out: str, *, batch_size: int = 4096) -> float:
-    """Explained variance of the ``mlp_out`` rows by ``predict(mlp_in rows)``: ``1 - SSE / SST``."""
-    sse = sst_sq = 0.0
-    total = np.zeros(rows.dim(mlp_out))
-    for x, y in zip(rows.iter_batches(mlp_in, batch_size), rows.iter_batches(mlp_out, batch_size), strict=True):
-        with torch.no_grad():
-            sse += float((predict(x) - y).double().pow(2).sum())
-        y64 = y.double()
-        total += y64.sum(0).numpy()
-        sst_sq += float(y64.pow(2).sum())
-    sst = sst_sq - float((total ** 2).sum()) / max(rows.n_obs, 1)
-    return 1.0 - sse / sst if sst > 0 else float("nan")
 
 
 # ------------------------------------------------------------------------------ the analysis
@@ -327,7 +314,12 @@ def _train_and_score(ctx: "RunContext", block: "BlockComponents", task: Any, tra
                      test: "ActivationStore", mlp_in: str, mlp_out: str) -> dict[str, Any]:
     from sciscope.core.fidelity import FromSite, fidelity, pca_reconstruction, sae_reconstruction
     from sciscope.core.sae.base import create_sae
-    from sciscope.core.sae.metrics import evaluate_sae, pca_explained_variance, principal_components
+    from sciscope.core.sae.metrics import (
+        evaluate_sae,
+        pca_explained_variance,
+        predictor_explained_variance,
+        principal_components,
+    )
 
     adapter, model = ctx.adapter, ctx.model()
     trained = ctx.train_on_rows(train, mlp_in, target_site=mlp_out, architecture="topk_transcoder", single_process=True)
@@ -355,7 +347,7 @@ def _train_and_score(ctx: "RunContext", block: "BlockComponents", task: Any, tra
     ev = {"transcoder": held["transcoder"]["explained_variance"],
           "untrained_transcoder": held["untrained_transcoder"]["explained_variance"],
           "pca_at_l0": pca_explained_variance(out_train, test.array(mlp_out), k, components=comps),
-          "ridge": paired_explained_variance(ridge, test, mlp_in, mlp_out)}
+          "ridge": predictor_explained_variance(ridge, pairs(test))}  # scored as evaluate_sae scores the transcoder
     fid = fidelity(model, mlp_out, task, {
         "transcoder": FromSite(mlp_in, sae_reconstruction(tc)),
         "untrained_transcoder": FromSite(mlp_in, sae_reconstruction(untrained)),
@@ -451,8 +443,6 @@ def transcoder_rows(result: dict[str, Any] | None) -> list[dict[str, Any]]:
 def load_run_transcoder(ctx: "RunContext") -> tuple[Any, int, str, str] | None:
     """``(transcoder, layer, mlp_in, mlp_out)`` of the run: from this process (``ctx.live``) or from
     ``sae/transcoder/`` written by the transcoder analysis; None when the run has none."""
-    import json
-
     from sciscope.core.errors import SciscopeError
     from sciscope.core.sae.base import load_sae
 
@@ -462,10 +452,40 @@ def load_run_transcoder(ctx: "RunContext") -> tuple[Any, int, str, str] | None:
         folder = ctx._artifact("sae", FOLDER)
     except SciscopeError:
         return None
-    sites = json.loads((folder / SITES_FILE).read_text())
-    found = (load_sae(folder), int(sites["layer"]), sites["mlp_in"], sites["mlp_out"])
+    layer, mlp_in, mlp_out = _read_sites(folder / SITES_FILE)
+    found = (load_sae(folder), layer, mlp_in, mlp_out)
     ctx.live["transcoder"] = found
     return found
+
+
+def _read_sites(path: Path) -> tuple[int, str, str]:
+    """``(layer, mlp_in, mlp_out)`` from the transcoder analysis' ``sites.json``.
+
+    Raises
+    ------
+    IntegrityError
+        The file is missing, is not a JSON object, or lacks a key (or holds one of the wrong type):
+        it is not what the analysis wrote, and a transcoder spliced at a guessed site would be wrong.
+    """
+    import json
+
+    from sciscope.core.errors import IntegrityError
+
+    rerun = "rerun the sae stage to write it again"
+    try:
+        sites = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise IntegrityError(f"{path} is missing: the transcoder beside it has no recorded sites; {rerun}") from None
+    except (OSError, ValueError) as err:
+        raise IntegrityError(f"{path} cannot be read as JSON ({err}); {rerun}") from None
+    if not isinstance(sites, dict):
+        raise IntegrityError(f"{path} holds a {type(sites).__name__}, not a JSON object; {rerun}")
+    for key, kind, what in (("layer", int, "an integer"), ("mlp_in", str, "a site"), ("mlp_out", str, "a site")):
+        if key not in sites:
+            raise IntegrityError(f"{path} has no key {key!r} (it has {sorted(sites)}); {rerun}")
+        if not isinstance(sites[key], kind) or isinstance(sites[key], bool):
+            raise IntegrityError(f"{path}: key {key!r} is {sites[key]!r}, not {what}; {rerun}")
+    return sites["layer"], sites["mlp_in"], sites["mlp_out"]
 
 
 __all__ = ["TopKTranscoder", "TopKTranscoderConfig", "compute_transcoder", "fit_ridge", "load_run_transcoder",

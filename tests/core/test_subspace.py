@@ -105,13 +105,53 @@ def test_uses_other_than_a_linear_read_make_the_split_not_applicable():
             buf[:] = h  # ... but this copies its values where no weight-hook sees them
             return self.down(h).sum(-1) + buf[:, 3]
 
+    class Concat(Planted):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(D_FF + D_IN, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.act(self.up(x))
+            return self.head(torch.cat([h, self.down(h)], dim=-1))[:, 0]  # head reads h itself, inside a list
+
     assert reading_subspace(Planted(), "act", X[:8]).applicable
     leaky = reading_subspace(Leaky(), "act", X[:8])
     assert not leaky.applicable and leaky.other_uses == ["__setitem__"]
+    concat = reading_subspace(Concat(), "act", X[:8])
+    assert [r["name"] for r in concat.readers] == ["down"]  # found beside it ...
+    assert not concat.applicable and concat.other_uses == ["cat"]  # ... but the concatenation reads h too
+    stacked = reading_subspace(_Wrapped(lambda h: torch.stack([h, h]).sum(0)), "act", X[:8])
+    assert not stacked.applicable and stacked.other_uses == ["stack"]
+    summed = reading_subspace(_Wrapped(lambda h: torch.einsum("bi,bi->bi", [h, h])), "act", X[:8])
+    assert not summed.applicable and "einsum" in summed.other_uses
     returned = reading_subspace(nn.Sequential(nn.Linear(4, 16)), "0", X[:8])  # the site is the model's output
     assert not returned.applicable and not returned.readers
     check = illusion_check(Leaky(), AddVector(e(3), "act"), scorer(), 1.0)
     assert check.verdict == NOT_APPLICABLE and check.effect_full == pytest.approx(1.0, rel=1e-5)
+
+
+class _Wrapped(Planted):
+    """``down(fn(h))`` for a function ``fn`` of the hidden layer ``h``."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.fn(self.act(self.up(x)))).sum(-1)
+
+
+def test_a_split_that_is_not_applicable_computes_no_dormancy(monkeypatch):
+    import sciscope.core.subspace as subspace
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("dormancy measured for a split that is not applicable")
+
+    monkeypatch.setattr(subspace, "_dormancy", refuse)
+    check = illusion_check(nn.Sequential(nn.Linear(4, 16), nn.ReLU()), AddVector(e(3), "0"),
+                           lambda m: {"y": float(m(X).detach().sum())}, 1.0)
+    assert check.verdict == NOT_APPLICABLE and np.isnan(check.dormancy) and np.isnan(check.row_variance_share)
+    assert check.n_rows == len(X)
 
 
 def test_dormant_direction_is_flagged_and_its_null_part_does_nothing():
@@ -209,7 +249,14 @@ def test_an_sae_feature_steer_is_the_added_vector_of_its_decoder_rows():
     h = torch.randn(2, 3, D_FF)
     assert torch.allclose(added.edits(model, 0.8)[0].fn(h), feature.edits(model, 0.8)[0].fn(h), atol=1e-6)
     assert as_added_vector(Clamp({SITE: [0]})) is None
-    assert illusion_check(model, added, scorer(), 1.0).verdict in (CARRIED_ROW, ILLUSION)
+    # planted decoder rows: feature 3 writes the unread class unit, feature 7 the dormant one (each
+    # row normalised: the added vector is e3 + e8, Makelov et al.'s construction); features 5 and 9
+    # write read units the data varies along (e0 + e1)
+    sae.W_dec[3], sae.W_dec[7], sae.W_dec[5], sae.W_dec[9] = e(3, 3.0), e(8, 0.5), e(0, 2.0), e(1, 0.1)
+    illusory = illusion_check(model, as_added_vector(SteerFeature(sae, [3, 7], SITE)), scorer(), 1.0)
+    assert illusory.verdict == ILLUSION and illusory.row_share == pytest.approx(0.5, rel=1e-6)
+    genuine = illusion_check(model, as_added_vector(SteerFeature(sae, [5, 9], SITE)), scorer(), 1.0)
+    assert genuine.verdict == CARRIED_ROW and genuine.effect_full == pytest.approx(2.0, rel=1e-5)
 
 
 # -- real architectures, random init from a config (no download) ------------------------------------
@@ -318,3 +365,38 @@ def test_subspace_analysis_reads_the_saved_sweeps_and_flags_the_illusory_plan():
     # read beside the sweep's controls: random directions of |v| move the output more than v's dormant part does
     assert "does not beat the largest |effect| of its 2 random controls" in illusory["note"]
     assert table.sweep_effect["illusory"] == pytest.approx(table.effect_full["illusory"], rel=1e-5)
+
+
+def test_one_bad_plan_is_a_failed_row_and_a_programming_error_is_raised():
+    import dataclasses
+
+    from sciscope.core.errors import ContrastError
+
+    def empty_group(ctx: RunContext):
+        raise ContrastError("steering contrast: group 'a' has no rows")
+
+    def typo(m: nn.Module):
+        return m.no_such_attribute  # a bug in the scorer: must not become a "failed" row
+
+    class Broken(_PlantedAdapter):
+        bug = False
+
+        def steering_plans(self, ctx: RunContext) -> list[SteeringPlan]:
+            genuine = super().steering_plans(ctx)[1]
+            if self.bug:
+                genuine = dataclasses.replace(genuine, scorer=Scorer(typo, target=["y"]))
+            return [SteeringPlan("empty", empty_group, scorer(), [1.0]), genuine]
+
+    adapter = Broken()
+    ctx = RunContext(adapter, stage="steering")
+    genuine = adapter.steering_plans(ctx)[1]
+    run_plan(ctx.model(), genuine, genuine.intervention).save(ctx.output("genuine/sweep.csv").parent)  # type: ignore[arg-type]
+    rows, _ = subspace_analysis().run(ctx)
+    table = pd.read_csv(ctx.output("subspace_check.csv")).set_index("plan")
+    assert table.verdict["empty"] == "failed" and table.reason["empty"].startswith("ContrastError: steering contrast")
+    assert table.verdict["genuine"] == CARRIED_ROW  # the plan after the bad one is still checked
+    failed = next(r for r in rows if r["name"].startswith("empty"))
+    assert failed["note"] == "the check failed: ContrastError: steering contrast: group 'a' has no rows"
+    adapter.bug = True
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        subspace_analysis().run(ctx)

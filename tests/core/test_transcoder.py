@@ -23,7 +23,7 @@ from torch import nn
 from sciscope.core import DomainAdapter, Examples, count_hooks
 from sciscope.core.capture import capture
 from sciscope.core.context import RunContext
-from sciscope.core.errors import ConfigError, ShapeError
+from sciscope.core.errors import ConfigError, IntegrityError, ShapeError
 from sciscope.core.fidelity import FromSite, TaskLoss, fidelity, sae_reconstruction, splice_from
 from sciscope.core.sae import (
     SAETrainResult,
@@ -34,6 +34,7 @@ from sciscope.core.sae import (
     sae_config,
     train_sae,
 )
+from sciscope.core.sae.metrics import predictor_explained_variance
 from sciscope.core.sae.transcoder import (
     fit_ridge,
     linear_map,
@@ -260,6 +261,9 @@ def test_a_planted_sparse_mlp_is_recovered() -> None:
     ev = evaluate_sae(tc, (xt, yt))["explained_variance"]
     w, b = fit_ridge(x.numpy(), y.numpy())
     ridge = 1 - float((linear_map(w, b)(xt) - yt).pow(2).sum() / (yt - yt.mean(0)).pow(2).sum())
+    # the baseline is scored by the accumulator evaluate_sae scores the transcoder with, batch by batch
+    assert predictor_explained_variance(linear_map(w, b), pair_batches(xt, yt, 300)) == pytest.approx(ridge, abs=1e-6)
+    assert predictor_explained_variance(lambda h: tc(h)[0], pair_batches(xt, yt, 300)) == pytest.approx(ev, abs=1e-12)
     untrained = evaluate_sae(create_sae(cfg, seed=1), (xt, yt))["explained_variance"]
     assert ev > 0.95 and ridge < 0.8 and untrained < 0.0, (ev, ridge, untrained)
     dec = tc.W_dec.detach() / tc.W_dec.detach().norm(dim=1, keepdim=True)  # (64, 16)
@@ -411,3 +415,22 @@ def test_loss_recovered_is_not_measured_where_removing_the_mlp_costs_the_task_no
     assert np.isnan(loss_row["value"]) and np.isnan(loss_row["control"]) and np.isnan(loss_row["baseline"])
     assert loss_row["note"].startswith("NOT MEASURED: zero-ablating the MLP does not raise the task loss")
     assert ev_row["value"] == 0.99 and ev_row["baseline"] == 0.99  # the explained variance still stands
+
+
+@pytest.mark.parametrize("sites,match", [
+    ({"layer": 0, "mlp_in": MLP_IN}, "has no key 'mlp_out'"),
+    ({"layer": "0", "mlp_in": MLP_IN, "mlp_out": MLP_OUT}, "key 'layer' is '0', not an integer"),
+    ([0, MLP_IN, MLP_OUT], "not a JSON object"),
+    (None, "is missing"),
+])
+def test_a_saved_transcoder_whose_sites_file_is_not_what_the_analysis_wrote_is_refused(tmp_path: Path, sites,
+                                                                                        match) -> None:
+    folder = tmp_path / "sae" / "transcoder"
+    create_sae(sae_config("topk_transcoder", d_in=8, d_sae=16, k=2)).save(folder)
+    if sites is not None:
+        (folder / "sites.json").write_text(json.dumps(sites))
+    ctx = RunContext(TinyLMAdapter(), RECIPE, run_dir=tmp_path, stage="features")
+    with pytest.raises(IntegrityError, match=match) as err:
+        load_run_transcoder(ctx)
+    assert str(folder / "sites.json") in str(err.value)  # names the file
+    assert "transcoder" not in ctx.live
