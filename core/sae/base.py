@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -717,6 +718,30 @@ def as_batch(batch: Any, index: int, d_in: int) -> Tensor:
             f"{int(bad.sum()) - n_nan} inf), first at row {int(bad.any(dim=1).nonzero()[0])}"
         )
     return batch
+
+
+def is_pair(batch: Any) -> bool:
+    """A transcoder's ``(input, target)`` batch: a 2-*tuple* of tensors or arrays (a list of two
+    tensors stays a list of batches, as :func:`~sciscope.core.sae.evaluate_sae` has always read it)."""
+    return isinstance(batch, tuple) and len(batch) == 2 and all(isinstance(b, (Tensor, np.ndarray)) for b in batch)
+
+
+def check_batch(batch: Any, index: int, d_in: int, *, paired: bool | None = None) -> "Tensor | tuple[Tensor, Tensor]":
+    """:func:`~sciscope.core.sae.base.as_batch` for a batch or an ``(input, target)`` pair of them.
+
+    ``paired`` True / False insists on pairs / plain batches (a stream must not mix them); None
+    takes what comes.  Both sides of a pair are (B, d_in) with the same B.
+    """
+    pair = is_pair(batch)
+    if paired is not None and pair != paired:
+        want = "an (input, target) pair" if paired else "a plain (batch, d_in) tensor"
+        raise ShapeError(f"batch {index}: expected {want} like the first batch, got {type(batch).__name__}")
+    if not pair:
+        return as_batch(batch, index, d_in)
+    x, y = as_batch(batch[0], index, d_in), as_batch(batch[1], index, d_in)
+    if x.shape[0] != y.shape[0]:
+        raise ShapeError(f"batch {index}: {x.shape[0]} input rows but {y.shape[0]} target rows")
+    return x, y
 
 
 def _distributed() -> bool:

@@ -80,7 +80,7 @@ def evaluate_sae(sae: SparseAutoencoder, batches: Batches) -> dict[str, float]:
         target when there is one (NaN when the data has no variance); ``l0``: mean number of active latents per sample;
         ``dead_fraction``: fraction of latents that never fired on the data; ``n_samples``.
     """
-    from sciscope.core.sae.train import check_batch, is_pair
+    from sciscope.core.sae.base import check_batch, is_pair
 
     if isinstance(batches, Tensor) or is_pair(batches):
         batches = [batches]

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from sciscope.core.errors import ConfigError, SciscopeError, ShapeError
 from sciscope.core.io import atomic_path
-from sciscope.core.sae.base import SAEConfig, SparseAutoencoder, as_batch, config_from_dict, create_sae
+from sciscope.core.sae.base import SAEConfig, SparseAutoencoder, check_batch, config_from_dict, create_sae, is_pair
 from sciscope.core.threads import threads_per_device
 
 Data = Iterable[Tensor] | Callable[[], Iterable[Tensor]]
@@ -148,30 +148,6 @@ class _BatchStream(IterableDataset):
                 n_in_pass += 1
             if n_in_pass == 0:
                 raise SciscopeError("the data callable returned an empty iterator")
-
-
-def is_pair(batch: Any) -> bool:
-    """A transcoder's ``(input, target)`` batch: a 2-*tuple* of tensors or arrays (a list of two
-    tensors stays a list of batches, as :func:`~sciscope.core.sae.evaluate_sae` has always read it)."""
-    return isinstance(batch, tuple) and len(batch) == 2 and all(isinstance(b, (Tensor, np.ndarray)) for b in batch)
-
-
-def check_batch(batch: Any, index: int, d_in: int, *, paired: bool | None = None) -> Batch:
-    """:func:`~sciscope.core.sae.base.as_batch` for a batch or an ``(input, target)`` pair of them.
-
-    ``paired`` True / False insists on pairs / plain batches (a stream must not mix them); None
-    takes what comes.  Both sides of a pair are (B, d_in) with the same B.
-    """
-    pair = is_pair(batch)
-    if paired is not None and pair != paired:
-        want = "an (input, target) pair" if paired else "a plain (batch, d_in) tensor"
-        raise ShapeError(f"batch {index}: expected {want} like the first batch, got {type(batch).__name__}")
-    if not pair:
-        return as_batch(batch, index, d_in)
-    x, y = as_batch(batch[0], index, d_in), as_batch(batch[1], index, d_in)
-    if x.shape[0] != y.shape[0]:
-        raise ShapeError(f"batch {index}: {x.shape[0]} input rows but {y.shape[0]} target rows")
-    return x, y
 
 
 def _peek(data: Data, n: int, d_in: int) -> tuple[list[Batch], Iterator[Any]]:
