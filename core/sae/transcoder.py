@@ -250,14 +250,27 @@ def select_mlp_rows(ctx: "RunContext", store: "ActivationStore", mlp_in: str, ml
     from sciscope.core.sae.rows import select_sae_rows
 
     factor = float(ctx.config.get("outlier_norm", 10.0))
-    keep_in, report = select_sae_rows(store, mlp_in, positions=ctx.adapter.fidelity_positions, outlier_factor=factor)
-    keep_out, report_out = select_sae_rows(store, mlp_out, positions=ctx.adapter.fidelity_positions, outlier_factor=factor)
+    rule = _row_rule(ctx.adapter.fidelity_positions)
+    keep_in, report = select_sae_rows(store, mlp_in, positions=rule, outlier_factor=factor)
+    keep_out, report_out = select_sae_rows(store, mlp_out, positions=rule, outlier_factor=factor)
     kept = np.intersect1d(keep_in, keep_out)
     report = {"positions": report["positions"], "kept": int(len(kept)),
               "excluded_by_position_rule": report["excluded_by_position_rule"],
               "excluded_outlier_norm_input": report["excluded_outlier_norm"],
               "excluded_outlier_norm_output": report_out["excluded_outlier_norm"], "outlier_factor": factor}
     return store.select(kept), report
+
+
+def _row_rule(positions: Any) -> Any:
+    """The adapter's position rule for per-position rows, or None (every valid position) where it
+    counts from the end (robotics' action positions, ``[-2, -1]``): a stored row knows its position
+    from the start only, and the MLP is the same map at every position."""
+    if isinstance(positions, slice):
+        ends = [positions.start or 0, positions.stop or 0]
+        return None if min(ends) < 0 else positions
+    if positions is not None and min(int(p) for p in positions) < 0:
+        return None
+    return positions
 
 
 def transcoder_analysis() -> "Analysis":

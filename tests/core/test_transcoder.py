@@ -434,3 +434,13 @@ def test_a_saved_transcoder_whose_sites_file_is_not_what_the_analysis_wrote_is_r
         load_run_transcoder(ctx)
     assert str(folder / "sites.json") in str(err.value)  # names the file
     assert "transcoder" not in ctx.live
+
+
+def test_rows_of_an_adapter_whose_positions_count_from_the_end_are_every_valid_position() -> None:
+    """Robotics' SAE positions are the action tokens, ``[-2, -1]``: per-position rows cannot be chosen
+    from the end (a stored row knows its position from the start), so the transcoder learns from
+    every valid position -- the MLP is the same map at each -- instead of failing the stage."""
+    from sciscope.core.sae.transcoder import _row_rule
+
+    assert _row_rule([-2, -1]) is None and _row_rule(slice(-3, None)) is None
+    assert _row_rule([0, 3]) == [0, 3] and _row_rule(slice(1, None)) == slice(1, None) and _row_rule(None) is None
