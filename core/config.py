@@ -113,6 +113,8 @@ PIPELINE_KEYS: dict[str, Key] = {
                          help="SAE training precision: bf16-mixed autocasts the step's matmuls to bf16 (about 1.6x "
                               "faster on CPUs with AMX, held-out explained variance within 0.005; slower without)"),
     "sae_stability": Key(True, "sae", help="train the SAE once more from another seed: the quality table's stability"),
+    "sae_transcoder": Key(True, "sae", help="also train a transcoder of the SAE layer's MLP (its input -> its output) "
+                                            "and attribute the tracing score to its features (about as long as the SAE)"),
     "feature_top_k": Key(10, "features", min=1),
     "card_top": Key(12, "report", min=0, help="feature cards for the top features by the domain's measure of interest"),
     "card_controls": Key(6, "report", min=0, help="feature cards for random live features (the control)"),

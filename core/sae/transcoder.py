@@ -292,13 +292,15 @@ def transcoder_analysis() -> "Analysis":
 
 
 def compute_transcoder(ctx: "RunContext") -> dict[str, Any] | None:
-    """The transcoder analysis' work (see :func:`transcoder_analysis`); None where the adapter has no
-    task loss or the model no MLP blocks."""
+    """The transcoder analysis' work (see :func:`transcoder_analysis`); None where the run sets
+    ``sae_transcoder=false``, the adapter has no task loss or the model no MLP blocks."""
     import shutil
 
     from sciscope.core.errors import AdapterError, SiteError
 
     adapter = ctx.adapter
+    if not ctx.config.get("sae_transcoder", True):
+        return None
     task = adapter.task_loss(ctx)
     if task is None:
         return None

@@ -444,3 +444,9 @@ def test_rows_of_an_adapter_whose_positions_count_from_the_end_are_every_valid_p
 
     assert _row_rule([-2, -1]) is None and _row_rule(slice(-3, None)) is None
     assert _row_rule([0, 3]) == [0, 3] and _row_rule(slice(1, None)) == slice(1, None) and _row_rule(None) is None
+
+
+def test_a_run_can_leave_the_transcoder_out(tmp_path: Path) -> None:
+    ctx = RunContext(TinyLMAdapter(), {**RECIPE, "sae_transcoder": False}, run_dir=tmp_path, stage="sae")
+    assert transcoder_analysis().run(ctx)[0] == []
+    assert "transcoder" not in ctx.live and not (tmp_path / "sae" / "transcoder").exists()
